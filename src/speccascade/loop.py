@@ -1,0 +1,173 @@
+"""The one speculative loop: draft, score, verify, advance (Algorithm 4 with any rule).
+
+Lossless SD, lossy SD, BiLD* and every speculative cascade run through ``speculative_decode``;
+they differ only in the rule that builds pi (:mod:`.rules`). Rows of a batch advance
+independently: each accepts its own number of drafts per block.
+
+Per block (PAPER.md section 3.2):
+1. Draft: gamma + 1 drafter calls of one token per row. Calls 0 .. gamma-1 give q_t .. q_{t+gamma-1}
+   and the drafts x_t .. x_{t+gamma-1}; call gamma feeds the last draft and gives q_{t+gamma}, which
+   the bonus token's pi_{t+gamma} = T(q_{t+gamma}, p_{t+gamma}) needs. When all drafts are accepted
+   that call is the one the next block needs anyway (its result stays in the cache); on a rejection
+   it is rolled back with the rest.
+2. Score: one verifier call on [pending, x_t .. x_{t+gamma-1}] gives p_t .. p_{t+gamma}.
+3. Verify: pi_{t+j} = T(q_{t+j}, p_{t+j}); accept / recover / bonus (:func:`.verify.verify_block`).
+4. Advance: both caches keep the pending token and the accepted drafts; the new token becomes the
+   pending one. Output is truncated at EOS and at ``max_new_tokens`` even when a block overshoots.
+
+The host synchronises once per block (to learn whether every row is done), never per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import NonFiniteLogitsError
+from .models.base import Backend
+from .registry import MethodSpec
+from .rules import Dists
+from .sampling import SamplingConfig, confidence_probs, draw, sampling_probs
+from .stats import Stats
+from .verify import verify_block
+
+
+def make_dists(draft_logits: torch.Tensor, target_logits: torch.Tensor, cfg: SamplingConfig) -> Dists:
+    """Both models' sampling and confidence distributions from their logits.  # [..., V] each"""
+    plain = cfg.temperature == 1.0 and cfg.top_k == 0 and cfg.top_p == 1.0
+    q, p = sampling_probs(draft_logits, cfg), sampling_probs(target_logits, cfg)
+    return Dists(draft_probs=q, target_probs=p,
+                 draft_conf=q if plain else confidence_probs(draft_logits),
+                 target_conf=p if plain else confidence_probs(target_logits),
+                 greedy=cfg.greedy)
+
+
+class Emitter:
+    """Collects each row's output tokens with EOS / ``max_new_tokens`` truncation, on the device."""
+
+    def __init__(self, batch: int, max_new_tokens: int, width: int, eos_token_id, device):
+        self.max_new = max_new_tokens
+        self.out = torch.zeros(batch, max_new_tokens + width, dtype=torch.long, device=device)
+        self.n_out = torch.zeros(batch, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device)
+
+    def emit(self, tokens: torch.Tensor, produced: torch.Tensor) -> torch.Tensor:
+        """Append the first ``produced[b]`` of ``tokens[b]  # [B, k]`` to each active row; returns
+        how many were kept per row after truncation.  # [B]"""
+        B, k = tokens.shape
+        pos = torch.arange(k, device=tokens.device).unsqueeze(0)
+        count = torch.minimum(produced, self.max_new - self.n_out)
+        if self.eos.numel():
+            is_eos = torch.isin(tokens, self.eos) & (pos < count.unsqueeze(1))
+            hit = is_eos.any(1)
+            count = torch.where(hit, is_eos.long().argmax(1) + 1, count)
+        else:
+            hit = torch.zeros_like(self.done)
+        count = torch.where(self.done, 0, count)
+        idx = self.n_out.unsqueeze(1) + pos
+        keep = pos < count.unsqueeze(1)
+        self.out.scatter_(1, idx, torch.where(keep, tokens, self.out.gather(1, idx)))
+        self.n_out += count
+        self.done |= (self.n_out >= self.max_new) | hit
+        return count
+
+    def tokens(self) -> list[list[int]]:
+        n = self.n_out.tolist()
+        return [row[:m] for row, m in zip(self.out.tolist(), n)]
+
+
+def check_finite(logits: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """A device flag: some active row has a non-finite logit.  # logits [B, ..., V]; active [B]"""
+    bad = ~torch.isfinite(logits).flatten(1).all(1)
+    return (bad & active).any()
+
+
+def raise_if_nonfinite(flags: list[bool], names: list[str]) -> None:
+    for flag, name in zip(flags, names):
+        if flag:
+            raise NonFiniteLogitsError(f"the {name} returned non-finite (NaN or inf) logits; "
+                                       f"check its weights and dtype (fp16 overflow?)")
+
+
+def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       spec: MethodSpec, alpha: float | None, gamma: int, cfg: SamplingConfig,
+                       max_new_tokens: int, eos_token_id, generator: torch.Generator | None,
+                       stats: Stats, progress=None) -> list[list[int]]:
+    """Algorithm 4 (GenSpecSample) repeated until every row is done, with target T = ``spec.fn``."""
+    device = drafter.device
+    B = input_ids.shape[0]
+    drafter.reset(input_ids, attention_mask)
+    verifier.reset(input_ids, attention_mask)
+    stats.prefill_calls += 2 if input_ids.shape[1] > 1 else 0
+    pending = input_ids[:, -1].to(device)                                    # [B]
+    emitter = Emitter(B, max_new_tokens, gamma + 1, eos_token_id, device)
+    positions = torch.arange(gamma, device=device)
+    counters = torch.zeros(8, dtype=torch.long, device=device)
+    per_position = torch.zeros(gamma, dtype=torch.long, device=device)
+
+    while True:
+        active = ~emitter.done                                               # [B]
+        # 1. draft: gamma + 1 drafter calls
+        token, q_logits, drafts = pending, [], []
+        for j in range(gamma + 1):
+            logits = drafter.extend(token.unsqueeze(1))[:, -1]               # [B, V]
+            q_logits.append(logits)
+            if j < gamma:
+                token = draw(sampling_probs(logits, cfg), generator)         # [B]
+                drafts.append(token)
+        q_logits = torch.stack(q_logits, 1)                                  # [B, gamma + 1, V]
+        drafts = torch.stack(drafts, 1)                                      # [B, gamma]
+        # 2. score: one verifier call on gamma + 1 positions
+        p_logits = verifier.extend(torch.cat([pending.unsqueeze(1), drafts], 1))  # [B, gamma + 1, V]
+        # 3. verify against pi = T(q, p)
+        d = make_dists(q_logits, p_logits, cfg)
+        target = spec.fn(d, alpha)
+        bonus = d.target_probs[:, gamma] if spec.bonus_from_verifier else target.pi[:, gamma]
+        res = verify_block(drafts, d.draft_probs[:, :gamma], target.pi[:, :gamma], bonus, generator)
+        # 4. advance both caches and emit
+        drafter.commit(res.n_accepted + 1)
+        verifier.commit(res.n_accepted + 1)
+        pending = res.new_token
+        kept = emitter.emit(res.tokens, res.n_accepted + 1)
+
+        n_acc = res.n_accepted
+        examined = positions.unsqueeze(0) < torch.clamp(n_acc + 1, max=gamma).unsqueeze(1)   # [B, gamma]
+        defer = target.defer[:, :gamma].expand(-1, -1, target.pi.shape[-1]) if target.defer.shape[-1] == 1 \
+            else target.defer[:, :gamma]
+        deferred = defer.gather(-1, drafts.unsqueeze(-1)).squeeze(-1) & examined            # [B, gamma]
+        a = active.long()
+        counters += torch.stack([
+            a.sum(), a.sum() * gamma, (n_acc * a).sum(), ((n_acc < gamma).long() * a).sum(),
+            ((n_acc == gamma).long() * a).sum(), (deferred.long().sum(1) * a).sum(), kept.sum(),
+            ((n_acc + 1 - kept) * a).sum()])
+        per_position += ((positions.unsqueeze(0) < n_acc.unsqueeze(1)).long() * a.unsqueeze(1)).sum(0)
+        stats.drafter_calls += gamma + 1
+        stats.verifier_calls += 1
+
+        sync = torch.stack([emitter.done.all(), check_finite(q_logits, active),
+                            check_finite(p_logits, active)]).tolist()
+        raise_if_nonfinite(sync[1:3], ["drafter", "verifier"])
+        if progress is not None:
+            progress.update(int(kept.sum()))
+        if sync[0]:
+            break
+
+    add_block_counters(stats, counters.tolist(), per_position.tolist())
+    return emitter.tokens()
+
+
+def add_block_counters(stats: Stats, c: list[int], hist: list[int]) -> None:
+    """Add the device counters of a block loop (order: blocks, drafted, accepted, rejected, bonus,
+    deferred, emitted, truncated) to ``stats``."""
+    stats.blocks += c[0]
+    stats.drafted += c[1]
+    stats.accepted += c[2]
+    stats.rejected += c[3]
+    stats.recovered += c[3]
+    stats.bonus += c[4]
+    stats.deferred += c[5]
+    stats.emitted += c[6]
+    stats.truncated += c[7]
+    old = stats.accepted_per_position + [0] * (len(hist) - len(stats.accepted_per_position))
+    stats.accepted_per_position = [x + y for x, y in zip(hist, old)]

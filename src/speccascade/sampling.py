@@ -1,0 +1,81 @@
+"""Logits -> probabilities (temperature, top-k, top-p) and seeded draws.
+
+Everything after the model boundary works on probabilities in float32 (float64 in tests).
+Draws never synchronise with the host: a categorical draw is ``argmax(probs / E)`` with
+``E ~ Exponential(1)`` i.i.d. (the exponential race; P(argmax = i) = probs_i / sum(probs)), so the
+probabilities need not be normalised, and a Bernoulli draw is ``u < prob`` with ``u ~ U[0, 1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SpecCascadeError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a model's logits become the distribution that tokens are drawn from.
+
+    ``temperature == 0`` means greedy: the sampling distribution is one-hot on the argmax.
+    ``top_k == 0`` and ``top_p == 1.0`` switch those filters off. They apply to both models.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        t = float(self.temperature)
+        if not (t >= 0.0 and t != float("inf")):
+            raise SpecCascadeError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise SpecCascadeError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (0.0 < float(self.top_p) <= 1.0):
+            raise SpecCascadeError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sampling_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The sampling distribution: tempered, top-k / top-p filtered, float32.  # [..., V]"""
+    logits = logits.float()
+    if cfg.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= cfg.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def confidence_probs(logits: torch.Tensor) -> torch.Tensor:
+    """The untempered (T = 1, unfiltered) softmax used by deferral confidences.  # [..., V]"""
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One categorical draw per row of (possibly unnormalised) ``probs``.  # [...] long
+
+    A row whose mass is all zero would be ill-defined; callers guard against that.
+    """
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def uniform(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """U[0, 1) draws with ``like``'s dtype and device."""
+    return torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)

@@ -1,0 +1,117 @@
+"""generate() on real (tiny, random) transformers models: greedy equivalence, the sequential methods
+against their definitions, stats that add up, truncation, determinism."""
+
+import pytest
+import torch
+
+import speccascade as sc
+from tiny_models import tiny_pair
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
+SPECULATIVE = [m for m, s in sc.METHODS.items() if s.kind == "speculative"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair(0, noise=0.05)
+
+
+def gen(pair, method, prompts=PROMPTS, **kw):
+    d, v = pair
+    kw.setdefault("max_new_tokens", 16)
+    return sc.generate(d, v, prompts, method=method, **kw)
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_greedy_sd_equals_verifier_greedy_batched(pair, gamma):
+    ref = gen(pair, "verifier_only", temperature=0)
+    out = gen(pair, "sd", temperature=0, gamma=gamma)
+    assert out.tokens == ref.tokens
+    # the pair agrees sometimes, not always: rows advanced raggedly through accepts and rejects
+    assert 0 < out.stats.accepted < out.stats.drafted
+    for row, prompt in zip(ref.tokens, PROMPTS):  # batching changes nothing
+        assert gen(pair, "verifier_only", prompts=[prompt], temperature=0).tokens[0] == row
+
+
+def test_greedy_rollback_methods_at_alpha_zero_equal_verifier(pair):
+    ref = gen(pair, "verifier_only", temperature=0).tokens
+    assert gen(pair, "bild_star", alpha=0.0, temperature=0, gamma=4).tokens == ref
+    assert gen(pair, "bild", alpha=0.0, alpha_f=0.9, temperature=0).tokens == ref
+    assert gen(pair, "lossy", alpha=0.0, temperature=0, gamma=3).tokens == ref
+    assert gen(pair, "chow", alpha=0.0, temperature=0, gamma=3).tokens == ref
+    assert gen(pair, "diff", alpha=-1.0, temperature=0, gamma=3).tokens == ref
+
+
+def test_never_deferring_cascades_equal_drafter_greedy(pair):
+    ref = gen(pair, "drafter_only", temperature=0).tokens
+    for method, alpha in [("chow", 1.0), ("diff", 1.0), ("token_v3", 1.0), ("opt", 1e9)]:
+        out = gen(pair, method, alpha=alpha, temperature=0, gamma=4)
+        assert out.tokens == ref, method
+        assert out.stats.rejected == 0
+
+
+def test_token_cascade_endpoints(pair):
+    """TokenCascade [Chow]: alpha = 0 is verifier_only, alpha = 1 without the cap is drafter_only,
+    token for token at T = 1 with the same seed."""
+    assert gen(pair, "token_cascade", alpha=0.0, seed=3).tokens == gen(pair, "verifier_only", seed=3).tokens
+    assert gen(pair, "token_cascade", alpha=1.0, max_drafter_run=None, seed=4).tokens == \
+        gen(pair, "drafter_only", seed=4).tokens
+
+
+def test_token_cascade_cap_forces_deferral(pair):
+    out = gen(pair, "token_cascade", alpha=1.0, max_new_tokens=23, prompts=[[5, 6]])
+    # never deferring by the rule, the cap hands tokens 11 and 22 to the verifier
+    assert out.stats.deferred == 2
+
+
+def test_seq_cascade_endpoints(pair):
+    out0 = gen(pair, "seq_cascade", alpha=0.0, seed=1)
+    assert out0.stats.deferred == len(PROMPTS)          # q(response) < 1: every row is regenerated
+    out1 = gen(pair, "seq_cascade", alpha=1.0, seed=1)
+    assert out1.stats.deferred == 0 and out1.tokens == gen(pair, "drafter_only", seed=1).tokens
+    normed = gen(pair, "seq_cascade", alpha=0.5, length_normalized=True, seed=1)
+    assert 0 <= normed.stats.deferred <= len(PROMPTS)
+
+
+def test_oracle_diff_endpoints(pair):
+    assert gen(pair, "oracle_diff", alpha=-1.0, seed=2).tokens == gen(pair, "verifier_only", seed=2).tokens
+    assert gen(pair, "oracle_diff", alpha=1.0, seed=2).tokens == gen(pair, "drafter_only", seed=2).tokens
+
+
+@pytest.mark.parametrize("method", SPECULATIVE + ["bild"])
+def test_stats_add_up(pair, method):
+    out = gen(pair, method, gamma=3, max_new_tokens=13, eos_token_id=7)
+    s = out.stats
+    assert s.emitted == sum(len(t) for t in out.tokens)
+    assert s.emitted + s.truncated == s.accepted + s.recovered + s.bonus
+    assert s.recovered == s.rejected
+    assert s.accepted + s.rejected + s.discarded == s.drafted and s.discarded >= 0
+    assert s.verifier_calls >= 1 and s.drafter_calls >= s.verifier_calls
+    if method != "bild":
+        assert s.drafter_calls == 4 * s.verifier_calls          # gamma + 1 drafter calls per block
+        assert s.drafted == 3 * s.blocks
+        assert sum(s.accepted_per_position) == s.accepted
+        assert all(a >= b for a, b in zip(s.accepted_per_position, s.accepted_per_position[1:]))
+
+
+@pytest.mark.parametrize("method", SPECULATIVE + ["verifier_only", "token_cascade", "bild", "oracle_diff"])
+def test_eos_and_max_new_tokens_truncation(pair, method):
+    out = gen(pair, method, gamma=4, max_new_tokens=11, eos_token_id=[7, 9], seed=0)
+    for row in out.tokens:
+        assert 1 <= len(row) <= 11
+        stops = [i for i, t in enumerate(row) if t in (7, 9)]
+        assert stops == [] or stops == [len(row) - 1]     # EOS kept, nothing after it
+        if not stops:
+            assert len(row) == 11                        # max_new_tokens exactly
+
+
+def test_same_seed_same_tokens_and_stats(pair):
+    a, b = gen(pair, "token_v3", seed=7), gen(pair, "token_v3", seed=7)
+    assert a.tokens == b.tokens and a.stats.accepted == b.stats.accepted
+    g = torch.Generator().manual_seed(7)
+    assert gen(pair, "token_v3", generator=g).tokens == a.tokens
+
+
+def test_single_token_prompt_and_1d_tensor(pair):
+    out = gen(pair, "opt", prompts=torch.tensor([9]), max_new_tokens=5)
+    assert len(out.tokens) == 1 and len(out.tokens[0]) == 5

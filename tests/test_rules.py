@@ -1,0 +1,114 @@
+"""Every rule against its literal definition (reference.py), and the properties PAPER.md pins."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reference import reference_beta, reference_rule, sampling_dist, softmax
+from speccascade import METHODS
+from speccascade.rules import Dists, opt, solve_lossy_beta, token_v3, total_variation
+
+SPECULATIVE = [m for m, s in METHODS.items() if s.kind == "speculative"]
+ALPHAS = {
+    "sd": [None], "lossy": [0.0, 0.3, 0.9], "lossy_tuned": [0.0, 0.3, 0.9], "bild_star": [0.0, 0.7, 2.0],
+    "chow": [0.0, 0.4, 1.0], "diff": [-1.0, -0.1, 0.2, 1.0], "opt": [-5.0, 0.0, 0.5, 5.0],
+    "chow_log": [0.0, 0.5, 1.2], "diff_log": [-0.5, 0.0, 0.3], "opt_log": [-2.0, 0.0, 2.0],
+    "token_v1": [-1.0, -0.2, 0.1, 1.0], "token_v2": [-1.0, 0.0, 0.3, 1.0], "token_v3": [0.0, 0.4, 1.0],
+}
+
+
+def cases(seed=0, n=40, V=5):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        ql = rng.normal(size=V) * rng.choice([0.3, 1.0, 4.0])
+        pl = rng.normal(size=V) * rng.choice([0.3, 1.0, 4.0])
+        if i % 7 == 0:
+            pl = ql.copy()  # q == p
+        yield ql, pl
+
+
+def to_dists(ql, pl, temperature=1.0, top_k=0):
+    q, p = sampling_dist(ql, temperature, top_k), sampling_dist(pl, temperature, top_k)
+    qc, pc = softmax(ql), softmax(pl)
+    t = lambda x: torch.tensor(np.asarray(x), dtype=torch.float64)  # noqa: E731
+    return (q, p, qc, pc), Dists(t(q), t(p), t(qc), t(pc), greedy=temperature == 0)
+
+
+@pytest.mark.parametrize("name", SPECULATIVE)
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.5, 3), (0.0, 0)])
+def test_rule_matches_reference(name, temperature, top_k):
+    for ql, pl in cases(V=5):
+        (q, p, qc, pc), d = to_dists(ql, pl, temperature, top_k)
+        for alpha in ALPHAS[name]:
+            if name == "lossy_tuned" and alpha is not None and temperature == 0:
+                pass
+            target = METHODS[name].fn(d, alpha)
+            ref_pi, ref_defer = reference_rule(name, q, p, qc, pc, alpha, greedy=temperature == 0)
+            np.testing.assert_allclose(target.pi.numpy(), ref_pi, atol=1e-9, rtol=1e-9)
+            if isinstance(ref_defer, list):
+                assert target.defer.tolist() == ref_defer
+            else:
+                assert bool(target.defer.all()) == ref_defer and bool(target.defer.any()) == ref_defer
+
+
+@pytest.mark.parametrize("name", [m for m in SPECULATIVE if m != "lossy"])
+def test_targets_are_distributions(name):
+    """Every pi but lossy's (beta = 1, unnormalised by design: PAPER.md pitfall 6) sums to 1."""
+    for ql, pl in cases(seed=1):
+        _, d = to_dists(ql, pl)
+        for alpha in ALPHAS[name]:
+            pi = METHODS[name].fn(d, alpha).pi
+            assert torch.all(pi >= 0)
+            assert abs(float(pi.sum()) - 1.0) < 1e-12
+
+
+def test_lossy_beta_one_sums_above_one():
+    _, d = to_dists(np.array([2.0, 0.0, -1.0]), np.array([0.0, 1.5, 0.0]))
+    assert float(METHODS["lossy"].fn(d, 0.3).pi.sum()) > 1.0 + 1e-6
+
+
+def test_lossy_tuned_beta_solves_tran_thien_condition():
+    for ql, pl in cases(seed=2, n=60, V=6):
+        q, p = softmax(ql), softmax(pl)
+        for alpha in (0.0, 0.2, 0.5, 0.95):
+            beta = float(solve_lossy_beta(torch.tensor(q), torch.tensor(p), alpha))
+            lhs = sum(max(0.0, q[v] - p[v] / (1 - alpha)) for v in range(6))
+            if lhs == 0:
+                assert math.isinf(beta)
+                continue
+            rhs = sum(max(0.0, p[v] / beta - q[v]) for v in range(6))
+            assert abs(lhs - rhs) < 1e-12
+            assert beta >= 1 - alpha - 1e-12
+            assert abs(beta - reference_beta(q, p, alpha)) < 1e-9 * max(1.0, beta)
+
+
+def test_opt_sign_larger_disagreement_defers_less():
+    """Eq. (10): for alpha > 0, D_TV *raises* the bar for deferral (PAPER.md pitfall 2)."""
+    q_conf = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    p_conf = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    close = Dists(q_conf, torch.tensor([0.55, 0.27, 0.18], dtype=torch.float64), q_conf, p_conf)
+    far = Dists(q_conf, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), q_conf, p_conf)
+    assert float(total_variation(far.target_probs, far.draft_probs)) > 0.5
+    # max q = 0.5 < max p - 0.5 * D_TV: true when p is close to q, false when it is far
+    assert bool(opt(close, 0.5).defer.all()) and not bool(opt(far, 0.5).defer.any())
+    # negative alpha reaches SD: always defer when q != p
+    assert bool(opt(far, -10.0).defer.all())
+
+
+def test_token_v3_draft_with_r0_always_accepted_and_alpha1_is_drafter():
+    _, d = to_dists(np.array([1.0, 0.2, -0.5, 0.0]), np.array([0.3, 1.0, 0.9, -2.0]))
+    t = token_v3(d, 0.4)
+    keep = ~t.defer
+    assert torch.all(t.pi[keep] >= d.draft_probs[keep] - 1e-15)
+    assert torch.allclose(token_v3(d, 1.0).pi, d.draft_probs)
+
+
+def test_temperature_split_confidences_untempered():
+    """Chow's max-probability is taken on the T = 1 softmax even when sampling at T = 0.1."""
+    ql, pl = np.array([1.0, 0.9, 0.0]), np.array([3.0, 0.0, 0.0])
+    _, d_cold = to_dists(ql, pl, temperature=0.1)
+    # untempered max q ~ 0.44 < 1 - 0.3 -> defer, although the tempered max q is ~0.73
+    assert float(d_cold.draft_probs.max()) > 0.7
+    assert bool(METHODS["chow"].fn(d_cold, 0.3).defer.all())
