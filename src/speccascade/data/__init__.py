@@ -1,0 +1,1 @@
+"""Data shipped with the project: the Bible EN->ES verse pairs (``bible``)."""

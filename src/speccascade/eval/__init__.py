@@ -1,0 +1,1 @@
+"""Evaluation: metrics (sacrebleu) and translation of the Bible task with any method."""

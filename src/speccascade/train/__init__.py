@@ -1,0 +1,1 @@
+"""Training the shipped drafter / verifier pairs: tokenizer (``tokenizer``) and models (``trainer``)."""

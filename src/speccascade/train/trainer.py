@@ -1,0 +1,200 @@
+"""Train a decoder-only translation model (a ``transformers`` Llama) on the Bible EN->ES pairs.
+
+The result is an ordinary Hugging Face checkpoint (``config.json``, ``model.safetensors``,
+tokenizer files) plus ``training.json`` (the preset, steps, losses, BLEU, time and device).
+The loss is on the Spanish side only. The best checkpoint by validation loss is written to disk
+at each evaluation, so an interrupted run keeps what it had (early stopping against memorising
+the 30k training pairs, ASSETS.md).
+
+    speccascade train --preset tiny --role verifier --out models/tiny/verifier --device cuda
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.bible import load_split
+from .tokenizer import PAD, encode_prompt, encode_target, load_tokenizer, train_tokenizer
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    shape: Shape
+    epochs: float
+    lr: float
+    batch_size: int = 128
+    weight_decay: float = 0.1
+    attention_dropout: float = 0.0
+    max_minutes: float = 9.0
+
+
+PRESETS: dict[str, dict[str, Recipe]] = {
+    # the embedded default pair: >= 10x per-token decode cost apart on one CPU thread, <= 40 MB together (fp16)
+    "tiny": {
+        "drafter": Recipe(Shape(64, 1, 2, 1, 128), epochs=4, lr=3e-3),
+        "verifier": Recipe(Shape(384, 8, 6, 2, 1024), epochs=20, lr=1e-3, attention_dropout=0.1),
+    },
+    # the GPU pair: drafter ~5M, verifier ~80M parameters
+    "base": {
+        "drafter": Recipe(Shape(256, 4, 4, 2, 768), epochs=10, lr=2e-3),
+        "verifier": Recipe(Shape(768, 12, 12, 4, 2048), epochs=12, lr=6e-4, attention_dropout=0.1),
+    },
+}
+MAX_POSITIONS = 512
+MAX_PAIR_TOKENS = 320
+
+
+def build_model(shape: Shape, vocab_size: int, attention_dropout: float = 0.0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .tokenizer import BOS, EOS
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                      num_key_value_heads=shape.kv_heads, max_position_embeddings=MAX_POSITIONS,
+                      tie_word_embeddings=True, attention_dropout=attention_dropout,
+                      bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    return LlamaForCausalLM(cfg)
+
+
+def encode_pairs(tokenizer, pairs: list[dict]) -> list[tuple[list[int], int]]:
+    """(prompt + target token ids, prompt length) per pair, dropping over-long pairs."""
+    out = []
+    for p in pairs:
+        src, tgt = encode_prompt(tokenizer, p["en"]), encode_target(tokenizer, p["es"])
+        if len(src) + len(tgt) <= MAX_PAIR_TOKENS:
+            out.append((src + tgt, len(src)))
+    return out
+
+
+def collate(batch: list[tuple[list[int], int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    L = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), L), PAD, dtype=torch.long)
+    labels = torch.full((len(batch), L), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), L), dtype=torch.long)
+    for i, (seq, n_src) in enumerate(batch):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        labels[i, n_src:len(seq)] = torch.tensor(seq[n_src:])  # loss on the Spanish side only
+        mask[i, :len(seq)] = 1
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, device, batch_size=128) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        ids, labels, mask = collate(data[i:i + batch_size], device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((labels[:, 1:] != -100).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def ensure_tokenizer(path: Path, vocab_size: int = 8000):
+    """Load the tokenizer at ``path`` or train it on the training split and save it there."""
+    if (path / "tokenizer.json").exists():
+        return load_tokenizer(path)
+    train = load_split("train")
+    tok = train_tokenizer((t for p in train for t in (p["en"], p["es"])), vocab_size=vocab_size)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = "cpu", seed: int = 0,
+          epochs: float | None = None, max_minutes: float | None = None, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    recipe = PRESETS[preset][role]
+    epochs = recipe.epochs if epochs is None else epochs
+    max_minutes = recipe.max_minutes if max_minutes is None else max_minutes
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = ensure_tokenizer(tokenizer_dir)
+    train_data = encode_pairs(tokenizer, load_split("train"))
+    val_data = encode_pairs(tokenizer, load_split("validation"))
+    model = build_model(recipe.shape, len(tokenizer), recipe.attention_dropout).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98),
+                            fused=dev.type == "cuda")
+    steps_per_epoch = math.ceil(len(train_data) / recipe.batch_size)
+    total_steps = max(1, int(epochs * steps_per_epoch))
+    warmup = min(200, total_steps // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))))
+    eval_every = max(1, steps_per_epoch // 2)
+    out.mkdir(parents=True, exist_ok=True)
+    log = {"preset": preset, "role": role, "params": n_params, "recipe": asdict(recipe), "epochs": epochs,
+           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "seed": seed,
+           "train_pairs": len(train_data), "validation_pairs": len(val_data), "evals": []}
+    best, start, step = math.inf, time.perf_counter(), 0
+    bar = tqdm(total=total_steps, desc=f"train {preset}/{role}", disable=not progress)
+    model.train()
+    order: list[int] = []
+    while step < total_steps and (time.perf_counter() - start) < max_minutes * 60:
+        if not order:
+            order = list(range(len(train_data)))
+            rng.shuffle(order)
+        batch = [train_data[i] for i in order[:recipe.batch_size]]
+        order = order[recipe.batch_size:]
+        ids, labels, mask = collate(batch, dev)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % eval_every == 0 or step == total_steps:
+            val = evaluate_loss(model, val_data, dev)
+            log["evals"].append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
+                                 "val_loss": val, "seconds": time.perf_counter() - start})
+            bar.set_postfix(train=f"{float(loss):.3f}", val=f"{val:.3f}")
+            if val < best:
+                best = val
+                save_checkpoint(model, tokenizer, out)
+                log["best"] = log["evals"][-1]
+            (out / "training.json").write_text(json.dumps(log, indent=2))
+    bar.close()
+    log["steps"] = step
+    log["train_seconds"] = time.perf_counter() - start
+    (out / "training.json").write_text(json.dumps(log, indent=2))
+    return log
+
+
+def save_checkpoint(model, tokenizer, out: Path) -> None:
+    """Save an fp16 copy (the model being trained is left untouched)."""
+    import copy
+
+    half = copy.deepcopy(model).to("cpu", torch.float16)
+    half.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
