@@ -83,7 +83,7 @@ _SPACE = re.compile(r"\s+")
 
 
 def clean_osis(raw: str) -> str:
-    text = _DROP_ELEMENTS.sub(" ", raw)
+    text = _DROP_ELEMENTS.sub("", raw)
     text = _TAG.sub("", text)
     text = html.unescape(text).replace("¶", " ")
     text = _SPACE.sub(" ", text).strip()

@@ -1,0 +1,154 @@
+"""The ``speccascade`` command line: a thin layer over the Python API.
+
+    speccascade generate "And God said, Let there be light"        # the embedded pair, EN -> ES
+    speccascade generate --drafter D --verifier V --method opt --alpha 0.3 "prompt"
+    speccascade methods                                             # every method, alpha's meaning and range
+    speccascade train --preset tiny --role verifier --out DIR       # reproduce a shipped model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import NonFiniteLogitsError, SpecCascadeError
+from .registry import METHODS
+
+
+def _generate(args) -> int:
+    import torch
+
+    from .api import generate
+    from .models.loading import embedded_pair_dirs, load_causal_lm, load_tokenizer
+    from .train import tokenizer as bible_tok
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    embedded = args.drafter is None and args.verifier is None
+    if embedded:
+        d_path, v_path = embedded_pair_dirs(args.pair)
+    elif args.drafter is None or args.verifier is None:
+        raise SpecCascadeError("give both --drafter and --verifier, or neither (the embedded pair)")
+    else:
+        d_path, v_path = Path(args.drafter), Path(args.verifier)
+    drafter = load_causal_lm(d_path, device=args.device)
+    verifier = load_causal_lm(v_path, device=args.device)
+    tok = load_tokenizer(args.tokenizer or v_path)
+    fmt = args.format or ("translate" if embedded else "raw")
+    if fmt == "translate":
+        ids, eos = bible_tok.encode_prompt(tok, args.prompt), bible_tok.EOS
+    else:
+        ids, eos = tok.encode(args.prompt), tok.eos_token_id
+    options = {}
+    if args.alpha_f is not None:
+        options["alpha_f"] = args.alpha_f
+    out = generate(drafter, verifier, [ids], method=args.method, alpha=args.alpha, gamma=args.gamma,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   max_new_tokens=args.max_new_tokens, eos_token_id=eos, seed=args.seed,
+                   progress=not args.quiet, **options)
+    tokens = out.tokens[0]
+    text = bible_tok.decode(tok, tokens) if fmt == "translate" else tok.decode(tokens, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"text": text, "tokens": tokens, "method": args.method, "alpha": out.alpha,
+                          "stats": out.stats.to_dict()}, ensure_ascii=False))
+    else:
+        print(text)
+        print(f"[{args.method} alpha={out.alpha} gamma={args.gamma} T={args.temperature}] {out.stats.summary()}",
+              file=sys.stderr if args.quiet else sys.stdout)
+    return 0
+
+
+def _methods(args) -> int:
+    rows = []
+    for name, spec in METHODS.items():
+        rng = spec.alpha.describe() if spec.alpha else "-"
+        default = f"{spec.alpha.default:g}" if spec.alpha else "-"
+        meaning = spec.alpha.meaning if spec.alpha else "no threshold"
+        extra = {k: (v.describe() if hasattr(v, "describe") else v) for k, v in spec.extra.items()}
+        rows.append((name, spec.kind, spec.title, spec.paper, rng, default, meaning, extra))
+    if args.json:
+        keys = ("name", "kind", "title", "paper", "alpha_range", "alpha_default", "alpha_meaning", "options")
+        print(json.dumps([dict(zip(keys, r)) for r in rows], indent=2))
+        return 0
+    print(f"{'method':14} {'kind':11} {'alpha range':13} {'default':8} meaning")
+    for name, kind, title, paper, rng, default, meaning, extra in rows:
+        more = f"; options {extra}" if extra else ""
+        print(f"{name:14} {kind:11} {rng:13} {default:8} {title} ({paper}): {meaning}{more}")
+    return 0
+
+
+def _train(args) -> int:
+    from .train.trainer import train
+
+    tok_dir = args.tokenizer or Path(__file__).resolve().parent / "assets" / "tokenizer"
+    roles = ["drafter", "verifier"] if args.role == "both" else [args.role]
+    for role in roles:
+        out = args.out / role if args.role == "both" else args.out
+        log = train(args.preset, role, out, Path(tok_dir), device=args.device, seed=args.seed,
+                    epochs=args.epochs, max_minutes=args.minutes)
+        print(json.dumps({k: log.get(k) for k in ("preset", "role", "params", "steps", "train_seconds", "best")}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="speccascade", description="Faster cascades via speculative decoding.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="decode a prompt with a drafter and a verifier")
+    g.add_argument("prompt")
+    g.add_argument("--drafter", help="drafter checkpoint directory or .gguf file (default: the embedded pair)")
+    g.add_argument("--verifier", help="verifier checkpoint directory or .gguf file")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the verifier's)")
+    g.add_argument("--pair", default="tiny", help="embedded pair to use when no models are given")
+    g.add_argument("--format", choices=["translate", "raw"], help="prompt format (default: translate for the embedded pair)")
+    g.add_argument("--method", default="token_v3", choices=list(METHODS))
+    g.add_argument("--alpha", type=float, default=None, help="the method's threshold (see `speccascade methods`)")
+    g.add_argument("--alpha-f", type=float, default=None, help="BiLD's fallback threshold")
+    g.add_argument("--gamma", type=int, default=5, help="draft block size")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--quiet", action="store_true", help="no progress bar; stats to stderr")
+    g.set_defaults(fn=_generate)
+
+    m = sub.add_parser("methods", help="list every method with its threshold's meaning and range")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=_methods)
+
+    t = sub.add_parser("train", help="train a preset's drafter and/or verifier on the Bible EN->ES pairs")
+    t.add_argument("--preset", default="tiny", choices=["tiny", "base"])
+    t.add_argument("--role", default="both", choices=["drafter", "verifier", "both"])
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: the shipped one)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=float, default=None)
+    t.add_argument("--minutes", type=float, default=None, help="wall-clock cap per model")
+    t.set_defaults(fn=_train)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (SpecCascadeError, NonFiniteLogitsError) as e:
+        print(f"speccascade: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

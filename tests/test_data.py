@@ -1,0 +1,91 @@
+"""The Bible data pipeline: the SWORD reader on a module built here, the shipped splits, the tokenizer."""
+
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from speccascade.data.bible import N_TEST, N_VALIDATION, TEST_BOOKS, extract_pairs, load_split, make_splits
+from speccascade.data.sword import clean_osis, label_slots, read_slots
+from speccascade.models.loading import ASSETS
+from speccascade.train.tokenizer import EOS, SEP, decode, encode_prompt, encode_target, load_tokenizer
+
+
+def write_ztext(directory: Path, testament: str, books: list[list[str]]) -> None:
+    """A zText module: one zlib block per book, slots laid out as the reader expects."""
+    bzs, bzv, bzz = b"", b"", b""
+    slots = [(None, ""), (None, "")]  # module and testament headers
+    for b, verses in enumerate(books):
+        for text in verses:
+            slots.append((b, text))
+    blocks: dict[int, bytes] = {}
+    for b, text in slots:
+        if b is None or not text:
+            bzv += struct.pack("<IIH", 0, 0, 0)
+            continue
+        data = text.encode("utf-8")
+        offset = len(blocks.get(b, b""))
+        blocks[b] = blocks.get(b, b"") + data
+        bzv += struct.pack("<IIH", b, offset, len(data))
+    for b in range(len(books)):
+        z = zlib.compress(blocks.get(b, b""))
+        bzs += struct.pack("<III", len(bzz), len(z), 0)
+        bzz += z
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{testament}.bzs").write_bytes(bzs)
+    (directory / f"{testament}.bzv").write_bytes(bzv)
+    (directory / f"{testament}.bzz").write_bytes(bzz)
+
+
+def test_sword_reader_and_labels(tmp_path):
+    book = ['<div osisID="Ruth" type="book"/><title>Ruth</title>', '<chapter n="1" osisID="Ruth.1"/>',
+            'Now it <w lemma="x">came</w> to pass<note type="study">a note</note>, in the days.',
+            '<title type="x">Heading</title>And a certain man ¶ went.', '<chapter n="2" osisID="Ruth.2"/>',
+            'And Naomi &amp; Ruth.']
+    write_ztext(tmp_path / "m", "ot", [book])
+    slots = label_slots(read_slots(tmp_path / "m", "ot"))
+    verses = [(s.book, s.chapter, s.verse, clean_osis(s.raw)) for s in slots if s.verse]
+    assert verses == [("Ruth", 1, 1, "Now it came to pass, in the days."), ("Ruth", 1, 2, "And a certain man went."),
+                      ("Ruth", 2, 1, "And Naomi & Ruth.")]
+
+
+def test_extract_pairs_from_two_modules(tmp_path):
+    en = [['<div osisID="Gen" type="book"/>', '<chapter n="1" osisID="Gen.1"/>', "In the beginning.", "And light."]]
+    es = [['<div osisID="Gen" type="book"/>', '<chapter n="1" osisID="Gen.1"/>', "EN el principio.", ""]]
+    for name, books in (("engKJV2006eb", en), ("spaRV1909eb", es)):
+        base = tmp_path / "modules" / "texts" / "ztext" / name
+        write_ztext(base, "ot", books)
+        write_ztext(base, "nt", [])
+    pairs = extract_pairs(tmp_path)
+    assert pairs == [{"id": "Gen.1.1", "book": "Gen", "en": "In the beginning.", "es": "EN el principio."}]
+
+
+def test_shipped_splits():
+    splits = {name: load_split(name) for name in ("train", "validation", "test")}
+    assert len(splits["test"]) == N_TEST and len(splits["validation"]) == N_VALIDATION
+    assert len(splits["train"]) > 29_000
+    ids = {name: {p["id"] for p in rows} for name, rows in splits.items()}
+    assert not ids["test"] & ids["train"] and not ids["test"] & ids["validation"]
+    assert not ids["validation"] & ids["train"]
+    assert {p["book"] for p in splits["test"]} <= set(TEST_BOOKS)
+    assert not {p["book"] for p in splits["train"] + splits["validation"]} & set(TEST_BOOKS)
+    assert all(p["en"] and p["es"] and "<" not in p["en"] + p["es"] for rows in splits.values() for p in rows)
+
+
+@pytest.mark.skipif(not Path("/usr/share/sword/modules/texts/ztext/spaRV1909eb").exists(),
+                    reason="Debian's sword-text-kjv / sword-text-sparv are not installed")
+def test_rebuild_from_debian_packages_matches_shipped_splits():
+    splits = make_splits(extract_pairs())
+    for name in ("train", "validation", "test"):
+        assert splits[name] == load_split(name)
+
+
+def test_tokenizer_round_trip_and_prompt_format():
+    tok = load_tokenizer(ASSETS / "tokenizer")
+    assert len(tok) == 8000
+    for p in load_split("test")[:200]:
+        assert decode(tok, encode_target(tok, p["es"])) == p["es"]
+        prompt = encode_prompt(tok, p["en"])
+        assert prompt[0] == 1 and prompt[-1] == SEP and decode(tok, prompt) == p["en"]
+    assert encode_target(tok, "Y fué la luz.")[-1] == EOS

@@ -1,0 +1,49 @@
+"""The embedded tiny pair loads, shares one vocabulary, stays within its size budget, and translates."""
+
+import pytest
+import torch
+
+import speccascade as sc
+from speccascade.cli import main
+from speccascade.models.loading import embedded_pair_dirs, load_causal_lm, load_tokenizer
+from speccascade.train.tokenizer import EOS, decode, encode_prompt
+
+
+@pytest.fixture(scope="module")
+def pair():
+    d_dir, v_dir = embedded_pair_dirs("tiny")
+    return load_causal_lm(d_dir), load_causal_lm(v_dir), load_tokenizer(v_dir)
+
+
+def test_size_budget_and_shapes(pair):
+    d_dir, v_dir = embedded_pair_dirs("tiny")
+    size = sum(f.stat().st_size for f in list(d_dir.iterdir()) + list(v_dir.iterdir()))
+    assert size <= 40 * 2**20
+    drafter, verifier, tok = pair
+    assert drafter.config.vocab_size == verifier.config.vocab_size == len(tok)
+    assert sum(p.numel() for p in verifier.parameters()) > 20 * sum(p.numel() for p in drafter.parameters())
+
+
+def test_translates_and_sd_greedy_equals_verifier(pair):
+    drafter, verifier, tok = pair
+    prompts = [encode_prompt(tok, s) for s in ("And God said, Let there be light: and there was light.",
+                                               "In the beginning God created the heaven and the earth.")]
+    ref = sc.generate(drafter, verifier, prompts, method="verifier_only", temperature=0, eos_token_id=EOS,
+                      max_new_tokens=40)
+    out = sc.generate(drafter, verifier, prompts, method="sd", temperature=0, eos_token_id=EOS, max_new_tokens=40)
+    assert out.tokens == ref.tokens
+    text = decode(tok, ref.tokens[0])
+    assert "Dios" in text and "luz" in text
+
+
+def test_cli_generate_and_methods(capsys):
+    assert main(["generate", "And God said, Let there be light", "--quiet", "--threads", "1", "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "token_v3" and out["text"] and out["stats"]["emitted"] == len(out["tokens"])
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in sc.METHODS)
+    assert main(["generate", "x", "--method", "chow", "--alpha", "3", "--quiet"]) == 2
+    assert "outside the range" in capsys.readouterr().err
