@@ -1,0 +1,86 @@
+"""Per-token decode latency of a drafter/verifier pair on one CPU thread, and sd's acceptance.
+
+    python benchmarks/pair_latency.py --pair tiny --record results/pairs/tiny_cpu.json
+
+Latency: the median over ``--repeats`` runs of the median time of one cached single-token decode
+step (the backend's extend + commit) after a 40-token context, warm-up excluded. Acceptance: ``sd``
+at T = 1 and gamma = 5 on the first ``--pairs`` test prompts (batch 1 each), with the measured
+tokens/s of ``verifier_only``, ``sd`` and ``token_v3`` in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import speccascade as sc  # noqa: E402
+from speccascade.data.bible import load_split  # noqa: E402
+from speccascade.eval.translation import add_stats  # noqa: E402
+from speccascade.models.hf import HFBackend  # noqa: E402
+from speccascade.models.loading import embedded_pair_dirs, load_causal_lm, load_tokenizer  # noqa: E402
+from speccascade.stats import Stats  # noqa: E402
+from speccascade.train.tokenizer import EOS, encode_prompt  # noqa: E402
+
+
+def step_ms(model, ctx: list[int], n: int = 30) -> float:
+    be = HFBackend(model, "m")
+    x = torch.tensor([ctx])
+    be.reset(x, torch.ones_like(x))
+    tok, times = x[:, -1:], []
+    for _ in range(n + 5):
+        t = time.perf_counter()
+        be.extend(tok)
+        be.commit(torch.tensor([1]))
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times[5:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pair", default="tiny")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=50)
+    ap.add_argument("--record", type=Path, required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    d_dir, v_dir = embedded_pair_dirs(args.pair)
+    drafter, verifier, tok = load_causal_lm(d_dir), load_causal_lm(v_dir), load_tokenizer(v_dir)
+    test = load_split("test")
+    ctx = encode_prompt(tok, test[0]["en"])[:40]
+    lat = {}
+    for name, model in (("drafter", drafter), ("verifier", verifier)):
+        runs = [step_ms(model, ctx) for _ in range(args.repeats)]
+        lat[name] = {"median_ms": statistics.median(runs), "runs_ms": runs,
+                     "params": sum(p.numel() for p in model.parameters())}
+    lat["cost_ratio_verifier_over_drafter"] = lat["verifier"]["median_ms"] / lat["drafter"]["median_ms"]
+    gen = {}
+    for method, alpha in (("verifier_only", None), ("sd", None), ("token_v3", 0.5)):
+        total = Stats()
+        for i, p in enumerate(test[: args.pairs]):
+            out = sc.generate(drafter, verifier, [encode_prompt(tok, p["en"])], method=method, alpha=alpha, gamma=5,
+                              temperature=1.0, max_new_tokens=200, eos_token_id=EOS, seed=i)
+            add_stats(total, out.stats)
+        gen[method] = {"tokens_per_second": total.emitted / total.wall_time_s, "acceptance_rate": total.acceptance_rate,
+                       "tokens_per_verifier_call": total.tokens_per_verifier_call, "emitted": total.emitted,
+                       "wall_time_s": total.wall_time_s}
+    for m in ("sd", "token_v3"):
+        gen[m]["speedup_vs_verifier_only"] = gen[m]["tokens_per_second"] / gen["verifier_only"]["tokens_per_second"]
+    rec = {"pair": args.pair, "cpu": platform.processor() or platform.machine(), "threads": 1,
+           "torch": torch.__version__, "speccascade": sc.__version__, "latency": lat,
+           "generate_T1_gamma5_batch1": gen, "test_pairs": args.pairs}
+    args.record.parent.mkdir(parents=True, exist_ok=True)
+    args.record.write_text(json.dumps(rec, indent=2))
+    print(json.dumps(rec, indent=2))
+
+
+if __name__ == "__main__":
+    main()
