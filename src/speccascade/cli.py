@@ -21,7 +21,6 @@ def _generate(args) -> int:
     import torch
 
     from .api import generate
-    from .models.loading import embedded_pair_dirs, load_causal_lm, load_tokenizer
     from .train import tokenizer as bible_tok
 
     if args.threads:
@@ -33,15 +32,7 @@ def _generate(args) -> int:
     except ImportError:  # pragma: no cover
         pass
     embedded = args.drafter is None and args.verifier is None
-    if embedded:
-        d_path, v_path = embedded_pair_dirs(args.pair)
-    elif args.drafter is None or args.verifier is None:
-        raise SpecCascadeError("give both --drafter and --verifier, or neither (the embedded pair)")
-    else:
-        d_path, v_path = Path(args.drafter), Path(args.verifier)
-    drafter = load_causal_lm(d_path, device=args.device)
-    verifier = load_causal_lm(v_path, device=args.device)
-    tok = load_tokenizer(args.tokenizer or v_path)
+    drafter, verifier, tok, _ = _load_pair(args)
     fmt = args.format or ("translate" if embedded else "raw")
     if fmt == "translate":
         ids, eos = bible_tok.encode_prompt(tok, args.prompt), bible_tok.EOS
@@ -98,6 +89,60 @@ def _train(args) -> int:
     return 0
 
 
+def _load_pair(args):
+    from .models.loading import embedded_pair_dirs, load_causal_lm, load_tokenizer
+
+    if args.drafter is None and args.verifier is None:
+        d_path, v_path = embedded_pair_dirs(args.pair)
+    elif args.drafter is None or args.verifier is None:
+        raise SpecCascadeError("give both --drafter and --verifier, or neither (the embedded pair)")
+    else:
+        d_path, v_path = Path(args.drafter), Path(args.verifier)
+    drafter = load_causal_lm(d_path, device=args.device)
+    verifier = load_causal_lm(v_path, device=args.device)
+    return drafter, verifier, load_tokenizer(args.tokenizer or v_path), (str(d_path), str(v_path))
+
+
+def parse_alphas(text: str | None) -> dict[str, list]:
+    """``"chow=0,0.5;opt=-1,0,1"`` -> {"chow": [0.0, 0.5], "opt": [-1.0, 0.0, 1.0]}."""
+    out = {}
+    for part in filter(None, (text or "").split(";")):
+        name, _, values = part.partition("=")
+        out[name.strip()] = [float(v) for v in values.split(",") if v.strip()]
+    return out
+
+
+def _sweep(args) -> int:
+    import torch
+
+    from .eval.sweep import SweepConfig, run_sweep
+    from .eval.tasks import get_task
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = get_task(args.task, args.task_file, args.metric)
+    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    options = {}
+    if args.alpha_f is not None:
+        options["bild"] = {"alpha_f": args.alpha_f}
+    cfg = SweepConfig(methods=methods, alphas=parse_alphas(args.alphas), gammas=args.gammas,
+                      temperatures=args.temperatures, seeds=args.seeds, batch_sizes=args.batch_sizes,
+                      n_examples=args.examples, max_new_tokens=args.max_new_tokens, options=options)
+    drafter, verifier, tok, names = _load_pair(args)
+    records = run_sweep(drafter, verifier, tok, task, cfg, args.out, names=names, progress=not args.quiet)
+    print(f"{sum(r.get('type') == 'cell' for r in records)} cells in {args.out}")
+    return 0
+
+
+def _report(args) -> int:
+    from .eval.report import report
+
+    res = report(args.results, args.out, args.metric)
+    print(res["text"])
+    print("plots:", *res["plots"], sep="\n  ")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="speccascade", description="Faster cascades via speculative decoding.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -127,6 +172,35 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list every method with its threshold's meaning and range")
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=_methods)
+
+    s = sub.add_parser("sweep", help="run the cost-quality sweep; appends one JSONL record per cell (resumable)")
+    s.add_argument("--task", default="bible_en_es")
+    s.add_argument("--task-file", help="JSONL file of {input, reference} rows (task 'jsonl')")
+    s.add_argument("--metric", default=None, help="metric of a jsonl task: bleu, chrf, rouge1/2/L, exact_match, token_f1")
+    s.add_argument("--drafter")
+    s.add_argument("--verifier")
+    s.add_argument("--tokenizer")
+    s.add_argument("--pair", default="tiny")
+    s.add_argument("--methods", default="all", help="comma-separated names or 'all'")
+    s.add_argument("--alphas", default=None, help="per-method grids, e.g. 'chow=0,0.5;opt=-1,0,1' (default: built-in)")
+    s.add_argument("--alpha-f", type=float, default=None, help="BiLD's fallback threshold")
+    s.add_argument("--gammas", type=int, nargs="+", default=[5])
+    s.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
+    s.add_argument("--seeds", type=int, nargs="+", default=[0])
+    s.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    s.add_argument("--examples", type=int, default=200)
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--out", type=Path, required=True, help="JSONL file (appended to; resumed)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_sweep)
+
+    r = sub.add_parser("report", help="plots, Pareto fronts, Table 2 summaries and the latency model of a sweep")
+    r.add_argument("results", type=Path)
+    r.add_argument("--out", type=Path, default=None, help="output folder (default: next to the results)")
+    r.add_argument("--metric", default=None)
+    r.set_defaults(fn=_report)
 
     t = sub.add_parser("train", help="train a preset's drafter and/or verifier on the Bible EN->ES pairs")
     t.add_argument("--preset", default="tiny", choices=["tiny", "base"])

@@ -1,6 +1,12 @@
-"""Corpus-level quality metrics through sacrebleu (BLEU, chrF), with their signatures."""
+"""Quality metrics, all on a 0-100 scale: BLEU and chrF (sacrebleu), ROUGE-1/2/L F1 (rouge-score),
+exact match and token F1 (SQuAD-style normalisation). ``METRICS`` maps a name to a function
+``(hyps, refs) -> float``."""
 
 from __future__ import annotations
+
+import re
+import string
+from collections import Counter
 
 
 def bleu(hyps: list[str], refs: list[str]) -> float:
@@ -13,6 +19,50 @@ def chrf(hyps: list[str], refs: list[str]) -> float:
     import sacrebleu
 
     return float(sacrebleu.corpus_chrf(hyps, [refs]).score)
+
+
+def _rouge(kind: str):
+    def fn(hyps: list[str], refs: list[str]) -> float:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer([kind], use_stemmer=False)
+        scores = [scorer.score(r, h)[kind].fmeasure for h, r in zip(hyps, refs)]
+        return 100.0 * sum(scores) / max(len(scores), 1)
+
+    fn.__name__ = kind
+    return fn
+
+
+def normalize_answer(s: str) -> str:
+    """Lower-case, drop punctuation and the articles a / an / the, collapse spaces (SQuAD)."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(hyps: list[str], refs: list[str]) -> float:
+    hits = [normalize_answer(h) == normalize_answer(r) for h, r in zip(hyps, refs)]
+    return 100.0 * sum(hits) / max(len(hits), 1)
+
+
+def token_f1(hyps: list[str], refs: list[str]) -> float:
+    scores = []
+    for h, r in zip(hyps, refs):
+        ht, rt = normalize_answer(h).split(), normalize_answer(r).split()
+        common = sum((Counter(ht) & Counter(rt)).values())
+        if not ht or not rt:
+            scores.append(float(ht == rt))
+        elif common == 0:
+            scores.append(0.0)
+        else:
+            p, rc = common / len(ht), common / len(rt)
+            scores.append(2 * p * rc / (p + rc))
+    return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+METRICS = {"bleu": bleu, "chrf": chrf, "rouge1": _rouge("rouge1"), "rouge2": _rouge("rouge2"),
+           "rougeL": _rouge("rougeL"), "exact_match": exact_match, "token_f1": token_f1}
 
 
 def signatures() -> dict[str, str]:

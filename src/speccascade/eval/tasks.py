@@ -1,0 +1,120 @@
+"""Tasks: where examples come from, how a prompt is built, how outputs are scored.
+
+``TASKS`` is the registry: ``bible_en_es`` (the shipped test split, BLEU + chrF, the translation
+prompt format of :mod:`speccascade.train.tokenizer`) and ``jsonl`` (any file of
+``{"input", "reference"}`` rows, the input encoded as is with the verifier's tokenizer, scored by a
+chosen metric of :data:`speccascade.eval.metrics.METRICS`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SpecCascadeError
+from .metrics import METRICS
+
+
+@dataclass
+class Example:
+    id: str
+    input: str
+    reference: str
+
+
+class Task:
+    name: str
+    metrics: tuple[str, ...]
+
+    def examples(self, n: int | None = None, seed: int = 0) -> list[Example]:
+        rows = self.load()
+        if n is not None and n < len(rows):
+            rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
+        return rows
+
+    def load(self) -> list[Example]:
+        raise NotImplementedError
+
+    def encode(self, tokenizer, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def eos_token_id(self, tokenizer) -> int | None:
+        return tokenizer.eos_token_id
+
+    def decode(self, tokenizer, ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
+        return {m: METRICS[m](hyps, refs) for m in self.metrics}
+
+    def describe(self) -> str:
+        return self.name
+
+
+class BibleTask(Task):
+    name = "bible_en_es"
+    metrics = ("bleu", "chrf")
+
+    def load(self) -> list[Example]:
+        from ..data.bible import load_split
+
+        return [Example(p["id"], p["en"], p["es"]) for p in load_split("test")]
+
+    def encode(self, tokenizer, text):
+        from ..train.tokenizer import encode_prompt
+
+        return encode_prompt(tokenizer, text)
+
+    def eos_token_id(self, tokenizer):
+        from ..train.tokenizer import EOS
+
+        return EOS
+
+    def decode(self, tokenizer, ids):
+        from ..train.tokenizer import decode
+
+        return decode(tokenizer, ids)
+
+
+class JsonlTask(Task):
+    name = "jsonl"
+
+    def __init__(self, path: str | Path, metric: str = "bleu"):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SpecCascadeError(f"task file {str(self.path)!r} does not exist")
+        if metric not in METRICS:
+            raise SpecCascadeError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
+        self.metrics = (metric,)
+
+    def load(self):
+        rows = []
+        for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "input" not in row or "reference" not in row:
+                raise SpecCascadeError(f"{self.path}:{i + 1}: a row needs 'input' and 'reference'")
+            rows.append(Example(str(row.get("id", i)), row["input"], row["reference"]))
+        return rows
+
+    def encode(self, tokenizer, text):
+        return tokenizer.encode(text)
+
+    def describe(self):
+        return f"jsonl:{self.path.name}:{self.metrics[0]}"
+
+
+TASKS = {"bible_en_es": BibleTask, "jsonl": JsonlTask}
+
+
+def get_task(name: str, path: str | None = None, metric: str | None = None) -> Task:
+    if name not in TASKS:
+        raise SpecCascadeError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    if name == "jsonl":
+        if path is None:
+            raise SpecCascadeError("task 'jsonl' needs a file (--task-file)")
+        return JsonlTask(path, metric or "bleu")
+    return TASKS[name]()

@@ -1,0 +1,119 @@
+"""Metrics against hand-computed values; Table 2 summaries on a fixture; sweep resumption; report."""
+
+import json
+import math
+
+import pytest
+
+from speccascade.eval.metrics import METRICS, exact_match, token_f1
+from speccascade.eval.report import latency_at_quality, pareto_front, report, summarize
+from speccascade.eval.sweep import SweepConfig, read_records, run_sweep
+from speccascade.eval.tasks import JsonlTask, get_task
+
+
+def test_exact_match_and_token_f1_by_hand():
+    assert exact_match(["The Cat!", "a dog"], ["cat", "dog"]) == 100.0
+    assert exact_match(["cat", "dogs"], ["cat", "dog"]) == 50.0
+    # hyp "red big cat" vs ref "the big cat": common {big, cat} = 2; P = 2/3, R = 2/2 -> F1 = 0.8
+    assert math.isclose(token_f1(["red big cat"], ["the big cat"]), 80.0)
+    assert token_f1(["x"], ["y"]) == 0.0
+
+
+def test_bleu_chrf_rouge_by_hand():
+    assert METRICS["bleu"](["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    assert METRICS["chrf"](["abc"], ["abc"]) == pytest.approx(100.0)
+    # ROUGE-1: hyp "a b c d", ref "a b e f": overlap 2, P = R = 1/2 -> F = 50
+    assert METRICS["rouge1"](["a b c d"], ["a b e f"]) == pytest.approx(50.0)
+    # ROUGE-2 bigrams: hyp {ab, bc, cd}, ref {ab, be, ef}: overlap 1 -> P = R = 1/3
+    assert METRICS["rouge2"](["a b c d"], ["a b e f"]) == pytest.approx(100 / 3)
+    # BLEU by hand: 4 of 4 unigrams... hyp "a b c d" vs ref "a b c e": p1=3/4, p2=2/3, p3=1/2, p4=0 -> smoothed
+    assert 0 < METRICS["bleu"](["a b c d e f"], ["a b c d e g"]) < 100
+
+
+def test_pareto_and_interpolation():
+    pts = [(0.5, 10), (0.6, 9), (0.8, 14), (1.2, 20), (1.0, 13)]
+    assert pareto_front(pts) == [(0.5, 10), (0.8, 14), (1.2, 20)]
+    # quality 17 lies between (0.8, 14) and (1.2, 20): 0.8 + 3/6 * 0.4 = 1.0
+    assert latency_at_quality(pareto_front(pts), 17) == pytest.approx(1.0)
+    assert latency_at_quality(pareto_front(pts), 25) is None
+    assert latency_at_quality(pareto_front(pts), 5) == 0.5
+
+
+def rec(method, alpha, lat, q, gamma=5, T=1.0):
+    return {"type": "cell", "key": f"{method}{alpha}", "method": method, "alpha": alpha, "gamma": gamma,
+            "temperature": T, "seed": 0, "batch_size": 1, "quality": {"bleu": q}, "relative_latency": lat,
+            "latency_s": lat * 10, "rejection_rate": 0.1, "stats": {"drafter_calls": 6, "verifier_calls": 1}}
+
+
+def test_table2_summaries_on_fixture():
+    records = [rec("verifier_only", None, 1.0, 20.0), rec("drafter_only", None, 0.1, 8.0),
+               rec("opt", 0.0, 0.6, 18.0), rec("opt", -1.0, 0.7, 22.0), rec("opt", 1.0, 0.4, 12.0),
+               rec("chow", 0.5, 1.3, 19.0), rec("chow", 0.0, 1.5, 21.0)]
+    s = summarize(records, "bleu")["T=1 gamma=5 batch=1"]
+    assert s["verifier_quality"] == 20.0
+    # opt reaches 20 between (0.6, 18) and (0.7, 22): latency 0.65 -> 1/0.65
+    assert s["methods"]["opt"]["speedup_at_verifier_quality"] == pytest.approx(1 / 0.65)
+    assert s["methods"]["opt"]["best_quality_within_verifier_latency"] == 22.0
+    # chow reaches 20 at 1.4 -> 0.714x (slower than the verifier); nothing within latency 1
+    assert s["methods"]["chow"]["speedup_at_verifier_quality"] == pytest.approx(1 / 1.4)
+    assert s["methods"]["chow"]["best_quality_within_verifier_latency"] is None
+    assert s["methods"]["drafter_only"]["speedup_at_verifier_quality"] is None
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from speccascade.models.loading import embedded_pair_dirs, load_causal_lm, load_tokenizer
+
+    d, v = embedded_pair_dirs("tiny")
+    return load_causal_lm(d), load_causal_lm(v), load_tokenizer(v)
+
+
+def test_sweep_resumes_without_repeating_or_losing_cells(pair, tmp_path):
+    drafter, verifier, tok = pair
+    task = get_task("bible_en_es")
+    cfg = SweepConfig(methods=["sd", "opt", "token_cascade"], alphas={"opt": [0.0, 1.0], "token_cascade": [0.5]},
+                      n_examples=3, max_new_tokens=6)
+    out = tmp_path / "sweep.jsonl"
+    seen = []
+
+    def interrupt(record):
+        seen.append(record["key"])
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(drafter, verifier, tok, task, cfg, out, progress=False, on_record=interrupt)
+    assert [r["key"] for r in read_records(out) if r["type"] == "cell"] == seen
+    with open(out, "a") as f:
+        f.write('{"type": "cell", "key": "torn')  # a crash mid-write leaves a torn line
+    records = run_sweep(drafter, verifier, tok, task, cfg, out, progress=False)
+    keys = [r["key"] for r in records if r["type"] == "cell"]
+    assert len(keys) == len(set(keys)) == len(cfg.cells()) == 5
+    assert keys[:2] == seen and keys[0].startswith("verifier_only")
+    first = [r for r in records if r["type"] == "cell"]
+    assert first[0]["relative_latency"] == 1.0 and all(r["relative_latency"] > 0 for r in first)
+    assert all(set(r["signature"]) >= {"drafter", "verifier", "task", "method", "alpha", "gamma", "temperature",
+                                       "seed", "speccascade", "device"} for r in first)
+    # a third run has nothing left to do
+    assert len(run_sweep(drafter, verifier, tok, task, cfg, out, progress=False)) == len(records)
+
+
+def test_report_renders(pair, tmp_path):
+    drafter, verifier, tok = pair
+    out = tmp_path / "s.jsonl"
+    cfg = SweepConfig(methods=["drafter_only", "token_v3", "lossy"], alphas={"token_v3": [0.3, 1.0], "lossy": [0.5]},
+                      n_examples=2, max_new_tokens=5)
+    run_sweep(drafter, verifier, tok, get_task("bible_en_es"), cfg, out, progress=False)
+    res = report(out, tmp_path / "rep")
+    assert len(res["plots"]) == 2 and all((tmp_path / "rep" / p.split("/")[-1]).stat().st_size > 5000
+                                          for p in res["plots"])
+    assert "token_v3" in res["text"] and json.loads((tmp_path / "rep" / "summary.json").read_text())["table2"]
+    assert res["latency_model"]["cells"] and all(c["predicted_s"] > 0 for c in res["latency_model"]["cells"])
+
+
+def test_jsonl_task(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"input": "2+2=", "reference": "4"}\n{"input": "3+3=", "reference": "6"}\n')
+    t = JsonlTask(p, "exact_match")
+    assert [e.reference for e in t.examples()] == ["4", "6"]
+    assert t.score(["4", "7"], ["4", "6"]) == {"exact_match": 50.0}
