@@ -120,11 +120,15 @@ def plot(records: list[dict], metric: str, out_dir: Path) -> list[Path]:
             by_method = defaultdict(list)
             for r in rows:
                 by_method[r["method"]].append(r)
-            for m, rs in sorted(by_method.items()):
+            colors = plt.get_cmap("tab20").colors
+            for i, (m, rs) in enumerate(sorted(by_method.items())):
                 if m in ("verifier_only", "drafter_only"):
                     continue
                 pts = sorted((r[xname], r["quality"][metric]) for r in rs)
-                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, lw=0.8, alpha=0.6, label=m)
+                sequential = METHODS.get(m) is not None and METHODS[m].kind == "sequential"
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--" if sequential else "o-", ms=3.5,
+                                lw=0.8, alpha=0.6, color=colors[i % len(colors)],
+                                label=f"{m} (sequential)" if sequential else m)
                 front = pareto_front(pts) if xname == "relative_latency" else []
                 if front:
                     ax.plot([p[0] for p in front], [p[1] for p in front], "-", lw=2.2, color=line.get_color())
@@ -134,7 +138,8 @@ def plot(records: list[dict], metric: str, out_dir: Path) -> list[Path]:
                     ax.axhline(ref[0]["quality"][metric], ls=style, color="k", lw=1, label=f"{m} quality")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric)
-            ax.set_title(f"{metric} vs {xname.replace('_', ' ')} (T={T:g}, batch={b}); bold: Pareto front")
+            ax.set_title(f"{metric} vs {xname.replace('_', ' ')} (T={T:g}, batch={b})"
+                         + ("; bold: Pareto front" if xname == "relative_latency" else ""))
             ax.legend(fontsize=7, ncol=2)
             ax.grid(alpha=0.3)
             path = out_dir / f"quality_vs_{xname}_T{T:g}_b{b}.png"
