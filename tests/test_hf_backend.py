@@ -48,3 +48,20 @@ def test_batch_one_rollback_is_exact_crop():
     be.commit(torch.tensor([2]))
     assert be.valid.shape[1] == 2 + 2 and bool(be.valid.all())
     assert be.cache.get_seq_length() == 4
+
+
+def test_static_backend_matches_dynamic():
+    """The pre-allocated cache gives the same greedy tokens as the verifier alone, and the same
+    sampled tokens as the dynamic backend with the same seed, batched with ragged prompts."""
+    import speccascade as sc
+    from speccascade.models import StaticHFBackend
+    from tiny_models import tiny_pair
+
+    d, v = tiny_pair(0, noise=0.05)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
+    ref = sc.generate(d, v, prompts, method="verifier_only", temperature=0, max_new_tokens=16).tokens
+    sd_, sv = StaticHFBackend(d, "drafter", 128), StaticHFBackend(v, "verifier", 128)
+    for gamma in (1, 4):
+        assert sc.generate(sd_, sv, prompts, method="sd", temperature=0, gamma=gamma, max_new_tokens=16).tokens == ref
+    dyn = sc.generate(d, v, prompts, method="token_v3", temperature=1, gamma=3, max_new_tokens=16, seed=3).tokens
+    assert sc.generate(sd_, sv, prompts, method="token_v3", temperature=1, gamma=3, max_new_tokens=16, seed=3).tokens == dyn

@@ -5,6 +5,6 @@
 """
 
 from .base import Backend, as_backend
-from .hf import HFBackend
+from .hf import HFBackend, StaticHFBackend
 
-__all__ = ["Backend", "HFBackend", "as_backend"]
+__all__ = ["Backend", "HFBackend", "StaticHFBackend", "as_backend"]

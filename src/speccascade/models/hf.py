@@ -47,7 +47,7 @@ class HFBackend:
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         input_ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device).bool()
-        self.cache = _new_cache(self.model.config)
+        self.cache = self._make_cache(input_ids.shape[0])
         self.valid = mask[:, :-1].clone()              # [B, slots] which cache slots each row uses
         self.n_pos = self.valid.sum(1)                  # [B] real tokens cached (committed + tentative)
         self.n_committed = self.n_pos.clone()           # [B]
@@ -92,7 +92,60 @@ class HFBackend:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _make_cache(self, batch: int):
+        return _new_cache(self.model.config)
+
     def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions,
                          use_cache=True, **{self._cache_kw: self.cache})
         return out.logits
+
+
+class StaticHFBackend(HFBackend):
+    """The same backend over a pre-allocated, position-indexed KV cache (transformers'
+    ``StaticCache``) of ``max_cache_len`` slots.
+
+    Rollback moves the cache's write pointer back (``crop``), so a rejected suffix is overwritten
+    by the next call and never copied. The attention mask passed to the model always spans all
+    ``max_cache_len`` slots, so every decode call (1 token) and every verify call (gamma + 1
+    tokens) has fixed shapes: the precondition for ``torch.compile`` with CUDA graphs
+    (``compile=True``: mode ``reduce-overhead``). The cache is kept across generations of the same
+    batch size, so captured graphs stay valid.
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str = "model", max_cache_len: int = 1024, compile: bool = False):
+        super().__init__(model, name)
+        self.max_cache_len = max_cache_len
+        if self.max_positions:
+            self.max_positions = min(self.max_positions, max_cache_len)
+        else:
+            self.max_positions = max_cache_len
+        self._static = None
+        self._static_batch = None
+        self._decode = torch.compile(self._model_call, mode="reduce-overhead", dynamic=False) if compile \
+            else self._model_call
+
+    def _make_cache(self, batch: int):
+        from transformers import StaticCache
+
+        if self._static is not None and self._static_batch == batch:
+            self._static.reset()
+            return self._static
+        self._static = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+        self._static_batch = batch
+        return self._static
+
+    def _model_call(self, tokens, mask, positions):
+        return self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{self._cache_kw: self.cache}).logits
+
+    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, used = mask.shape
+        if used > self.max_cache_len:
+            raise SpecCascadeError(f"the {self.name}'s static cache is full ({self.max_cache_len} slots); "
+                                   "raise max_cache_len")
+        full = torch.zeros(B, self.max_cache_len, dtype=torch.long, device=mask.device)
+        full[:, :used] = mask.long()
+        if tokens.shape[1] > 1 and used == tokens.shape[1]:  # the pre-fill: variable length, not compiled
+            return self._model_call(tokens, full, positions)
+        return self._decode(tokens, full, positions)

@@ -1,0 +1,222 @@
+"""GPU speed of the engine (issue 5): bandwidth roofline, head-to-head with transformers, realised vs
+predicted speed-up, batch scaling. Writes one JSON record naming the card.
+
+    PYTHONPATH=src python benchmarks/gpu_speed.py --pair-dir runs/base --out results/gpu/speed.json
+
+Backends: ``dynamic`` (HFBackend: transformers' DynamicCache, eager), ``static`` (StaticHFBackend:
+pre-allocated cache, fixed shapes) and ``static+compile`` (the same under torch.compile with CUDA
+graphs, mode reduce-overhead). Timings: medians over ``--repeats`` runs after a warm-up run,
+``torch.cuda.synchronize`` before reading the clock. EOS is ignored so every run emits exactly
+``--new-tokens`` tokens per row (transformers' generate gets ``min_new_tokens`` to match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import speccascade as sc  # noqa: E402
+from speccascade.models import HFBackend, StaticHFBackend  # noqa: E402
+
+DTYPE = torch.bfloat16
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written per second."""
+    n = 2 * 2**30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    med, _ = timed(lambda: b.copy_(a), 10)
+    return 2 * n / med
+
+
+def llama(hidden, layers, heads, kv, inter, vocab, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).to("cuda", DTYPE).eval()
+
+
+def backend(model, kind: str, name: str):
+    if kind == "dynamic":
+        return HFBackend(model, name)
+    return StaticHFBackend(model, name, max_cache_len=1024, compile=kind == "static+compile")
+
+
+def tokens_per_s(drafter, verifier, prompts, method, gamma, temperature, new_tokens, repeats, alpha=None):
+    out = {}
+
+    def run():
+        out["o"] = sc.generate(drafter, verifier, prompts, method=method, alpha=alpha, gamma=gamma,
+                               temperature=temperature, max_new_tokens=new_tokens, seed=0)
+    med, times = timed(run, repeats)
+    s = out["o"].stats
+    examined = s.accepted + s.rejected
+    return {"tokens_per_s": len(prompts) * new_tokens / med, "median_s": med, "runs_s": times,
+            "acceptance_per_examined": s.accepted / examined if examined else None,
+            "tokens_per_verifier_call": s.tokens_per_verifier_call, "drafter_calls": s.drafter_calls,
+            "verifier_calls": s.verifier_calls}
+
+
+def roofline(bw: float, repeats: int, new_tokens: int) -> dict:
+    shapes = {"base_verifier_81M": (768, 12, 12, 4, 2048, 8000), "llama_1B": (2048, 16, 32, 8, 8192, 128256)}
+    res = {}
+    for name, shp in shapes.items():
+        model = llama(*shp)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        cfg = model.config
+        kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+        prompt = [list(range(10, 42))]
+        res[name] = {"weight_bytes": weight_bytes, "limit_tokens_per_s": bw / (weight_bytes + kv_per_token * 64)}
+        for kind in ("dynamic", "static", "static+compile"):
+            try:
+                be = backend(model, kind, "verifier")
+                r = tokens_per_s(be, be, prompt, "verifier_only", 1, 0.0, new_tokens, repeats)
+                r["bandwidth_fraction"] = r["tokens_per_s"] / res[name]["limit_tokens_per_s"]
+                res[name][kind] = r
+            except Exception as e:  # record and go on
+                res[name][kind] = {"error": repr(e), "trace": traceback.format_exc()[-1500:]}
+            print(name, kind, {k: v for k, v in res[name][kind].items() if k in ("tokens_per_s", "bandwidth_fraction", "error")}, flush=True)
+        try:  # transformers' own generate, eager and static+compiled
+            ids = torch.tensor(prompt, device="cuda")
+            for label, kw in (("hf_generate", {}), ("hf_generate_static_compiled", {"cache_implementation": "static"})):
+                try:
+                    med, _ = timed(lambda: model.generate(ids, do_sample=False, max_new_tokens=new_tokens,
+                                                          min_new_tokens=new_tokens, **kw), repeats)
+                    res[name][label] = {"tokens_per_s": new_tokens / med,
+                                        "bandwidth_fraction": new_tokens / med / res[name]["limit_tokens_per_s"]}
+                except Exception as e:
+                    res[name][label] = {"error": repr(e)}
+                print(name, label, res[name][label], flush=True)
+        finally:
+            del model
+            torch.cuda.empty_cache()
+    return res
+
+
+def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    d = AutoModelForCausalLM.from_pretrained(str(pair_dir / "drafter"), dtype=DTYPE).to("cuda").eval()
+    v = AutoModelForCausalLM.from_pretrained(str(pair_dir / "verifier"), dtype=DTYPE).to("cuda").eval()
+    res = {}
+    for T in (0.0, 1.0):
+        row = {}
+        for kind in ("dynamic", "static", "static+compile"):
+            try:
+                bd, bv = backend(d, kind, "drafter"), backend(v, kind, "verifier")
+                row[kind] = {m: tokens_per_s(bd, bv, [prompts_ids[0]], m, gamma, T, new_tokens, repeats, alpha)
+                             for m, alpha in (("verifier_only", None), ("sd", None), ("token_v3", 0.5))}
+            except Exception as e:
+                row[kind] = {"error": repr(e), "trace": traceback.format_exc()[-1500:]}
+            print("h2h", T, kind, {m: r.get("tokens_per_s") for m, r in row[kind].items() if isinstance(r, dict)}, flush=True)
+        ids = torch.tensor([prompts_ids[0]], device="cuda")
+        sample = {"do_sample": T > 0, **({"temperature": T, "top_k": 0} if T > 0 else {})}
+        for label, kw in (("hf_generate", {}),
+                          ("hf_assisted", {"assistant_model": d, "num_assistant_tokens": gamma,
+                                           "num_assistant_tokens_schedule": "constant",
+                                           "assistant_confidence_threshold": 0.0})):
+            try:
+                med, _ = timed(lambda: v.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                  **sample, **kw), repeats)
+                row[label] = {"tokens_per_s": new_tokens / med}
+            except Exception as e:
+                row[label] = {"error": repr(e)}
+            print("h2h", T, label, row[label], flush=True)
+        res[f"T={T:g}"] = row
+    # realised vs predicted (PAPER.md 5.7): beta = acceptance per examined draft, c = drafter step / verifier step
+    costs = {}
+    for kind in ("dynamic", "static+compile"):
+        try:
+            bd, bv = backend(d, kind, "drafter"), backend(v, kind, "verifier")
+            ds = tokens_per_s(bd, bd, [prompts_ids[0]], "drafter_only", 1, 1.0, new_tokens, repeats)["tokens_per_s"]
+            vs = tokens_per_s(bv, bv, [prompts_ids[0]], "verifier_only", 1, 1.0, new_tokens, repeats)["tokens_per_s"]
+            c = vs / ds
+            out = {}
+            for m in ("sd", "token_v3"):
+                r = res["T=1"][kind][m] if kind in res["T=1"] and m in res["T=1"].get(kind, {}) else None
+                if not r or r.get("acceptance_per_examined") is None:
+                    continue
+                b = r["acceptance_per_examined"]
+                pred = (1 - b ** (gamma + 1)) / ((1 - b) * (gamma * c + 1)) if b < 1 else (gamma + 1) / (gamma * c + 1)
+                real = r["tokens_per_s"] / res["T=1"][kind]["verifier_only"]["tokens_per_s"]
+                out[m] = {"beta": b, "cost_ratio_c": c, "predicted_speedup": pred, "realised_speedup": real,
+                          "realised_over_predicted": real / pred}
+            costs[kind] = out
+        except Exception as e:
+            costs[kind] = {"error": repr(e)}
+    res["realised_vs_predicted"] = costs
+    # batch scaling (dynamic backend: the static one keeps one batch size per cache)
+    scaling = {}
+    for bsz in (1, 4, 16, 64):
+        prompts = [prompts_ids[i % len(prompts_ids)] for i in range(bsz)]
+        scaling[bsz] = {}
+        for m, alpha in (("verifier_only", None), ("sd", None), ("token_v3", 0.5)):
+            try:
+                scaling[bsz][m] = tokens_per_s(HFBackend(d, "drafter"), HFBackend(v, "verifier"), prompts, m, gamma,
+                                               1.0, new_tokens, max(1, repeats // 2), alpha)["tokens_per_s"]
+            except Exception as e:
+                scaling[bsz][m] = repr(e)
+        print("batch", bsz, scaling[bsz], flush=True)
+    res["batch_scaling_tokens_per_s"] = scaling
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pair-dir", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--gamma", type=int, default=5)
+    ap.add_argument("--skip-roofline", action="store_true")
+    args = ap.parse_args()
+    from speccascade.data.bible import load_split
+    from speccascade.train.tokenizer import encode_prompt, load_tokenizer
+
+    tok = load_tokenizer(args.pair_dir / "verifier")
+    prompts = [encode_prompt(tok, p["en"]) for p in load_split("test")[:64]]
+    rec = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "speccascade": sc.__version__}
+    import transformers
+
+    rec["transformers"] = transformers.__version__
+    rec["copy_bandwidth_bytes_per_s"] = bw = copy_bandwidth()
+    print("bandwidth GB/s", bw / 1e9, flush=True)
+    if not args.skip_roofline:
+        rec["roofline"] = roofline(bw, args.repeats, args.new_tokens)
+        args.out.write_text(json.dumps(rec, indent=2))
+    rec["head_to_head"] = head_to_head(args.pair_dir, prompts, args.gamma, args.repeats, args.new_tokens)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rec, indent=2))
+
+
+if __name__ == "__main__":
+    main()
