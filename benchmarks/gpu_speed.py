@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--gamma", type=int, default=5)
     ap.add_argument("--skip-roofline", action="store_true")
+    ap.add_argument("--skip-h2h", action="store_true")
     args = ap.parse_args()
     from speccascade.data.bible import load_split
     from speccascade.train.tokenizer import encode_prompt, load_tokenizer
@@ -213,7 +214,8 @@ def main() -> None:
     if not args.skip_roofline:
         rec["roofline"] = roofline(bw, args.repeats, args.new_tokens)
         args.out.write_text(json.dumps(rec, indent=2))
-    rec["head_to_head"] = head_to_head(args.pair_dir, prompts, args.gamma, args.repeats, args.new_tokens)
+    if not args.skip_h2h:
+        rec["head_to_head"] = head_to_head(args.pair_dir, prompts, args.gamma, args.repeats, args.new_tokens)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rec, indent=2))
 
