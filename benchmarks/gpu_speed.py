@@ -122,7 +122,8 @@ def roofline(bw: float, repeats: int, new_tokens: int) -> dict:
     return res
 
 
-def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens) -> dict:
+def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens,
+                 kinds=("dynamic", "static", "static+compile"), scaling_batches=(1, 4, 16, 64)) -> dict:
     from transformers import AutoModelForCausalLM
 
     d = AutoModelForCausalLM.from_pretrained(str(pair_dir / "drafter"), dtype=DTYPE).to("cuda").eval()
@@ -130,7 +131,7 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens) -> dic
     res = {}
     for T in (0.0, 1.0):
         row = {}
-        for kind in ("dynamic", "static", "static+compile"):
+        for kind in kinds:
             try:
                 bd, bv = backend(d, kind, "drafter"), backend(v, kind, "verifier")
                 row[kind] = {m: tokens_per_s(bd, bv, [prompts_ids[0]], m, gamma, T, new_tokens, repeats, alpha)
@@ -154,7 +155,7 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens) -> dic
         res[f"T={T:g}"] = row
     # realised vs predicted (PAPER.md 5.7): beta = acceptance per examined draft, c = drafter step / verifier step
     costs = {}
-    for kind in ("dynamic", "static+compile"):
+    for kind in [k for k in kinds if k != "static"]:
         try:
             bd, bv = backend(d, kind, "drafter"), backend(v, kind, "verifier")
             ds = tokens_per_s(bd, bd, [prompts_ids[0]], "drafter_only", 1, 1.0, new_tokens, repeats)["tokens_per_s"]
@@ -176,7 +177,7 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens) -> dic
     res["realised_vs_predicted"] = costs
     # batch scaling (dynamic backend: the static one keeps one batch size per cache)
     scaling = {}
-    for bsz in (1, 4, 16, 64):
+    for bsz in scaling_batches:
         prompts = [prompts_ids[i % len(prompts_ids)] for i in range(bsz)]
         scaling[bsz] = {}
         for m, alpha in (("verifier_only", None), ("sd", None), ("token_v3", 0.5)):
@@ -199,6 +200,8 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=5)
     ap.add_argument("--skip-roofline", action="store_true")
     ap.add_argument("--skip-h2h", action="store_true")
+    ap.add_argument("--kinds", default="dynamic,static,static+compile")
+    ap.add_argument("--scaling-batches", default="1,4,16,64")
     args = ap.parse_args()
     from speccascade.data.bible import load_split
     from speccascade.train.tokenizer import encode_prompt, load_tokenizer
@@ -215,7 +218,9 @@ def main() -> None:
         rec["roofline"] = roofline(bw, args.repeats, args.new_tokens)
         args.out.write_text(json.dumps(rec, indent=2))
     if not args.skip_h2h:
-        rec["head_to_head"] = head_to_head(args.pair_dir, prompts, args.gamma, args.repeats, args.new_tokens)
+        rec["head_to_head"] = head_to_head(args.pair_dir, prompts, args.gamma, args.repeats, args.new_tokens,
+                                           kinds=tuple(args.kinds.split(",")),
+                                           scaling_batches=tuple(int(b) for b in args.scaling_batches.split(",") if b))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rec, indent=2))
 

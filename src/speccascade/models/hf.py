@@ -83,6 +83,10 @@ class HFBackend:
             self.n_pos = self.n_committed + kept.sum(1)
         self.n_committed = self.n_pos.clone()
         self.n_tentative_slots = 0
+        self._drop_unused_slots()
+
+    def _drop_unused_slots(self) -> None:
+        """Crop cache slots that no row uses any more from the end (a host sync)."""
         used = self.valid.any(0).nonzero()
         keep_slots = int(used.max()) + 1 if used.numel() else 0
         drop = self.valid.shape[1] - keep_slots
@@ -105,8 +109,9 @@ class StaticHFBackend(HFBackend):
     """The same backend over a pre-allocated, position-indexed KV cache (transformers'
     ``StaticCache``) of ``max_cache_len`` slots.
 
-    Rollback moves the cache's write pointer back (``crop``), so a rejected suffix is overwritten
-    by the next call and never copied. The attention mask passed to the model always spans all
+    Nothing is ever cropped or copied: a rejected suffix stays in its slots, masked out of
+    attention like a hole (transformers versions differ in how a static cache rolls back, and this
+    needs none), and the commit needs no host sync. The attention mask passed to the model always spans all
     ``max_cache_len`` slots, so every decode call (1 token) and every verify call (gamma + 1
     tokens) has fixed shapes: the precondition for ``torch.compile`` with CUDA graphs
     (``compile=True``: mode ``reduce-overhead``). The cache is kept across generations of the same
@@ -124,6 +129,9 @@ class StaticHFBackend(HFBackend):
         self._static_batch = None
         self._decode = torch.compile(self._model_call, mode="reduce-overhead", dynamic=False) if compile \
             else self._model_call
+
+    def _drop_unused_slots(self) -> None:
+        pass
 
     def _make_cache(self, batch: int):
         from transformers import StaticCache
