@@ -50,8 +50,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--pairs", type=int, default=50)
     ap.add_argument("--record", type=Path, required=True)
+    ap.add_argument("--preset-shapes", default=None,
+                    help="time randomly initialised models of a training preset's shapes (latency only)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.preset_shapes:
+        from speccascade.train.trainer import PRESETS, build_model
+
+        lat = {}
+        for role, recipe in PRESETS[args.preset_shapes].items():
+            model = build_model(recipe.shape, 8000).eval()
+            runs = [step_ms(model, list(range(4, 44))) for _ in range(args.repeats)]
+            lat[role] = {"median_ms": statistics.median(runs), "runs_ms": runs,
+                         "params": sum(p.numel() for p in model.parameters())}
+        lat["cost_ratio_verifier_over_drafter"] = lat["verifier"]["median_ms"] / lat["drafter"]["median_ms"]
+        rec = {"preset_shapes": args.preset_shapes, "weights": "random (latency does not depend on them)",
+               "cpu": platform.processor() or platform.machine(), "threads": 1, "torch": torch.__version__,
+               "latency": lat}
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        args.record.write_text(json.dumps(rec, indent=2))
+        print(json.dumps(rec, indent=2))
+        return
     d_dir, v_dir = embedded_pair_dirs(args.pair)
     drafter, verifier, tok = load_causal_lm(d_dir), load_causal_lm(v_dir), load_tokenizer(v_dir)
     test = load_split("test")

@@ -89,3 +89,22 @@ def test_tokenizer_round_trip_and_prompt_format():
         prompt = encode_prompt(tok, p["en"])
         assert prompt[0] == 1 and prompt[-1] == SEP and decode(tok, prompt) == p["en"]
     assert encode_target(tok, "Y fué la luz.")[-1] == EOS
+
+
+def test_trainer_writes_a_loadable_checkpoint_with_losses_and_bleu(tmp_path):
+    import torch
+
+    from speccascade.models.loading import load_causal_lm
+    from speccascade.train.trainer import train
+
+    log = train("tiny", "drafter", tmp_path / "d", ASSETS / "tokenizer", epochs=0.005, progress=False, bleu_pairs=4)
+    assert log["steps"] >= 1 and log["evals"] and math_finite(log["evals"][-1]["val_loss"])
+    assert set(log["validation_bleu"]) >= {"bleu", "chrf"}
+    model = load_causal_lm(tmp_path / "d")
+    assert model.config.vocab_size == 8000 and next(model.parameters()).dtype == torch.float32
+
+
+def math_finite(x):
+    import math
+
+    return math.isfinite(x)

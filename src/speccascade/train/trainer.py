@@ -1,6 +1,6 @@
 """Train a decoder-only translation model (a ``transformers`` Llama) on the Bible EN->ES pairs.
 
-The result is an ordinary Hugging Face checkpoint (``config.json``, ``model.safetensors``,
+It reports progress (tqdm: train and validation loss), and at the end the greedy BLEU / chrF of the best checkpoint on 200 validation pairs. The result is an ordinary Hugging Face checkpoint (``config.json``, ``model.safetensors``,
 tokenizer files) plus ``training.json`` (the preset, steps, losses, BLEU, time and device).
 The loss is on the Spanish side only. The best checkpoint by validation loss is written to disk
 at each evaluation, so an interrupted run keeps what it had (early stopping against memorising
@@ -123,7 +123,8 @@ def ensure_tokenizer(path: Path, vocab_size: int = 8000):
 
 
 def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = "cpu", seed: int = 0,
-          epochs: float | None = None, max_minutes: float | None = None, progress: bool = True) -> dict:
+          epochs: float | None = None, max_minutes: float | None = None, progress: bool = True,
+          bleu_pairs: int = 200) -> dict:
     from tqdm.auto import tqdm
 
     recipe = PRESETS[preset][role]
@@ -187,8 +188,25 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     bar.close()
     log["steps"] = step
     log["train_seconds"] = time.perf_counter() - start
+    if bleu_pairs:
+        log["validation_bleu"] = validation_bleu(out, dev, bleu_pairs)
+        bar.write(f"validation BLEU (greedy, {bleu_pairs} pairs, best checkpoint): {log['validation_bleu']['bleu']:.2f}")
     (out / "training.json").write_text(json.dumps(log, indent=2))
     return log
+
+
+def validation_bleu(checkpoint: Path, device: torch.device, n_pairs: int = 200) -> dict:
+    """Greedy BLEU / chrF of the saved (best) checkpoint on the first ``n_pairs`` validation pairs."""
+    from transformers import AutoModelForCausalLM
+
+    from ..eval.translation import score, translate
+    from .tokenizer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).to(device).eval()
+    pairs = load_split("validation")[:n_pairs]
+    hyps, _ = translate(model, model, load_tokenizer(checkpoint), pairs, method="verifier_only", temperature=0.0,
+                        batch_size=100)
+    return score(hyps, pairs) | {"pairs": len(pairs)}
 
 
 def save_checkpoint(model, tokenizer, out: Path) -> None:
