@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .loop import Emitter, add_block_counters, check_finite, make_dists, raise_if_nonfinite
+from .loop import Emitter, add_block_counters, check_finite, make_dists, raise_if_nonfinite, start_both
 from .models.base import Backend
 from .registry import AlphaRange, register
 from .rules import bild_discrepancy, diff
@@ -97,11 +97,7 @@ def token_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_
     row a deferral is forced (App. E.1; ``None`` switches the cap off)."""
     device = drafter.device
     B = input_ids.shape[0]
-    drafter.reset(input_ids, attention_mask)
-    verifier.reset(input_ids, attention_mask)
-    stats.prefill_calls += 2 if input_ids.shape[1] > 1 else 0
-    pending = input_ids[:, -1].to(device)
-    emitter = Emitter(B, max_new_tokens, 1, eos_token_id, device)
+    pending, emitter = start_both(drafter, verifier, input_ids, attention_mask, stats, max_new_tokens, eos_token_id, 1)
     lag = torch.zeros(B, max_new_tokens + 1, dtype=torch.long, device=device)  # tokens the verifier lacks
     lag[:, 0] = pending
     lag_len = _ones(B, device)
@@ -181,11 +177,7 @@ def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
     """Algorithm 3: both q_t and p_t are computed at every step; sample from p_t if Diff defers."""
     device = drafter.device
     B = input_ids.shape[0]
-    drafter.reset(input_ids, attention_mask)
-    verifier.reset(input_ids, attention_mask)
-    stats.prefill_calls += 2 if input_ids.shape[1] > 1 else 0
-    pending = input_ids[:, -1].to(device)
-    emitter = Emitter(B, max_new_tokens, 1, eos_token_id, device)
+    pending, emitter = start_both(drafter, verifier, input_ids, attention_mask, stats, max_new_tokens, eos_token_id, 1)
     while True:
         active = ~emitter.done
         q_logits = drafter.extend(pending.unsqueeze(1))[:, -1]
@@ -222,11 +214,8 @@ def bild(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_token
     device = drafter.device
     B = input_ids.shape[0]
     window = max_drafter_run if max_drafter_run is not None else max_new_tokens
-    drafter.reset(input_ids, attention_mask)
-    verifier.reset(input_ids, attention_mask)
-    stats.prefill_calls += 2 if input_ids.shape[1] > 1 else 0
-    pending = input_ids[:, -1].to(device)
-    emitter = Emitter(B, max_new_tokens, window + 1, eos_token_id, device)
+    pending, emitter = start_both(drafter, verifier, input_ids, attention_mask, stats, max_new_tokens,
+                                  eos_token_id, window + 1)
     counters = torch.zeros(8, dtype=torch.long, device=device)
     per_position = torch.zeros(window, dtype=torch.long, device=device)
     while True:

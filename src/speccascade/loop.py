@@ -77,6 +77,16 @@ class Emitter:
         return [row[:m] for row, m in zip(self.out.tolist(), n)]
 
 
+def start_both(drafter: Backend, verifier: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               stats: Stats, max_new_tokens: int, eos_token_id, width: int) -> tuple[torch.Tensor, Emitter]:
+    """Pre-fill both models; returns each row's pending token  # [B]  and an output collector."""
+    drafter.reset(input_ids, attention_mask)
+    verifier.reset(input_ids, attention_mask)
+    stats.prefill_calls += 2 if input_ids.shape[1] > 1 else 0
+    pending = input_ids[:, -1].to(drafter.device)
+    return pending, Emitter(input_ids.shape[0], max_new_tokens, width, eos_token_id, drafter.device)
+
+
 def check_finite(logits: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """A device flag: some active row has a non-finite logit.  # logits [B, ..., V]; active [B]"""
     bad = ~torch.isfinite(logits).flatten(1).all(1)
@@ -96,12 +106,8 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
                        stats: Stats, progress=None) -> list[list[int]]:
     """Algorithm 4 (GenSpecSample) repeated until every row is done, with target T = ``spec.fn``."""
     device = drafter.device
-    B = input_ids.shape[0]
-    drafter.reset(input_ids, attention_mask)
-    verifier.reset(input_ids, attention_mask)
-    stats.prefill_calls += 2 if input_ids.shape[1] > 1 else 0
-    pending = input_ids[:, -1].to(device)                                    # [B]
-    emitter = Emitter(B, max_new_tokens, gamma + 1, eos_token_id, device)
+    pending, emitter = start_both(drafter, verifier, input_ids, attention_mask, stats, max_new_tokens,
+                                  eos_token_id, gamma + 1)
     positions = torch.arange(gamma, device=device)
     counters = torch.zeros(8, dtype=torch.long, device=device)
     per_position = torch.zeros(gamma, dtype=torch.long, device=device)

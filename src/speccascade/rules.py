@@ -20,6 +20,7 @@ import torch
 from .registry import AlphaRange, register
 
 INF = math.inf
+LENIENCE = AlphaRange(0.0, 1.0, high_open=True, default=0.3, meaning="lenience: 0 = exact SD, towards 1 accepts more drafts")
 
 
 @dataclass
@@ -80,8 +81,7 @@ def sd(d: Dists, alpha: float | None = None) -> Target:
 
 
 @register("lossy", kind="speculative", title="SpecDecode [Lossy], beta = 1", paper="eq. (16)-(17), Lemma 2",
-          alpha=AlphaRange(0.0, 1.0, high_open=True, default=0.3,
-                           meaning="lenience: 0 = exact SD, towards 1 accepts more drafts"),
+          alpha=LENIENCE,
           bonus_from_verifier=True)
 def lossy(d: Dists, alpha: float) -> Target:
     """Tran-Thien lossy SD with beta = 1 through Lemma 2: pi = max{min{q, p/(1-alpha)}, p/beta}.
@@ -94,8 +94,7 @@ def lossy(d: Dists, alpha: float) -> Target:
 
 @register("lossy_tuned", kind="speculative", title="SpecDecode [Lossy*], beta solved per position",
           paper="eq. (16)-(17), Tran-Thien's condition",
-          alpha=AlphaRange(0.0, 1.0, high_open=True, default=0.3,
-                           meaning="lenience: 0 = exact SD, towards 1 accepts more drafts"),
+          alpha=LENIENCE,
           bonus_from_verifier=True)
 def lossy_tuned(d: Dists, alpha: float) -> Target:
     """Lossy SD with beta solved exactly (not by grid search) from Tran-Thien's condition

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .trainer import Shape
+from .trainer import Shape, optimizer_step
 
 
 def train_lm(tokens: np.ndarray, vocab_size: int, shape: Shape, out: Path, device: str = "cuda", seq_len: int = 256,
@@ -64,11 +64,7 @@ def train_lm(tokens: np.ndarray, vocab_size: int, shape: Shape, out: Path, devic
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, model, opt, sched)
         step += 1
         if step % 250 == 0 or step == total:
             log["evals"].append({"step": step, "train_loss": loss.item(), "val_loss": val_loss(),

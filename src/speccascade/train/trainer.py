@@ -60,6 +60,14 @@ MAX_POSITIONS = 512
 MAX_PAIR_TOKENS = 320
 
 
+def optimizer_step(loss: torch.Tensor, model, opt, sched, clip: float = 1.0) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+
+
 def build_model(shape: Shape, vocab_size: int, attention_dropout: float = 0.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -168,11 +176,7 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
             logits = model(input_ids=ids, attention_mask=mask).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, model, opt, sched)
         step += 1
         bar.update(1)
         if step % eval_every == 0 or step == total_steps:
