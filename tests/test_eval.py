@@ -117,3 +117,12 @@ def test_jsonl_task(tmp_path):
     t = JsonlTask(p, "exact_match")
     assert [e.reference for e in t.examples()] == ["4", "6"]
     assert t.score(["4", "7"], ["4", "6"]) == {"exact_match": 50.0}
+
+
+def test_sweep_with_static_backend_records_it(pair, tmp_path):
+    drafter, verifier, tok = pair
+    cfg = SweepConfig(methods=["sd"], n_examples=2, max_new_tokens=5)
+    records = run_sweep(drafter, verifier, tok, get_task("bible_en_es"), cfg, tmp_path / "s.jsonl", progress=False,
+                        backend="static")
+    cells = [r for r in records if r["type"] == "cell"]
+    assert len(cells) == 2 and all(r["signature"]["backend"] == "static" for r in cells)

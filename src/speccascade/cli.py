@@ -129,7 +129,8 @@ def _sweep(args) -> int:
                       temperatures=args.temperatures, seeds=args.seeds, batch_sizes=args.batch_sizes,
                       n_examples=args.examples, max_new_tokens=args.max_new_tokens, options=options)
     drafter, verifier, tok, names = _load_pair(args)
-    records = run_sweep(drafter, verifier, tok, task, cfg, args.out, names=names, progress=not args.quiet)
+    records = run_sweep(drafter, verifier, tok, task, cfg, args.out, names=names, progress=not args.quiet,
+                        backend=args.backend)
     print(f"{sum(r.get('type') == 'cell' for r in records)} cells in {args.out}")
     return 0
 
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="JSONL file (appended to; resumed)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--backend", default="dynamic", choices=["dynamic", "static", "compiled"],
+                   help="compiled = static cache + torch.compile / CUDA graphs (GPU)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_sweep)
 

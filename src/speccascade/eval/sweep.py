@@ -138,9 +138,9 @@ def model_id(model, name: str) -> str:
 
 def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int = 20) -> dict:
     """Median wall time of one drafter step (1 token), one verifier step (1 token) and one verifier
-    block call (gamma + 1 tokens) on a cached prefix: the per-call costs of the latency model."""
-    def timed(model, k):
-        be = HFBackend(model, "m")
+    block call (gamma + 1 tokens) on a cached prefix: the per-call costs of the latency model.
+    ``drafter`` / ``verifier`` are backends."""
+    def timed(be, k):
         x = torch.tensor([prompt])
         be.reset(x, torch.ones_like(x))
         times = []
@@ -155,6 +155,16 @@ def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int
 
     return {"drafter_step_s": timed(drafter, 1), "verifier_step_s": timed(verifier, 1),
             "verifier_block_s": timed(verifier, gamma + 1), "gamma": gamma}
+
+
+def make_backend(model, name: str, kind: str):
+    if kind == "dynamic":
+        return HFBackend(model, name)
+    if kind in ("static", "compiled"):
+        from ..models.hf import StaticHFBackend
+
+        return StaticHFBackend(model, name, max_cache_len=2048, compile=kind == "compiled")
+    raise SpecCascadeError(f"unknown backend {kind!r}; choose dynamic, static or compiled")
 
 
 def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell, max_new_tokens: int) -> tuple[list[str], Stats]:
@@ -175,8 +185,12 @@ def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell, max
 
 
 def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out: Path,
-              names: tuple[str, str] = ("drafter", "verifier"), progress: bool = True, on_record=None) -> list[dict]:
-    """Run every cell of ``config`` not yet in ``out``; returns all records of the file."""
+              names: tuple[str, str] = ("drafter", "verifier"), progress: bool = True, on_record=None,
+              backend: str = "dynamic") -> list[dict]:
+    """Run every cell of ``config`` not yet in ``out``; returns all records of the file.
+
+    ``backend``: ``dynamic`` (HFBackend), ``static`` or ``compiled`` (StaticHFBackend without / with
+    torch.compile and CUDA graphs); it is part of every record's signature."""
     from tqdm.auto import tqdm
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +201,8 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
     base_sig = {"drafter": model_id(drafter, names[0]), "verifier": model_id(verifier, names[1]),
                 "task": task.describe(), "examples": len(examples), "examples_sha1": ex_hash,
                 "speccascade": __version__, "torch": torch.__version__, "device": device_name(device),
-                "max_new_tokens": config.max_new_tokens}
+                "max_new_tokens": config.max_new_tokens, "backend": backend}
+    d_be, v_be = make_backend(drafter, "drafter", backend), make_backend(verifier, "verifier", backend)
     records = read_records(out)
     done = {r["key"] for r in records if r.get("type") == "cell"}
     for r in records:
@@ -196,12 +211,12 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
     for gamma in sorted({c.gamma for c in config.cells()}):
         if not any(r.get("type") == "costs" and r.get("gamma") == gamma for r in records):
             rec = {"type": "costs", "signature": base_sig} | measure_costs(
-                drafter, verifier, task.encode(tokenizer, examples[0].input), gamma)
+                d_be, v_be, task.encode(tokenizer, examples[0].input), gamma)
             _append(out, rec)
             records.append(rec)
     todo = [c for c in config.cells() if c.key not in done]
     for cell in tqdm(todo, desc="sweep", unit="cell", disable=not progress):
-        hyps, stats = run_cell(drafter, verifier, tokenizer, task, examples, cell, config.max_new_tokens)
+        hyps, stats = run_cell(d_be, v_be, tokenizer, task, examples, cell, config.max_new_tokens)
         quality = task.score(hyps, refs)
         base = next((r for r in records if r.get("type") == "cell" and r["method"] == BASELINE
                      and r["temperature"] == cell.temperature and r["seed"] == cell.seed
