@@ -156,4 +156,6 @@ class StaticHFBackend(HFBackend):
         full[:, :used] = mask.long()
         if tokens.shape[1] > 1 and used == tokens.shape[1]:  # the pre-fill: variable length, not compiled
             return self._model_call(tokens, full, positions)
-        return self._decode(tokens, full, positions)
+        # canonical strides: a [B, 1] view of a longer tensor would make the compiled graph recompile
+        return self._decode(tokens.clone(memory_format=torch.contiguous_format),
+                            full, positions.clone(memory_format=torch.contiguous_format))
