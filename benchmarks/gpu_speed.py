@@ -175,6 +175,22 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens,
         except Exception as e:
             costs[kind] = {"error": repr(e)}
     res["realised_vs_predicted"] = costs
+    # share of a decode spent outside the two models' forward passes (timed with a sync per call)
+    from speccascade.models.timing import TimedBackend, outside_share
+
+    outside = {}
+    for kind in kinds:
+        for m, alpha in (("sd", None), ("token_v3", 0.5)):
+            try:
+                bd, bv = TimedBackend(backend(d, kind, "drafter")), TimedBackend(backend(v, kind, "verifier"))
+                sc.generate(bd, bv, [prompts_ids[0]], method=m, alpha=alpha, gamma=gamma, max_new_tokens=new_tokens)
+                bd.seconds = bv.seconds = 0.0
+                o = sc.generate(bd, bv, [prompts_ids[0]], method=m, alpha=alpha, gamma=gamma, max_new_tokens=new_tokens)
+                outside[f"{kind}/{m}"] = outside_share(o.stats.wall_time_s, bd, bv)
+            except Exception as e:
+                outside[f"{kind}/{m}"] = repr(e)
+    res["share_outside_model_forwards"] = outside
+    print("outside", outside, flush=True)
     # batch scaling (dynamic backend: the static one keeps one batch size per cache)
     scaling = {}
     for bsz in scaling_batches:

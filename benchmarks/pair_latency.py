@@ -91,6 +91,16 @@ def main() -> None:
         gen[method] = {"tokens_per_second": total.emitted / total.wall_time_s, "acceptance_rate": total.acceptance_rate,
                        "tokens_per_verifier_call": total.tokens_per_verifier_call, "emitted": total.emitted,
                        "wall_time_s": total.wall_time_s}
+    from speccascade.models.timing import TimedBackend, outside_share
+
+    for m, alpha in (("sd", None), ("token_v3", 0.5)):
+        shares = []
+        for i, p in enumerate(test[: min(args.pairs, 10)]):
+            bd, bv = TimedBackend(HFBackend(drafter, "drafter")), TimedBackend(HFBackend(verifier, "verifier"))
+            out = sc.generate(bd, bv, [encode_prompt(tok, p["en"])], method=m, alpha=alpha, gamma=5, temperature=1.0,
+                              max_new_tokens=200, eos_token_id=EOS, seed=i)
+            shares.append(outside_share(out.stats.wall_time_s, bd, bv))
+        gen[m]["share_outside_model_forwards_median"] = statistics.median(shares)
     for m in ("sd", "token_v3"):
         gen[m]["speedup_vs_verifier_only"] = gen[m]["tokens_per_second"] / gen["verifier_only"]["tokens_per_second"]
     rec = {"pair": args.pair, "cpu": platform.processor() or platform.machine(), "threads": 1,

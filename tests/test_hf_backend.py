@@ -65,3 +65,18 @@ def test_static_backend_matches_dynamic():
         assert sc.generate(sd_, sv, prompts, method="sd", temperature=0, gamma=gamma, max_new_tokens=16).tokens == ref
     dyn = sc.generate(d, v, prompts, method="token_v3", temperature=1, gamma=3, max_new_tokens=16, seed=3).tokens
     assert sc.generate(sd_, sv, prompts, method="token_v3", temperature=1, gamma=3, max_new_tokens=16, seed=3).tokens == dyn
+
+
+def test_timed_backend_measures_share_outside_forwards():
+    import speccascade as sc
+    from speccascade.models import HFBackend
+    from speccascade.models.timing import TimedBackend, outside_share
+    from tiny_models import tiny_pair
+
+    d, v = tiny_pair(0, noise=0.05)
+    td, tv = TimedBackend(HFBackend(d, "drafter")), TimedBackend(HFBackend(v, "verifier"))
+    out = sc.generate(td, tv, [[5, 6, 7]], method="sd", gamma=3, max_new_tokens=12, temperature=0)
+    assert out.tokens == sc.generate(d, v, [[5, 6, 7]], method="verifier_only", max_new_tokens=12, temperature=0).tokens
+    assert td.calls == out.stats.drafter_calls + 1 and tv.calls == out.stats.verifier_calls + 1  # + reset
+    share = outside_share(out.stats.wall_time_s, td, tv)
+    assert 0.0 <= share < 1.0
