@@ -47,3 +47,16 @@ def test_cli_generate_and_methods(capsys):
     assert all(name in listing for name in sc.METHODS)
     assert main(["generate", "x", "--method", "chow", "--alpha", "3", "--quiet"]) == 2
     assert "outside the range" in capsys.readouterr().err
+
+
+def test_cli_with_explicit_model_paths_raw_prompt(capsys):
+    import json
+
+    d_dir, v_dir = embedded_pair_dirs("tiny")
+    code = main(["generate", "In the beginning", "--drafter", str(d_dir), "--verifier", str(v_dir), "--format", "raw",
+                 "--method", "opt", "--alpha", "0.3", "--temperature", "1", "--max-new-tokens", "7", "--quiet", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "opt" and out["alpha"] == 0.3 and len(out["tokens"]) <= 7
+    assert main(["generate", "x", "--drafter", str(d_dir), "--quiet"]) == 2
+    assert "both --drafter and --verifier" in capsys.readouterr().err

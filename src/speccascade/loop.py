@@ -31,10 +31,13 @@ from .stats import Stats
 from .verify import verify_block
 
 
-def make_dists(draft_logits: torch.Tensor, target_logits: torch.Tensor, cfg: SamplingConfig) -> Dists:
-    """Both models' sampling and confidence distributions from their logits.  # [..., V] each"""
+def make_dists(draft_logits: torch.Tensor, target_logits: torch.Tensor, cfg: SamplingConfig,
+               draft_probs: torch.Tensor | None = None) -> Dists:
+    """Both models' sampling and confidence distributions from their logits.  # [..., V] each
+    (``draft_probs``: the drafter's sampling distributions if already computed.)"""
     plain = cfg.temperature == 1.0 and cfg.top_k == 0 and cfg.top_p == 1.0
-    q, p = sampling_probs(draft_logits, cfg), sampling_probs(target_logits, cfg)
+    q = sampling_probs(draft_logits, cfg) if draft_probs is None else draft_probs
+    p = sampling_probs(target_logits, cfg)
     return Dists(draft_probs=q, target_probs=p,
                  draft_conf=q if plain else confidence_probs(draft_logits),
                  target_conf=p if plain else confidence_probs(target_logits),
@@ -115,19 +118,20 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
     while True:
         active = ~emitter.done                                               # [B]
         # 1. draft: gamma + 1 drafter calls
-        token, q_logits, drafts = pending, [], []
+        token, q_logits, q_probs, drafts = pending, [], [], []
         for j in range(gamma + 1):
             logits = drafter.extend(token.unsqueeze(1))[:, -1]               # [B, V]
             q_logits.append(logits)
+            q_probs.append(sampling_probs(logits, cfg))
             if j < gamma:
-                token = draw(sampling_probs(logits, cfg), generator)         # [B]
+                token = draw(q_probs[-1], generator)                         # [B]
                 drafts.append(token)
         q_logits = torch.stack(q_logits, 1)                                  # [B, gamma + 1, V]
         drafts = torch.stack(drafts, 1)                                      # [B, gamma]
         # 2. score: one verifier call on gamma + 1 positions
         p_logits = verifier.extend(torch.cat([pending.unsqueeze(1), drafts], 1))  # [B, gamma + 1, V]
         # 3. verify against pi = T(q, p)
-        d = make_dists(q_logits, p_logits, cfg)
+        d = make_dists(q_logits, p_logits, cfg, draft_probs=torch.stack(q_probs, 1))
         target = spec.fn(d, alpha)
         bonus = d.target_probs[:, gamma] if spec.bonus_from_verifier else target.pi[:, gamma]
         res = verify_block(drafts, d.draft_probs[:, :gamma], target.pi[:, :gamma], bonus, generator)
