@@ -220,9 +220,10 @@ def main() -> None:
     ap.add_argument("--scaling-batches", default="1,4,16,64")
     args = ap.parse_args()
     from speccascade.data.bible import load_split
+    from speccascade.models.loading import TOKENIZER_DIR
     from speccascade.train.tokenizer import encode_prompt, load_tokenizer
 
-    tok = load_tokenizer(args.pair_dir / "verifier")
+    tok = load_tokenizer(TOKENIZER_DIR)
     prompts = [encode_prompt(tok, p["en"]) for p in load_split("test")[:64]]
     rec = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "speccascade": sc.__version__}
     import transformers

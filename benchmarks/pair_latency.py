@@ -24,10 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import speccascade as sc  # noqa: E402
 from speccascade.data.bible import load_split  # noqa: E402
-from speccascade.eval.translation import add_stats  # noqa: E402
+from speccascade.eval.translation import translate  # noqa: E402
 from speccascade.models.hf import HFBackend  # noqa: E402
-from speccascade.models.loading import embedded_pair_dirs, load_causal_lm, load_tokenizer  # noqa: E402
-from speccascade.stats import Stats  # noqa: E402
+from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer  # noqa: E402
 from speccascade.train.tokenizer import EOS, encode_prompt  # noqa: E402
 
 
@@ -72,7 +71,7 @@ def main() -> None:
         print(json.dumps(rec, indent=2))
         return
     d_dir, v_dir = embedded_pair_dirs(args.pair)
-    drafter, verifier, tok = load_causal_lm(d_dir), load_causal_lm(v_dir), load_tokenizer(v_dir)
+    drafter, verifier, tok = load_causal_lm(d_dir), load_causal_lm(v_dir), load_tokenizer(TOKENIZER_DIR)
     test = load_split("test")
     ctx = encode_prompt(tok, test[0]["en"])[:40]
     lat = {}
@@ -83,11 +82,8 @@ def main() -> None:
     lat["cost_ratio_verifier_over_drafter"] = lat["verifier"]["median_ms"] / lat["drafter"]["median_ms"]
     gen = {}
     for method, alpha in (("verifier_only", None), ("sd", None), ("token_v3", 0.5)):
-        total = Stats()
-        for i, p in enumerate(test[: args.pairs]):
-            out = sc.generate(drafter, verifier, [encode_prompt(tok, p["en"])], method=method, alpha=alpha, gamma=5,
-                              temperature=1.0, max_new_tokens=200, eos_token_id=EOS, seed=i)
-            add_stats(total, out.stats)
+        _, total = translate(drafter, verifier, tok, test[: args.pairs], method=method, alpha=alpha, gamma=5,
+                             temperature=1.0, batch_size=1, max_new_tokens=200, seed=0)  # prompt i: seed i
         gen[method] = {"tokens_per_second": total.emitted / total.wall_time_s, "acceptance_rate": total.acceptance_rate,
                        "tokens_per_verifier_call": total.tokens_per_verifier_call, "emitted": total.emitted,
                        "wall_time_s": total.wall_time_s}

@@ -19,5 +19,4 @@ for ((i = 0; i < workers; i++)); do
     --out "$out/worker$i.jsonl" > "$out/worker$i.log" 2>&1 &
 done
 wait
-cat "$out"/worker*.jsonl > "$out/sweep.jsonl"
-grep -c '"type": "cell"' "$out"/worker*.jsonl
+grep -c '"type": "cell"' "$out"/worker*.jsonl   # report them together: speccascade report "$out"/*.jsonl

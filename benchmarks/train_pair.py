@@ -28,7 +28,7 @@ from speccascade.eval.translation import score, translate  # noqa: E402
 from speccascade.train.tokenizer import encode_prompt, encode_target, load_tokenizer  # noqa: E402
 from speccascade.train.trainer import train  # noqa: E402
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "src" / "speccascade" / "assets" / "tokenizer"
+from speccascade.models.loading import TOKENIZER_DIR as TOKENIZER  # noqa: E402
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from speccascade.data.bible import N_TEST, N_VALIDATION, TEST_BOOKS, extract_pairs, load_split, make_splits
 from speccascade.data.sword import clean_osis, label_slots, read_slots
-from speccascade.models.loading import ASSETS
+from speccascade.models.loading import TOKENIZER_DIR
 from speccascade.train.tokenizer import EOS, SEP, decode, encode_prompt, encode_target, load_tokenizer
 
 
@@ -82,7 +82,7 @@ def test_rebuild_from_debian_packages_matches_shipped_splits():
 
 
 def test_tokenizer_round_trip_and_prompt_format():
-    tok = load_tokenizer(ASSETS / "tokenizer")
+    tok = load_tokenizer(TOKENIZER_DIR)
     assert len(tok) == 8000
     for p in load_split("test")[:200]:
         assert decode(tok, encode_target(tok, p["es"])) == p["es"]
@@ -97,7 +97,7 @@ def test_trainer_writes_a_loadable_checkpoint_with_losses_and_bleu(tmp_path):
     from speccascade.models.loading import load_causal_lm
     from speccascade.train.trainer import train
 
-    log = train("tiny", "drafter", tmp_path / "d", ASSETS / "tokenizer", epochs=0.005, progress=False, bleu_pairs=4)
+    log = train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.005, progress=False, bleu_pairs=4)
     assert log["steps"] >= 1 and log["evals"] and math_finite(log["evals"][-1]["val_loss"])
     assert set(log["validation_bleu"]) >= {"bleu", "chrf"}
     model = load_causal_lm(tmp_path / "d")

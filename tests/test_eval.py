@@ -26,8 +26,9 @@ def test_bleu_chrf_rouge_by_hand():
     assert METRICS["rouge1"](["a b c d"], ["a b e f"]) == pytest.approx(50.0)
     # ROUGE-2 bigrams: hyp {ab, bc, cd}, ref {ab, be, ef}: overlap 1 -> P = R = 1/3
     assert METRICS["rouge2"](["a b c d"], ["a b e f"]) == pytest.approx(100 / 3)
-    # BLEU by hand: 4 of 4 unigrams... hyp "a b c d" vs ref "a b c e": p1=3/4, p2=2/3, p3=1/2, p4=0 -> smoothed
-    assert 0 < METRICS["bleu"](["a b c d e f"], ["a b c d e g"]) < 100
+    # BLEU by hand: "a b c d e f" vs "a b c d e g": n-gram precisions 5/6, 4/5, 3/4, 2/3, equal lengths
+    # (brevity penalty 1) -> 100 * (5/6 * 4/5 * 3/4 * 2/3) ** (1/4) = 100 * (1/3) ** 0.25
+    assert METRICS["bleu"](["a b c d e f"], ["a b c d e g"]) == pytest.approx(100 * (1 / 3) ** 0.25, abs=1e-6)
 
 
 def test_pareto_and_interpolation():
@@ -62,10 +63,10 @@ def test_table2_summaries_on_fixture():
 
 @pytest.fixture(scope="module")
 def pair():
-    from speccascade.models.loading import embedded_pair_dirs, load_causal_lm, load_tokenizer
+    from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 
     d, v = embedded_pair_dirs("tiny")
-    return load_causal_lm(d), load_causal_lm(v), load_tokenizer(v)
+    return load_causal_lm(d), load_causal_lm(v), load_tokenizer(TOKENIZER_DIR)
 
 
 def test_sweep_resumes_without_repeating_or_losing_cells(pair, tmp_path):

@@ -1,18 +1,17 @@
 """The embedded tiny pair loads, shares one vocabulary, stays within its size budget, and translates."""
 
 import pytest
-import torch
 
 import speccascade as sc
 from speccascade.cli import main
-from speccascade.models.loading import embedded_pair_dirs, load_causal_lm, load_tokenizer
+from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 from speccascade.train.tokenizer import EOS, decode, encode_prompt
 
 
 @pytest.fixture(scope="module")
 def pair():
     d_dir, v_dir = embedded_pair_dirs("tiny")
-    return load_causal_lm(d_dir), load_causal_lm(v_dir), load_tokenizer(v_dir)
+    return load_causal_lm(d_dir), load_causal_lm(v_dir), load_tokenizer(TOKENIZER_DIR)
 
 
 def test_size_budget_and_shapes(pair):
@@ -54,6 +53,7 @@ def test_cli_with_explicit_model_paths_raw_prompt(capsys):
 
     d_dir, v_dir = embedded_pair_dirs("tiny")
     code = main(["generate", "In the beginning", "--drafter", str(d_dir), "--verifier", str(v_dir), "--format", "raw",
+                 "--tokenizer", str(TOKENIZER_DIR),
                  "--method", "opt", "--alpha", "0.3", "--temperature", "1", "--max-new-tokens", "7", "--quiet", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)

@@ -12,7 +12,7 @@ from . import rules  # noqa: F401  (registers the speculative methods)
 from .errors import SpecCascadeError
 from .loop import speculative_decode
 from .models.base import Backend, as_backend
-from .registry import METHODS, get_method
+from .registry import get_method
 from .sampling import SamplingConfig
 from .stats import Stats
 

@@ -21,7 +21,7 @@ def _generate(args) -> int:
     import torch
 
     from .api import generate
-    from .train import tokenizer as bible_tok
+    from .eval.tasks import BibleTask, Task
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -33,11 +33,8 @@ def _generate(args) -> int:
         pass
     embedded = args.drafter is None and args.verifier is None
     drafter, verifier, tok, _ = _load_pair(args)
-    fmt = args.format or ("translate" if embedded else "raw")
-    if fmt == "translate":
-        ids, eos = bible_tok.encode_prompt(tok, args.prompt), bible_tok.EOS
-    else:
-        ids, eos = tok.encode(args.prompt), tok.eos_token_id
+    task = BibleTask() if (args.format or ("translate" if embedded else "raw")) == "translate" else Task()
+    ids, eos = task.encode(tok, args.prompt), task.eos_token_id(tok)
     options = {}
     if args.alpha_f is not None:
         options["alpha_f"] = args.alpha_f
@@ -46,7 +43,7 @@ def _generate(args) -> int:
                    max_new_tokens=args.max_new_tokens, eos_token_id=eos, seed=args.seed,
                    progress=not args.quiet, **options)
     tokens = out.tokens[0]
-    text = bible_tok.decode(tok, tokens) if fmt == "translate" else tok.decode(tokens, skip_special_tokens=True)
+    text = task.decode(tok, tokens)
     if args.json:
         print(json.dumps({"text": text, "tokens": tokens, "method": args.method, "alpha": out.alpha,
                           "stats": out.stats.to_dict()}, ensure_ascii=False))
@@ -79,7 +76,9 @@ def _methods(args) -> int:
 def _train(args) -> int:
     from .train.trainer import train
 
-    tok_dir = args.tokenizer or Path(__file__).resolve().parent / "assets" / "tokenizer"
+    from .models.loading import TOKENIZER_DIR
+
+    tok_dir = args.tokenizer or TOKENIZER_DIR
     roles = ["drafter", "verifier"] if args.role == "both" else [args.role]
     for role in roles:
         out = args.out / role if args.role == "both" else args.out
@@ -90,17 +89,19 @@ def _train(args) -> int:
 
 
 def _load_pair(args):
-    from .models.loading import embedded_pair_dirs, load_causal_lm, load_tokenizer
+    from .models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 
+    tok_path = args.tokenizer
     if args.drafter is None and args.verifier is None:
         d_path, v_path = embedded_pair_dirs(args.pair)
+        tok_path = tok_path or TOKENIZER_DIR
     elif args.drafter is None or args.verifier is None:
         raise SpecCascadeError("give both --drafter and --verifier, or neither (the embedded pair)")
     else:
         d_path, v_path = Path(args.drafter), Path(args.verifier)
     drafter = load_causal_lm(d_path, device=args.device)
     verifier = load_causal_lm(v_path, device=args.device)
-    return drafter, verifier, load_tokenizer(args.tokenizer or v_path), (str(d_path), str(v_path))
+    return drafter, verifier, load_tokenizer(tok_path or v_path), (str(d_path), str(v_path))
 
 
 def parse_alphas(text: str | None) -> dict[str, list]:
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_sweep)
 
     r = sub.add_parser("report", help="plots, Pareto fronts, Table 2 summaries and the latency model of a sweep")
-    r.add_argument("results", type=Path)
+    r.add_argument("results", type=Path, nargs="+", help="sweep JSONL file(s)")
     r.add_argument("--out", type=Path, default=None, help="output folder (default: next to the results)")
     r.add_argument("--metric", default=None)
     r.set_defaults(fn=_report)

@@ -15,7 +15,9 @@ Per block (PAPER.md section 3.2):
 4. Advance: both caches keep the pending token and the accepted drafts; the new token becomes the
    pending one. Output is truncated at EOS and at ``max_new_tokens`` even when a block overshoots.
 
-The host synchronises once per block (to learn whether every row is done), never per token.
+The loop synchronises with the host once per block (to learn whether every row is done), never per
+token; ``HFBackend.commit`` adds one sync per model and block (to crop its dynamic cache),
+``StaticHFBackend`` none.
 """
 
 from __future__ import annotations

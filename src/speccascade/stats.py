@@ -32,7 +32,7 @@ Derived figures:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -79,6 +79,16 @@ class Stats:
     @property
     def tokens_per_second(self) -> float:
         return self.emitted / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def add(self, other: "Stats") -> None:
+        """Add ``other``'s counters (and wall time) to these, e.g. over the batches of a task."""
+        for f in fields(Stats):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, list):
+                n = max(len(a), len(b))
+                setattr(self, f.name, [x + y for x, y in zip(a + [0] * (n - len(a)), b + [0] * (n - len(b)))])
+            else:
+                setattr(self, f.name, a + b)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -82,12 +82,14 @@ def summarize(records: list[dict], metric: str) -> dict:
 
 
 def latency_model(records: list[dict]) -> dict:
-    costs = {r["gamma"]: r for r in records if r.get("type") == "costs"}
+    """Each cell is predicted with the per-call costs measured in its own sweep file (``_source``)."""
+    costs = {(r.get("_source"), r["gamma"]): r for r in records if r.get("type") == "costs"}
     rows, errors = [], []
     for r in records:
         if r.get("type") != "cell" or r["batch_size"] != 1:
             continue
-        c = costs.get(r["gamma"]) or (next(iter(costs.values())) if costs else None)
+        c = costs.get((r.get("_source"), r["gamma"])) or next(
+            (v for (src, _), v in costs.items() if src == r.get("_source")), None)
         if c is None:
             continue
         s = r["stats"]
@@ -165,15 +167,17 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def report(path: Path, out_dir: Path | None = None, metric: str | None = None) -> dict:
+def report(paths: Path | list[Path], out_dir: Path | None = None, metric: str | None = None) -> dict:
+    """Report one sweep file, or several (e.g. one per worker, each with its own baseline and costs)."""
     from .sweep import read_records
 
-    records = read_records(path)
+    paths = [paths] if isinstance(paths, Path) else list(paths)
+    records = [r | {"_source": i} for i, path in enumerate(paths) for r in read_records(path)]
     cells = [r for r in records if r.get("type") == "cell"]
     if not cells:
-        raise ValueError(f"{path} holds no sweep records")
+        raise ValueError(f"{', '.join(map(str, paths))} hold no sweep records")
     metric = metric or next(iter(cells[0]["quality"]))
-    out_dir = out_dir or path.parent / (path.stem + "_report")
+    out_dir = out_dir or paths[0].parent / (paths[0].stem + "_report")
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(records, metric)
     model = latency_model(records)

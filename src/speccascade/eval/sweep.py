@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..api import generate
 from ..errors import SpecCascadeError
 from ..models.hf import HFBackend
 from ..registry import METHODS, get_method
 from ..stats import Stats
-from .tasks import Task
+from .tasks import Task, run_task
 
 #: Default alpha grids per method (PAPER.md section 4 / the notebook's ranges, negative alphas
 #: included so that the pure-SD end is reached).
@@ -168,20 +167,9 @@ def make_backend(model, name: str, kind: str):
 
 
 def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell, max_new_tokens: int) -> tuple[list[str], Stats]:
-    from .translation import add_stats
-
-    prompts = [task.encode(tokenizer, ex.input) for ex in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if cell.batch_size > 1 else list(range(len(prompts)))
-    hyps, total = [""] * len(prompts), Stats()
-    for k in range(0, len(order), cell.batch_size):
-        idx = order[k:k + cell.batch_size]
-        out = generate(drafter, verifier, [prompts[i] for i in idx], method=cell.method, alpha=cell.alpha,
-                       gamma=cell.gamma, temperature=cell.temperature, max_new_tokens=max_new_tokens,
-                       eos_token_id=task.eos_token_id(tokenizer), seed=cell.seed * 100_003 + k, **dict(cell.options))
-        for i, toks in zip(idx, out.tokens):
-            hyps[i] = task.decode(tokenizer, toks)
-        add_stats(total, out.stats)
-    return hyps, total
+    return run_task(drafter, verifier, tokenizer, task, [ex.input for ex in examples], method=cell.method,
+                    alpha=cell.alpha, gamma=cell.gamma, temperature=cell.temperature, batch_size=cell.batch_size,
+                    max_new_tokens=max_new_tokens, seed=cell.seed, **dict(cell.options))
 
 
 def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out: Path,

@@ -25,8 +25,11 @@ class Example:
 
 
 class Task:
-    name: str
-    metrics: tuple[str, ...]
+    """A task's examples, prompt format and scoring. The base class encodes and decodes text as is
+    with the model's tokenizer (what ``speccascade generate --format raw`` uses)."""
+
+    name = "raw"
+    metrics: tuple[str, ...] = ()
 
     def examples(self, n: int | None = None, seed: int = 0) -> list[Example]:
         rows = self.load()
@@ -38,7 +41,7 @@ class Task:
         raise NotImplementedError
 
     def encode(self, tokenizer, text: str) -> list[int]:
-        raise NotImplementedError
+        return tokenizer.encode(text)
 
     def eos_token_id(self, tokenizer) -> int | None:
         return tokenizer.eos_token_id
@@ -100,9 +103,6 @@ class JsonlTask(Task):
             rows.append(Example(str(row.get("id", i)), row["input"], row["reference"]))
         return rows
 
-    def encode(self, tokenizer, text):
-        return tokenizer.encode(text)
-
     def describe(self):
         return f"jsonl:{self.path.name}:{self.metrics[0]}"
 
@@ -118,3 +118,29 @@ def get_task(name: str, path: str | None = None, metric: str | None = None) -> T
             raise SpecCascadeError("task 'jsonl' needs a file (--task-file)")
         return JsonlTask(path, metric or "bleu")
     return TASKS[name]()
+
+
+def run_task(drafter, verifier, tokenizer, task: Task, inputs: list[str], *, method: str, alpha=None, gamma: int = 5,
+             temperature: float = 0.0, batch_size: int = 1, max_new_tokens: int = 128, seed: int = 0,
+             progress: bool = False, **options):
+    """Decode every input of ``task`` with one method; returns (outputs in input order, summed Stats).
+
+    Batched runs group prompts of similar length; batch k of the run is seeded ``seed * 100_003 + k``.
+    """
+    from tqdm.auto import tqdm
+
+    from ..api import generate
+    from ..stats import Stats
+
+    prompts = [task.encode(tokenizer, text) for text in inputs]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if batch_size > 1 else list(range(len(prompts)))
+    outputs, total = [""] * len(prompts), Stats()
+    for k in tqdm(range(0, len(order), batch_size), desc=method, disable=not progress):
+        idx = order[k:k + batch_size]
+        out = generate(drafter, verifier, [prompts[i] for i in idx], method=method, alpha=alpha, gamma=gamma,
+                       temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=task.eos_token_id(tokenizer),
+                       seed=seed * 100_003 + k, **options)
+        for i, toks in zip(idx, out.tokens):
+            outputs[i] = task.decode(tokenizer, toks)
+        total.add(out.stats)
+    return outputs, total

@@ -138,9 +138,13 @@ class StaticHFBackend(HFBackend):
 
         if self._static is not None and self._static_batch == batch:
             self._static.reset()
+            self._mask.zero_()
             return self._static
         self._static = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
         self._static_batch = batch
+        # the full-length attention mask, updated in place (slots are never cropped, so the
+        # part past the used slots stays zero until the next reset)
+        self._mask = torch.zeros(batch, self.max_cache_len, dtype=torch.long, device=self.device)
         return self._static
 
     def _model_call(self, tokens, mask, positions):
@@ -152,8 +156,8 @@ class StaticHFBackend(HFBackend):
         if used > self.max_cache_len:
             raise SpecCascadeError(f"the {self.name}'s static cache is full ({self.max_cache_len} slots); "
                                    "raise max_cache_len")
-        full = torch.zeros(B, self.max_cache_len, dtype=torch.long, device=mask.device)
-        full[:, :used] = mask.long()
+        full = self._mask
+        full[:, :used] = mask
         if tokens.shape[1] > 1 and used == tokens.shape[1]:  # the pre-fill: variable length, not compiled
             return self._model_call(tokens, full, positions)
         # canonical strides: a [B, 1] view of a longer tensor would make the compiled graph recompile

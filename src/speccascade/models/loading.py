@@ -13,6 +13,8 @@ from ..errors import SpecCascadeError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED = {"tiny": ASSETS / "models" / "tiny"}
+#: The tokenizer shared by every Bible translation model (the embedded pairs carry no copy of it).
+TOKENIZER_DIR = ASSETS / "tokenizer"
 
 
 def embedded_pair_dirs(name: str = "tiny") -> tuple[Path, Path]:
