@@ -1,9 +1,10 @@
 """The Hugging Face backend: its cache after ragged extend / commit gives exactly the logits of a
 fresh forward pass over each row's committed sequence."""
 
+import pytest
 import torch
 
-from speccascade.models import HFBackend
+from speccascade.models import HFBackend, StaticHFBackend
 from tiny_models import tiny_llama
 
 
@@ -12,9 +13,10 @@ def fresh_logits(model, seq):
         return model(torch.tensor([seq])).logits[0, -1].float()
 
 
-def test_ragged_extend_commit_matches_fresh_forward():
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_ragged_extend_commit_matches_fresh_forward(kind):
     model = tiny_llama(0)
-    be = HFBackend(model, "verifier")
+    be = HFBackend(model, "verifier") if kind == "dynamic" else StaticHFBackend(model, "verifier", 256)
     g = torch.Generator().manual_seed(0)
     prompts = [[5, 6, 7, 8, 9], [11, 12], [13]]
     L = max(map(len, prompts))
@@ -36,8 +38,8 @@ def test_ragged_extend_commit_matches_fresh_forward():
         be.commit(n_keep)
         for b in range(3):
             seqs[b] = seqs[b] + tokens[b, :int(n_keep[b])].tolist()
-    # after all commits the cache holds no slot that no row uses
-    assert be.valid.any(0).all()
+    if kind == "dynamic":  # after all commits the cache holds no slot that no row uses
+        assert be.valid.any(0).all()
 
 
 def test_batch_one_rollback_is_exact_crop():
@@ -57,14 +59,70 @@ def test_static_backend_matches_dynamic():
     from speccascade.models import StaticHFBackend
     from tiny_models import tiny_pair
 
-    d, v = tiny_pair(0, noise=0.05)
+    check_static_matches_dynamic(compile=False)
+
+
+def check_static_matches_dynamic(compile: bool, device: str = "cpu"):
+    import speccascade as sc
+    from speccascade.models import StaticHFBackend
+    from tiny_models import tiny_pair
+
+    d, v = (m.to(device) for m in tiny_pair(0, noise=0.05))
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
     ref = sc.generate(d, v, prompts, method="verifier_only", temperature=0, max_new_tokens=16).tokens
-    sd_, sv = StaticHFBackend(d, "drafter", 128), StaticHFBackend(v, "verifier", 128)
+    sd_, sv = StaticHFBackend(d, "drafter", 256, compile), StaticHFBackend(v, "verifier", 256, compile)
+    assert sc.generate(sv, sv, prompts, method="verifier_only", temperature=0, max_new_tokens=16).tokens == ref
     for gamma in (1, 4):
         assert sc.generate(sd_, sv, prompts, method="sd", temperature=0, gamma=gamma, max_new_tokens=16).tokens == ref
-    dyn = sc.generate(d, v, prompts, method="token_v3", temperature=1, gamma=3, max_new_tokens=16, seed=3).tokens
-    assert sc.generate(sd_, sv, prompts, method="token_v3", temperature=1, gamma=3, max_new_tokens=16, seed=3).tokens == dyn
+    for method, kw in (("token_v3", {"gamma": 3}), ("token_cascade", {}), ("bild", {})):
+        dyn = sc.generate(d, v, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw).tokens
+        assert sc.generate(sd_, sv, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw).tokens == dyn
+
+
+def test_compiled_static_backend_matches_dynamic():
+    """The same under torch.compile (on the CPU: inductor's C++ code, no CUDA graphs; the GPU
+    run of tests/test_gpu.py covers CUDA graphs). Ragged feeds of several widths (token_cascade,
+    BiLD) each meet a padded, compiled shape."""
+    check_static_matches_dynamic(compile=True)
+
+
+def test_bucket_widths():
+    from speccascade.models.hf import bucket
+
+    assert [bucket(k) for k in (1, 2, 3, 5, 6, 8, 9, 64, 65, 130)] == [1, 2, 4, 8, 8, 8, 16, 64, 128, 192]
+
+
+def test_static_cache_full_is_a_clear_error():
+    from speccascade.errors import SpecCascadeError
+
+    be = StaticHFBackend(tiny_llama(0), "verifier", 8)
+    be.reset(torch.tensor([[4, 5, 6]]), torch.ones(1, 3, dtype=torch.long))
+    be.extend(torch.tensor([[6, 7, 8, 9]]))
+    with pytest.raises(SpecCascadeError, match="static cache is full"):
+        be.extend(torch.tensor([[6, 7, 8, 9]]))
+
+
+def test_reading_flags_one_step_late_changes_nothing():
+    """On a GPU the host reads each step's flags one step late (StepSync); forced on here, every
+    method gives the same tokens and the same stats as reading them at once."""
+    import speccascade as sc
+    from speccascade.loop import StepSync
+    from tiny_models import tiny_pair
+
+    d, v = tiny_pair(0, noise=0.05)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
+    try:
+        for method in sc.METHODS:
+            runs = []
+            for lag in (False, True):
+                StepSync.lagged = lag
+                o = sc.generate(d, v, prompts, method=method, temperature=1, gamma=3, max_new_tokens=12, seed=3,
+                                eos_token_id=20)
+                stats = {k: x for k, x in vars(o.stats).items() if "time" not in k and "per_second" not in k}
+                runs.append((o.tokens, stats))
+            assert runs[0] == runs[1], method
+    finally:
+        StepSync.lagged = None
 
 
 def test_timed_backend_measures_share_outside_forwards():

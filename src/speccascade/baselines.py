@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .loop import Emitter, add_block_counters, check_finite, make_dists, raise_if_nonfinite, start_both
+from .loop import Emitter, StepSync, add_block_counters, check_finite, make_dists, start_both
 from .models.base import Backend
 from .registry import AlphaRange, register
 from .rules import bild_discrepancy, diff
@@ -21,14 +21,6 @@ from .sampling import SamplingConfig, confidence_probs, draw, sampling_probs
 from .stats import Stats
 
 MAX_DRAFTER_RUN = 10  # App. E.1: "the small model predicts for a maximum of 10 tokens" (after Kim et al.)
-
-
-def _finish_step(emitter: Emitter, flags: list[torch.Tensor], names: list[str], progress, kept) -> bool:
-    sync = torch.stack([emitter.done.all()] + flags).tolist()
-    raise_if_nonfinite(sync[1:], names)
-    if progress is not None:
-        progress.update(int(kept.sum()))
-    return bool(sync[0])
 
 
 def _ones(B, device):
@@ -46,6 +38,7 @@ def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: Sa
     pending = input_ids[:, -1].to(device)
     emitter = Emitter(B, max_new_tokens, 1, eos_token_id, device)
     score = torch.zeros(B, dtype=torch.float64, device=device)
+    sync = StepSync(device, stats, [role], progress, generator)
     while True:
         active = ~emitter.done
         logits = backend.extend(pending.unsqueeze(1))[:, -1]                       # [B, V]
@@ -60,7 +53,7 @@ def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: Sa
             stats.verifier_calls += 1
         else:
             stats.drafter_calls += 1
-        if _finish_step(emitter, [check_finite(logits, active)], [role], progress, kept):
+        if sync.end_step(emitter.done, [check_finite(logits, active)], kept):
             break
     tokens = emitter.tokens()
     stats.emitted += sum(len(t) for t in tokens)
@@ -103,6 +96,7 @@ def token_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_
     lag_len = _ones(B, device)
     run = torch.zeros(B, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)
+    sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator)
     while True:
         active = ~emitter.done
         q_logits = drafter.extend(pending.unsqueeze(1))[:, -1]                     # [B, V]
@@ -133,7 +127,7 @@ def token_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_
         lag_len = torch.where(defer, 1, lag_len + 1)
         run = torch.where(defer, 0, run + 1)
         pending = token
-        if _finish_step(emitter, flags, ["drafter", "verifier"], progress, kept):
+        if sync.end_step(emitter.done, flags, kept):
             break
     tokens = emitter.tokens()
     stats.emitted += sum(len(t) for t in tokens)
@@ -178,6 +172,7 @@ def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
     device = drafter.device
     B = input_ids.shape[0]
     pending, emitter = start_both(drafter, verifier, input_ids, attention_mask, stats, max_new_tokens, eos_token_id, 1)
+    sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator)
     while True:
         active = ~emitter.done
         q_logits = drafter.extend(pending.unsqueeze(1))[:, -1]
@@ -191,8 +186,7 @@ def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
         kept = emitter.emit(token.unsqueeze(1), _ones(B, device))
         stats.deferred += int((target.defer.squeeze(-1) & (kept > 0)).sum())
         pending = token
-        if _finish_step(emitter, [check_finite(q_logits, active), check_finite(p_logits, active)],
-                        ["drafter", "verifier"], progress, kept):
+        if sync.end_step(emitter.done, [check_finite(q_logits, active), check_finite(p_logits, active)], kept):
             break
     tokens = emitter.tokens()
     stats.emitted += sum(len(t) for t in tokens)
@@ -218,6 +212,7 @@ def bild(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_token
                                   eos_token_id, window + 1)
     counters = torch.zeros(8, dtype=torch.long, device=device)
     per_position = torch.zeros(window, dtype=torch.long, device=device)
+    sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator)
     while True:
         active = ~emitter.done
         # fallback phase: draft while confident, at most `window` drafts
@@ -261,8 +256,7 @@ def bild(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_token
                                  ((n_acc == n_draft).long() * a).sum(), rejected.sum(), kept.sum(),
                                  ((n_acc + 1 - kept) * a).sum()])
         per_position[:K] += ((pos[:, :K] < n_acc.unsqueeze(1)).long() * a.unsqueeze(1)).sum(0)
-        if _finish_step(emitter, [check_finite(q_logits, active), check_finite(p_logits, active)],
-                        ["drafter", "verifier"], progress, kept):
+        if sync.end_step(emitter.done, [check_finite(q_logits, active), check_finite(p_logits, active)], kept):
             break
     add_block_counters(stats, counters.tolist(), per_position.tolist())
     return emitter.tokens()

@@ -15,9 +15,11 @@ Per block (PAPER.md section 3.2):
 4. Advance: both caches keep the pending token and the accepted drafts; the new token becomes the
    pending one. Output is truncated at EOS and at ``max_new_tokens`` even when a block overshoots.
 
-The loop synchronises with the host once per block (to learn whether every row is done), never per
-token; ``HFBackend.commit`` adds one sync per model and block (to crop its dynamic cache),
-``StaticHFBackend`` none.
+The host learns whether every row is done (and whether a logit was non-finite) once per block,
+never per token, through :class:`StepSync`: on a GPU it reads each block's flags one block late,
+so it queues block i + 1 while the device still runs block i, and one block is computed past the
+end and discarded (not counted in the stats). ``HFBackend.commit`` adds one sync per model and
+block (to crop its dynamic cache); ``StaticHFBackend`` adds none.
 """
 
 from __future__ import annotations
@@ -105,6 +107,61 @@ def raise_if_nonfinite(flags: list[bool], names: list[str]) -> None:
                                        f"check its weights and dtype (fp16 overflow?)")
 
 
+class StepSync:
+    """The end of a decoding step: the one point where the host reads device state.
+
+    ``end_step`` copies [all rows done, a non-finite flag per model, tokens kept] to the host. On a
+    CPU it reads them at once. On a GPU the copy is asynchronous and the host reads the flags of
+    the *previous* step, so the device always has the next step queued and never waits for the
+    host; when those flags say "done", the step queued after them is wasted work: its output is
+    already ignored (every row is done), its model calls are taken back out of the stats and the
+    random generator is put back to where that step found it, so results do not depend on the lag.
+    """
+
+    #: read flags one step late: None = on a GPU only (tests force it on the CPU)
+    lagged: bool | None = None
+
+    def __init__(self, device: torch.device, stats: Stats, names: list[str], progress=None,
+                 generator: torch.Generator | None = None):
+        self.generator = generator
+        self.cuda = device.type == "cuda"
+        self.lag = self.cuda if self.lagged is None else self.lagged
+        self.stats, self.names, self.progress = stats, names, progress
+        self.pending = None
+
+    def end_step(self, done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor) -> bool:
+        """True when every row is done (as of the last step whose flags the host has read)."""
+        flags = torch.stack([done.all().long(), *(f.long() for f in finite_flags), kept.sum()])
+        calls = (self.stats.drafter_calls, self.stats.verifier_calls)
+        if not self.lag:
+            return self._read(flags.tolist(), calls)
+        host, event = flags, None
+        if self.cuda:
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        if self.generator is not None:
+            calls = calls + (self.generator.get_state(),)
+        previous, self.pending = self.pending, (host, event, calls)
+        if previous is None:
+            return False
+        if previous[1] is not None:
+            previous[1].synchronize()
+        return self._read(previous[0].tolist(), previous[2])
+
+    def _read(self, values: list[int], calls: tuple[int, int]) -> bool:
+        raise_if_nonfinite(values[1:-1], self.names)
+        if self.progress is not None:
+            self.progress.update(values[-1])
+        if values[0]:
+            self.stats.drafter_calls, self.stats.verifier_calls = calls[:2]  # drop a step run past the end
+            if len(calls) > 2:
+                self.generator.set_state(calls[2])
+            return True
+        return False
+
+
 def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        spec: MethodSpec, alpha: float | None, gamma: int, cfg: SamplingConfig,
                        max_new_tokens: int, eos_token_id, generator: torch.Generator | None,
@@ -114,6 +171,7 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
     pending, emitter = start_both(drafter, verifier, input_ids, attention_mask, stats, max_new_tokens,
                                   eos_token_id, gamma + 1)
     positions = torch.arange(gamma, device=device)
+    sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator)
     counters = torch.zeros(8, dtype=torch.long, device=device)
     per_position = torch.zeros(gamma, dtype=torch.long, device=device)
 
@@ -157,12 +215,7 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
         stats.drafter_calls += gamma + 1
         stats.verifier_calls += 1
 
-        sync = torch.stack([emitter.done.all(), check_finite(q_logits, active),
-                            check_finite(p_logits, active)]).tolist()
-        raise_if_nonfinite(sync[1:3], ["drafter", "verifier"])
-        if progress is not None:
-            progress.update(int(kept.sum()))
-        if sync[0]:
+        if sync.end_step(emitter.done, [check_finite(q_logits, active), check_finite(p_logits, active)], kept):
             break
 
     add_block_counters(stats, counters.tolist(), per_position.tolist())

@@ -105,61 +105,143 @@ class HFBackend:
         return out.logits
 
 
-class StaticHFBackend(HFBackend):
-    """The same backend over a pre-allocated, position-indexed KV cache (transformers'
-    ``StaticCache``) of ``max_cache_len`` slots.
+def bucket(k: int) -> int:
+    """The width a compiled call is padded to: 1, then powers of two up to 64, then multiples of 64
+    (so a ragged feed or a prompt of any length meets one of a few captured shapes)."""
+    if k <= 1:
+        return 1
+    if k <= 64:
+        return 1 << (k - 1).bit_length()
+    return -(-k // 64) * 64
 
-    Nothing is ever cropped or copied: a rejected suffix stays in its slots, masked out of
-    attention like a hole (transformers versions differ in how a static cache rolls back, and this
-    needs none), and the commit needs no host sync. The attention mask passed to the model always spans all
-    ``max_cache_len`` slots, so every decode call (1 token) and every verify call (gamma + 1
-    tokens) has fixed shapes: the precondition for ``torch.compile`` with CUDA graphs
-    (``compile=True``: mode ``reduce-overhead``). The cache is kept across generations of the same
-    batch size, so captured graphs stay valid.
+
+def _raise_recompile_limit(n: int = 64) -> None:
+    # each (backend, width) pair is one specialisation of the same step function
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name) and getattr(torch._dynamo.config, name) < n:
+            setattr(torch._dynamo.config, name, n)
+
+
+class StaticHFBackend(HFBackend):
+    """The same contract over a pre-allocated, position-indexed KV cache (transformers'
+    ``StaticCache``) of ``max_cache_len`` slots, with every model call at a fixed shape.
+
+    * Slots are used in order and never cropped or copied: a rejected suffix, left padding and the
+      padding of a ragged feed stay in their slots, masked out of attention (holes). Rollback is a
+      change of the mask and of each row's position count, on the device: no host sync.
+    * All bookkeeping (write the new tokens' mask bits at the next slots, each row's positions,
+      advance the counters) lives in device tensors at fixed addresses and runs inside one step
+      function with the model call, so under ``compile=True`` (``torch.compile``, mode
+      ``reduce-overhead``: CUDA graphs on a GPU) a whole model call is one graph replay.
+    * Feeds are padded to a few widths (:func:`bucket`: 1, 2, 4, 8, ..., then multiples of 64 for
+      prompts), so ragged feeds and prompts of any length reuse a handful of captured graphs.
+
+    The cache (and the captured graphs) are kept across generations of the same batch size.
     """
 
     def __init__(self, model: torch.nn.Module, name: str = "model", max_cache_len: int = 1024, compile: bool = False):
         super().__init__(model, name)
         self.max_cache_len = max_cache_len
-        if self.max_positions:
-            self.max_positions = min(self.max_positions, max_cache_len)
-        else:
-            self.max_positions = max_cache_len
+        self.max_positions = min(self.max_positions, max_cache_len) if self.max_positions else max_cache_len
+        self.compiled = compile
         self._static = None
         self._static_batch = None
-        self._decode = torch.compile(self._model_call, mode="reduce-overhead", dynamic=False) if compile \
-            else self._model_call
+        if compile:
+            _raise_recompile_limit()
+            self._step_fn = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
+            self._commit_fn = torch.compile(self._commit_step, dynamic=False)
+        else:
+            self._step_fn, self._commit_fn = self._step, self._commit_step
 
-    def _drop_unused_slots(self) -> None:
-        pass
+    # -- the Backend interface -----------------------------------------------------------------
 
-    def _make_cache(self, batch: int):
+    @torch.no_grad()
+    def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        input_ids = input_ids.to(self.device)
+        mask = attention_mask.to(self.device).long()
+        B, L = input_ids.shape
+        fresh = self._prepare(B)
+        self.slots, self.n_tentative_slots = 0, 0
+        if L > 1:  # cache all prompt tokens but the last, left-padded to a bucket width
+            pad = bucket(L - 1) - (L - 1)
+            tokens = torch.nn.functional.pad(input_ids[:, :-1], (pad, 0))
+            valid = torch.nn.functional.pad(mask[:, :-1], (pad, 0))
+            # the first call on a new cache initialises it, eagerly
+            self._call(tokens, valid, eager=fresh)
+            self.n_tentative_slots = 0
+            self._n_committed.copy_(self._n_pos)
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = tokens.to(self.device)
+        B, k = tokens.shape
+        width = bucket(k)
+        offsets = torch.arange(width, device=self.device).unsqueeze(0)
+        limit = lengths.to(self.device).unsqueeze(1) if lengths is not None else torch.full((B, 1), k, device=self.device)
+        valid = (offsets < limit).long()                                                       # [B, width]
+        if width > k:
+            tokens = torch.nn.functional.pad(tokens, (0, width - k))
+        return self._call(tokens.contiguous(), valid)[:, :k].to(torch.float32, copy=True)    # [B, k, V]
+
+    @torch.no_grad()
+    def commit(self, n_keep: torch.Tensor) -> None:
+        if self.n_tentative_slots:
+            self._commit_fn(n_keep.to(self.device).long().contiguous(), self.n_tentative_slots)
+        self._n_committed.copy_(self._n_pos)
+        self.n_tentative_slots = 0
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _prepare(self, batch: int) -> bool:
+        """Reset (or first build) the cache and the device state; True if newly built."""
         from transformers import StaticCache
 
         if self._static is not None and self._static_batch == batch:
             self._static.reset()
             self._mask.zero_()
-            return self._static
-        self._static = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+            self._n_pos.zero_()
+            self._n_committed.zero_()
+            self._slot.zero_()
+            return False
+        self.cache = self._static = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
         self._static_batch = batch
-        # the full-length attention mask, updated in place (slots are never cropped, so the
-        # part past the used slots stays zero until the next reset)
-        self._mask = torch.zeros(batch, self.max_cache_len, dtype=torch.long, device=self.device)
-        return self._static
+        dev = self.device
+        self._mask = torch.zeros(batch, self.max_cache_len, dtype=torch.long, device=dev)  # which slots a row uses
+        self._n_pos = torch.zeros(batch, dtype=torch.long, device=dev)          # real tokens cached per row
+        self._n_committed = torch.zeros(batch, dtype=torch.long, device=dev)
+        self._slot = torch.zeros((), dtype=torch.long, device=dev)              # next free slot
+        self._ar = torch.arange(self.max_cache_len, device=dev)
+        for t in (self._mask, self._n_pos, self._n_committed, self._slot, self._ar):
+            torch._dynamo.mark_static_address(t)
+        return True
 
-    def _model_call(self, tokens, mask, positions):
-        return self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                          **{self._cache_kw: self.cache}).logits
-
-    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        B, used = mask.shape
-        if used > self.max_cache_len:
+    def _call(self, tokens: torch.Tensor, valid: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        width = tokens.shape[1]
+        if self.slots + width > self.max_cache_len:
             raise SpecCascadeError(f"the {self.name}'s static cache is full ({self.max_cache_len} slots); "
                                    "raise max_cache_len")
-        full = self._mask
-        full[:, :used] = mask
-        if tokens.shape[1] > 1 and used == tokens.shape[1]:  # the pre-fill: variable length, not compiled
-            return self._model_call(tokens, full, positions)
-        # canonical strides: a [B, 1] view of a longer tensor would make the compiled graph recompile
-        return self._decode(tokens.clone(memory_format=torch.contiguous_format),
-                            full, positions.clone(memory_format=torch.contiguous_format))
+        self.slots += width
+        self.n_tentative_slots += width
+        return (self._step if eager else self._step_fn)(tokens, valid)
+
+    def _step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One model call on ``tokens  # [B, w]`` (``valid``: which are real) at the next w slots."""
+        w = tokens.shape[1]
+        self._mask.index_copy_(1, self._slot + self._ar[:w], valid)
+        positions = (self._n_pos.unsqueeze(1) + valid.cumsum(1) - 1).clamp(0, self.max_positions - 1)
+        logits = self.model(input_ids=tokens, attention_mask=self._mask, position_ids=positions, use_cache=True,
+                            **{self._cache_kw: self._static}).logits
+        self._n_pos.add_(valid.sum(1))
+        self._slot.add_(w)
+        return logits
+
+    def _commit_step(self, n_keep: torch.Tensor, t: int) -> None:
+        """Of the last ``t`` (tentative) slots, each row keeps the mask bits of its first ``n_keep``
+        real tokens."""
+        slots = self._slot - t + self._ar[:t]
+        tentative = self._mask.index_select(1, slots)                                      # [B, t]
+        kept = tentative * (tentative.cumsum(1) <= n_keep.unsqueeze(1))
+        self._mask.index_copy_(1, slots, kept)
+        self._n_pos.copy_(self._n_committed + kept.sum(1))

@@ -1,0 +1,58 @@
+"""The fast path on a GPU: the static backend under torch.compile with CUDA graphs, and the loop
+reading its flags one block late (StepSync). Skipped where no GPU exists (CI); run on the device
+machine with ``python -m pytest tests/test_gpu.py``.
+
+1. Greedy outputs equal the plain (dynamic-cache, eager) verifier's; sampled outputs equal the
+   dynamic backend's with the same seed (ragged batch, several methods and feed widths).
+2. Exact law: 20,000 rows through the compiled backend, the empirical law of 3 tokens against the
+   law of Algorithm 4 enumerated (tests/reference.py) from the same models' fresh forward passes.
+"""
+
+import pytest
+import torch
+
+import speccascade as sc
+from reference import algorithm4_law, reference_rule, sampling_dist, softmax
+from test_hf_backend import check_static_matches_dynamic
+from test_loop_law import chi2_pvalue, empirical
+from tiny_models import tiny_pair
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+N_ROWS, N_TOKENS, PROMPT, LEVEL = 20_000, 3, [1, 2], 1e-3
+
+
+def test_compiled_static_backend_on_gpu_matches_plain_path():
+    check_static_matches_dynamic(compile=True, device="cuda")
+
+
+def fresh_logits(model):
+    memo = {}
+
+    def at(prefix):
+        key = tuple(prefix)
+        if key not in memo:
+            with torch.no_grad():
+                memo[key] = model(torch.tensor([list(prefix)], device="cuda")).logits[0, -1].double().cpu().numpy()
+        return memo[key]
+    return at
+
+
+@pytest.mark.parametrize("name,alpha", [("sd", None), ("token_v3", 0.5), ("lossy_tuned", 0.4), ("chow", 0.35),
+                                        ("bild_star", 1.2)])
+def test_compiled_loop_law_on_gpu(name, alpha):
+    from speccascade.models import StaticHFBackend
+
+    d, v = (m.to("cuda") for m in tiny_pair(1, noise=0.8, vocab=4))
+    gamma = 3
+    out = sc.generate(StaticHFBackend(d, "drafter", 64, compile=True), StaticHFBackend(v, "verifier", 64, compile=True),
+                      torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha, gamma=gamma, max_new_tokens=N_TOKENS,
+                      seed=0)
+    lq, lp = fresh_logits(d), fresh_logits(v)
+    spec = sc.METHODS[name]
+    law = algorithm4_law(lambda pre: sampling_dist(lq(pre)), lambda pre: sampling_dist(lp(pre)),
+                         lambda q, p, pre: reference_rule(name, q, p, softmax(lq(pre)), softmax(lp(pre)), alpha)[0],
+                         (lambda q, p, pi: p) if spec.bonus_from_verifier else (lambda q, p, pi: pi),
+                         gamma=gamma, prompt=PROMPT, n=N_TOKENS)
+    assert all(len(t) == N_TOKENS for t in out.tokens)
+    assert chi2_pvalue(empirical(out.tokens), law, N_ROWS) > LEVEL
