@@ -86,6 +86,41 @@ def tokens_per_s(drafter, verifier, prompts, method, gamma, temperature, new_tok
             "verifier_calls": s.verifier_calls}
 
 
+def pipelined_call_s(be, width: int, calls: int = 200, prompt=(10, 11, 12, 13)) -> float:
+    """Seconds per model call (feed ``width`` tokens, keep one) when calls are queued back to back
+    with no host sync: the model plus the backend's own bookkeeping, nothing of the loop."""
+    x = torch.tensor([list(prompt)], device="cuda")
+    tok = x[:, -1:].expand(1, width).contiguous()
+    keep = torch.ones(1, dtype=torch.long, device="cuda")
+
+    def run(n):
+        be.reset(x, torch.ones_like(x))
+        for _ in range(n):
+            be.extend(tok)
+            be.commit(keep)
+    run(8)  # warm-up (compiles)
+    sync()
+    t = time.perf_counter()
+    run(calls)
+    sync()
+    return (time.perf_counter() - t) / calls
+
+
+def kernel_time_share(fn) -> dict:
+    """Wall time of ``fn`` and the summed time of the device kernels it ran (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - t
+    kernels = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0) / 1e6
+    return {"wall_s": wall, "device_kernel_s": kernels, "device_busy_fraction": kernels / wall}
+
+
 def roofline(bw: float, repeats: int, new_tokens: int) -> dict:
     shapes = {"base_verifier_81M": (768, 12, 12, 4, 2048, 8000), "llama_1B": (2048, 16, 32, 8, 8192, 128256)}
     res = {}
@@ -101,6 +136,13 @@ def roofline(bw: float, repeats: int, new_tokens: int) -> dict:
                 be = backend(model, kind, "verifier")
                 r = tokens_per_s(be, be, prompt, "verifier_only", 1, 0.0, new_tokens, repeats)
                 r["bandwidth_fraction"] = r["tokens_per_s"] / res[name]["limit_tokens_per_s"]
+                if kind == "static+compile":
+                    # the engine's parts: model calls alone, queued back to back (upper bound of the loop)
+                    call = pipelined_call_s(be, 1)
+                    r["model_calls_only_tokens_per_s"] = 1 / call
+                    r["model_calls_only_bandwidth_fraction"] = 1 / call / res[name]["limit_tokens_per_s"]
+                    r["profile"] = kernel_time_share(lambda: sc.generate(be, be, prompt, method="verifier_only",
+                                                                          temperature=0.0, max_new_tokens=new_tokens))
                 res[name][kind] = r
             except Exception as e:  # record and go on
                 res[name][kind] = {"error": repr(e), "trace": traceback.format_exc()[-1500:]}
@@ -175,6 +217,27 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens,
         except Exception as e:
             costs[kind] = {"error": repr(e)}
     res["realised_vs_predicted"] = costs
+    # share of a decode outside the model calls, pipelined: per-call costs measured back to back
+    # (no sync), times the calls each method made, against its measured wall time
+    pipelined = {}
+    for kind in [k for k in kinds if k != "dynamic"]:
+        try:
+            bd, bv = backend(d, kind, "drafter"), backend(v, kind, "verifier")
+            c_d, c_v, c_blk = pipelined_call_s(bd, 1), pipelined_call_s(bv, 1), pipelined_call_s(bv, gamma + 1)
+            row = {"drafter_call_s": c_d, "verifier_call_s": c_v, "verifier_block_call_s": c_blk}
+            for m, alpha in (("sd", None), ("token_v3", 0.5)):
+                sc.generate(bd, bv, [prompts_ids[0]], method=m, alpha=alpha, gamma=gamma, max_new_tokens=new_tokens,
+                            temperature=1.0)
+                o = sc.generate(bd, bv, [prompts_ids[0]], method=m, alpha=alpha, gamma=gamma,
+                                max_new_tokens=new_tokens, temperature=1.0)
+                inside = o.stats.drafter_calls * c_d + o.stats.verifier_calls * c_blk
+                row[m] = {"wall_s": o.stats.wall_time_s, "model_calls_s": inside,
+                          "outside_share": max(0.0, 1 - inside / o.stats.wall_time_s)}
+            pipelined[kind] = row
+        except Exception as e:
+            pipelined[kind] = {"error": repr(e), "trace": traceback.format_exc()[-1500:]}
+    res["share_outside_model_calls_pipelined"] = pipelined
+    print("outside (pipelined)", pipelined, flush=True)
     # share of a decode spent outside the two models' forward passes (timed with a sync per call)
     from speccascade.models.timing import TimedBackend, outside_share
 

@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/train_pair.py --preset tiny --out runs/tiny --device cuda
 
+``--roles ""`` evaluates a pair trained earlier (``OUT/drafter``, ``OUT/verifier``).
 Writes ``OUT/drafter``, ``OUT/verifier`` (Hugging Face checkpoints) and ``OUT/pair.json``: the
 training logs, BLEU / chrF of each model (greedy and T = 1) on the test split, and the
 teacher-forced SD acceptance and top-1 agreement of the pair.
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--roles", default="drafter,verifier")
+    ap.add_argument("--roles", default="drafter,verifier", help="which to train ('' = evaluate trained ones)")
     ap.add_argument("--epochs", type=float, default=None, help="override the preset (smoke runs)")
     ap.add_argument("--minutes", type=float, default=None, help="training time cap per model")
     ap.add_argument("--test-pairs", type=int, default=1000)
@@ -50,7 +51,10 @@ def main() -> None:
               "speccascade": speccascade.__version__, "device": args.device, "metrics": sigs,
               "card": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
               "training": {}, "test": {}}
-    for role in args.roles.split(","):
+    for role in ("drafter", "verifier"):
+        if role not in args.roles.split(","):  # trained earlier (e.g. on another GPU): read its log
+            record["training"][role] = json.loads((args.out / role / "training.json").read_text())
+            continue
         record["training"][role] = train(args.preset, role, args.out / role, TOKENIZER, device=args.device,
                                          epochs=args.epochs, max_minutes=args.minutes, progress=False)
         print(role, {k: record["training"][role][k] for k in ("params", "steps", "train_seconds", "best")}, flush=True)

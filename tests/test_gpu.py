@@ -38,16 +38,21 @@ def fresh_logits(model):
     return at
 
 
-@pytest.mark.parametrize("name,alpha", [("sd", None), ("token_v3", 0.5), ("lossy_tuned", 0.4), ("chow", 0.35),
-                                        ("bild_star", 1.2)])
-def test_compiled_loop_law_on_gpu(name, alpha):
+@pytest.fixture(scope="module")
+def compiled_pair():
     from speccascade.models import StaticHFBackend
 
     d, v = (m.to("cuda") for m in tiny_pair(1, noise=0.8, vocab=4))
+    return d, v, StaticHFBackend(d, "drafter", 128, compile=True), StaticHFBackend(v, "verifier", 128, compile=True)
+
+
+@pytest.mark.parametrize("name,alpha", [("sd", None), ("token_v3", 0.5), ("lossy_tuned", 0.4), ("chow", 0.35),
+                                        ("bild_star", 1.2)])
+def test_compiled_loop_law_on_gpu(name, alpha, compiled_pair):
+    d, v, bd, bv = compiled_pair
     gamma = 3
-    out = sc.generate(StaticHFBackend(d, "drafter", 64, compile=True), StaticHFBackend(v, "verifier", 64, compile=True),
-                      torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha, gamma=gamma, max_new_tokens=N_TOKENS,
-                      seed=0)
+    out = sc.generate(bd, bv, torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha, gamma=gamma,
+                      max_new_tokens=N_TOKENS, seed=0)
     lq, lp = fresh_logits(d), fresh_logits(v)
     spec = sc.METHODS[name]
     law = algorithm4_law(lambda pre: sampling_dist(lq(pre)), lambda pre: sampling_dist(lp(pre)),

@@ -89,7 +89,7 @@ def test_compiled_static_backend_matches_dynamic():
 def test_bucket_widths():
     from speccascade.models.hf import bucket
 
-    assert [bucket(k) for k in (1, 2, 3, 5, 6, 8, 9, 64, 65, 130)] == [1, 2, 4, 8, 8, 8, 16, 64, 128, 192]
+    assert [bucket(k) for k in (1, 2, 3, 5, 6, 8, 9, 64, 65, 130)] == [1, 2, 4, 8, 8, 8, 16, 64, 128, 256]
 
 
 def test_static_cache_full_is_a_clear_error():

@@ -99,8 +99,11 @@ def _load_pair(args):
         raise SpecCascadeError("give both --drafter and --verifier, or neither (the embedded pair)")
     else:
         d_path, v_path = Path(args.drafter), Path(args.verifier)
-    drafter = load_causal_lm(d_path, device=args.device)
-    verifier = load_causal_lm(v_path, device=args.device)
+    import torch
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[getattr(args, "dtype", "float32")]
+    drafter = load_causal_lm(d_path, device=args.device, dtype=dtype)
+    verifier = load_causal_lm(v_path, device=args.device, dtype=dtype)
     return drafter, verifier, load_tokenizer(tok_path or v_path), (str(d_path), str(v_path))
 
 
@@ -194,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--out", type=Path, required=True, help="JSONL file (appended to; resumed)")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model weights' dtype (bfloat16 on a GPU)")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--backend", default="dynamic", choices=["dynamic", "static", "compiled"],
                    help="compiled = static cache + torch.compile / CUDA graphs (GPU)")
@@ -207,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_report)
 
     t = sub.add_parser("train", help="train a preset's drafter and/or verifier on the Bible EN->ES pairs")
-    t.add_argument("--preset", default="tiny", choices=["tiny", "base"])
+    t.add_argument("--preset", default="tiny", choices=["tiny", "base", "base_wide", "base_shallow"])
     t.add_argument("--role", default="both", choices=["drafter", "verifier", "both"])
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: the shipped one)")

@@ -172,13 +172,39 @@ def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell, max
                     max_new_tokens=max_new_tokens, seed=cell.seed, **dict(cell.options))
 
 
+def warm_up(drafter, verifier, tokenizer, task: Task, examples, cells: list[Cell], max_new_tokens: int) -> None:
+    """Compile and capture every shape the cells will meet before anything is timed: each method
+    (first alpha, each gamma and temperature) on one example of each padded prompt width, outputs
+    discarded."""
+    from ..models.hf import bucket
+
+    widths = {}
+    for ex in examples:
+        widths.setdefault(bucket(max(len(task.encode(tokenizer, ex.input)) - 1, 64)), ex)
+    probe = list(widths.values())
+    # every feed width a loop can ask for (ragged feeds of token_cascade / BiLD: up to 11 tokens)
+    x = torch.tensor([task.encode(tokenizer, probe[0].input)])
+    for be in (drafter, verifier):
+        for w in sorted({1, 2, 4, 8, 16} | {bucket(c.gamma + 1) for c in cells}):
+            be.reset(x, torch.ones_like(x))
+            be.extend(x[:, -1:].expand(1, w))
+            be.commit(torch.zeros(1, dtype=torch.long))
+    seen = set()
+    for cell in cells:
+        key = (cell.method, cell.gamma, cell.temperature, cell.batch_size)
+        if key not in seen:
+            seen.add(key)
+            run_cell(drafter, verifier, tokenizer, task, probe * cell.batch_size, cell, max_new_tokens)
+
+
 def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out: Path,
               names: tuple[str, str] = ("drafter", "verifier"), progress: bool = True, on_record=None,
               backend: str = "dynamic") -> list[dict]:
     """Run every cell of ``config`` not yet in ``out``; returns all records of the file.
 
     ``backend``: ``dynamic`` (HFBackend), ``static`` or ``compiled`` (StaticHFBackend without / with
-    torch.compile and CUDA graphs); it is part of every record's signature."""
+    torch.compile and CUDA graphs); it is part of every record's signature. A compiled sweep first
+    warms up (:func:`warm_up`), so no compilation is timed."""
     from tqdm.auto import tqdm
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,20 +215,23 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
     base_sig = {"drafter": model_id(drafter, names[0]), "verifier": model_id(verifier, names[1]),
                 "task": task.describe(), "examples": len(examples), "examples_sha1": ex_hash,
                 "speccascade": __version__, "torch": torch.__version__, "device": device_name(device),
-                "max_new_tokens": config.max_new_tokens, "backend": backend}
+                "max_new_tokens": config.max_new_tokens, "backend": backend,
+                "dtype": str(next(verifier.parameters()).dtype).removeprefix("torch.")}
     d_be, v_be = make_backend(drafter, "drafter", backend), make_backend(verifier, "verifier", backend)
     records = read_records(out)
     done = {r["key"] for r in records if r.get("type") == "cell"}
     for r in records:
         if r.get("type") == "cell" and r["signature"].get("examples_sha1") != ex_hash:
             raise SpecCascadeError(f"{out} holds cells of another example set; use a new file")
+    todo = [c for c in config.cells() if c.key not in done]
+    if backend == "compiled" and todo:
+        warm_up(d_be, v_be, tokenizer, task, examples, todo, config.max_new_tokens)
     for gamma in sorted({c.gamma for c in config.cells()}):
         if not any(r.get("type") == "costs" and r.get("gamma") == gamma for r in records):
             rec = {"type": "costs", "signature": base_sig} | measure_costs(
                 d_be, v_be, task.encode(tokenizer, examples[0].input), gamma)
             _append(out, rec)
             records.append(rec)
-    todo = [c for c in config.cells() if c.key not in done]
     for cell in tqdm(todo, desc="sweep", unit="cell", disable=not progress):
         hyps, stats = run_cell(d_be, v_be, tokenizer, task, examples, cell, config.max_new_tokens)
         quality = task.score(hyps, refs)

@@ -106,13 +106,13 @@ class HFBackend:
 
 
 def bucket(k: int) -> int:
-    """The width a compiled call is padded to: 1, then powers of two up to 64, then multiples of 64
-    (so a ragged feed or a prompt of any length meets one of a few captured shapes)."""
+    """The width a compiled call is padded to: 1, then powers of two up to 64, then multiples of
+    128 (so a ragged feed or a prompt of any length meets one of a few captured shapes)."""
     if k <= 1:
         return 1
     if k <= 64:
         return 1 << (k - 1).bit_length()
-    return -(-k // 64) * 64
+    return -(-k // 128) * 128
 
 
 def _raise_recompile_limit(n: int = 64) -> None:
@@ -134,9 +134,11 @@ class StaticHFBackend(HFBackend):
     * All bookkeeping (write the new tokens' mask bits at the next slots, each row's positions,
       advance the counters) lives in device tensors at fixed addresses and runs inside one step
       function with the model call, so under ``compile=True`` (``torch.compile``, mode
-      ``reduce-overhead``: CUDA graphs on a GPU) a whole model call is one graph replay.
-    * Feeds are padded to a few widths (:func:`bucket`: 1, 2, 4, 8, ..., then multiples of 64 for
-      prompts), so ragged feeds and prompts of any length reuse a handful of captured graphs.
+      ``reduce-overhead``: CUDA graphs on a GPU) a whole model call is one graph replay. A commit
+      is a few small eager kernels (compiling it would add a graph per tentative width).
+    * Feeds are padded to a few widths (:func:`bucket`: 1, 2, 4, 8, ..., 64, then multiples of
+      128; prompts to at least 64), so ragged feeds and prompts of any length reuse a handful of
+      captured graphs.
 
     The cache (and the captured graphs) are kept across generations of the same batch size.
     """
@@ -151,9 +153,8 @@ class StaticHFBackend(HFBackend):
         if compile:
             _raise_recompile_limit()
             self._step_fn = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
-            self._commit_fn = torch.compile(self._commit_step, dynamic=False)
         else:
-            self._step_fn, self._commit_fn = self._step, self._commit_step
+            self._step_fn = self._step
 
     # -- the Backend interface -----------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class StaticHFBackend(HFBackend):
         fresh = self._prepare(B)
         self.slots, self.n_tentative_slots = 0, 0
         if L > 1:  # cache all prompt tokens but the last, left-padded to a bucket width
-            pad = bucket(L - 1) - (L - 1)
+            pad = bucket(max(L - 1, 64)) - (L - 1)  # prompts: 64, 128, 256, ... slots
             tokens = torch.nn.functional.pad(input_ids[:, :-1], (pad, 0))
             valid = torch.nn.functional.pad(mask[:, :-1], (pad, 0))
             # the first call on a new cache initialises it, eagerly
@@ -183,12 +184,14 @@ class StaticHFBackend(HFBackend):
         valid = (offsets < limit).long()                                                       # [B, width]
         if width > k:
             tokens = torch.nn.functional.pad(tokens, (0, width - k))
-        return self._call(tokens.contiguous(), valid)[:, :k].to(torch.float32, copy=True)    # [B, k, V]
+        # canonical strides: a [B, 1] view of a longer tensor would make the compiled step recompile
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
+        return self._call(tokens, valid)[:, :k].to(torch.float32, copy=True)                  # [B, k, V]
 
     @torch.no_grad()
     def commit(self, n_keep: torch.Tensor) -> None:
         if self.n_tentative_slots:
-            self._commit_fn(n_keep.to(self.device).long().contiguous(), self.n_tentative_slots)
+            self._commit_step(n_keep.to(self.device).long(), self.n_tentative_slots)
         self._n_committed.copy_(self._n_pos)
         self.n_tentative_slots = 0
 
