@@ -61,7 +61,7 @@ def llama(hidden, layers, heads, kv, inter, vocab, seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).to("cuda", DTYPE).eval()
 
 
@@ -86,7 +86,7 @@ def tokens_per_s(drafter, verifier, prompts, method, gamma, temperature, new_tok
             "verifier_calls": s.verifier_calls}
 
 
-def pipelined_call_s(be, width: int, calls: int = 200, prompt=(10, 11, 12, 13)) -> float:
+def pipelined_call_s(be, width: int, calls: int = 100, prompt=(10, 11, 12, 13)) -> float:
     """Seconds per model call (feed ``width`` tokens, keep one) when calls are queued back to back
     with no host sync: the model plus the backend's own bookkeeping, nothing of the loop."""
     x = torch.tensor([list(prompt)], device="cuda")
@@ -121,9 +121,11 @@ def kernel_time_share(fn) -> dict:
     return {"wall_s": wall, "device_kernel_s": kernels, "device_busy_fraction": kernels / wall}
 
 
-def roofline(bw: float, repeats: int, new_tokens: int) -> dict:
-    shapes = {"base_verifier_81M": (768, 12, 12, 4, 2048, 8000), "llama_1B": (2048, 16, 32, 8, 8192, 128256)}
-    res = {}
+def roofline(bw: float, repeats: int, new_tokens: int, res: dict, save=lambda: None) -> dict:
+    """Verifier-only decoding at batch 1 against the bandwidth limit. Bytes per token: every weight
+    once (embeddings tied, as in Llama 3.2 1B: the tied matrix is read by the output layer) plus
+    the KV cache. ``res`` is filled shape by shape and ``save`` called after each."""
+    shapes = {"llama_1B": (2048, 16, 32, 8, 8192, 128256), "base_verifier_42M": (512, 12, 8, 4, 1536, 8000)}
     for name, shp in shapes.items():
         model = llama(*shp)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -161,16 +163,18 @@ def roofline(bw: float, repeats: int, new_tokens: int) -> dict:
         finally:
             del model
             torch.cuda.empty_cache()
+            save()
     return res
 
 
 def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens,
-                 kinds=("dynamic", "static", "static+compile"), scaling_batches=(1, 4, 16, 64)) -> dict:
+                 kinds=("dynamic", "static", "static+compile"), scaling_batches=(1, 4, 16, 64),
+                 res: dict | None = None, save=lambda: None) -> dict:
     from transformers import AutoModelForCausalLM
 
     d = AutoModelForCausalLM.from_pretrained(str(pair_dir / "drafter"), dtype=DTYPE).to("cuda").eval()
     v = AutoModelForCausalLM.from_pretrained(str(pair_dir / "verifier"), dtype=DTYPE).to("cuda").eval()
-    res = {}
+    res = {} if res is None else res
     for T in (0.0, 1.0):
         row = {}
         for kind in kinds:
@@ -195,6 +199,7 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens,
                 row[label] = {"error": repr(e)}
             print("h2h", T, label, row[label], flush=True)
         res[f"T={T:g}"] = row
+        save()
     # realised vs predicted (PAPER.md 5.7): beta = acceptance per examined draft, c = drafter step / verifier step
     costs = {}
     for kind in [k for k in kinds if k != "static"]:
@@ -217,6 +222,7 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens,
         except Exception as e:
             costs[kind] = {"error": repr(e)}
     res["realised_vs_predicted"] = costs
+    save()
     # share of a decode outside the model calls, pipelined: per-call costs measured back to back
     # (no sync), times the calls each method made, against its measured wall time
     pipelined = {}
@@ -237,6 +243,7 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens,
         except Exception as e:
             pipelined[kind] = {"error": repr(e), "trace": traceback.format_exc()[-1500:]}
     res["share_outside_model_calls_pipelined"] = pipelined
+    save()
     print("outside (pipelined)", pipelined, flush=True)
     # share of a decode spent outside the two models' forward passes (timed with a sync per call)
     from speccascade.models.timing import TimedBackend, outside_share
@@ -253,6 +260,7 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens,
             except Exception as e:
                 outside[f"{kind}/{m}"] = repr(e)
     res["share_outside_model_forwards"] = outside
+    save()
     print("outside", outside, flush=True)
     # batch scaling (dynamic backend: the static one keeps one batch size per cache)
     scaling = {}
@@ -294,13 +302,17 @@ def main() -> None:
     rec["transformers"] = transformers.__version__
     rec["copy_bandwidth_bytes_per_s"] = bw = copy_bandwidth()
     print("bandwidth GB/s", bw / 1e9, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_roofline:
-        rec["roofline"] = roofline(bw, args.repeats, args.new_tokens)
-        args.out.write_text(json.dumps(rec, indent=2))
+        rec["roofline"] = {}
+        roofline(bw, args.repeats, args.new_tokens, rec["roofline"],
+                 save=lambda: args.out.write_text(json.dumps(rec, indent=2)))
     if not args.skip_h2h:
-        rec["head_to_head"] = head_to_head(args.pair_dir, prompts, args.gamma, args.repeats, args.new_tokens,
-                                           kinds=tuple(args.kinds.split(",")),
-                                           scaling_batches=tuple(int(b) for b in args.scaling_batches.split(",") if b))
+        rec["head_to_head"] = {}
+        head_to_head(args.pair_dir, prompts, args.gamma, args.repeats, args.new_tokens,
+                     kinds=tuple(args.kinds.split(",")),
+                     scaling_batches=tuple(int(b) for b in args.scaling_batches.split(",") if b),
+                     res=rec["head_to_head"], save=lambda: args.out.write_text(json.dumps(rec, indent=2)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rec, indent=2))
 

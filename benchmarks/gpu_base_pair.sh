@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Issues 4 and 5 on one 4-GPU machine (the device tool), in three calls of under 10 minutes each on
+# the same warm machine (runs/ persists between them):
+#
+#   benchmarks/gpu_base_pair.sh train     GPU0: base drafter, GPU tests, roofline
+#                                         GPU1-3: three candidate base verifiers (presets base,
+#                                         base_wide, base_shallow)
+#   benchmarks/gpu_base_pair.sh sweep1    the best verifier by validation BLEU becomes runs/base/verifier;
+#                                         GPU0: test-set evaluation of the pair + head-to-head benchmark
+#                                         GPU1-3: sweep workers 1-3
+#   benchmarks/gpu_base_pair.sh sweep2    GPU0-3: sweep workers 0-3 (1-3 resume where they stopped)
+#
+# Each sweep worker owns a set of methods and its own JSONL file, with its own verifier_only
+# baseline per temperature (relative latency is always against the same worker, same GPU).
+# Results and logs go to $OUT. Wheels for sacrebleu (not on the device image) are in .whl.
+set -uo pipefail
+phase="${1:?train|sweep1|sweep2}"
+limit="${2:-500}"
+out="${OUT:-/tmp/out}"
+cd "$(dirname "$0")/.."
+mkdir -p "$out/logs" runs/base runs/cand runs/sweep_base
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+py=python3
+
+ALPHAS='lossy=0,0.5,0.9;lossy_tuned=0,0.5,0.9;bild_star=0.5,2,6;chow=0.3,0.6,0.9;diff=0,0.15,0.4;opt=0,1,10;chow_log=0.5,1.5,3;diff_log=0,1,2;opt_log=0,1,10;token_v1=0,0.2,0.5;token_v2=0,0.2,0.5;token_v3=0.3,0.6,0.9;token_cascade=0.3,0.6,0.9;seq_cascade=0.5,0.9,0.99;oracle_diff=0,0.15,0.4;bild=1,2,4'
+WORKER_METHODS=(
+  "token_v1,token_v2,chow_log,diff_log,opt_log"          # worker 0 (second call only)
+  "drafter_only,sd,token_v3,opt,seq_cascade"            # worker 1: Table 2's main rows first
+  "diff,chow,token_cascade,lossy_tuned"                 # worker 2
+  "lossy,bild_star,bild,oracle_diff"                    # worker 3
+)
+
+sweep_worker() {  # worker gpu seconds
+  local w=$1 g=$2 secs=$3
+  CUDA_VISIBLE_DEVICES=$g timeout "$secs" $py -m speccascade.cli sweep \
+    --drafter runs/base/drafter --verifier runs/base/verifier --methods "${WORKER_METHODS[$w]}" \
+    --alphas "$ALPHAS" --alpha-f 0.5 --examples 500 --gammas 5 --temperatures 1 0.5 0 --max-new-tokens 96 \
+    --device cuda --dtype bfloat16 --backend compiled --quiet --out "runs/sweep_base/worker$w.jsonl" \
+    >> "$out/logs/sweep_worker$w.log" 2>&1
+  cp "runs/sweep_base/worker$w.jsonl" "$out/" 2>/dev/null
+}
+
+case "$phase" in
+train)
+  (
+    CUDA_VISIBLE_DEVICES=0 timeout "$limit" $py -m speccascade.cli train --preset base --role drafter \
+      --out runs/base/drafter --device cuda > "$out/logs/train_drafter.log" 2>&1
+    cp runs/base/drafter/training.json "$out/drafter_training.json"
+    CUDA_VISIBLE_DEVICES=0 timeout 200 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$out/logs/pytest_gpu.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 240 $py benchmarks/gpu_speed.py --pair-dir runs/base --skip-h2h \
+      --out "$out/roofline.json" > "$out/logs/roofline.log" 2>&1
+  ) &
+  presets=(base base_wide base_shallow)
+  for i in 1 2 3; do
+    p=${presets[$((i - 1))]}
+    ( CUDA_VISIBLE_DEVICES=$i timeout "$limit" $py -m speccascade.cli train --preset "$p" --role verifier \
+        --out "runs/cand/$p" --device cuda > "$out/logs/train_$p.log" 2>&1
+      cp "runs/cand/$p/training.json" "$out/${p}_verifier_training.json" ) &
+  done
+  wait
+  ;;
+sweep1)
+  $py - <<'EOF' > "$out/choice.json"
+import json, pathlib, shutil
+logs = {p.parent.name: json.loads(p.read_text()) for p in pathlib.Path("runs/cand").glob("*/training.json")}
+bleu = {k: v.get("validation_bleu", {}).get("bleu", -1) for k, v in logs.items()}
+best = max(bleu, key=bleu.get)
+dst = pathlib.Path("runs/base/verifier")
+if dst.exists():
+    shutil.rmtree(dst)
+shutil.copytree(pathlib.Path("runs/cand") / best, dst)
+print(json.dumps({"validation_bleu": bleu, "chosen": best}))
+EOF
+  cat "$out/choice.json"
+  (
+    CUDA_VISIBLE_DEVICES=0 timeout 200 $py benchmarks/train_pair.py --preset base --roles "" --out runs/base \
+      --device cuda > "$out/logs/pair_eval.log" 2>&1
+    cp runs/base/pair.json "$out/pair.json"
+    CUDA_VISIBLE_DEVICES=0 timeout $((limit - 200)) $py benchmarks/gpu_speed.py --pair-dir runs/base --skip-roofline \
+      --kinds dynamic,static+compile --out "$out/h2h.json" > "$out/logs/h2h.log" 2>&1
+  ) &
+  for w in 1 2 3; do sweep_worker $w $w "$limit" & done
+  wait
+  ;;
+sweep2)
+  for w in 0 1 2 3; do sweep_worker $w $w "$limit" & done
+  wait
+  ;;
+esac
+tail -n 3 "$out"/logs/*.log
+ls -la "$out"
