@@ -50,8 +50,8 @@ train)
     CUDA_VISIBLE_DEVICES=0 timeout "$limit" $py -m speccascade.cli train --preset base --role drafter \
       --out runs/base/drafter --device cuda > "$out/logs/train_drafter.log" 2>&1
     cp runs/base/drafter/training.json "$out/drafter_training.json"
-    CUDA_VISIBLE_DEVICES=0 timeout 200 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$out/logs/pytest_gpu.log" 2>&1
-    CUDA_VISIBLE_DEVICES=0 timeout 240 $py benchmarks/gpu_speed.py --pair-dir runs/base --skip-h2h \
+    CUDA_VISIBLE_DEVICES=0 timeout 170 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$out/logs/pytest_gpu.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 230 $py benchmarks/gpu_speed.py --pair-dir runs/base --skip-h2h \
       --out "$out/roofline.json" > "$out/logs/roofline.log" 2>&1
   ) &
   presets=(base base_wide base_shallow)
