@@ -4,7 +4,7 @@
 #
 #   benchmarks/gpu_base_pair.sh train     GPU0: base drafter, GPU tests, roofline
 #                                         GPU1-3: three candidate base verifiers (presets base,
-#                                         base_wide, base_shallow)
+#                                         base_deep, base_wide)
 #   benchmarks/gpu_base_pair.sh sweep1    the best verifier by validation BLEU becomes runs/base/verifier;
 #                                         GPU0: test-set evaluation of the pair + head-to-head benchmark
 #                                         GPU1-3: sweep workers 1-3
@@ -54,7 +54,7 @@ train)
     CUDA_VISIBLE_DEVICES=0 timeout 230 $py benchmarks/gpu_speed.py --pair-dir runs/base --skip-h2h \
       --out "$out/roofline.json" > "$out/logs/roofline.log" 2>&1
   ) &
-  presets=(base base_wide base_shallow)
+  presets=(base base_deep base_wide)
   for i in 1 2 3; do
     p=${presets[$((i - 1))]}
     ( CUDA_VISIBLE_DEVICES=$i timeout "$limit" $py -m speccascade.cli train --preset "$p" --role verifier \

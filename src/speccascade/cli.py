@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_report)
 
     t = sub.add_parser("train", help="train a preset's drafter and/or verifier on the Bible EN->ES pairs")
-    t.add_argument("--preset", default="tiny", choices=["tiny", "base", "base_wide", "base_shallow"])
+    t.add_argument("--preset", default="tiny", choices=["tiny", "base", "base_deep", "base_wide"])
     t.add_argument("--role", default="both", choices=["drafter", "verifier", "both"])
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: the shipped one)")
