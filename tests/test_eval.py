@@ -127,3 +127,29 @@ def test_sweep_with_static_backend_records_it(pair, tmp_path):
                         backend="static")
     cells = [r for r in records if r["type"] == "cell"]
     assert len(cells) == 2 and all(r["signature"]["backend"] == "static" for r in cells)
+
+
+def test_warm_up_meets_every_shape_the_cells_meet(pair):
+    """A compiled sweep warms up before timing: every (model, feed width) the cells then use was
+    already met during the warm-up, so no compilation lands in a timed cell."""
+    from speccascade.eval.sweep import Cell, run_cell, warm_up
+    from speccascade.models import StaticHFBackend
+
+    class Recording(StaticHFBackend):
+        seen: set = set()
+
+        def _call(self, tokens, valid, eager=False):
+            Recording.seen.add((self.name, tokens.shape[1]))
+            return super()._call(tokens, valid, eager)
+
+    drafter, verifier, tok = pair
+    task = get_task("bible_en_es")
+    examples = task.examples(6)
+    cells = [Cell(m, a, 3, 1.0, 0, 1) for m, a in (("verifier_only", None), ("sd", None), ("token_cascade", 0.5),
+                                                    ("bild", 1.0), ("seq_cascade", 0.5))]
+    d, v = Recording(drafter, "drafter", 1024), Recording(verifier, "verifier", 1024)
+    warm_up(d, v, tok, task, examples, cells, max_new_tokens=12)
+    warmed, Recording.seen = set(Recording.seen), set()
+    for cell in cells:
+        run_cell(d, v, tok, task, examples, cell, max_new_tokens=12)
+    assert Recording.seen and Recording.seen <= warmed
