@@ -138,9 +138,9 @@ def test_warm_up_meets_every_shape_the_cells_meet(pair):
     class Recording(StaticHFBackend):
         seen: set = set()
 
-        def _call(self, tokens, valid, eager=False):
+        def _call(self, tokens, valid):
             Recording.seen.add((self.name, tokens.shape[1]))
-            return super()._call(tokens, valid, eager)
+            return super()._call(tokens, valid)
 
     drafter, verifier, tok = pair
     task = get_task("bible_en_es")

@@ -74,6 +74,11 @@ def check_static_matches_dynamic(compile: bool, device: str = "cpu"):
     assert sc.generate(sv, sv, prompts, method="verifier_only", temperature=0, max_new_tokens=16).tokens == ref
     for gamma in (1, 4):
         assert sc.generate(sd_, sv, prompts, method="sd", temperature=0, gamma=gamma, max_new_tokens=16).tokens == ref
+    # a one-token prompt on a new cache (no pre-fill call), batch 1
+    one = [[17]]
+    ref1 = sc.generate(d, v, one, method="verifier_only", temperature=0, max_new_tokens=8).tokens
+    assert sc.generate(StaticHFBackend(d, "drafter", 64, compile), StaticHFBackend(v, "verifier", 64, compile), one,
+                       method="sd", temperature=0, gamma=2, max_new_tokens=8).tokens == ref1
     for method, kw in (("token_v3", {"gamma": 3}), ("token_cascade", {}), ("bild", {})):
         dyn = sc.generate(d, v, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw).tokens
         assert sc.generate(sd_, sv, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw).tokens == dyn
@@ -95,8 +100,8 @@ def test_bucket_widths():
 def test_static_cache_full_is_a_clear_error():
     from speccascade.errors import SpecCascadeError
 
-    be = StaticHFBackend(tiny_llama(0), "verifier", 8)
-    be.reset(torch.tensor([[4, 5, 6]]), torch.ones(1, 3, dtype=torch.long))
+    be = StaticHFBackend(tiny_llama(0), "verifier", 70)
+    be.reset(torch.tensor([[4, 5, 6]]), torch.ones(1, 3, dtype=torch.long))   # the prompt takes 64 slots
     be.extend(torch.tensor([[6, 7, 8, 9]]))
     with pytest.raises(SpecCascadeError, match="static cache is full"):
         be.extend(torch.tensor([[6, 7, 8, 9]]))

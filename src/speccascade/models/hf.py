@@ -163,14 +163,18 @@ class StaticHFBackend(HFBackend):
         input_ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device).long()
         B, L = input_ids.shape
-        fresh = self._prepare(B)
+        if self._prepare(B):
+            # a new cache allocates its tensors on the first call: make that call eagerly (one
+            # masked dummy token), outside any compiled graph, then start clean
+            dummy = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+            self._step(dummy, dummy)
+            self._prepare(B)
         self.slots, self.n_tentative_slots = 0, 0
         if L > 1:  # cache all prompt tokens but the last, left-padded to a bucket width
             pad = bucket(max(L - 1, 64)) - (L - 1)  # prompts: 64, 128, 256, ... slots
             tokens = torch.nn.functional.pad(input_ids[:, :-1], (pad, 0))
             valid = torch.nn.functional.pad(mask[:, :-1], (pad, 0))
-            # the first call on a new cache initialises it, eagerly
-            self._call(tokens, valid, eager=fresh)
+            self._call(tokens, valid)
             self.n_tentative_slots = 0
             self._n_committed.copy_(self._n_pos)
 
@@ -220,14 +224,14 @@ class StaticHFBackend(HFBackend):
             torch._dynamo.mark_static_address(t)
         return True
 
-    def _call(self, tokens: torch.Tensor, valid: torch.Tensor, eager: bool = False) -> torch.Tensor:
+    def _call(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         width = tokens.shape[1]
         if self.slots + width > self.max_cache_len:
             raise SpecCascadeError(f"the {self.name}'s static cache is full ({self.max_cache_len} slots); "
                                    "raise max_cache_len")
         self.slots += width
         self.n_tentative_slots += width
-        return (self._step if eager else self._step_fn)(tokens, valid)
+        return self._step_fn(tokens, valid)
 
     def _step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """One model call on ``tokens  # [B, w]`` (``valid``: which are real) at the next w slots."""
