@@ -125,7 +125,7 @@ def roofline(bw: float, repeats: int, new_tokens: int, res: dict, save=lambda: N
     """Verifier-only decoding at batch 1 against the bandwidth limit. Bytes per token: every weight
     once (embeddings tied, as in Llama 3.2 1B: the tied matrix is read by the output layer) plus
     the KV cache. ``res`` is filled shape by shape and ``save`` called after each."""
-    shapes = {"llama_1B": (2048, 16, 32, 8, 8192, 128256), "base_verifier_42M": (512, 12, 8, 4, 1536, 8000)}
+    shapes = {"llama_1B": (2048, 16, 32, 8, 8192, 128256), "base_verifier_29M": (512, 8, 8, 4, 1536, 8000)}
     for name, shp in shapes.items():
         model = llama(*shp)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
