@@ -46,6 +46,10 @@ def test_cli_generate_and_methods(capsys):
     assert all(name in listing for name in sc.METHODS)
     assert main(["generate", "x", "--method", "chow", "--alpha", "3", "--quiet"]) == 2
     assert "outside the range" in capsys.readouterr().err
+    # the static-cache backend gives the same greedy translation
+    assert main(["generate", "And God said, Let there be light", "--quiet", "--threads", "1", "--json",
+                 "--backend", "static"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == out["tokens"]
 
 
 def test_cli_with_explicit_model_paths_raw_prompt(capsys):

@@ -38,6 +38,10 @@ def _generate(args) -> int:
     options = {}
     if args.alpha_f is not None:
         options["alpha_f"] = args.alpha_f
+    if args.backend != "dynamic":
+        from .models import make_backend
+
+        drafter, verifier = make_backend(drafter, "drafter", args.backend), make_backend(verifier, "verifier", args.backend)
     out = generate(drafter, verifier, [ids], method=args.method, alpha=args.alpha, gamma=args.gamma,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, eos_token_id=eos, seed=args.seed,
@@ -169,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model weights' dtype (bfloat16 on a GPU)")
+    g.add_argument("--backend", default="dynamic", choices=["dynamic", "static", "compiled"],
+                   help="compiled = static cache + torch.compile / CUDA graphs (pays off on a GPU over "
+                        "long or repeated generation: compiling takes a while)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--quiet", action="store_true", help="no progress bar; stats to stderr")

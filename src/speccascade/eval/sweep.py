@@ -29,7 +29,7 @@ import torch
 
 from .. import __version__
 from ..errors import SpecCascadeError
-from ..models.hf import HFBackend
+from ..models.hf import make_backend
 from ..registry import METHODS, get_method
 from ..stats import Stats
 from .tasks import Task, run_task
@@ -154,16 +154,6 @@ def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int
 
     return {"drafter_step_s": timed(drafter, 1), "verifier_step_s": timed(verifier, 1),
             "verifier_block_s": timed(verifier, gamma + 1), "gamma": gamma}
-
-
-def make_backend(model, name: str, kind: str):
-    if kind == "dynamic":
-        return HFBackend(model, name)
-    if kind in ("static", "compiled"):
-        from ..models.hf import StaticHFBackend
-
-        return StaticHFBackend(model, name, max_cache_len=2048, compile=kind == "compiled")
-    raise SpecCascadeError(f"unknown backend {kind!r}; choose dynamic, static or compiled")
 
 
 def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell, max_new_tokens: int) -> tuple[list[str], Stats]:

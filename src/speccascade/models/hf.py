@@ -252,3 +252,16 @@ class StaticHFBackend(HFBackend):
         kept = tentative * (tentative.cumsum(1) <= n_keep.unsqueeze(1))
         self._mask.index_copy_(1, slots, kept)
         self._n_pos.copy_(self._n_committed + kept.sum(1))
+
+
+BACKENDS = ("dynamic", "static", "compiled")
+
+
+def make_backend(model, name: str, kind: str = "dynamic", max_cache_len: int = 2048):
+    """A backend by name: ``dynamic`` (:class:`HFBackend`), ``static`` or ``compiled``
+    (:class:`StaticHFBackend` without / with torch.compile and CUDA graphs)."""
+    if kind == "dynamic":
+        return HFBackend(model, name)
+    if kind in ("static", "compiled"):
+        return StaticHFBackend(model, name, max_cache_len=max_cache_len, compile=kind == "compiled")
+    raise SpecCascadeError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
