@@ -38,13 +38,14 @@ def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: Sa
     pending = input_ids[:, -1].to(device)
     emitter = Emitter(B, max_new_tokens, 1, eos_token_id, device)
     score = torch.zeros(B, dtype=torch.float64, device=device)
+    one = _ones(B, device)                                                         # [B] one token per row
     sync = StepSync(device, stats, [role], progress, generator)
     while True:
         active = ~emitter.done
         logits = backend.extend(pending.unsqueeze(1))[:, -1]                       # [B, V]
         token = draw(sampling_probs(logits, cfg), generator)                       # [B]
-        backend.commit(_ones(B, device))
-        kept = emitter.emit(token.unsqueeze(1), _ones(B, device))
+        backend.commit(one)
+        kept = emitter.emit(token.unsqueeze(1), one)
         if log_scores:
             logp = torch.log_softmax(logits.double(), -1).gather(-1, token.unsqueeze(1)).squeeze(1)
             score += torch.where(kept > 0, logp, torch.zeros_like(logp))
@@ -96,11 +97,12 @@ def token_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_
     lag_len = _ones(B, device)
     run = torch.zeros(B, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)
+    one = _ones(B, device)
     sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator)
     while True:
         active = ~emitter.done
         q_logits = drafter.extend(pending.unsqueeze(1))[:, -1]                     # [B, V]
-        drafter.commit(_ones(B, device))
+        drafter.commit(one)
         stats.drafter_calls += 1
         probs = sampling_probs(q_logits, cfg)
         defer = confidence_probs(q_logits).max(-1).values < 1.0 - alpha
@@ -120,7 +122,7 @@ def token_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_
         else:
             flags.append(torch.zeros((), dtype=torch.bool, device=device))
         token = draw(probs, generator)
-        kept = emitter.emit(token.unsqueeze(1), _ones(B, device))
+        kept = emitter.emit(token.unsqueeze(1), one)
         stats.deferred += int((defer & (kept > 0)).sum())
         # the verifier now lacks only the new token (deferred rows) or one more token (others)
         lag[rows, torch.where(defer, 0, lag_len)] = token
@@ -172,18 +174,19 @@ def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
     device = drafter.device
     B = input_ids.shape[0]
     pending, emitter = start_both(drafter, verifier, input_ids, attention_mask, stats, max_new_tokens, eos_token_id, 1)
+    one = _ones(B, device)
     sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator)
     while True:
         active = ~emitter.done
         q_logits = drafter.extend(pending.unsqueeze(1))[:, -1]
         p_logits = verifier.extend(pending.unsqueeze(1))[:, -1]
-        drafter.commit(_ones(B, device))
-        verifier.commit(_ones(B, device))
+        drafter.commit(one)
+        verifier.commit(one)
         stats.drafter_calls += 1
         stats.verifier_calls += 1
         target = diff(make_dists(q_logits, p_logits, cfg), alpha)
         token = draw(target.pi, generator)
-        kept = emitter.emit(token.unsqueeze(1), _ones(B, device))
+        kept = emitter.emit(token.unsqueeze(1), one)
         stats.deferred += int((target.defer.squeeze(-1) & (kept > 0)).sum())
         pending = token
         if sync.end_step(emitter.done, [check_finite(q_logits, active), check_finite(p_logits, active)], kept):

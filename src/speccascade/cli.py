@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import NonFiniteLogitsError, SpecCascadeError
+from .models.hf import BACKENDS
 from .registry import METHODS
 
 
@@ -105,7 +106,7 @@ def _load_pair(args):
         d_path, v_path = Path(args.drafter), Path(args.verifier)
     import torch
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[getattr(args, "dtype", "float32")]
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
     drafter = load_causal_lm(d_path, device=args.device, dtype=dtype)
     verifier = load_causal_lm(v_path, device=args.device, dtype=dtype)
     return drafter, verifier, load_tokenizer(tok_path or v_path), (str(d_path), str(v_path))
@@ -152,6 +153,18 @@ def _report(args) -> int:
     return 0
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """Where and how the two models run (generate and sweep)."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights' dtype (bfloat16 on a GPU)")
+    p.add_argument("--backend", default="dynamic", choices=BACKENDS,
+                   help="compiled = static cache + torch.compile / CUDA graphs (a GPU; compiling takes a while, "
+                        "so it pays off over long or repeated generation)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="speccascade", description="Faster cascades via speculative decoding.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -172,12 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="model weights' dtype (bfloat16 on a GPU)")
-    g.add_argument("--backend", default="dynamic", choices=["dynamic", "static", "compiled"],
-                   help="compiled = static cache + torch.compile / CUDA graphs (pays off on a GPU over "
-                        "long or repeated generation: compiling takes a while)")
+    _model_args(g)
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--quiet", action="store_true", help="no progress bar; stats to stderr")
@@ -205,12 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--examples", type=int, default=200)
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--out", type=Path, required=True, help="JSONL file (appended to; resumed)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="model weights' dtype (bfloat16 on a GPU)")
+    _model_args(s)
     s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--backend", default="dynamic", choices=["dynamic", "static", "compiled"],
-                   help="compiled = static cache + torch.compile / CUDA graphs (GPU)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_sweep)
 

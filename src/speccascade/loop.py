@@ -128,6 +128,9 @@ class StepSync:
         self.lag = self.cuda if self.lagged is None else self.lagged
         self.stats, self.names, self.progress = stats, names, progress
         self.pending = None
+        self._host: list[torch.Tensor] = []   # two pinned buffers and events, used in turn
+        self._events: list = []
+        self._turn = 0
 
     def end_step(self, done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor) -> bool:
         """True when every row is done (as of the last step whose flags the host has read)."""
@@ -137,10 +140,14 @@ class StepSync:
             return self._read(flags.tolist(), calls)
         host, event = flags, None
         if self.cuda:
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            if not self._host:
+                self._host = [torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True) for _ in range(2)]
+                self._events = [torch.cuda.Event() for _ in range(2)]
+            # buffer `turn` was last written two steps ago and has been read since
+            host, event = self._host[self._turn], self._events[self._turn]
             host.copy_(flags, non_blocking=True)
-            event = torch.cuda.Event()
             event.record()
+            self._turn ^= 1
         if self.generator is not None:
             calls = calls + (self.generator.get_state(),)
         previous, self.pending = self.pending, (host, event, calls)

@@ -183,7 +183,7 @@ class StaticHFBackend(HFBackend):
         tokens = tokens.to(self.device)
         B, k = tokens.shape
         width = bucket(k)
-        offsets = torch.arange(width, device=self.device).unsqueeze(0)
+        offsets = self._ar[:width].unsqueeze(0)
         limit = lengths.to(self.device).unsqueeze(1) if lengths is not None else torch.full((B, 1), k, device=self.device)
         valid = (offsets < limit).long()                                                       # [B, width]
         if width > k:
