@@ -10,6 +10,15 @@
 #                                         GPU1-3: sweep workers 1-3
 #   benchmarks/gpu_base_pair.sh sweep2    GPU0-3: sweep workers 0-3 (1-3 resume where they stopped)
 #
+# Second sweep (session 3), one detached run that outlives the device calls which watch it:
+#
+#   benchmarks/gpu_base_pair.sh pipeline  starts it (setsid): GPU0 drafter then GPU tests, GPU1 base
+#                                         verifier, GPU2 roofline + kernel profile + GEMV floor, GPU3 the
+#                                         1B roofline with inductor's coordinate-descent tuning; then
+#                                         sweep workers 0-3 (T = 0, then T = 0.5) into runs/sweep_base_b
+#   benchmarks/gpu_base_pair.sh watch S   waits up to S seconds for it, then copies everything it has
+#                                         produced so far to $OUT
+#
 # Each sweep worker owns a set of methods and its own JSONL file, with its own verifier_only
 # baseline per temperature (relative latency is always against the same worker, same GPU).
 # Results and logs go to $OUT. Wheels for sacrebleu (not on the device image) are in .whl.
@@ -34,17 +43,83 @@ WORKER_METHODS=(
   "lossy,bild_star,bild,oracle_diff"                    # worker 3
 )
 
-sweep_worker() {  # worker gpu seconds
-  local w=$1 g=$2 secs=$3
+# second sweep: balanced by the first sweep's cell times (about 420-500 s of cells per temperature each)
+WORKER_METHODS_B=(
+  "token_v1,token_v2,chow_log,diff_log,drafter_only"
+  "sd,token_v3,opt,seq_cascade,opt_log"
+  "diff,chow,token_cascade,lossy_tuned,oracle_diff"
+  "lossy,bild_star,bild"
+)
+
+sweep_worker() {  # worker gpu seconds [out dir] [temperatures] [log dir]
+  local w=$1 g=$2 secs=$3 dir=${4:-runs/sweep_base} temps=${5:-1 0.5 0} logs=${6:-$out/logs} methods
+  if [ "$dir" = runs/sweep_base ]; then methods=${WORKER_METHODS[$w]}; else methods=${WORKER_METHODS_B[$w]}; fi
+  # shellcheck disable=SC2086
   CUDA_VISIBLE_DEVICES=$g timeout "$secs" $py -m speccascade.cli sweep \
-    --drafter runs/base/drafter --verifier runs/base/verifier --methods "${WORKER_METHODS[$w]}" \
-    --alphas "$ALPHAS" --alpha-f 0.5 --examples 500 --gammas 5 --temperatures 1 0.5 0 --max-new-tokens 96 \
-    --device cuda --dtype bfloat16 --backend compiled --quiet --out "runs/sweep_base/worker$w.jsonl" \
-    >> "$out/logs/sweep_worker$w.log" 2>&1
-  cp "runs/sweep_base/worker$w.jsonl" "$out/" 2>/dev/null
+    --drafter runs/base/drafter --verifier runs/base/verifier --methods "$methods" \
+    --alphas "$ALPHAS" --alpha-f 0.5 --examples 500 --gammas 5 --temperatures $temps --max-new-tokens 96 \
+    --device cuda --dtype bfloat16 --backend compiled --quiet --out "$dir/worker$w.jsonl" \
+    >> "$logs/sweep_worker$w.log" 2>&1
+  [ "$dir" = runs/sweep_base ] && cp "$dir/worker$w.jsonl" "$out/" 2>/dev/null
+  return 0
 }
 
+wait_for() { while [ ! -e "$1" ]; do sleep 5; done; }
+
 case "$phase" in
+pipeline)
+  rm -rf runs/pipe && mkdir -p runs/pipe/logs runs/pipe/out runs/sweep_base_b
+  setsid nohup bash "$0" _pipeline > runs/pipe/logs/pipeline.log 2>&1 < /dev/null &
+  sleep 2
+  echo "pipeline started: $(cat runs/pipe/logs/pipeline.log)"
+  ;;
+_pipeline)
+  L=runs/pipe/logs O=runs/pipe/out
+  (
+    CUDA_VISIBLE_DEVICES=0 timeout 400 $py -m speccascade.cli train --preset base --role drafter \
+      --out runs/base/drafter --device cuda > $L/train_drafter.log 2>&1
+    touch runs/pipe/drafter.done
+    CUDA_VISIBLE_DEVICES=0 timeout 240 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py > $L/pytest_gpu.log 2>&1
+    wait_for runs/pipe/verifier.done
+    sweep_worker 0 0 2400 runs/sweep_base_b "0 0.5" $L
+    CUDA_VISIBLE_DEVICES=0 timeout 300 $py benchmarks/train_pair.py --preset base --roles "" --out runs/base \
+      --device cuda > $L/pair_eval.log 2>&1
+    cp runs/base/pair.json $O/pair.json
+  ) &
+  (
+    CUDA_VISIBLE_DEVICES=1 timeout 600 $py -m speccascade.cli train --preset base --role verifier \
+      --out runs/base/verifier --device cuda > $L/train_verifier.log 2>&1
+    touch runs/pipe/verifier.done
+    wait_for runs/pipe/drafter.done
+    sweep_worker 1 1 2400 runs/sweep_base_b "0 0.5" $L
+  ) &
+  (
+    CUDA_VISIBLE_DEVICES=2 timeout 420 $py benchmarks/gpu_speed.py --pair-dir runs/base --skip-h2h \
+      --out $O/roofline.json > $L/roofline.log 2>&1
+    wait_for runs/pipe/verifier.done; wait_for runs/pipe/drafter.done
+    sweep_worker 2 2 2400 runs/sweep_base_b "0 0.5" $L
+  ) &
+  (
+    CUDA_VISIBLE_DEVICES=3 timeout 420 $py benchmarks/gpu_speed.py --pair-dir runs/base --skip-h2h \
+      --shapes llama_1B --roofline-kinds static+compile --skip-hf --inductor coordinate_descent_tuning=1 \
+      --out $O/roofline_cdt.json > $L/roofline_cdt.log 2>&1
+    wait_for runs/pipe/verifier.done; wait_for runs/pipe/drafter.done
+    sweep_worker 3 3 2400 runs/sweep_base_b "0 0.5" $L
+  ) &
+  wait
+  touch runs/pipe/all.done
+  ;;
+watch)
+  t0=$(date +%s)
+  while [ ! -e runs/pipe/all.done ] && [ $(($(date +%s) - t0)) -lt "$limit" ]; do sleep 10; done
+  cp -r runs/pipe/out/. runs/pipe/logs "$out/" 2>/dev/null
+  cp runs/sweep_base_b/*.jsonl "$out/" 2>/dev/null
+  for r in drafter verifier; do cp "runs/base/$r/training.json" "$out/${r}_training.json" 2>/dev/null; done
+  for f in runs/sweep_base_b/*.jsonl; do echo "$f: $(grep -c '"type": "cell"' "$f") cells"; done
+  ls runs/pipe
+  tail -n 2 runs/pipe/logs/*.log
+  exit 0
+  ;;
 train)
   (
     CUDA_VISIBLE_DEVICES=0 timeout "$limit" $py -m speccascade.cli train --preset base --role drafter \

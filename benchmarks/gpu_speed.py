@@ -86,9 +86,10 @@ def tokens_per_s(drafter, verifier, prompts, method, gamma, temperature, new_tok
             "verifier_calls": s.verifier_calls}
 
 
-def pipelined_call_s(be, width: int, calls: int = 100, prompt=(10, 11, 12, 13)) -> float:
-    """Seconds per model call (feed ``width`` tokens, keep one) when calls are queued back to back
-    with no host sync: the model plus the backend's own bookkeeping, nothing of the loop."""
+def queued_calls(be, width: int, prompt=(10, 11, 12, 13)):
+    """A function that resets ``be`` and runs ``n`` model calls (feed ``width`` tokens, keep one)
+    queued back to back with no host sync: the model plus the backend's bookkeeping, nothing of
+    the loop."""
     x = torch.tensor([list(prompt)], device="cuda")
     tok = x[:, -1:].expand(1, width).contiguous()
     keep = torch.ones(1, dtype=torch.long, device="cuda")
@@ -98,12 +99,54 @@ def pipelined_call_s(be, width: int, calls: int = 100, prompt=(10, 11, 12, 13)) 
         for _ in range(n):
             be.extend(tok)
             be.commit(keep)
+    return run
+
+
+def pipelined_call_s(be, width: int, calls: int = 100, prompt=(10, 11, 12, 13)) -> float:
+    """Seconds per model call when calls are queued back to back (:func:`queued_calls`)."""
+    run = queued_calls(be, width, prompt)
     run(8)  # warm-up (compiles)
     sync()
     t = time.perf_counter()
     run(calls)
     sync()
     return (time.perf_counter() - t) / calls
+
+
+def gemv_seconds(k: int, n: int, reps: int = 50) -> float:
+    """One bf16 ``[1, k] @ [k, n]`` (torch's linear, i.e. cuBLAS), ``reps`` of them captured in one
+    CUDA graph so that no launch overhead is timed: the floor of one projection at batch 1."""
+    w = torch.randn(n, k, device="cuda", dtype=DTYPE)
+    x = torch.randn(1, k, device="cuda", dtype=DTYPE)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            torch.nn.functional.linear(x, w)
+    med, _ = timed(g.replay, 10)
+    return med / reps
+
+
+def gemv_floor(shape, bw: float) -> dict:
+    """The projections of one decode step of ``shape`` (hidden, layers, heads, kv heads,
+    intermediate, vocab) timed alone (:func:`gemv_seconds`): their achieved bandwidth, and the
+    tokens/s a step made of nothing else would reach."""
+    hidden, layers, heads, kv, inter, vocab = shape
+    hd = hidden // heads
+    mats = {"q/o": (hidden, hidden), "k/v": (hidden, kv * hd), "gate/up": (hidden, inter),
+            "down": (inter, hidden), "lm_head": (hidden, vocab)}
+    per_layer = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1, "lm_head": 0}
+    rows, step = {}, 0.0
+    for name, (k, n) in mats.items():
+        t = gemv_seconds(k, n)
+        rows[name] = {"shape": [k, n], "seconds": t, "bandwidth_fraction": k * n * 2 / t / bw}
+        step += t * (per_layer[name] * layers if name != "lm_head" else 1)
+    return {"projections": rows, "step_s": step, "tokens_per_s": 1 / step}
 
 
 def kernel_time_share(fn, top: int = 15) -> dict:
@@ -131,19 +174,29 @@ def kernel_time_share(fn, top: int = 15) -> dict:
             "top_kernels": [{"name": k[:120], "calls": len(v), "total_s": sum(v)} for k, v in ranked]}
 
 
-def roofline(bw: float, repeats: int, new_tokens: int, res: dict, save=lambda: None) -> dict:
+SHAPES = {"llama_1B": (2048, 16, 32, 8, 8192, 128256), "base_verifier_29M": (512, 8, 8, 4, 1536, 8000)}
+
+
+def roofline(bw: float, repeats: int, new_tokens: int, res: dict, save=lambda: None,
+             shapes=tuple(SHAPES), kinds=("dynamic", "static", "static+compile"), hf=True) -> dict:
     """Verifier-only decoding at batch 1 against the bandwidth limit. Bytes per token: every weight
     once (embeddings tied, as in Llama 3.2 1B: the tied matrix is read by the output layer) plus
     the KV cache. ``res`` is filled shape by shape and ``save`` called after each."""
-    shapes = {"llama_1B": (2048, 16, 32, 8, 8192, 128256), "base_verifier_29M": (512, 8, 8, 4, 1536, 8000)}
-    for name, shp in shapes.items():
+    for name in shapes:
+        shp = SHAPES[name]
         model = llama(*shp)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         cfg = model.config
         kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
         prompt = [list(range(10, 42))]
         res[name] = {"weight_bytes": weight_bytes, "limit_tokens_per_s": bw / (weight_bytes + kv_per_token * 64)}
-        for kind in ("dynamic", "static", "static+compile"):
+        try:
+            res[name]["gemv_floor"] = g = gemv_floor(shp, bw)
+            g["bandwidth_fraction"] = g["tokens_per_s"] / res[name]["limit_tokens_per_s"]
+        except Exception as e:
+            res[name]["gemv_floor"] = {"error": repr(e)}
+        print(name, "gemv floor", res[name]["gemv_floor"], flush=True)
+        for kind in kinds:
             try:
                 be = backend(model, kind, "verifier")
                 r = tokens_per_s(be, be, prompt, "verifier_only", 1, 0.0, new_tokens, repeats)
@@ -153,6 +206,8 @@ def roofline(bw: float, repeats: int, new_tokens: int, res: dict, save=lambda: N
                     call = pipelined_call_s(be, 1)
                     r["model_calls_only_tokens_per_s"] = 1 / call
                     r["model_calls_only_bandwidth_fraction"] = 1 / call / res[name]["limit_tokens_per_s"]
+                    run = queued_calls(be, 1)
+                    r["profile_model_calls"] = kernel_time_share(lambda: run(new_tokens))
                     r["profile"] = kernel_time_share(lambda: sc.generate(be, be, prompt, method="verifier_only",
                                                                           temperature=0.0, max_new_tokens=new_tokens))
                 res[name][kind] = r
@@ -160,6 +215,8 @@ def roofline(bw: float, repeats: int, new_tokens: int, res: dict, save=lambda: N
                 res[name][kind] = {"error": repr(e), "trace": traceback.format_exc()[-1500:]}
             print(name, kind, {k: v for k, v in res[name][kind].items() if k in ("tokens_per_s", "bandwidth_fraction", "error")}, flush=True)
         try:  # transformers' own generate, eager and static+compiled
+            if not hf:
+                continue
             ids = torch.tensor(prompt, device="cuda")
             for label, kw in (("hf_generate", {}), ("hf_generate_static_compiled", {"cache_implementation": "static"})):
                 try:
@@ -299,7 +356,19 @@ def main() -> None:
     ap.add_argument("--skip-h2h", action="store_true")
     ap.add_argument("--kinds", default="dynamic,static,static+compile")
     ap.add_argument("--scaling-batches", default="1,4,16,64")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="roofline shapes: " + ", ".join(SHAPES))
+    ap.add_argument("--roofline-kinds", default="dynamic,static,static+compile")
+    ap.add_argument("--skip-hf", action="store_true", help="roofline without transformers' own generate")
+    ap.add_argument("--inductor", default="", help="torch._inductor.config settings, e.g. "
+                    "coordinate_descent_tuning=1,max_autotune_gemm=0 (recorded)")
     args = ap.parse_args()
+    settings = {}
+    for kv in filter(None, args.inductor.split(",")):
+        k, v = kv.split("=")
+        import torch._inductor.config as ind
+
+        setattr(ind, k, type(getattr(ind, k))(int(v)) if isinstance(getattr(ind, k), (bool, int)) else v)
+        settings[k] = getattr(ind, k)
     from speccascade.data.bible import load_split
     from speccascade.models.loading import TOKENIZER_DIR
     from speccascade.train.tokenizer import encode_prompt, load_tokenizer
@@ -310,13 +379,15 @@ def main() -> None:
     import transformers
 
     rec["transformers"] = transformers.__version__
+    rec["inductor_settings"] = settings
     rec["copy_bandwidth_bytes_per_s"] = bw = copy_bandwidth()
     print("bandwidth GB/s", bw / 1e9, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_roofline:
         rec["roofline"] = {}
         roofline(bw, args.repeats, args.new_tokens, rec["roofline"],
-                 save=lambda: args.out.write_text(json.dumps(rec, indent=2)))
+                 save=lambda: args.out.write_text(json.dumps(rec, indent=2)), shapes=args.shapes.split(","),
+                 kinds=tuple(args.roofline_kinds.split(",")), hf=not args.skip_hf)
     if not args.skip_h2h:
         rec["head_to_head"] = {}
         head_to_head(args.pair_dir, prompts, args.gamma, args.repeats, args.new_tokens,

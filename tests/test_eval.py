@@ -112,6 +112,34 @@ def test_report_renders(pair, tmp_path):
     assert res["latency_model"]["cells"] and all(c["predicted_s"] > 0 for c in res["latency_model"]["cells"])
 
 
+def test_a_retrained_pair_neither_resumes_nor_reports_with_the_first(pair, tmp_path):
+    """Two trainings of one shape have equal parameter counts: the weights' fingerprint in the
+    model id keeps their cells apart (a sweep file refuses them; a report refuses to mix them)."""
+    import copy
+
+    import torch
+
+    from speccascade.errors import SpecCascadeError
+
+    drafter, verifier, tok = pair
+    other = copy.deepcopy(verifier)
+    with torch.no_grad():
+        next(other.parameters()).reshape(-1)[0] += 1.0
+    cfg = SweepConfig(methods=["sd"], n_examples=1, max_new_tokens=3)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first = run_sweep(drafter, verifier, tok, get_task("bible_en_es"), cfg, a, progress=False)
+    sig = first[-1]["signature"]
+    assert sig["verifier"].startswith("verifier:") and sig["verifier"].count(":") == 2
+    with pytest.raises(SpecCascadeError, match="another model pair"):
+        run_sweep(drafter, other, tok, get_task("bible_en_es"), cfg, a, progress=False)
+    second = run_sweep(drafter, other, tok, get_task("bible_en_es"), cfg, b, progress=False)
+    assert second[-1]["signature"]["verifier"] != sig["verifier"]
+    assert second[-1]["signature"]["drafter"] == sig["drafter"]
+    with pytest.raises(ValueError, match="different model pairs"):
+        report([a, b], tmp_path / "rep")
+    assert report([a], tmp_path / "rep")["summary"]
+
+
 def test_jsonl_task(tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_text('{"input": "2+2=", "reference": "4"}\n{"input": "3+3=", "reference": "6"}\n')

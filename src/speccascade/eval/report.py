@@ -176,6 +176,11 @@ def report(paths: Path | list[Path], out_dir: Path | None = None, metric: str | 
     cells = [r for r in records if r.get("type") == "cell"]
     if not cells:
         raise ValueError(f"{', '.join(map(str, paths))} hold no sweep records")
+    pairs = sorted({(r.get("signature", {}).get("drafter"), r.get("signature", {}).get("verifier")) for r in cells},
+                   key=str)
+    if len(pairs) > 1:
+        raise ValueError("these records come from different model pairs, whose qualities and latencies "
+                         f"cannot share one table or plot: {pairs}; report each pair's files separately")
     metric = metric or next(iter(cells[0]["quality"]))
     out_dir = out_dir or paths[0].parent / (paths[0].stem + "_report")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -130,9 +130,17 @@ def device_name(device: torch.device) -> str:
 
 
 def model_id(model, name: str) -> str:
+    """``name:parameter count:weights fingerprint``. The fingerprint (SHA-1 of up to 4,096 evenly
+    spaced values of every parameter tensor, as float32) tells two trainings of one shape apart,
+    so a sweep file never mixes them and a report never compares across them."""
     path = getattr(model.config, "_name_or_path", "") or name
-    n = sum(p.numel() for p in model.parameters())
-    return f"{Path(str(path)).name or name}:{n}"
+    n, h = 0, hashlib.sha1()
+    with torch.no_grad():
+        for p in model.parameters():
+            n += p.numel()
+            flat = p.detach().reshape(-1)
+            h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return f"{Path(str(path)).name or name}:{n}:{h.hexdigest()[:10]}"
 
 
 def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int = 20) -> dict:
@@ -213,6 +221,11 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
     for r in records:
         if r.get("type") == "cell" and r["signature"].get("examples_sha1") != ex_hash:
             raise SpecCascadeError(f"{out} holds cells of another example set; use a new file")
+        sig = r.get("signature", {})
+        if (sig.get("drafter"), sig.get("verifier")) != (base_sig["drafter"], base_sig["verifier"]):
+            raise SpecCascadeError(
+                f"{out} holds cells of another model pair ({sig.get('drafter')}, {sig.get('verifier')}; "
+                f"now {base_sig['drafter']}, {base_sig['verifier']}): the weights differ; use a new file")
     todo = [c for c in config.cells() if c.key not in done]
     if backend == "compiled" and todo:
         warm_up(d_be, v_be, tokenizer, task, examples, todo, config.max_new_tokens)
