@@ -16,6 +16,8 @@
 #                                         verifier, GPU2 roofline + kernel profile + GEMV floor, GPU3 the
 #                                         1B roofline with inductor's coordinate-descent tuning; then
 #                                         sweep workers 0-3 (T = 0, then T = 0.5) into runs/sweep_base_b
+#                                         (TEMPS="1" SWEEP_DIR=runs/sweep_base_c: other temperatures, another
+#                                         file set; a new set uses the geometric seq_cascade grid)
 #   benchmarks/gpu_base_pair.sh watch S   waits up to S seconds for it, then copies everything it has
 #                                         produced so far to $OUT
 #
@@ -64,11 +66,16 @@ sweep_worker() {  # worker gpu seconds [out dir] [temperatures] [log dir]
   return 0
 }
 
+export TEMPS="${TEMPS:-0 0.5}" SWEEP_DIR="${SWEEP_DIR:-runs/sweep_base_b}"
+if [ "$SWEEP_DIR" != runs/sweep_base_b ]; then  # eq. (1)'s raw response probability is far below 0.01
+  ALPHAS="${ALPHAS/seq_cascade=0.5,0.9,0.99/seq_cascade=0.999999,0.999999999999,0.999999999999999}"
+fi
+
 wait_for() { while [ ! -e "$1" ]; do sleep 5; done; }
 
 case "$phase" in
 pipeline)
-  rm -rf runs/pipe && mkdir -p runs/pipe/logs runs/pipe/out runs/sweep_base_b
+  rm -rf runs/pipe && mkdir -p runs/pipe/logs runs/pipe/out "$SWEEP_DIR"
   setsid nohup bash "$0" _pipeline > runs/pipe/logs/pipeline.log 2>&1 < /dev/null &
   sleep 2
   echo "pipeline started: $(cat runs/pipe/logs/pipeline.log)"
@@ -81,7 +88,7 @@ _pipeline)
     touch runs/pipe/drafter.done
     CUDA_VISIBLE_DEVICES=0 timeout 240 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py > $L/pytest_gpu.log 2>&1
     wait_for runs/pipe/verifier.done
-    sweep_worker 0 0 2400 runs/sweep_base_b "0 0.5" $L
+    sweep_worker 0 0 2400 "$SWEEP_DIR" "$TEMPS" $L
     CUDA_VISIBLE_DEVICES=0 timeout 300 $py benchmarks/train_pair.py --preset base --roles "" --out runs/base \
       --device cuda > $L/pair_eval.log 2>&1
     cp runs/base/pair.json $O/pair.json
@@ -91,20 +98,20 @@ _pipeline)
       --out runs/base/verifier --device cuda > $L/train_verifier.log 2>&1
     touch runs/pipe/verifier.done
     wait_for runs/pipe/drafter.done
-    sweep_worker 1 1 2400 runs/sweep_base_b "0 0.5" $L
+    sweep_worker 1 1 2400 "$SWEEP_DIR" "$TEMPS" $L
   ) &
   (
     CUDA_VISIBLE_DEVICES=2 timeout 420 $py benchmarks/gpu_speed.py --pair-dir runs/base --skip-h2h \
       --out $O/roofline.json > $L/roofline.log 2>&1
     wait_for runs/pipe/verifier.done; wait_for runs/pipe/drafter.done
-    sweep_worker 2 2 2400 runs/sweep_base_b "0 0.5" $L
+    sweep_worker 2 2 2400 "$SWEEP_DIR" "$TEMPS" $L
   ) &
   (
     CUDA_VISIBLE_DEVICES=3 timeout 420 $py benchmarks/gpu_speed.py --pair-dir runs/base --skip-h2h \
       --shapes llama_1B --roofline-kinds static+compile --skip-hf --inductor coordinate_descent_tuning=1 \
       --out $O/roofline_cdt.json > $L/roofline_cdt.log 2>&1
     wait_for runs/pipe/verifier.done; wait_for runs/pipe/drafter.done
-    sweep_worker 3 3 2400 runs/sweep_base_b "0 0.5" $L
+    sweep_worker 3 3 2400 "$SWEEP_DIR" "$TEMPS" $L
   ) &
   wait
   touch runs/pipe/all.done
@@ -113,9 +120,9 @@ watch)
   t0=$(date +%s)
   while [ ! -e runs/pipe/all.done ] && [ $(($(date +%s) - t0)) -lt "$limit" ]; do sleep 10; done
   cp -r runs/pipe/out/. runs/pipe/logs "$out/" 2>/dev/null
-  cp runs/sweep_base_b/*.jsonl "$out/" 2>/dev/null
+  cp "$SWEEP_DIR"/*.jsonl "$out/" 2>/dev/null
   for r in drafter verifier; do cp "runs/base/$r/training.json" "$out/${r}_training.json" 2>/dev/null; done
-  for f in runs/sweep_base_b/*.jsonl; do echo "$f: $(grep -c '"type": "cell"' "$f") cells"; done
+  for f in "$SWEEP_DIR"/*.jsonl; do echo "$f: $(grep -c '"type": "cell"' "$f") cells"; done
   ls runs/pipe
   tail -n 2 runs/pipe/logs/*.log
   exit 0

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from speccascade.eval.metrics import METRICS, exact_match, token_f1
-from speccascade.eval.report import latency_at_quality, pareto_front, report, summarize
+from speccascade.eval.report import latency_at_quality, pareto_front, report, summarize, what_if
 from speccascade.eval.sweep import SweepConfig, read_records, run_sweep
 from speccascade.eval.tasks import JsonlTask, get_task
 
@@ -61,6 +61,43 @@ def test_table2_summaries_on_fixture():
     assert s["methods"]["drafter_only"]["speedup_at_verifier_quality"] is None
 
 
+def test_what_if_predicts_relative_latency_from_counters_by_hand():
+    def cell(method, alpha, drafter_calls, verifier_calls, q, T=1.0):
+        return rec(method, alpha, 0.9, q, T=T) | {"stats": {"drafter_calls": drafter_calls,
+                                                          "verifier_calls": verifier_calls}}
+    records = [cell("verifier_only", None, 0, 100, 20.0), cell("sd", None, 300, 60, 20.0),
+               cell("seq_cascade", 0.5, 100, 40, 18.0), cell("verifier_only", None, 0, 50, 25.0, T=0.0)]
+    by = {(r["method"], r["temperature"]): r for r in what_if(records, 0.1, 1.2)}
+    # sd: 300 drafter steps * 0.1 + 60 block calls * 1.2 = 102 verifier steps, / 100
+    assert by[("sd", 1.0)]["relative_latency"] == pytest.approx(1.02)
+    # a sequential method pays one verifier step per call: 100 * 0.1 + 40 * 1 = 50
+    assert by[("seq_cascade", 1.0)]["relative_latency"] == pytest.approx(0.5)
+    assert by[("verifier_only", 0.0)]["relative_latency"] == 1.0
+    assert by[("sd", 1.0)]["measured_relative_latency"] == 0.9
+    s = summarize(what_if(records, 0.1, 1.2), "bleu")["T=1 gamma=5 batch=1"]
+    assert s["methods"]["sd"]["speedup_at_verifier_quality"] == pytest.approx(1 / 1.02)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="what-if cost ratio"):
+            what_if(records, bad)
+    with pytest.raises(ValueError, match="what-if block cost"):
+        what_if(records, 0.1, 0.0)
+
+
+def test_report_cli_what_if_and_its_bad_input(tmp_path, capsys):
+    from speccascade.cli import main
+
+    f = tmp_path / "fixture.jsonl"
+    f.write_text("".join(json.dumps(r | {"stats": {"drafter_calls": 6 * i, "verifier_calls": 10}}) + "\n"
+                         for i, r in enumerate([rec("verifier_only", None, 1.0, 20.0), rec("opt", 0.0, 0.6, 18.0),
+                                                rec("opt", -1.0, 0.7, 22.0)])))
+    assert main(["report", str(f), "--out", str(tmp_path / "r"), "--what-if", "0.05,1.1"]) == 0
+    assert "What-if: drafter step = 0.05 verifier steps, block call = 1.1" in capsys.readouterr().out
+    assert main(["report", str(f), "--out", str(tmp_path / "r"), "--what-if", "cheap"]) == 2
+    assert "--what-if takes C or C,B" in capsys.readouterr().err
+    assert main(["report", str(f), "--out", str(tmp_path / "r"), "--what-if", "-1"]) == 2
+    assert "cost ratio must be a finite number > 0" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def pair():
     from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
@@ -110,6 +147,10 @@ def test_report_renders(pair, tmp_path):
                                           for p in res["plots"])
     assert "token_v3" in res["text"] and json.loads((tmp_path / "rep" / "summary.json").read_text())["table2"]
     assert res["latency_model"]["cells"] and all(c["predicted_s"] > 0 for c in res["latency_model"]["cells"])
+    res = report(out, tmp_path / "rep2", what_if_costs=(0.1, 1.0))
+    wdir = tmp_path / "rep2" / "what_if_c0.1_b1"
+    assert (wdir / "quality_vs_relative_latency_T1_b1.png").stat().st_size > 5000
+    assert "What-if" in res["text"] and json.loads((wdir / "summary.json").read_text())["summary"]
 
 
 def test_a_retrained_pair_neither_resumes_nor_reports_with_the_first(pair, tmp_path):
@@ -138,6 +179,13 @@ def test_a_retrained_pair_neither_resumes_nor_reports_with_the_first(pair, tmp_p
     with pytest.raises(ValueError, match="different model pairs"):
         report([a, b], tmp_path / "rep")
     assert report([a], tmp_path / "rep")["summary"]
+    # records written before fingerprints existed ("name:count") still go with either training
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text("".join(json.dumps(r | {"signature": r["signature"] | {
+        "verifier": ":".join(r["signature"]["verifier"].split(":")[:2]),
+        "drafter": ":".join(r["signature"]["drafter"].split(":")[:2])}}) + "\n" for r in first))
+    assert report([legacy, b], tmp_path / "rep3")["summary"]
+    assert len(run_sweep(drafter, other, tok, get_task("bible_en_es"), cfg, legacy, progress=False)) == len(first)
 
 
 def test_jsonl_task(tmp_path):

@@ -147,7 +147,16 @@ def _sweep(args) -> int:
 def _report(args) -> int:
     from .eval.report import report
 
-    res = report(args.results, args.out, args.metric)
+    what_if_costs = None
+    if args.what_if:
+        try:
+            parts = [float(x) for x in args.what_if.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) not in (1, 2):
+            raise SpecCascadeError(f"--what-if takes C or C,B (numbers), got {args.what_if!r}")
+        what_if_costs = (parts[0], parts[1] if len(parts) == 2 else 1.0)
+    res = report(args.results, args.out, args.metric, what_if_costs=what_if_costs)
     print(res["text"])
     print("plots:", *res["plots"], sep="\n  ")
     return 0
@@ -222,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("results", type=Path, nargs="+", help="sweep JSONL file(s)")
     r.add_argument("--out", type=Path, default=None, help="output folder (default: next to the results)")
     r.add_argument("--metric", default=None)
+    r.add_argument("--what-if", default=None, metavar="C[,B]",
+                   help="also predict every cell's relative latency from its counters with a drafter step of "
+                        "C verifier steps and a block call of B verifier steps (default 1)")
     r.set_defaults(fn=_report)
 
     t = sub.add_parser("train", help="train a preset's drafter and/or verifier on the Bible EN->ES pairs")

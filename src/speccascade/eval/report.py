@@ -13,6 +13,10 @@ Reads records only (never models). For each (temperature, gamma, batch size) gro
 * Latency model: predicted = drafter_calls * drafter_step + verifier_calls * (verifier_block for
   speculative methods, verifier_step otherwise), with the per-call costs measured in the same
   sweep; compared with the measured wall-clock per cell (ratio and mean absolute error).
+* What-if (optional, :func:`what_if`): the same model with *assumed* costs (drafter step = c
+  verifier steps, a block call = b verifier steps), giving each cell a predicted relative latency
+  from its own counters: the trade-off the measured acceptance behaviour would give on hardware
+  with that cost ratio. Its plots and tables go to ``what_if_c{c}_b{b}/``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from ..errors import SpecCascadeError
 from ..registry import METHODS
 
 
@@ -81,6 +86,39 @@ def summarize(records: list[dict], metric: str) -> dict:
     return out
 
 
+def _model_cost(r: dict, drafter_step: float, verifier_step: float, verifier_block: float) -> float:
+    s = r["stats"]
+    spec = METHODS.get(r["method"])
+    v_cost = verifier_block if spec is not None and spec.kind == "speculative" else verifier_step
+    return s["drafter_calls"] * drafter_step + s["verifier_calls"] * v_cost
+
+
+def what_if(records: list[dict], cost_ratio: float, block_cost: float = 1.0) -> list[dict]:
+    """The cells re-timed by the latency model with assumed per-call costs, in units of one verifier
+    step: a drafter step costs ``cost_ratio`` (c of PAPER.md 5.7), a verifier call on a block of
+    gamma + 1 tokens ``block_cost`` (about 1 where the verifier is memory-bound). Each cell's
+    ``relative_latency`` becomes its predicted cost over the predicted cost of the ``verifier_only``
+    cell of the same file, temperature, seed and batch size (counters are the sweep's own; only the
+    costs are assumed); the measured value moves to ``measured_relative_latency``. Pre-fill and host
+    work are outside the model."""
+    import math
+
+    for name, v in (("cost ratio", cost_ratio), ("block cost", block_cost)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise SpecCascadeError(f"what-if {name} must be a finite number > 0, got {v!r}")
+    cells = [r for r in records if r.get("type") == "cell"]
+    base = {(r.get("_source"), r["temperature"], r["seed"], r["batch_size"]): _model_cost(r, cost_ratio, 1.0, block_cost)
+            for r in cells if r["method"] == "verifier_only"}
+    out = []
+    for r in cells:
+        b = base.get((r.get("_source"), r["temperature"], r["seed"], r["batch_size"]))
+        if not b:
+            continue
+        out.append(r | {"relative_latency": _model_cost(r, cost_ratio, 1.0, block_cost) / b,
+                        "measured_relative_latency": r["relative_latency"]})
+    return out
+
+
 def latency_model(records: list[dict]) -> dict:
     """Each cell is predicted with the per-call costs measured in its own sweep file (``_source``)."""
     costs = {(r.get("_source"), r["gamma"]): r for r in records if r.get("type") == "costs"}
@@ -92,10 +130,7 @@ def latency_model(records: list[dict]) -> dict:
             (v for (src, _), v in costs.items() if src == r.get("_source")), None)
         if c is None:
             continue
-        s = r["stats"]
-        spec = METHODS.get(r["method"])
-        v_cost = c["verifier_block_s"] if spec is not None and spec.kind == "speculative" else c["verifier_step_s"]
-        predicted = s["drafter_calls"] * c["drafter_step_s"] + s["verifier_calls"] * v_cost
+        predicted = _model_cost(r, c["drafter_step_s"], c["verifier_step_s"], c["verifier_block_s"])
         ratio = predicted / r["latency_s"] if r["latency_s"] > 0 else None
         rows.append({"key": r["key"], "measured_s": r["latency_s"], "predicted_s": predicted, "ratio": ratio})
         if ratio:
@@ -104,7 +139,8 @@ def latency_model(records: list[dict]) -> dict:
             "note": "prefill passes and host overhead are not in the model; per-call costs measured in the sweep"}
 
 
-def plot(records: list[dict], metric: str, out_dir: Path) -> list[Path]:
+def plot(records: list[dict], metric: str, out_dir: Path, latency_label: str = "relative latency (÷ verifier alone)",
+         rejection: bool = True) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,8 +152,10 @@ def plot(records: list[dict], metric: str, out_dir: Path) -> list[Path]:
         if r.get("type") == "cell":
             groups[(r["temperature"], r["batch_size"])].append(r)
     for (T, b), rows in sorted(groups.items()):
-        for xname, xlabel in (("relative_latency", "relative latency (÷ verifier alone)"),
-                              ("rejection_rate", "rejection rate (rejected / examined drafts)")):
+        axes = [("relative_latency", latency_label)]
+        if rejection:
+            axes.append(("rejection_rate", "rejection rate (rejected / examined drafts)"))
+        for xname, xlabel in axes:
             fig, ax = plt.subplots(figsize=(8, 5.5))
             by_method = defaultdict(list)
             for r in rows:
@@ -140,7 +178,7 @@ def plot(records: list[dict], metric: str, out_dir: Path) -> list[Path]:
                     ax.axhline(ref[0]["quality"][metric], ls=style, color="k", lw=1, label=f"{m} quality")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric)
-            ax.set_title(f"{metric} vs {xname.replace('_', ' ')} (T={T:g}, batch={b})"
+            ax.set_title(f"{metric} vs {xlabel.split(' (')[0]} (T={T:g}, batch={b})"
                          + ("; bold: Pareto front" if xname == "relative_latency" else ""))
             ax.legend(fontsize=7, ncol=2)
             ax.grid(alpha=0.3)
@@ -167,19 +205,23 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def report(paths: Path | list[Path], out_dir: Path | None = None, metric: str | None = None) -> dict:
-    """Report one sweep file, or several (e.g. one per worker, each with its own baseline and costs)."""
+def report(paths: Path | list[Path], out_dir: Path | None = None, metric: str | None = None,
+           what_if_costs: tuple[float, float] | None = None) -> dict:
+    """Report one sweep file, or several (e.g. one per worker, each with its own baseline and costs).
+    ``what_if_costs``: (c, b) for :func:`what_if`, reported beside the measured results."""
     from .sweep import read_records
 
     paths = [paths] if isinstance(paths, Path) else list(paths)
     records = [r | {"_source": i} for i, path in enumerate(paths) for r in read_records(path)]
     cells = [r for r in records if r.get("type") == "cell"]
     if not cells:
-        raise ValueError(f"{', '.join(map(str, paths))} hold no sweep records")
+        raise SpecCascadeError(f"{', '.join(map(str, paths))} hold no sweep records")
+    from .sweep import same_model
+
     pairs = sorted({(r.get("signature", {}).get("drafter"), r.get("signature", {}).get("verifier")) for r in cells},
                    key=str)
-    if len(pairs) > 1:
-        raise ValueError("these records come from different model pairs, whose qualities and latencies "
+    if any(not (same_model(a[0], b[0]) and same_model(a[1], b[1])) for a in pairs for b in pairs):
+        raise SpecCascadeError("these records come from different model pairs, whose qualities and latencies "
                          f"cannot share one table or plot: {pairs}; report each pair's files separately")
     metric = metric or next(iter(cells[0]["quality"]))
     out_dir = out_dir or paths[0].parent / (paths[0].stem + "_report")
@@ -191,5 +233,20 @@ def report(paths: Path | list[Path], out_dir: Path | None = None, metric: str | 
     text = format_table(summary)
     err = model["mean_abs_relative_error"]
     text += f"\nLatency model (batch 1): mean |predicted/measured - 1| = {err:.3f}\n" if err is not None else ""
+    res = {"summary": summary, "latency_model": model, "plots": [str(p) for p in plots]}
+    if what_if_costs is not None:
+        c, b = what_if_costs
+        predicted = what_if(records, c, b)
+        wdir = out_dir / f"what_if_c{c:g}_b{b:g}"
+        wdir.mkdir(exist_ok=True)
+        res["what_if"] = {"cost_ratio": c, "block_cost": b, "summary": summarize(predicted, metric)}
+        plots += plot(predicted, metric, wdir, latency_label=f"predicted relative latency (c={c:g}, block={b:g})",
+                      rejection=False)
+        res["plots"] = [str(p) for p in plots]
+        (wdir / "summary.json").write_text(json.dumps(res["what_if"], indent=2))
+        wtext = (f"## What-if: drafter step = {c:g} verifier steps, block call = {b:g} verifier steps "
+                 "(predicted from each cell's counters; not measured)\n\n" + format_table(res["what_if"]["summary"]))
+        (wdir / "summary.md").write_text(wtext)
+        text += "\n" + wtext
     (out_dir / "summary.md").write_text(text)
-    return {"summary": summary, "latency_model": model, "plots": [str(p) for p in plots], "text": text}
+    return res | {"text": text}

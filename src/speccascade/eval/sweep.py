@@ -46,7 +46,10 @@ DEFAULT_ALPHAS: dict[str, list] = {
     "opt_log": [-10.0, -1.0, 0.0, 1.0, 3.0, 10.0],
     "token_v1": [-1.0, -0.2, 0.0, 0.2, 0.5], "token_v2": [-1.0, 0.0, 0.1, 0.3, 0.6],
     "token_v3": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
-    "token_cascade": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], "seq_cascade": [0.0, 0.5, 0.9, 0.99, 1.0],
+    "token_cascade": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+    # eq. (1) compares the raw probability of a whole response (often < 1e-6) with 1 - alpha: the
+    # grid approaches 1 geometrically (1 - 1e-15 is the last float below 1)
+    "seq_cascade": [0.0, 0.9, 1 - 1e-3, 1 - 1e-6, 1 - 1e-9, 1 - 1e-12, 1 - 1e-15, 1.0],
     "oracle_diff": [-1.0, 0.0, 0.1, 0.2, 0.4, 1.0], "bild": [0.0, 1.0, 2.0, 4.0],
 }
 BASELINE = "verifier_only"
@@ -143,6 +146,17 @@ def model_id(model, name: str) -> str:
     return f"{Path(str(path)).name or name}:{n}:{h.hexdigest()[:10]}"
 
 
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether two model ids can name the same weights: equal, or equal but for the fingerprint that
+    records written before fingerprints existed lack (``name:count`` vs ``name:count:fingerprint``)."""
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    pa, pb = a.split(":"), b.split(":")
+    return len(pa) != len(pb) and pa[:2] == pb[:2]
+
+
 def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int = 20) -> dict:
     """Median wall time of one drafter step (1 token), one verifier step (1 token) and one verifier
     block call (gamma + 1 tokens) on a cached prefix: the per-call costs of the latency model.
@@ -222,7 +236,7 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
         if r.get("type") == "cell" and r["signature"].get("examples_sha1") != ex_hash:
             raise SpecCascadeError(f"{out} holds cells of another example set; use a new file")
         sig = r.get("signature", {})
-        if (sig.get("drafter"), sig.get("verifier")) != (base_sig["drafter"], base_sig["verifier"]):
+        if not (same_model(sig.get("drafter"), base_sig["drafter"]) and same_model(sig.get("verifier"), base_sig["verifier"])):
             raise SpecCascadeError(
                 f"{out} holds cells of another model pair ({sig.get('drafter')}, {sig.get('verifier')}; "
                 f"now {base_sig['drafter']}, {base_sig['verifier']}): the weights differ; use a new file")
