@@ -229,3 +229,21 @@ def test_warm_up_meets_every_shape_the_cells_meet(pair):
     for cell in cells:
         run_cell(d, v, tok, task, examples, cell, max_new_tokens=12)
     assert Recording.seen and Recording.seen <= warmed
+
+
+def test_sweep_cli_method_options_reach_the_cells(tmp_path, capsys):
+    from speccascade.cli import main
+
+    out = tmp_path / "s.jsonl"
+    args = ["sweep", "--methods", "seq_cascade", "--alphas", "seq_cascade=0.5", "--examples", "2",
+            "--max-new-tokens", "4", "--quiet", "--out", str(out)]
+    assert main(args + ["--option", "seq_cascade.length_normalized=true"]) == 0
+    cell = [r for r in read_records(out) if r["type"] == "cell" and r["method"] == "seq_cascade"][0]
+    assert cell["options"] == {"length_normalized": True} and cell["key"].endswith("|length_normalized=True")
+    for bad, msg in (("seq_cascade.nope=1", "has no option 'nope'"), ("length_normalized=1", "METHOD.KEY=VALUE"),
+                     ("bild.alpha_f=0.5", "not among the swept methods"), ("what.x=1", "unknown method")):
+        assert main(args + ["--option", bad]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["generate", "Jesus wept.", "--method", "seq_cascade", "--option", "length_normalized=true",
+                 "--quiet", "--max-new-tokens", "4"]) == 0
+    assert main(["generate", "Jesus wept.", "--method", "sd", "--option", "length_normalized=true", "--quiet"]) == 2

@@ -39,6 +39,9 @@ def _generate(args) -> int:
     options = {}
     if args.alpha_f is not None:
         options["alpha_f"] = args.alpha_f
+    for text in args.option:
+        _, key, value = parse_option(text, args.method)
+        options[key] = value
     if args.backend != "dynamic":
         from .models import make_backend
 
@@ -121,6 +124,30 @@ def parse_alphas(text: str | None) -> dict[str, list]:
     return out
 
 
+def parse_option(text: str, method: str | None = None) -> tuple[str, str, object]:
+    """``"seq_cascade.length_normalized=true"`` (or ``"length_normalized=true"`` with ``method``
+    given) -> (method, key, value); the value is read as JSON (true, 3, 0.5, null), else kept as a
+    string. Unknown methods or options are a clear error."""
+    name, eq, raw = text.partition("=")
+    if not eq:
+        raise SpecCascadeError(f"--option takes {'KEY' if method else 'METHOD.KEY'}=VALUE, got {text!r}")
+    if method is None:
+        method, dot, name = name.partition(".")
+        if not dot:
+            raise SpecCascadeError(f"--option takes METHOD.KEY=VALUE, got {text!r}")
+    spec = METHODS.get(method.strip())
+    if spec is None:
+        raise SpecCascadeError(f"--option {text!r}: unknown method {method!r}")
+    if name.strip() not in spec.extra:
+        raise SpecCascadeError(f"--option {text!r}: method {method!r} has no option {name.strip()!r}; "
+                               f"it takes {sorted(spec.extra) or 'none'}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return method.strip(), name.strip(), value
+
+
 def _sweep(args) -> int:
     import torch
 
@@ -134,6 +161,11 @@ def _sweep(args) -> int:
     options = {}
     if args.alpha_f is not None:
         options["bild"] = {"alpha_f": args.alpha_f}
+    for text in args.option:
+        method, key, value = parse_option(text)
+        if method not in methods:
+            raise SpecCascadeError(f"--option {text!r}: {method!r} is not among the swept methods")
+        options.setdefault(method, {})[key] = value
     cfg = SweepConfig(methods=methods, alphas=parse_alphas(args.alphas), gammas=args.gammas,
                       temperatures=args.temperatures, seeds=args.seeds, batch_sizes=args.batch_sizes,
                       n_examples=args.examples, max_new_tokens=args.max_new_tokens, options=options)
@@ -188,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="token_v3", choices=list(METHODS))
     g.add_argument("--alpha", type=float, default=None, help="the method's threshold (see `speccascade methods`)")
     g.add_argument("--alpha-f", type=float, default=None, help="BiLD's fallback threshold")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. length_normalized=true for seq_cascade (see `speccascade methods`)")
     g.add_argument("--gamma", type=int, default=5, help="draft block size")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -215,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", default="all", help="comma-separated names or 'all'")
     s.add_argument("--alphas", default=None, help="per-method grids, e.g. 'chow=0,0.5;opt=-1,0,1' (default: built-in)")
     s.add_argument("--alpha-f", type=float, default=None, help="BiLD's fallback threshold")
+    s.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method option for its cells, e.g. seq_cascade.length_normalized=true (repeatable)")
     s.add_argument("--gammas", type=int, nargs="+", default=[5])
     s.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
     s.add_argument("--seeds", type=int, nargs="+", default=[0])

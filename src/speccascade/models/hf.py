@@ -183,14 +183,19 @@ class StaticHFBackend(HFBackend):
         tokens = tokens.to(self.device)
         B, k = tokens.shape
         width = bucket(k)
-        offsets = self._ar[:width].unsqueeze(0)
-        limit = lengths.to(self.device).unsqueeze(1) if lengths is not None else torch.full((B, 1), k, device=self.device)
-        valid = (offsets < limit).long()                                                       # [B, width]
+        if lengths is None:  # every row feeds k real tokens: a constant mask, no kernel
+            valid = self._full_valid.get((B, k, width))
+            if valid is None:
+                valid = self._full_valid[(B, k, width)] = (self._ar[:width] < k).long().expand(B, width).contiguous()
+        else:
+            valid = (self._ar[:width].unsqueeze(0) < lengths.to(self.device).unsqueeze(1)).long()  # [B, width]
         if width > k:
             tokens = torch.nn.functional.pad(tokens, (0, width - k))
-        # canonical strides: a [B, 1] view of a longer tensor would make the compiled step recompile
-        tokens = tokens.clone(memory_format=torch.contiguous_format)
-        return self._call(tokens, valid)[:, :k].to(torch.float32, copy=True)                  # [B, k, V]
+        elif self.compiled:  # canonical strides: a [B, 1] view of a longer tensor would recompile the step
+            tokens = tokens.clone(memory_format=torch.contiguous_format)
+        logits = self._call(tokens, valid)[:, :k]
+        # a CUDA graph's output is overwritten by its next replay: the caller gets its own copy
+        return logits.to(torch.float32, copy=self.compiled)                                    # [B, k, V]
 
     @torch.no_grad()
     def commit(self, n_keep: torch.Tensor) -> None:
@@ -220,6 +225,7 @@ class StaticHFBackend(HFBackend):
         self._n_committed = torch.zeros(batch, dtype=torch.long, device=dev)
         self._slot = torch.zeros((), dtype=torch.long, device=dev)              # next free slot
         self._ar = torch.arange(self.max_cache_len, device=dev)
+        self._full_valid = {}
         for t in (self._mask, self._n_pos, self._n_committed, self._slot, self._ar):
             torch._dynamo.mark_static_address(t)
         return True
@@ -246,12 +252,11 @@ class StaticHFBackend(HFBackend):
 
     def _commit_step(self, n_keep: torch.Tensor, t: int) -> None:
         """Of the last ``t`` (tentative) slots, each row keeps the mask bits of its first ``n_keep``
-        real tokens."""
-        slots = self._slot - t + self._ar[:t]
-        tentative = self._mask.index_select(1, slots)                                      # [B, t]
-        kept = tentative * (tentative.cumsum(1) <= n_keep.unsqueeze(1))
-        self._mask.index_copy_(1, slots, kept)
-        self._n_pos.copy_(self._n_committed + kept.sum(1))
+        real tokens. The host knows where those slots are (``self.slots`` counts every slot fed), so
+        they are a view of the mask: four small kernels, no host sync."""
+        tentative = self._mask[:, self.slots - t:self.slots]                                  # [B, t] view
+        tentative.mul_(tentative.cumsum(1) <= n_keep.unsqueeze(1))
+        torch.add(self._n_committed, tentative.sum(1), out=self._n_pos)
 
 
 BACKENDS = ("dynamic", "static", "compiled")
