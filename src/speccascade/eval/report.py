@@ -52,6 +52,28 @@ def latency_at_quality(front: list[tuple[float, float]], target: float) -> float
     return None
 
 
+def curve_labels(records: list[dict]) -> dict[int, str]:
+    """A curve per method, and per option set where one method was swept with several (e.g.
+    ``seq_cascade`` raw and ``length_normalized``): ``id(record) -> label``."""
+    variants = defaultdict(set)
+    for r in records:
+        if r.get("type") == "cell":
+            variants[r["method"]].add(json.dumps(r.get("options") or {}, sort_keys=True))
+    labels = {}
+    for r in records:
+        if r.get("type") == "cell":
+            opts = r.get("options") or {}
+            several = len(variants[r["method"]]) > 1
+            labels[id(r)] = r["method"] + (f" [{', '.join(f'{k}={v}' for k, v in sorted(opts.items()))}]"
+                                           if several and opts else "")
+    return labels
+
+
+def _kind(label: str) -> str | None:
+    spec = METHODS.get(label.split(" [")[0])
+    return spec.kind if spec is not None else None
+
+
 def summarize(records: list[dict], metric: str) -> dict:
     """Table 2's two summaries per method, per (temperature, gamma, batch) group."""
     groups = defaultdict(list)
@@ -73,8 +95,9 @@ def summarize(records: list[dict], metric: str) -> dict:
         target = ref["quality"][metric]
         table = {}
         by_method = defaultdict(list)
+        labels = curve_labels(rows)
         for r in rows:
-            by_method[r["method"]].append(r)
+            by_method[labels[id(r)]].append(r)
         for m, rs in by_method.items():
             front = pareto_front([(r["relative_latency"], r["quality"][metric]) for r in rs])
             lat = latency_at_quality(front, target)
@@ -158,14 +181,15 @@ def plot(records: list[dict], metric: str, out_dir: Path, latency_label: str = "
         for xname, xlabel in axes:
             fig, ax = plt.subplots(figsize=(8, 5.5))
             by_method = defaultdict(list)
+            labels = curve_labels(rows)
             for r in rows:
-                by_method[r["method"]].append(r)
+                by_method[labels[id(r)]].append(r)
             colors = plt.get_cmap("tab20").colors
             for i, (m, rs) in enumerate(sorted(by_method.items())):
                 if m in ("verifier_only", "drafter_only"):
                     continue
                 pts = sorted((r[xname], r["quality"][metric]) for r in rs)
-                sequential = METHODS.get(m) is not None and METHODS[m].kind == "sequential"
+                sequential = _kind(m) == "sequential"
                 line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--" if sequential else "o-", ms=3.5,
                                 lw=0.8, alpha=0.6, color=colors[i % len(colors)],
                                 label=f"{m} (sequential)" if sequential else m)
