@@ -181,6 +181,8 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
     sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator)
     counters = torch.zeros(8, dtype=torch.long, device=device)
     per_position = torch.zeros(gamma, dtype=torch.long, device=device)
+    B = input_ids.shape[0]
+    ones, drafted = (torch.full((B,), v, dtype=torch.long, device=device) for v in (1, gamma))
 
     while True:
         active = ~emitter.done                                               # [B]
@@ -213,12 +215,12 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
         defer = target.defer[:, :gamma].expand(-1, -1, target.pi.shape[-1]) if target.defer.shape[-1] == 1 \
             else target.defer[:, :gamma]
         deferred = defer.gather(-1, drafts.unsqueeze(-1)).squeeze(-1) & examined            # [B, gamma]
-        a = active.long()
-        counters += torch.stack([
-            a.sum(), a.sum() * gamma, (n_acc * a).sum(), ((n_acc < gamma).long() * a).sum(),
-            ((n_acc == gamma).long() * a).sum(), (deferred.long().sum(1) * a).sum(), kept.sum(),
-            ((n_acc + 1 - kept) * a).sum()])
-        per_position += ((positions.unsqueeze(0) < n_acc.unsqueeze(1)).long() * a.unsqueeze(1)).sum(0)
+        # per row: block, drafted, accepted, rejected, bonus, deferred, emitted, truncated; counted for
+        # the rows active at the block's start (one stack, one masked sum: few kernels per block)
+        per_row = torch.stack([ones, drafted, n_acc, n_acc < gamma, n_acc == gamma, deferred.sum(1), kept,
+                               n_acc + 1 - kept], 1)                                                  # [B, 8]
+        counters += (per_row * active.unsqueeze(1)).sum(0)
+        per_position += ((positions.unsqueeze(0) < n_acc.unsqueeze(1)) & active.unsqueeze(1)).sum(0)
         stats.drafter_calls += gamma + 1
         stats.verifier_calls += 1
 
