@@ -55,10 +55,6 @@ def test_batch_one_rollback_is_exact_crop():
 def test_static_backend_matches_dynamic():
     """The pre-allocated cache gives the same greedy tokens as the verifier alone, and the same
     sampled tokens as the dynamic backend with the same seed, batched with ragged prompts."""
-    import speccascade as sc
-    from speccascade.models import StaticHFBackend
-    from tiny_models import tiny_pair
-
     check_static_matches_dynamic(compile=False)
 
 

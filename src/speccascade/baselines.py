@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .loop import Emitter, StepSync, add_block_counters, check_finite, make_dists, start_both
+from .loop import Emitter, StepSync, add_block_counters, check_finite, make_dists, row_counts, start_both
 from .models.base import Backend
 from .registry import AlphaRange, register
 from .rules import bild_discrepancy, diff
@@ -253,12 +253,10 @@ def bild(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_token
         verifier.commit(n_acc + 1)
         pending = new
         kept = emitter.emit(tokens, n_acc + 1)
-        a = active.long()
-        rejected = (n_acc < n_draft).long() * a
-        counters += torch.stack([a.sum(), (n_draft * a).sum(), (n_acc * a).sum(), rejected.sum(),
-                                 ((n_acc == n_draft).long() * a).sum(), rejected.sum(), kept.sum(),
-                                 ((n_acc + 1 - kept) * a).sum()])
-        per_position[:K] += ((pos[:, :K] < n_acc.unsqueeze(1)).long() * a.unsqueeze(1)).sum(0)
+        rejected = n_acc < n_draft  # a rejected draft is deferred to the verifier
+        counters += row_counts(active, [active, n_draft, n_acc, rejected, n_acc == n_draft, rejected, kept,
+                                        n_acc + 1 - kept])
+        per_position[:K] += ((pos[:, :K] < n_acc.unsqueeze(1)) & active.unsqueeze(1)).sum(0)
         if sync.end_step(emitter.done, [check_finite(q_logits, active), check_finite(p_logits, active)], kept):
             break
     add_block_counters(stats, counters.tolist(), per_position.tolist())

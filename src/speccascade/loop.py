@@ -181,8 +181,7 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
     sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator)
     counters = torch.zeros(8, dtype=torch.long, device=device)
     per_position = torch.zeros(gamma, dtype=torch.long, device=device)
-    B = input_ids.shape[0]
-    ones, drafted = (torch.full((B,), v, dtype=torch.long, device=device) for v in (1, gamma))
+    drafted = torch.full((input_ids.shape[0],), gamma, dtype=torch.long, device=device)   # [B]
 
     while True:
         active = ~emitter.done                                               # [B]
@@ -215,11 +214,8 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
         defer = target.defer[:, :gamma].expand(-1, -1, target.pi.shape[-1]) if target.defer.shape[-1] == 1 \
             else target.defer[:, :gamma]
         deferred = defer.gather(-1, drafts.unsqueeze(-1)).squeeze(-1) & examined            # [B, gamma]
-        # per row: block, drafted, accepted, rejected, bonus, deferred, emitted, truncated; counted for
-        # the rows active at the block's start (one stack, one masked sum: few kernels per block)
-        per_row = torch.stack([ones, drafted, n_acc, n_acc < gamma, n_acc == gamma, deferred.sum(1), kept,
-                               n_acc + 1 - kept], 1)                                                  # [B, 8]
-        counters += (per_row * active.unsqueeze(1)).sum(0)
+        counters += row_counts(active, [active, drafted, n_acc, n_acc < gamma, n_acc == gamma, deferred.sum(1),
+                                        kept, n_acc + 1 - kept])
         per_position += ((positions.unsqueeze(0) < n_acc.unsqueeze(1)) & active.unsqueeze(1)).sum(0)
         stats.drafter_calls += gamma + 1
         stats.verifier_calls += 1
@@ -231,17 +227,16 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
     return emitter.tokens()
 
 
+def row_counts(active: torch.Tensor, columns: list[torch.Tensor]) -> torch.Tensor:
+    """Each per-row column  # [B] each (bool or long)  summed over the rows active at the block's
+    start: one stack and one masked sum, whatever the number of counters.  # [len(columns)]"""
+    return (torch.stack(columns, 1) * active.unsqueeze(1)).sum(0)
+
+
 def add_block_counters(stats: Stats, c: list[int], hist: list[int]) -> None:
     """Add the device counters of a block loop (order: blocks, drafted, accepted, rejected, bonus,
-    deferred, emitted, truncated) to ``stats``."""
-    stats.blocks += c[0]
-    stats.drafted += c[1]
-    stats.accepted += c[2]
-    stats.rejected += c[3]
-    stats.recovered += c[3]
-    stats.bonus += c[4]
-    stats.deferred += c[5]
-    stats.emitted += c[6]
-    stats.truncated += c[7]
-    old = stats.accepted_per_position + [0] * (len(hist) - len(stats.accepted_per_position))
-    stats.accepted_per_position = [x + y for x, y in zip(hist, old)]
+    deferred, emitted, truncated; rejected drafts are all recovered) to ``stats``."""
+    blocks, drafted, accepted, rejected, bonus, deferred, emitted, truncated = c
+    stats.add(Stats(blocks=blocks, drafted=drafted, accepted=accepted, rejected=rejected, recovered=rejected,
+                    bonus=bonus, deferred=deferred, emitted=emitted, truncated=truncated,
+                    accepted_per_position=list(hist)))

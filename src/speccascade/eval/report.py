@@ -22,6 +22,7 @@ Reads records only (never models). For each (temperature, gamma, batch size) gro
 from __future__ import annotations
 
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -158,7 +159,9 @@ def latency_model(records: list[dict]) -> dict:
         rows.append({"key": r["key"], "measured_s": r["latency_s"], "predicted_s": predicted, "ratio": ratio})
         if ratio:
             errors.append(abs(ratio - 1))
+    ratios = sorted(r["ratio"] for r in rows if r["ratio"])
     return {"cells": rows, "mean_abs_relative_error": sum(errors) / len(errors) if errors else None,
+            "median_ratio": statistics.median(ratios) if ratios else None,
             "note": "prefill passes and host overhead are not in the model; per-call costs measured in the sweep"}
 
 
@@ -256,7 +259,8 @@ def report(paths: Path | list[Path], out_dir: Path | None = None, metric: str | 
     (out_dir / "summary.json").write_text(json.dumps({"table2": summary, "latency_model": model}, indent=2))
     text = format_table(summary)
     err = model["mean_abs_relative_error"]
-    text += f"\nLatency model (batch 1): mean |predicted/measured - 1| = {err:.3f}\n" if err is not None else ""
+    text += (f"\nLatency model (batch 1): mean |predicted/measured - 1| = {err:.3f}, "
+             f"median predicted/measured = {model['median_ratio']:.3f}\n") if err is not None else ""
     res = {"summary": summary, "latency_model": model, "plots": [str(p) for p in plots]}
     if what_if_costs is not None:
         c, b = what_if_costs
