@@ -21,6 +21,13 @@
 #   benchmarks/gpu_base_pair.sh watch S   waits up to S seconds for it, then copies everything it has
 #                                         produced so far to $OUT
 #
+# Third sweep (session 4, when only 2-GPU machines are lent; a machine is held at most 30 minutes):
+#
+#   benchmarks/gpu_base_pair.sh pipeline2 GPU0 drafter, then (when a wip/ tree was carried) the GPU
+#                                         tests and a backend comparison of that tree; GPU1 verifier;
+#                                         then sweep workers 0-1 (WORKER_METHODS_C) at $TEMPS into
+#                                         $SWEEP_DIR. Watched with `watch S` as above.
+#
 # Each sweep worker owns a set of methods and its own JSONL file, with its own verifier_only
 # baseline per temperature (relative latency is always against the same worker, same GPU).
 # Results and logs go to $OUT. Wheels for sacrebleu (not on the device image) are in .whl.
@@ -53,9 +60,16 @@ WORKER_METHODS_B=(
   "lossy,bild_star,bild"
 )
 
+# third sweep, two GPUs: balanced by the first sweep's T = 1 cell times (about 1000 s each)
+WORKER_METHODS_C=(
+  "sd,token_v3,opt_log,opt,seq_cascade,token_v1,token_v2,chow_log,diff_log,drafter_only"
+  "diff,chow,lossy,bild,bild_star,token_cascade,lossy_tuned,oracle_diff"
+)
+
 sweep_worker() {  # worker gpu seconds [out dir] [temperatures] [log dir]
   local w=$1 g=$2 secs=$3 dir=${4:-runs/sweep_base} temps=${5:-1 0.5 0} logs=${6:-$out/logs} methods
   if [ "$dir" = runs/sweep_base ]; then methods=${WORKER_METHODS[$w]}; else methods=${WORKER_METHODS_B[$w]}; fi
+  [ "${GPUS:-4}" = 2 ] && methods=${WORKER_METHODS_C[$w]}
   # shellcheck disable=SC2086
   CUDA_VISIBLE_DEVICES=$g timeout "$secs" $py -m speccascade.cli sweep \
     --drafter runs/base/drafter --verifier runs/base/verifier --methods "$methods" \
@@ -116,13 +130,45 @@ _pipeline)
   wait
   touch runs/pipe/all.done
   ;;
+pipeline2)
+  rm -rf runs/pipe && mkdir -p runs/pipe/logs runs/pipe/out "$SWEEP_DIR"
+  GPUS=2 setsid nohup bash "$0" _pipeline2 > runs/pipe/logs/pipeline.log 2>&1 < /dev/null &
+  sleep 2
+  echo "pipeline2 started: $(cat runs/pipe/logs/pipeline.log)"
+  ;;
+_pipeline2)
+  L=runs/pipe/logs O=runs/pipe/out
+  (
+    CUDA_VISIBLE_DEVICES=0 timeout 400 $py -m speccascade.cli train --preset base --role drafter \
+      --out runs/base/drafter --device cuda > $L/train_drafter.log 2>&1
+    touch runs/pipe/drafter.done
+    if [ -d wip ]; then  # an unmerged tree (e.g. the graphs backend): its GPU tests, then its speed
+      ( cd wip && CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$PWD/src:${PYTHONPATH#*:}" timeout 200 $py -m pytest -q -rA \
+          --durations=0 -p no:cacheprovider tests/test_gpu.py ) > $L/wip_pytest_gpu.log 2>&1
+      ( cd wip && CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$PWD/src:${PYTHONPATH#*:}" timeout 150 $py benchmarks/gpu_speed.py \
+          --pair-dir src/speccascade/assets/models/tiny --shapes base_verifier_29M \
+          --roofline-kinds static+compile,graphs --skip-hf --kinds static+compile,graphs --scaling-batches "" \
+          --out ../$O/wip_speed.json ) > $L/wip_speed.log 2>&1
+    fi
+    wait_for runs/pipe/verifier.done
+    sweep_worker 0 0 2400 "$SWEEP_DIR" "$TEMPS" $L
+  ) &
+  (
+    CUDA_VISIBLE_DEVICES=1 timeout 600 $py -m speccascade.cli train --preset base --role verifier \
+      --out runs/base/verifier --device cuda > $L/train_verifier.log 2>&1
+    touch runs/pipe/verifier.done
+    wait_for runs/pipe/drafter.done
+    sweep_worker 1 1 2400 "$SWEEP_DIR" "$TEMPS" $L
+  ) &
+  wait
+  touch runs/pipe/all.done
+  ;;
 watch)
   t0=$(date +%s)
   while [ ! -e runs/pipe/all.done ] && [ $(($(date +%s) - t0)) -lt "$limit" ]; do sleep 10; done
-  cp -r runs/pipe/out/. runs/pipe/logs "$out/" 2>/dev/null
-  cp "$SWEEP_DIR"/*.jsonl "$out/" 2>/dev/null
-  for r in drafter verifier; do cp "runs/base/$r/training.json" "$out/${r}_training.json" 2>/dev/null; done
+  cp "$SWEEP_DIR"/*.jsonl "$out/" 2>/dev/null  # everything else in one archive (few files come back per call)
   for f in "$SWEEP_DIR"/*.jsonl; do echo "$f: $(grep -c '"type": "cell"' "$f") cells"; done
+  (cd runs && tar czf "$out/pipe.tgz" pipe "${SWEEP_DIR#runs/}" base/drafter/training.json base/verifier/training.json 2>/dev/null)
   ls runs/pipe
   tail -n 2 runs/pipe/logs/*.log
   exit 0
