@@ -143,6 +143,7 @@ _pipeline2)
       --out runs/base/drafter --device cuda > $L/train_drafter.log 2>&1
     touch runs/pipe/drafter.done
     if [ -d wip ]; then  # an unmerged tree (e.g. the graphs backend): its GPU tests, then its speed
+      [ -e wip/src/speccascade/assets ] || ln -s "$PWD/src/speccascade/assets" wip/src/speccascade/assets
       ( cd wip && CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$PWD/src:${PYTHONPATH#*:}" timeout 200 $py -m pytest -q -rA \
           --durations=0 -p no:cacheprovider tests/test_gpu.py ) > $L/wip_pytest_gpu.log 2>&1
       ( cd wip && CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$PWD/src:${PYTHONPATH#*:}" timeout 150 $py benchmarks/gpu_speed.py \
