@@ -58,11 +58,14 @@ def test_static_backend_matches_dynamic():
     check_static_matches_dynamic(compile=False)
 
 
-def check_static_matches_dynamic(compile: bool, device: str = "cpu"):
+def check_static_matches_dynamic(compile: bool, device: str = "cpu", factory=None):
+    """``factory(model, name, max_cache_len, compile)`` builds the backend under test (default:
+    StaticHFBackend)."""
     import speccascade as sc
     from speccascade.models import StaticHFBackend
     from tiny_models import tiny_pair
 
+    StaticHFBackend = factory or StaticHFBackend  # noqa: N806 (the backend under test)
     d, v = (m.to(device) for m in tiny_pair(0, noise=0.05))
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
     ref = sc.generate(d, v, prompts, method="verifier_only", temperature=0, max_new_tokens=16).tokens
@@ -85,6 +88,16 @@ def test_compiled_static_backend_matches_dynamic():
     run of tests/test_gpu.py covers CUDA graphs). Ragged feeds of several widths (token_cascade,
     BiLD) each meet a padded, compiled shape."""
     check_static_matches_dynamic(compile=True)
+
+
+def test_graph_backend_needs_cuda_and_bucket_widths():
+    from speccascade.errors import SpecCascadeError
+    from speccascade.models import GraphHFBackend, make_backend
+
+    with pytest.raises(SpecCascadeError, match="captures CUDA graphs"):
+        GraphHFBackend(tiny_llama(0), "verifier", 64)
+    with pytest.raises(SpecCascadeError, match="captures CUDA graphs"):
+        make_backend(tiny_llama(0), "verifier", "graphs")
 
 
 def test_bucket_widths():
