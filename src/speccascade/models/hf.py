@@ -273,10 +273,12 @@ class GraphHFBackend(StaticHFBackend):
     host cost grows with the layer count), which at batch 1 is most of a small model's call.
     The pre-fill and any width outside ``widths`` run the compiled step directly. CUDA only."""
 
+    requires_cuda = True  # tests replace the capture by a simulation and run on the CPU
+
     def __init__(self, model: torch.nn.Module, name: str = "model", max_cache_len: int = 1024,
                  widths: tuple[int, ...] = (1, 2, 4, 8, 16)):
         super().__init__(model, name, max_cache_len, compile=False)
-        if self.device.type != "cuda":
+        if self.requires_cuda and self.device.type != "cuda":
             raise SpecCascadeError(f"GraphHFBackend captures CUDA graphs: the {name} is on {self.device}; "
                                    "use StaticHFBackend (compile=True also works on a CPU)")
         bad = [w for w in widths if bucket(w) != w]
@@ -292,21 +294,27 @@ class GraphHFBackend(StaticHFBackend):
 
     def _on_new_cache(self, batch: int) -> None:
         self._graphs = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         for w in self.widths:  # widest first, so the narrower graphs reuse its memory pool
             tokens = torch.zeros(batch, w, dtype=torch.long, device=self.device)
             valid = torch.ones(batch, w, dtype=torch.long, device=self.device)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compile, autotune and allocate outside the capture
-                    self._inner(tokens, valid)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._inner(tokens, valid)
+            graph, logits = self._capture(tokens, valid)
             self._graphs[(batch, w)] = (graph, tokens, valid, logits)
             self._prepare(batch)  # the warm-up calls advanced the state: start clean again
+
+    def _capture(self, tokens: torch.Tensor, valid: torch.Tensor):
+        """Warm the step up on a side stream (compile, autotune, allocate), then capture one call
+        reading ``tokens`` / ``valid``; returns the graph and the logits tensor each replay fills."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._inner(tokens, valid)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._inner(tokens, valid)
+        return graph, logits
 
     def _replay_or_step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         entry = self._graphs.get(tuple(tokens.shape))
