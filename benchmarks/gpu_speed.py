@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import speccascade as sc  # noqa: E402
-from speccascade.models import HFBackend, StaticHFBackend  # noqa: E402
+from speccascade.models import GraphHFBackend, HFBackend, StaticHFBackend  # noqa: E402
 
 DTYPE = torch.bfloat16
 
@@ -68,6 +68,8 @@ def llama(hidden, layers, heads, kv, inter, vocab, seed=0):
 def backend(model, kind: str, name: str):
     if kind == "dynamic":
         return HFBackend(model, name)
+    if kind == "graphs":
+        return GraphHFBackend(model, name, max_cache_len=1024)
     return StaticHFBackend(model, name, max_cache_len=1024, compile=kind == "static+compile")
 
 
@@ -201,7 +203,7 @@ def roofline(bw: float, repeats: int, new_tokens: int, res: dict, save=lambda: N
                 be = backend(model, kind, "verifier")
                 r = tokens_per_s(be, be, prompt, "verifier_only", 1, 0.0, new_tokens, repeats)
                 r["bandwidth_fraction"] = r["tokens_per_s"] / res[name]["limit_tokens_per_s"]
-                if kind == "static+compile":
+                if kind in ("static+compile", "graphs"):
                     # the engine's parts: model calls alone, queued back to back (upper bound of the loop)
                     call = pipelined_call_s(be, 1)
                     r["model_calls_only_tokens_per_s"] = 1 / call

@@ -26,6 +26,22 @@ def test_compiled_static_backend_on_gpu_matches_plain_path():
     check_static_matches_dynamic(compile=True, device="cuda")
 
 
+def test_graph_backend_on_gpu_matches_plain_path():
+    from speccascade.models import GraphHFBackend
+
+    check_static_matches_dynamic(compile=True, device="cuda",
+                                 factory=lambda m, name, n, compile: GraphHFBackend(m, name, n))
+
+
+def test_graph_backend_rejects_non_bucket_widths():
+    from speccascade.errors import SpecCascadeError
+    from speccascade.models import GraphHFBackend
+
+    d, _ = (m.to("cuda") for m in tiny_pair(0, noise=0.05))
+    with pytest.raises(SpecCascadeError, match="bucket widths"):
+        GraphHFBackend(d, "drafter", 64, widths=(1, 3))
+
+
 def fresh_logits(model):
     memo = {}
 
@@ -38,12 +54,12 @@ def fresh_logits(model):
     return at
 
 
-@pytest.fixture(scope="module")
-def compiled_pair():
-    from speccascade.models import StaticHFBackend
+@pytest.fixture(scope="module", params=["compiled", "graphs"])
+def compiled_pair(request):
+    from speccascade.models import make_backend
 
     d, v = (m.to("cuda") for m in tiny_pair(1, noise=0.8, vocab=4))
-    return d, v, StaticHFBackend(d, "drafter", 128, compile=True), StaticHFBackend(v, "verifier", 128, compile=True)
+    return d, v, make_backend(d, "drafter", request.param, 128), make_backend(v, "verifier", request.param, 128)
 
 
 @pytest.mark.parametrize("name,alpha", [("sd", None), ("token_v3", 0.5), ("lossy_tuned", 0.4), ("chow", 0.35),

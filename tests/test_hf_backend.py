@@ -58,11 +58,14 @@ def test_static_backend_matches_dynamic():
     check_static_matches_dynamic(compile=False)
 
 
-def check_static_matches_dynamic(compile: bool, device: str = "cpu"):
+def check_static_matches_dynamic(compile: bool, device: str = "cpu", factory=None):
+    """``factory(model, name, max_cache_len, compile)`` builds the backend under test (default:
+    StaticHFBackend)."""
     import speccascade as sc
     from speccascade.models import StaticHFBackend
     from tiny_models import tiny_pair
 
+    StaticHFBackend = factory or StaticHFBackend  # noqa: N806 (the backend under test)
     d, v = (m.to(device) for m in tiny_pair(0, noise=0.05))
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
     ref = sc.generate(d, v, prompts, method="verifier_only", temperature=0, max_new_tokens=16).tokens
@@ -85,6 +88,58 @@ def test_compiled_static_backend_matches_dynamic():
     run of tests/test_gpu.py covers CUDA graphs). Ragged feeds of several widths (token_cascade,
     BiLD) each meet a padded, compiled shape."""
     check_static_matches_dynamic(compile=True)
+
+
+class SimulatedGraphs:
+    """A stand-in for a captured CUDA graph on the CPU: a replay recomputes the captured call from
+    the same static input buffers into the same output tensor, as a replay does on a GPU."""
+
+    def __init__(self, fn, tokens, valid, logits):
+        self.fn, self.tokens, self.valid, self.logits = fn, tokens, valid, logits
+
+    def replay(self):
+        self.logits.copy_(self.fn(self.tokens, self.valid))
+
+
+def simulated_graph_backend(model, name, max_cache_len, compile=True):
+    from speccascade.models import GraphHFBackend
+
+    class OnCPU(GraphHFBackend):
+        requires_cuda = False
+
+        def _capture(self, tokens, valid):
+            for _ in range(2):  # the warm-up calls advance the state, as on a GPU
+                self._inner(tokens, valid)
+            logits = self._inner(tokens, valid)
+            return SimulatedGraphs(self._inner, tokens, valid, logits), logits
+
+    return OnCPU(model, name, max_cache_len)
+
+
+def test_graph_backend_bookkeeping_with_simulated_graphs_matches_dynamic():
+    """GraphHFBackend's own logic on the CPU (capture replaced by a simulation): the state is clean
+    after the captures, each replay reads the static input buffers and overwrites one output tensor
+    (so extend must hand out copies), widths without a graph fall back to the compiled step. Greedy
+    and seeded tokens equal the dynamic backend's. (CUDA-graph capture itself: tests/test_gpu.py.)"""
+    check_static_matches_dynamic(compile=True, factory=simulated_graph_backend)
+    # a replay overwrites its output tensor: what extend returned earlier must not change
+    be = simulated_graph_backend(tiny_llama(0), "verifier", 128)
+    be.reset(torch.tensor([[4, 5, 6]]), torch.ones(1, 3, dtype=torch.long))
+    first = be.extend(torch.tensor([[7]]))
+    kept = first.clone()
+    be.commit(torch.tensor([1]))
+    second = be.extend(torch.tensor([[9]]))
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+
+
+def test_graph_backend_needs_cuda_and_bucket_widths():
+    from speccascade.errors import SpecCascadeError
+    from speccascade.models import GraphHFBackend, make_backend
+
+    with pytest.raises(SpecCascadeError, match="captures CUDA graphs"):
+        GraphHFBackend(tiny_llama(0), "verifier", 64)
+    with pytest.raises(SpecCascadeError, match="captures CUDA graphs"):
+        make_backend(tiny_llama(0), "verifier", "graphs")
 
 
 def test_bucket_widths():

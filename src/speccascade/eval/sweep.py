@@ -241,7 +241,7 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
                 f"{out} holds cells of another model pair ({sig.get('drafter')}, {sig.get('verifier')}; "
                 f"now {base_sig['drafter']}, {base_sig['verifier']}): the weights differ; use a new file")
     todo = [c for c in config.cells() if c.key not in done]
-    if backend == "compiled" and todo:
+    if backend in ("compiled", "graphs") and todo:
         warm_up(d_be, v_be, tokenizer, task, examples, todo, config.max_new_tokens)
     for gamma in sorted({c.gamma for c in config.cells()}):
         if not any(r.get("type") == "costs" and r.get("gamma") == gamma for r in records):

@@ -7,6 +7,6 @@ a model (or a backend) into a backend.
 """
 
 from .base import Backend, as_backend
-from .hf import BACKENDS, HFBackend, StaticHFBackend, make_backend
+from .hf import BACKENDS, GraphHFBackend, HFBackend, StaticHFBackend, make_backend
 
-__all__ = ["BACKENDS", "Backend", "HFBackend", "StaticHFBackend", "as_backend", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "GraphHFBackend", "HFBackend", "StaticHFBackend", "as_backend", "make_backend"]

@@ -169,6 +169,7 @@ class StaticHFBackend(HFBackend):
             dummy = torch.zeros(B, 1, dtype=torch.long, device=self.device)
             self._step(dummy, dummy)
             self._prepare(B)
+            self._on_new_cache(B)
         self.slots, self.n_tentative_slots = 0, 0
         if L > 1:  # cache all prompt tokens but the last, left-padded to a bucket width
             pad = bucket(max(L - 1, 64)) - (L - 1)  # prompts: 64, 128, 256, ... slots
@@ -205,6 +206,10 @@ class StaticHFBackend(HFBackend):
         self.n_tentative_slots = 0
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _on_new_cache(self, batch: int) -> None:
+        """Called once a new cache exists (its tensors allocated, its state zero); subclasses
+        capture graphs here."""
 
     def _prepare(self, batch: int) -> bool:
         """Reset (or first build) the cache and the device state; True if newly built."""
@@ -259,14 +264,80 @@ class StaticHFBackend(HFBackend):
         torch.add(self._n_committed, tentative.sum(1), out=self._n_pos)
 
 
-BACKENDS = ("dynamic", "static", "compiled")
+class GraphHFBackend(StaticHFBackend):
+    """:class:`StaticHFBackend` whose decode calls replay CUDA graphs captured by hand
+    (``torch.cuda.CUDAGraph``), one per feed width in ``widths`` and batch size, captured as soon as
+    a cache is built; inside each graph the step (model call and bookkeeping) is inductor-compiled
+    without CUDA graphs. A replay is one launch: torch.compile's own CUDA graphs (``compile=True``)
+    also check every input of the call on each replay (every parameter and cache tensor, so their
+    host cost grows with the layer count), which at batch 1 is most of a small model's call.
+    The pre-fill and any width outside ``widths`` run the compiled step directly. CUDA only."""
+
+    requires_cuda = True  # tests replace the capture by a simulation and run on the CPU
+
+    def __init__(self, model: torch.nn.Module, name: str = "model", max_cache_len: int = 1024,
+                 widths: tuple[int, ...] = (1, 2, 4, 8, 16)):
+        super().__init__(model, name, max_cache_len, compile=False)
+        if self.requires_cuda and self.device.type != "cuda":
+            raise SpecCascadeError(f"GraphHFBackend captures CUDA graphs: the {name} is on {self.device}; "
+                                   "use StaticHFBackend (compile=True also works on a CPU)")
+        bad = [w for w in widths if bucket(w) != w]
+        if bad:
+            raise SpecCascadeError(f"graph widths must be bucket widths (1, 2, 4, ..., 64), got {bad}")
+        self.compiled = True  # outputs of a replay are overwritten by the next one: extend copies them
+        self.widths = tuple(sorted(set(widths), reverse=True))
+        _raise_recompile_limit()
+        self._inner = torch.compile(self._step, dynamic=False)
+        self._graphs: dict = {}
+        self._pool = None
+        self._step_fn = self._replay_or_step
+
+    def _on_new_cache(self, batch: int) -> None:
+        self._graphs = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        for w in self.widths:  # widest first, so the narrower graphs reuse its memory pool
+            tokens = torch.zeros(batch, w, dtype=torch.long, device=self.device)
+            valid = torch.ones(batch, w, dtype=torch.long, device=self.device)
+            graph, logits = self._capture(tokens, valid)
+            self._graphs[(batch, w)] = (graph, tokens, valid, logits)
+            self._prepare(batch)  # the warm-up calls advanced the state: start clean again
+
+    def _capture(self, tokens: torch.Tensor, valid: torch.Tensor):
+        """Warm the step up on a side stream (compile, autotune, allocate), then capture one call
+        reading ``tokens`` / ``valid``; returns the graph and the logits tensor each replay fills."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._inner(tokens, valid)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._inner(tokens, valid)
+        return graph, logits
+
+    def _replay_or_step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        entry = self._graphs.get(tuple(tokens.shape))
+        if entry is None:
+            return self._inner(tokens, valid)
+        graph, static_tokens, static_valid, logits = entry
+        static_tokens.copy_(tokens)
+        static_valid.copy_(valid)
+        graph.replay()
+        return logits
+
+
+BACKENDS = ("dynamic", "static", "compiled", "graphs")
 
 
 def make_backend(model, name: str, kind: str = "dynamic", max_cache_len: int = 2048):
     """A backend by name: ``dynamic`` (:class:`HFBackend`), ``static`` or ``compiled``
-    (:class:`StaticHFBackend` without / with torch.compile and CUDA graphs)."""
+    (:class:`StaticHFBackend` without / with torch.compile and CUDA graphs), ``graphs``
+    (:class:`GraphHFBackend`: hand-captured CUDA graphs; CUDA only)."""
     if kind == "dynamic":
         return HFBackend(model, name)
     if kind in ("static", "compiled"):
         return StaticHFBackend(model, name, max_cache_len=max_cache_len, compile=kind == "compiled")
+    if kind == "graphs":
+        return GraphHFBackend(model, name, max_cache_len=max_cache_len)
     raise SpecCascadeError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
