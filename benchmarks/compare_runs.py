@@ -5,7 +5,9 @@
     python benchmarks/compare_runs.py pairs NEW_PAIR_JSON results/pairs/base_test_hypotheses.json.gz \
         --out results/sweep_base_gpu_b/pair_reproduction.json
 
-``sweeps``: for every cell key both file sets hold (same worker file name), the BLEU difference,
+``sweeps``: for every cell key both file sets hold (same worker file name; with ``--by-key`` the
+key alone, for runs whose workers held other methods, where a key held by several files of a run,
+such as each worker's verifier-only baseline, is taken from the first file), the BLEU difference,
 the wall-clock ratio (second / first) and the change of relative latency. ``pairs``: a pair
 evaluation written by ``benchmarks/train_pair.py`` (with hypotheses) against the hypotheses of an
 earlier training: test scores, agreement, and whether every output is identical.
@@ -26,17 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from speccascade.eval.sweep import read_records  # noqa: E402
 
 
-def cells(pattern: str) -> dict:
+def cells(pattern: str, by_key: bool = False) -> dict:
     out = {}
     for path in sorted(glob.glob(pattern)):
         for r in read_records(Path(path)):
             if r.get("type") == "cell":
-                out[(Path(path).name, r["key"])] = r
+                out.setdefault(("*" if by_key else Path(path).name, r["key"]), r)
     return out
 
 
-def compare_sweeps(first: str, second: str) -> dict:
-    a, b = cells(first), cells(second)
+def compare_sweeps(first: str, second: str, by_key: bool = False) -> dict:
+    a, b = cells(first, by_key), cells(second, by_key)
     shared = sorted(set(a) & set(b))
     rows = [{"file": f, "key": k, "method": a[(f, k)]["method"],
              "bleu": [a[(f, k)]["quality"]["bleu"], b[(f, k)]["quality"]["bleu"]],
@@ -49,7 +51,8 @@ def compare_sweeps(first: str, second: str) -> dict:
     base = [r for r in rows if r["method"] == "verifier_only"]
     spec = [r for r in rows if r["method"] not in ("verifier_only", "drafter_only", "seq_cascade", "oracle_diff",
                                                     "token_cascade", "bild")]
-    return {"first": first, "second": second, "shared_cells": len(rows),
+    return {"first": first, "second": second, "matched_by": "key" if by_key else "file and key",
+            "shared_cells": len(rows),
             "max_abs_bleu_difference": max(abs(r["bleu"][1] - r["bleu"][0]) for r in rows) if rows else None,
             "verifier_only_latency_ratio_by_T": {
                 f"T={T:g}": spread([r["latency_ratio"] for r in base if a[(r["file"], r["key"])]["temperature"] == T])
@@ -80,12 +83,13 @@ def main() -> None:
     s.add_argument("first")
     s.add_argument("second")
     s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--by-key", action="store_true", help="match cells by key alone (other worker layouts)")
     p = sub.add_parser("pairs")
     p.add_argument("new_pair", type=Path)
     p.add_argument("old_hypotheses", type=Path)
     p.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    rec = compare_sweeps(args.first, args.second) if args.what == "sweeps" else \
+    rec = compare_sweeps(args.first, args.second, args.by_key) if args.what == "sweeps" else \
         compare_pairs(args.new_pair, args.old_hypotheses)
     args.out.write_text(json.dumps(rec, indent=2))
     print(json.dumps({k: v for k, v in rec.items() if k not in ("cells", "test")}, indent=1))
