@@ -87,19 +87,27 @@ fi
 
 wait_for() { while [ ! -e "$1" ]; do sleep 5; done; }
 
+start_detached() {  # phase: run it outside this call (setsid), logging to runs/pipe/logs
+  rm -rf runs/pipe && mkdir -p runs/pipe/logs runs/pipe/out "$SWEEP_DIR"
+  setsid nohup bash "$0" "$1" > runs/pipe/logs/pipeline.log 2>&1 < /dev/null &
+  sleep 2
+  echo "$1 started: $(cat runs/pipe/logs/pipeline.log)"
+}
+
+train_role() {  # role gpu seconds: train runs/base/ROLE, then mark it done
+  CUDA_VISIBLE_DEVICES=$2 timeout "$3" $py -m speccascade.cli train --preset base --role "$1" \
+    --out "runs/base/$1" --device cuda > "runs/pipe/logs/train_$1.log" 2>&1
+  touch "runs/pipe/$1.done"
+}
+
 case "$phase" in
 pipeline)
-  rm -rf runs/pipe && mkdir -p runs/pipe/logs runs/pipe/out "$SWEEP_DIR"
-  setsid nohup bash "$0" _pipeline > runs/pipe/logs/pipeline.log 2>&1 < /dev/null &
-  sleep 2
-  echo "pipeline started: $(cat runs/pipe/logs/pipeline.log)"
+  start_detached _pipeline
   ;;
 _pipeline)
   L=runs/pipe/logs O=runs/pipe/out
   (
-    CUDA_VISIBLE_DEVICES=0 timeout 400 $py -m speccascade.cli train --preset base --role drafter \
-      --out runs/base/drafter --device cuda > $L/train_drafter.log 2>&1
-    touch runs/pipe/drafter.done
+    train_role drafter 0 400
     CUDA_VISIBLE_DEVICES=0 timeout 240 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py > $L/pytest_gpu.log 2>&1
     wait_for runs/pipe/verifier.done
     sweep_worker 0 0 2400 "$SWEEP_DIR" "$TEMPS" $L
@@ -108,9 +116,7 @@ _pipeline)
     cp runs/base/pair.json $O/pair.json
   ) &
   (
-    CUDA_VISIBLE_DEVICES=1 timeout 600 $py -m speccascade.cli train --preset base --role verifier \
-      --out runs/base/verifier --device cuda > $L/train_verifier.log 2>&1
-    touch runs/pipe/verifier.done
+    train_role verifier 1 600
     wait_for runs/pipe/drafter.done
     sweep_worker 1 1 2400 "$SWEEP_DIR" "$TEMPS" $L
   ) &
@@ -131,17 +137,12 @@ _pipeline)
   touch runs/pipe/all.done
   ;;
 pipeline2)
-  rm -rf runs/pipe && mkdir -p runs/pipe/logs runs/pipe/out "$SWEEP_DIR"
-  GPUS=2 setsid nohup bash "$0" _pipeline2 > runs/pipe/logs/pipeline.log 2>&1 < /dev/null &
-  sleep 2
-  echo "pipeline2 started: $(cat runs/pipe/logs/pipeline.log)"
+  start_detached _pipeline2
   ;;
 _pipeline2)
-  L=runs/pipe/logs O=runs/pipe/out
+  L=runs/pipe/logs O=runs/pipe/out GPUS=2
   (
-    CUDA_VISIBLE_DEVICES=0 timeout 400 $py -m speccascade.cli train --preset base --role drafter \
-      --out runs/base/drafter --device cuda > $L/train_drafter.log 2>&1
-    touch runs/pipe/drafter.done
+    train_role drafter 0 400
     if [ -d wip ]; then  # an unmerged tree (e.g. the graphs backend): its GPU tests, then its speed
       [ -e wip/src/speccascade/assets ] || ln -s "$PWD/src/speccascade/assets" wip/src/speccascade/assets
       ( cd wip && CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$PWD/src:${PYTHONPATH#*:}" timeout 200 $py -m pytest -q -rA \
@@ -155,9 +156,7 @@ _pipeline2)
     sweep_worker 0 0 2400 "$SWEEP_DIR" "$TEMPS" $L
   ) &
   (
-    CUDA_VISIBLE_DEVICES=1 timeout 600 $py -m speccascade.cli train --preset base --role verifier \
-      --out runs/base/verifier --device cuda > $L/train_verifier.log 2>&1
-    touch runs/pipe/verifier.done
+    train_role verifier 1 600
     wait_for runs/pipe/drafter.done
     sweep_worker 1 1 2400 "$SWEEP_DIR" "$TEMPS" $L
   ) &
