@@ -108,7 +108,7 @@ _pipeline)
   L=runs/pipe/logs O=runs/pipe/out
   (
     train_role drafter 0 400
-    CUDA_VISIBLE_DEVICES=0 timeout 240 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py > $L/pytest_gpu.log 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 240 $py -m pytest -p no:cacheprovider tests/test_gpu.py > $L/pytest_gpu.log 2>&1
     wait_for runs/pipe/verifier.done
     sweep_worker 0 0 2400 "$SWEEP_DIR" "$TEMPS" $L
     CUDA_VISIBLE_DEVICES=0 timeout 300 $py benchmarks/train_pair.py --preset base --roles "" --out runs/base \
@@ -145,7 +145,7 @@ _pipeline2)
     train_role drafter 0 400
     if [ -d wip ]; then  # an unmerged tree (e.g. the graphs backend): its GPU tests, then its speed
       [ -e wip/src/speccascade/assets ] || ln -s "$PWD/src/speccascade/assets" wip/src/speccascade/assets
-      ( cd wip && CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$PWD/src:${PYTHONPATH#*:}" timeout 200 $py -m pytest -q -rA \
+      ( cd wip && CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$PWD/src:${PYTHONPATH#*:}" timeout 200 $py -m pytest -rA \
           --durations=0 -p no:cacheprovider tests/test_gpu.py ) > $L/wip_pytest_gpu.log 2>&1
       ( cd wip && CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$PWD/src:${PYTHONPATH#*:}" timeout 150 $py benchmarks/gpu_speed.py \
           --pair-dir src/speccascade/assets/models/tiny --shapes base_verifier_29M \
@@ -178,7 +178,7 @@ train)
     CUDA_VISIBLE_DEVICES=0 timeout "$limit" $py -m speccascade.cli train --preset base --role drafter \
       --out runs/base/drafter --device cuda > "$out/logs/train_drafter.log" 2>&1
     cp runs/base/drafter/training.json "$out/drafter_training.json"
-    CUDA_VISIBLE_DEVICES=0 timeout 170 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$out/logs/pytest_gpu.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 170 $py -m pytest -p no:cacheprovider tests/test_gpu.py > "$out/logs/pytest_gpu.log" 2>&1
     CUDA_VISIBLE_DEVICES=0 timeout 230 $py benchmarks/gpu_speed.py --pair-dir runs/base --skip-h2h \
       --out "$out/roofline.json" > "$out/logs/roofline.log" 2>&1
   ) &

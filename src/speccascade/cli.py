@@ -202,8 +202,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights' dtype (bfloat16 on a GPU)")
     p.add_argument("--backend", default="dynamic", choices=BACKENDS,
-                   help="compiled = static cache + torch.compile / CUDA graphs (a GPU; compiling takes a while, "
-                        "so it pays off over long or repeated generation)")
+                   help="compiled = static cache + torch.compile / CUDA graphs; graphs = static cache + "
+                        "hand-captured CUDA graphs (a CUDA GPU; faster on small models). Both compile first, "
+                        "so they pay off over long or repeated generation")
 
 
 def build_parser() -> argparse.ArgumentParser:

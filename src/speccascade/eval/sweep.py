@@ -215,7 +215,8 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
     """Run every cell of ``config`` not yet in ``out``; returns all records of the file.
 
     ``backend``: ``dynamic`` (HFBackend), ``static`` or ``compiled`` (StaticHFBackend without / with
-    torch.compile and CUDA graphs); it is part of every record's signature. A compiled sweep first
+    torch.compile and CUDA graphs), ``graphs`` (GraphHFBackend); it is part of every record's
+    signature. A compiled or graphs sweep first
     warms up (:func:`warm_up`), so no compilation is timed."""
     from tqdm.auto import tqdm
 

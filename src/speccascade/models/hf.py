@@ -192,8 +192,8 @@ class StaticHFBackend(HFBackend):
             valid = (self._ar[:width].unsqueeze(0) < lengths.to(self.device).unsqueeze(1)).long()  # [B, width]
         if width > k:
             tokens = torch.nn.functional.pad(tokens, (0, width - k))
-        elif self.compiled:  # canonical strides: a [B, 1] view of a longer tensor would recompile the step
-            tokens = tokens.clone(memory_format=torch.contiguous_format)
+        elif self.compiled:
+            tokens = self._canonical(tokens)
         logits = self._call(tokens, valid)[:, :k]
         # a CUDA graph's output is overwritten by its next replay: the caller gets its own copy
         return logits.to(torch.float32, copy=self.compiled)                                    # [B, k, V]
@@ -206,6 +206,11 @@ class StaticHFBackend(HFBackend):
         self.n_tentative_slots = 0
 
     # -- internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _canonical(tokens: torch.Tensor) -> torch.Tensor:
+        """Canonical strides for a compiled step: a [B, 1] view of a longer tensor would recompile it."""
+        return tokens.clone(memory_format=torch.contiguous_format)
 
     def _on_new_cache(self, batch: int) -> None:
         """Called once a new cache exists (its tensors allocated, its state zero); subclasses
@@ -258,7 +263,7 @@ class StaticHFBackend(HFBackend):
     def _commit_step(self, n_keep: torch.Tensor, t: int) -> None:
         """Of the last ``t`` (tentative) slots, each row keeps the mask bits of its first ``n_keep``
         real tokens. The host knows where those slots are (``self.slots`` counts every slot fed), so
-        they are a view of the mask: four small kernels, no host sync."""
+        they are a view of the mask: a few small kernels, no host sync."""
         tentative = self._mask[:, self.slots - t:self.slots]                                  # [B, t] view
         tentative.mul_(tentative.cumsum(1) <= n_keep.unsqueeze(1))
         torch.add(self._n_committed, tentative.sum(1), out=self._n_pos)
@@ -292,6 +297,9 @@ class GraphHFBackend(StaticHFBackend):
         self._pool = None
         self._step_fn = self._replay_or_step
 
+    def _canonical(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens  # a replay copies the feed into its own buffer; the fallback canonicalises
+
     def _on_new_cache(self, batch: int) -> None:
         self._graphs = {}
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
@@ -319,7 +327,7 @@ class GraphHFBackend(StaticHFBackend):
     def _replay_or_step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         entry = self._graphs.get(tuple(tokens.shape))
         if entry is None:
-            return self._inner(tokens, valid)
+            return self._inner(StaticHFBackend._canonical(tokens), valid)
         graph, static_tokens, static_valid, logits = entry
         static_tokens.copy_(tokens)
         static_valid.copy_(valid)
