@@ -67,9 +67,9 @@ def test_non_finite_logits_named():
     with torch.no_grad():
         v.lm_head.weight[3, 0] = float("nan")
     with pytest.raises(NonFiniteLogitsError, match="verifier"):
-        sc.generate(d, v, [[5, 6]], method="opt")
+        sc.generate(d, v, [[5, 6]], method="opt", max_new_tokens=64)
     with pytest.raises(NonFiniteLogitsError, match="verifier"):
-        sc.generate(d, v, [[5, 6]], method="verifier_only")
+        sc.generate(d, v, [[5, 6]], method="verifier_only", max_new_tokens=64)
 
 
 def test_not_a_model():

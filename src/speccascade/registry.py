@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .checks import as_bool, as_int, as_real, parse_bool
 from .errors import SpecCascadeError
 
 
@@ -25,12 +26,7 @@ class AlphaRange:
     meaning: str = ""
 
     def check(self, method: str, value: float, name: str = "alpha") -> float:
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise SpecCascadeError(f"{name} for method {method!r} must be a number, got {value!r}") from None
-        if math.isnan(v):
-            raise SpecCascadeError(f"{name} for method {method!r} is NaN")
+        v = as_real(f"{name} for method {method!r}", value, hint=f" in {self.describe()}")
         too_low = v < self.low or (self.low_open and v == self.low)
         too_high = v > self.high or (self.high_open and v == self.high)
         if too_low or too_high:
@@ -41,10 +37,96 @@ class AlphaRange:
         return v
 
     def describe(self) -> str:
-        lo = "(" if self.low_open else "["
-        hi = ")" if self.high_open else "]"
+        lo = "(" if self.low_open or self.low == -math.inf else "["
+        hi = ")" if self.high_open or self.high == math.inf else "]"
         fmt = lambda x: "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:g}"  # noqa: E731
         return f"{lo}{fmt(self.low)}, {fmt(self.high)}{hi}"
+
+    def parse(self, method: str, text: str, name: str = "alpha") -> float:
+        """Command-line text -> a checked value."""
+        try:
+            v = float(str(text).strip())
+        except ValueError:
+            raise SpecCascadeError(f"{name} for method {method!r} must be a number, got {text!r}") from None
+        return self.check(method, v, name)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A typed method option (besides alpha): its type, default and admissible values.
+
+    ``type`` is ``bool``, ``int`` or ``float``; ``minimum`` bounds numbers from below;
+    ``none_ok``: ``None`` is admissible (e.g. "no cap"). :meth:`check` takes Python values and
+    converts nothing (``"yes"`` is not a bool, 2.5 is not an int); :meth:`parse` reads command-line
+    text (true/false, a number, ``none``).
+    """
+
+    type: type
+    default: object
+    minimum: float | None = None
+    none_ok: bool = False
+    meaning: str = ""
+
+    def check(self, method: str, value, name: str):
+        what = f"option {name} of method {method!r}"
+        if value is None:
+            if self.none_ok:
+                return None
+            raise SpecCascadeError(f"{what} cannot be None; give {self.describe()}")
+        if self.type is bool:
+            return as_bool(what, value)
+        if self.type is int:
+            return as_int(what, value, None if self.minimum is None else int(self.minimum), self.none_ok)
+        v = as_real(what, value)
+        if self.minimum is not None and v < self.minimum:
+            raise SpecCascadeError(f"{what} must be >= {self.minimum:g}, got {v:g}")
+        return v
+
+    def parse(self, method: str, text: str, name: str):
+        t = str(text).strip()
+        if self.none_ok and t.lower() in ("none", "null"):
+            return None
+        if self.type is bool:
+            return parse_bool(f"option {name} of method {method!r}", t)
+        try:
+            value = int(t) if self.type is int else float(t)
+        except ValueError:
+            raise SpecCascadeError(f"option {name} of method {method!r} must be {self.describe()}, "
+                                   f"got {text!r}") from None
+        return self.check(method, value, name)
+
+    def describe(self) -> str:
+        if self.type is bool:
+            kind = "true or false"
+        else:
+            kind = ("an integer" if self.type is int else "a number") + \
+                (f" >= {self.minimum:g}" if self.minimum is not None else "")
+        none = " or none" if self.none_ok else ""
+        default = self.default if not isinstance(self.default, bool) else str(self.default).lower()
+        return f"{kind}{none} (default {'none' if default is None else default})"
+
+
+#: What a plain default in ``register(extra=...)`` means (a typed spec is derived from it).
+OPTION_MEANINGS = {
+    "length_normalized": "compare the per-token geometric mean of q(response) instead of the raw product",
+    "max_drafter_run": "force a deferral after this many drafter tokens in a row (none: no cap)",
+}
+
+
+def typed_option(name: str, value) -> "Option | AlphaRange":
+    """A typed spec from a plain default: a bool -> a bool option; an int -> a count >= 1 that may
+    be None (no limit); a float -> a number. Typed specs (:class:`Option`, :class:`AlphaRange`)
+    are kept as they are."""
+    if isinstance(value, (Option, AlphaRange)):
+        return value
+    meaning = OPTION_MEANINGS.get(name, "")
+    if isinstance(value, bool):
+        return Option(bool, value, meaning=meaning)
+    if isinstance(value, int):
+        return Option(int, value, minimum=1, none_ok=True, meaning=meaning)
+    if isinstance(value, float):
+        return Option(float, value, meaning=meaning)
+    raise TypeError(f"option {name!r}: give a typed spec (registry.Option), not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +136,8 @@ class MethodSpec:
     ``kind`` is ``"speculative"`` (the one loop of :mod:`.loop`, with ``fn`` the rule building pi)
     or ``"sequential"`` (``fn`` decodes by itself, :mod:`.baselines`).
     ``bonus_from_verifier``: the bonus token is drawn from p rather than pi (sd, lossy*).
+    ``extra``: the method's options besides alpha, each a typed spec (:class:`Option` or
+    :class:`AlphaRange`) with :meth:`check` (Python values) and :meth:`parse` (command-line text).
     """
 
     name: str
@@ -64,6 +148,22 @@ class MethodSpec:
     alpha: AlphaRange | None = None
     extra: dict = field(default_factory=dict)
     bonus_from_verifier: bool = False
+
+    def check_alpha(self, alpha):
+        """``alpha`` checked against the method's range (``None``: the method's default)."""
+        if self.alpha is None:
+            if alpha is not None:
+                raise SpecCascadeError(f"method {self.name!r} takes no alpha (got alpha={alpha!r}); leave it out")
+            return None
+        return self.alpha.default if alpha is None else self.alpha.check(self.name, alpha)
+
+    def check_options(self, options: dict) -> dict:
+        """The method's options (besides alpha), each checked against its typed spec."""
+        unknown = sorted(set(options) - set(self.extra))
+        if unknown:
+            takes = ", ".join(f"{k}: {v.describe()}" for k, v in self.extra.items()) or "none"
+            raise SpecCascadeError(f"method {self.name!r} has no option(s) {unknown}; it takes {takes}")
+        return {k: self.extra[k].check(self.name, v, k) for k, v in options.items()}
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -77,13 +177,14 @@ def register(name: str, *, kind: str, title: str, paper: str, alpha: AlphaRange 
         if name in METHODS:
             raise RuntimeError(f"method {name!r} registered twice")
         METHODS[name] = MethodSpec(name=name, kind=kind, fn=fn, title=title, paper=paper, alpha=alpha,
-                                   extra=dict(extra or {}), bonus_from_verifier=bonus_from_verifier)
+                                   extra={k: typed_option(k, v) for k, v in (extra or {}).items()},
+                                   bonus_from_verifier=bonus_from_verifier)
         return fn
 
     return deco
 
 
 def get_method(name: str) -> MethodSpec:
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise SpecCascadeError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     return METHODS[name]

@@ -12,15 +12,23 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import as_int, as_real
 from .errors import SpecCascadeError
+
+
+#: The smallest temperature that is sampled from; 0 < T < MIN_TEMPERATURE is refused (logits / T
+#: overflows float32 and the softmax turns into NaN, which used to emit pad tokens). T = 0 is greedy.
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """How a model's logits become the distribution that tokens are drawn from.
 
-    ``temperature == 0`` means greedy: the sampling distribution is one-hot on the argmax.
+    ``temperature == 0`` means greedy: the sampling distribution is one-hot on the argmax;
+    ``0 < temperature < MIN_TEMPERATURE`` (1e-4) is refused: use 0 for greedy decoding.
     ``top_k == 0`` and ``top_p == 1.0`` switch those filters off. They apply to both models.
+    Values are checked, never converted: ``top_k=2.5`` is an error, not 2.
     """
 
     temperature: float = 1.0
@@ -28,13 +36,20 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        t = float(self.temperature)
-        if not (t >= 0.0 and t != float("inf")):
-            raise SpecCascadeError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if int(self.top_k) != self.top_k or self.top_k < 0:
-            raise SpecCascadeError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (0.0 < float(self.top_p) <= 1.0):
+        t = as_real("temperature", self.temperature, hint=" >= 0 (0 = greedy)")
+        if t < 0:
+            raise SpecCascadeError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise SpecCascadeError(
+                f"temperature={self.temperature!r} is too small to sample from (the softmax of logits / T "
+                f"underflows); use temperature=0 for greedy decoding, or a temperature >= {MIN_TEMPERATURE:g}")
+        k = as_int("top_k", self.top_k, minimum=0, hint=" (0 = off)")
+        p = as_real("top_p", self.top_p, hint=" in (0, 1] (1 = off)")
+        if not 0.0 < p <= 1.0:
             raise SpecCascadeError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        object.__setattr__(self, "temperature", t)
+        object.__setattr__(self, "top_k", k)
+        object.__setattr__(self, "top_p", p)
 
     @property
     def greedy(self) -> bool:
