@@ -232,6 +232,21 @@ def _check_models(drafter: Backend, verifier: Backend, ids, mask, max_new_tokens
                 f"lower max_new_tokens (default {DEFAULTS.max_new_tokens}) or shorten the prompt")
 
 
+def check_settings(method=DEFAULTS.method, alpha=DEFAULTS.alpha, gamma=DEFAULTS.gamma,
+                   temperature=DEFAULTS.temperature, top_k=DEFAULTS.top_k, top_p=DEFAULTS.top_p,
+                   max_new_tokens=DEFAULTS.max_new_tokens, seed=DEFAULTS.seed, **method_options):
+    """Every setting of :func:`generate` that needs no model, checked (the CLI calls it before
+    loading models). Returns (spec, alpha, options, gamma, SamplingConfig, max_new_tokens, seed)."""
+    spec = get_method(method)
+    alpha = spec.check_alpha(alpha)
+    method_options = spec.check_options(method_options)
+    gamma = as_int("gamma (the draft block size)", gamma, minimum=1)
+    cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    max_new_tokens = as_int("max_new_tokens", max_new_tokens, minimum=1)
+    seed = as_int("seed", seed, minimum=0, allow_none=True)
+    return spec, alpha, method_options, gamma, cfg, max_new_tokens, seed
+
+
 def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alpha: float | None = DEFAULTS.alpha,
              gamma: int = DEFAULTS.gamma, temperature: float = DEFAULTS.temperature, top_k: int = DEFAULTS.top_k,
              top_p: float = DEFAULTS.top_p, max_new_tokens: int = DEFAULTS.max_new_tokens,
@@ -251,13 +266,8 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
     ids stop a row, ``[]`` means no EOS. Draws use ``generator`` if given, else a new one seeded
     with ``seed`` (``None``: nondeterministic). Defaults: :data:`DEFAULTS`.
     """
-    spec = get_method(method)
-    alpha = spec.check_alpha(alpha)
-    method_options = spec.check_options(method_options)
-    gamma = as_int("gamma (the draft block size)", gamma, minimum=1)
-    max_new_tokens = as_int("max_new_tokens", max_new_tokens, minimum=1)
-    cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    seed = as_int("seed", seed, minimum=0, allow_none=True)
+    spec, alpha, method_options, gamma, cfg, max_new_tokens, seed = check_settings(
+        method, alpha, gamma, temperature, top_k, top_p, max_new_tokens, seed, **method_options)
     progress = as_bool("progress", progress)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise SpecCascadeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

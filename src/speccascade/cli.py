@@ -13,81 +13,114 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import NonFiniteLogitsError, SpecCascadeError
+from .api import DEFAULTS
+from .errors import SpecCascadeError
 from .models.hf import BACKENDS
-from .registry import METHODS
+from .registry import METHODS, get_method
 
 
 def _generate(args) -> int:
-    import torch
-
-    from .api import generate
+    from .api import check_settings, generate
     from .eval.tasks import BibleTask, Task
+    from .models.loading import set_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    set_threads(args.threads)
     embedded = args.drafter is None and args.verifier is None
-    drafter, verifier, tok, _ = _load_pair(args)
-    task = BibleTask() if (args.format or ("translate" if embedded else "raw")) == "translate" else Task()
-    ids, eos = task.encode(tok, args.prompt), task.eos_token_id(tok)
     options = {}
     if args.alpha_f is not None:
         options["alpha_f"] = args.alpha_f
     for text in args.option:
         _, key, value = parse_option(text, args.method)
         options[key] = value
+    settings = dict(gamma=args.gamma, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+    check_settings(args.method, args.alpha, **settings, **options)  # before the models load
+    drafter, verifier, tok, _ = _load_pair(args)
+    task = BibleTask() if (args.format or ("translate" if embedded else "raw")) == "translate" else Task()
+    ids, eos = task.encode(tok, args.prompt), task.eos_token_id(tok)
+    if not ids:
+        raise SpecCascadeError(f"the prompt {args.prompt!r} encodes to no tokens; give some text")
     if args.backend != "dynamic":
         from .models import make_backend
 
         drafter, verifier = make_backend(drafter, "drafter", args.backend), make_backend(verifier, "verifier", args.backend)
-    out = generate(drafter, verifier, [ids], method=args.method, alpha=args.alpha, gamma=args.gamma,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   max_new_tokens=args.max_new_tokens, eos_token_id=eos, seed=args.seed,
-                   progress=not args.quiet, **options)
+    settings["eos_token_id"] = eos
+    out = generate(drafter, verifier, [ids], method=args.method, alpha=args.alpha, progress=not args.quiet,
+                   **settings, **options)
+    base = None
+    if args.compare and args.method != "verifier_only":
+        base = generate(drafter, verifier, [ids], method="verifier_only", progress=not args.quiet, **settings)
     tokens = out.tokens[0]
     text = task.decode(tok, tokens)
     if args.json:
-        print(json.dumps({"text": text, "tokens": tokens, "method": args.method, "alpha": out.alpha,
-                          "stats": out.stats.to_dict()}, ensure_ascii=False))
+        res = {"text": text, "tokens": tokens, "method": args.method, "alpha": out.alpha,
+               "eos_token_id": out.eos_token_id, "stats": out.stats.to_dict()}
+        if base is not None:
+            res["verifier_only"] = {"text": task.decode(tok, base.tokens[0]), "stats": base.stats.to_dict(),
+                                    "speedup_tokens_per_second": out.stats.tokens_per_second
+                                    / base.stats.tokens_per_second if base.stats.tokens_per_second else None}
+        print(json.dumps(res, ensure_ascii=False))
     else:
         print(text)
-        print(f"[{args.method} alpha={out.alpha} gamma={args.gamma} T={args.temperature}] {out.stats.summary()}",
+        spec = METHODS[args.method]
+        head = [args.method] + ([f"alpha={out.alpha:g}"] if out.alpha is not None else []) \
+            + ([f"gamma={args.gamma}"] if spec.kind == "speculative" else []) + [f"T={args.temperature:g}"]
+        print(f"[{' '.join(head)}] {out.stats.summary(args.method, base.stats if base else None)}",
               file=sys.stderr if args.quiet else sys.stdout)
+        if base is not None and base.tokens[0] != tokens:
+            print(f"[verifier_only] {task.decode(tok, base.tokens[0])}", file=sys.stderr if args.quiet else sys.stdout)
     return 0
 
 
 def _methods(args) -> int:
+    from .stats import DEFERRED_MEANINGS, deferred_meaning
+
     rows = []
     for name, spec in METHODS.items():
         rng = spec.alpha.describe() if spec.alpha else "-"
         default = f"{spec.alpha.default:g}" if spec.alpha else "-"
         meaning = spec.alpha.meaning if spec.alpha else "no threshold"
-        extra = {k: (v.describe() if hasattr(v, "describe") else v) for k, v in spec.extra.items()}
-        rows.append((name, spec.kind, spec.title, spec.paper, rng, default, meaning, extra))
+        extra = {k: _describe_option(v) for k, v in spec.extra.items()}
+        rows.append((name, spec.kind, spec.title, spec.paper, rng, default, meaning, extra, deferred_meaning(name)))
     if args.json:
-        keys = ("name", "kind", "title", "paper", "alpha_range", "alpha_default", "alpha_meaning", "options")
+        keys = ("name", "kind", "title", "paper", "alpha_range", "alpha_default", "alpha_meaning", "options",
+                "deferred_counts")
         print(json.dumps([dict(zip(keys, r)) for r in rows], indent=2))
         return 0
     print(f"{'method':14} {'kind':11} {'alpha range':13} {'default':8} meaning")
-    for name, kind, title, paper, rng, default, meaning, extra in rows:
-        more = f"; options {extra}" if extra else ""
+    for name, kind, title, paper, rng, default, meaning, extra, _ in rows:
+        more = "; options: " + "; ".join(f"{k} = {v}" for k, v in extra.items()) if extra else ""
         print(f"{name:14} {kind:11} {rng:13} {default:8} {title} ({paper}): {meaning}{more}")
+    print("\nThe stats line of `speccascade generate`: tokens emitted, wall time and tokens/s; verifier and drafter "
+          "calls (a speculative\nblock is gamma + 1 drafter calls and 1 verifier call); for methods that draft "
+          "(speculative ones, bild): drafts proposed,\naccepted (acceptance rate = accepted / proposed), rejected, "
+          "discarded after a rejection; 'deferred' counts:")
+    print(f"  speculative methods: {DEFERRED_MEANINGS['speculative']}")
+    for name in ("token_cascade", "oracle_diff", "seq_cascade", "bild"):
+        print(f"  {name}: {DEFERRED_MEANINGS[name]}")
+    print("  verifier_only, drafter_only: not counted. `generate --compare` adds the speed-up against verifier_only.")
     return 0
 
 
+def _describe_option(spec) -> str:
+    if hasattr(spec, "low"):  # an AlphaRange
+        return f"a number in {spec.describe()} (default {spec.default:g})" + (f": {spec.meaning}" if spec.meaning else "")
+    return spec.describe() + (f": {spec.meaning}" if getattr(spec, "meaning", "") else "")
+
+
 def _train(args) -> int:
-    from .train.trainer import train
+    from .models.loading import TOKENIZER_DIR, check_device
+    from .train.trainer import check_train_args, train
 
-    from .models.loading import TOKENIZER_DIR
-
-    tok_dir = args.tokenizer or TOKENIZER_DIR
     roles = ["drafter", "verifier"] if args.role == "both" else [args.role]
+    for role in roles:
+        check_train_args(args.preset, role, args.epochs, args.minutes)
+    check_device(args.device, "model to train")
+    if args.tokenizer is not None and not args.tokenizer.is_dir():
+        raise SpecCascadeError(f"--tokenizer {str(args.tokenizer)!r} is not a folder (give the folder that holds "
+                               f"tokenizer.json; an existing empty folder gets a newly trained tokenizer)")
+    tok_dir = args.tokenizer or TOKENIZER_DIR
+    _check_out_dir(args.out, "--out")
     for role in roles:
         out = args.out / role if args.role == "both" else args.out
         log = train(args.preset, role, out, Path(tok_dir), device=args.device, seed=args.seed,
@@ -96,38 +129,79 @@ def _train(args) -> int:
     return 0
 
 
-def _load_pair(args):
-    from .models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
+def _check_out_dir(path: Path, flag: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise SpecCascadeError(f"{flag} {str(path)!r} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SpecCascadeError(f"cannot create the {flag} folder {str(path)!r}: {e.strerror or e}") from None
 
-    tok_path = args.tokenizer
+
+def _load_pair(args):
+    from .models.loading import TOKENIZER_DIR, check_device, embedded_pair_dirs, load_causal_lm, load_tokenizer
+
+    dev = check_device(args.device, "drafter and verifier (--device)")
+    tok_path, tok_role = args.tokenizer, "--tokenizer"
     if args.drafter is None and args.verifier is None:
         d_path, v_path = embedded_pair_dirs(args.pair)
-        tok_path = tok_path or TOKENIZER_DIR
+        if tok_path is None:
+            tok_path, tok_role = TOKENIZER_DIR, "embedded tokenizer"
     elif args.drafter is None or args.verifier is None:
         raise SpecCascadeError("give both --drafter and --verifier, or neither (the embedded pair)")
     else:
         d_path, v_path = Path(args.drafter), Path(args.verifier)
+    if tok_path is None:
+        tok_path, tok_role = v_path, "verifier's tokenizer (no --tokenizer given)"
     import torch
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     dtype = getattr(torch, getattr(args, "dtype", "float32"))
-    drafter = load_causal_lm(d_path, device=args.device, dtype=dtype)
-    verifier = load_causal_lm(v_path, device=args.device, dtype=dtype)
-    return drafter, verifier, load_tokenizer(tok_path or v_path), (str(d_path), str(v_path))
+    tokenizer = load_tokenizer(tok_path, role=tok_role)  # cheap: fail before the models load
+    drafter = load_causal_lm(d_path, device=dev, dtype=dtype, role="drafter")
+    verifier = load_causal_lm(v_path, device=dev, dtype=dtype, role="verifier")
+    return drafter, verifier, tokenizer, (str(d_path), str(v_path))
 
 
-def parse_alphas(text: str | None) -> dict[str, list]:
-    """``"chow=0,0.5;opt=-1,0,1"`` -> {"chow": [0.0, 0.5], "opt": [-1.0, 0.0, 1.0]}."""
+def parse_alphas(text: str | None, methods: list[str] | None = None) -> dict[str, list]:
+    """``"chow=0,0.5;opt=-1,0,1"`` -> {"chow": [0.0, 0.5], "opt": [-1.0, 0.0, 1.0]}, every value
+    checked against its method's range; an unknown method, a method that takes no alpha or is not
+    swept (``methods``), a value that is not a number or out of range is an error."""
     out = {}
-    for part in filter(None, (text or "").split(";")):
-        name, _, values = part.partition("=")
-        out[name.strip()] = [float(v) for v in values.split(",") if v.strip()]
+    if text is None:
+        return out
+    example = "e.g. --alphas 'chow=0,0.5;opt=-1,0,1'"
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        name, eq, values = part.partition("=")
+        name = name.strip()
+        if not eq:
+            raise SpecCascadeError(f"--alphas: {part.strip()!r} is not METHOD=A,B,...; {example}")
+        spec = METHODS.get(name)
+        if spec is None:
+            raise SpecCascadeError(f"--alphas: unknown method {name!r}; choose among {', '.join(METHODS)}")
+        if spec.alpha is None:
+            raise SpecCascadeError(f"--alphas: method {name!r} takes no alpha")
+        if methods is not None and name not in methods:
+            raise SpecCascadeError(f"--alphas: {name!r} is not among the swept methods ({', '.join(methods)})")
+        if name in out:
+            raise SpecCascadeError(f"--alphas names {name!r} twice; give all its values at once: {name}=A,B,C")
+        raw = [v.strip() for v in values.split(",")]
+        if not any(raw) or not all(raw):
+            raise SpecCascadeError(f"--alphas: {part.strip()!r} has an empty value; {example}")
+        out[name] = [spec.alpha.parse(name, v) for v in raw]
+    if not out:
+        raise SpecCascadeError(f"--alphas {text!r} gives no grid; {example}")
     return out
 
 
 def parse_option(text: str, method: str | None = None) -> tuple[str, str, object]:
     """``"seq_cascade.length_normalized=true"`` (or ``"length_normalized=true"`` with ``method``
-    given) -> (method, key, value); the value is read as JSON (true, 3, 0.5, null), else kept as a
-    string. Unknown methods or options are a clear error."""
+    given) -> (method, key, value); the value is read by the option's typed spec (true/false,
+    an integer, a number, none). Unknown methods or options, and ill-typed values, are clear errors."""
     name, eq, raw = text.partition("=")
     if not eq:
         raise SpecCascadeError(f"--option takes {'KEY' if method else 'METHOD.KEY'}=VALUE, got {text!r}")
@@ -138,41 +212,45 @@ def parse_option(text: str, method: str | None = None) -> tuple[str, str, object
     spec = METHODS.get(method.strip())
     if spec is None:
         raise SpecCascadeError(f"--option {text!r}: unknown method {method!r}")
-    if name.strip() not in spec.extra:
-        raise SpecCascadeError(f"--option {text!r}: method {method!r} has no option {name.strip()!r}; "
+    key = name.strip()
+    if key not in spec.extra:
+        raise SpecCascadeError(f"--option {text!r}: method {method!r} has no option {key!r}; "
                                f"it takes {sorted(spec.extra) or 'none'}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return method.strip(), name.strip(), value
+    return method.strip(), key, spec.extra[key].parse(method.strip(), raw, key)
 
 
 def _sweep(args) -> int:
-    import torch
-
-    from .eval.sweep import SweepConfig, run_sweep
+    from .eval.sweep import SweepConfig, check_out_file, run_sweep
     from .eval.tasks import get_task
+    from .models.loading import set_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    task = get_task(args.task, args.task_file, args.metric)
-    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    set_threads(args.threads)
+    methods = list(METHODS) if args.methods.strip() == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise SpecCascadeError(f"--methods {args.methods!r} names no method; give names separated by commas, or 'all'")
+    for m in methods:
+        get_method(m)
     options = {}
     if args.alpha_f is not None:
+        if "bild" not in methods:
+            raise SpecCascadeError("--alpha-f is BiLD's fallback threshold, but bild is not among the swept methods")
         options["bild"] = {"alpha_f": args.alpha_f}
     for text in args.option:
         method, key, value = parse_option(text)
         if method not in methods:
             raise SpecCascadeError(f"--option {text!r}: {method!r} is not among the swept methods")
         options.setdefault(method, {})[key] = value
-    cfg = SweepConfig(methods=methods, alphas=parse_alphas(args.alphas), gammas=args.gammas,
+    cfg = SweepConfig(methods=methods, alphas=parse_alphas(args.alphas, methods), gammas=args.gammas,
                       temperatures=args.temperatures, seeds=args.seeds, batch_sizes=args.batch_sizes,
                       n_examples=args.examples, max_new_tokens=args.max_new_tokens, options=options)
+    cfg.validate()
+    task = get_task(args.task, args.task_file, args.metric)
+    check_out_file(args.out)
     drafter, verifier, tok, names = _load_pair(args)
     records = run_sweep(drafter, verifier, tok, task, cfg, args.out, names=names, progress=not args.quiet,
                         backend=args.backend)
-    print(f"{sum(r.get('type') == 'cell' for r in records)} cells in {args.out}")
+    cells = [r for r in records if r.get("type") == "cell"]
+    print(f"{len(cells)} cells in {args.out} ({len(cfg.cells())} in this grid)")
     return 0
 
 
@@ -218,19 +296,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="tokenizer directory (default: the verifier's)")
     g.add_argument("--pair", default="tiny", help="embedded pair to use when no models are given")
     g.add_argument("--format", choices=["translate", "raw"], help="prompt format (default: translate for the embedded pair)")
-    g.add_argument("--method", default="token_v3", choices=list(METHODS))
-    g.add_argument("--alpha", type=float, default=None, help="the method's threshold (see `speccascade methods`)")
+    g.add_argument("--method", default=DEFAULTS.method, choices=list(METHODS),
+                   help=f"decoding method (default {DEFAULTS.method}; see `speccascade methods`)")
+    g.add_argument("--alpha", type=float, default=DEFAULTS.alpha,
+                   help="the method's threshold (default: the method's own; see `speccascade methods`)")
     g.add_argument("--alpha-f", type=float, default=None, help="BiLD's fallback threshold")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. length_normalized=true for seq_cascade (see `speccascade methods`)")
-    g.add_argument("--gamma", type=int, default=5, help="draft block size")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--gamma", type=int, default=DEFAULTS.gamma, help=f"draft block size (default {DEFAULTS.gamma})")
+    g.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                   help=f"0 = greedy (default {DEFAULTS.temperature:g}); 0 < T < 1e-4 is refused")
+    g.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="0 = off")
+    g.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="1 = off")
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
+                   help=f"default {DEFAULTS.max_new_tokens}; a row also stops at the tokenizer's EOS token")
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed)
     _model_args(g)
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0, the default: torch's default)")
+    g.add_argument("--compare", action="store_true",
+                   help="also decode with verifier_only (same settings and seed) and print the speed-up")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--quiet", action="store_true", help="no progress bar; stats to stderr")
     g.set_defaults(fn=_generate)
@@ -240,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=_methods)
 
     s = sub.add_parser("sweep", help="run the cost-quality sweep; appends one JSONL record per cell (resumable)")
-    s.add_argument("--task", default="bible_en_es")
+    s.add_argument("--task", default=None, help="bible_en_es (the default) or jsonl (the default with --task-file)")
     s.add_argument("--task-file", help="JSONL file of {input, reference} rows (task 'jsonl')")
     s.add_argument("--metric", default=None, help="metric of a jsonl task: bleu, chrf, rouge1/2/L, exact_match, token_f1")
     s.add_argument("--drafter")
@@ -256,11 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
     s.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
-    s.add_argument("--examples", type=int, default=200)
+    s.add_argument("--examples", type=int, default=200, help="examples of the task (>= 1; default 200)")
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--out", type=Path, required=True, help="JSONL file (appended to; resumed)")
     _model_args(s)
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_sweep)
 
@@ -287,12 +371,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the command line; returns the exit status: 0, 2 for bad input (``speccascade: error: ...``
+    on stderr, never a traceback), 1 for an unexpected failure (its one-line description; set
+    SPECCASCADE_TRACEBACK=1 for the traceback), 130 when interrupted."""
+    import os
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (SpecCascadeError, NonFiniteLogitsError) as e:
+    except SpecCascadeError as e:
         print(f"speccascade: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("speccascade: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an environment failure: one line, not a traceback
+        if os.environ.get("SPECCASCADE_TRACEBACK"):
+            raise
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        print(f"speccascade: error: unexpected {type(e).__name__}{where}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+              f" (set SPECCASCADE_TRACEBACK=1 to see where; please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

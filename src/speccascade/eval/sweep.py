@@ -6,7 +6,10 @@ batched cells); the latency of a cell is the wall-clock sum over its examples; i
 latency* divides by the ``verifier_only`` latency at the same temperature, seed and batch size,
 measured in the same sweep file (that cell always runs first). A record is appended and flushed
 as soon as its cell finishes; on restart, cells already in the file are skipped, so an
-interrupted sweep loses at most the cell in flight and never repeats one.
+interrupted sweep loses at most the cell in flight and never repeats one. A torn last line (a
+writer killed mid-write) is cut off before anything is appended; a file written with other
+settings (task, examples, max_new_tokens, backend, dtype, device) or weights is refused, never
+silently extended; the whole grid (every alpha) is validated before the first cell runs.
 
 Each record carries a reproducibility ``signature`` (models, task, method, alpha, gamma, T, seed,
 library and torch versions, device); ``type: "costs"`` records hold the per-call costs of the
@@ -28,9 +31,11 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import SpecCascadeError
+from ..checks import as_int
+from ..errors import DeviceError, SpecCascadeError, SweepFileError
 from ..models.hf import make_backend
 from ..registry import METHODS, get_method
+from ..sampling import SamplingConfig
 from ..stats import Stats
 from .tasks import Task, run_task
 
@@ -84,6 +89,55 @@ class SweepConfig:
     max_new_tokens: int = 128
     options: dict[str, dict] = field(default_factory=dict)
 
+    def validate(self) -> "SweepConfig":
+        """Check every setting and every alpha of the grid before anything runs (a bad alpha must
+        not fail after the baseline took minutes); values are normalised in place."""
+        if isinstance(self.methods, str) or not self.methods:
+            raise SpecCascadeError(f"methods must be a non-empty list of method names, got {self.methods!r}")
+        for m in self.methods:
+            get_method(m)
+        if not isinstance(self.alphas, dict):
+            raise SpecCascadeError(f"alphas must be a dict {{method: [alpha, ...]}}, got {type(self.alphas).__name__}")
+        for m, grid in self.alphas.items():
+            spec = get_method(m)
+            if m not in self.methods:
+                raise SpecCascadeError(f"alphas are given for {m!r}, which is not among the swept methods "
+                                       f"({', '.join(self.methods)})")
+            if spec.alpha is None:
+                raise SpecCascadeError(f"alphas are given for {m!r}, which takes no alpha")
+            if isinstance(grid, (str, bytes)) or not hasattr(grid, "__iter__") or not list(grid):
+                raise SpecCascadeError(f"the alpha grid of {m!r} must be a non-empty list of numbers, got {grid!r}")
+            self.alphas[m] = [spec.alpha.check(m, a) for a in grid]
+        for m in self.methods:  # the built-in grids, too
+            spec = METHODS[m]
+            if spec.alpha is not None and m not in self.alphas:
+                for a in DEFAULT_ALPHAS.get(m) or [spec.alpha.default]:
+                    spec.alpha.check(m, a)
+
+        def ints(name, values, minimum):
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or not list(values):
+                raise SpecCascadeError(f"{name} must be a non-empty list of integers >= {minimum}, got {values!r}")
+            return [as_int(f"each of {name}", v, minimum=minimum) for v in values]
+
+        self.gammas = ints("gammas", self.gammas, 1)
+        self.seeds = ints("seeds", self.seeds, 0)
+        self.batch_sizes = ints("batch_sizes", self.batch_sizes, 1)
+        if isinstance(self.temperatures, (str, bytes)) or not hasattr(self.temperatures, "__iter__") \
+                or not list(self.temperatures):
+            raise SpecCascadeError(f"temperatures must be a non-empty list of numbers >= 0, got {self.temperatures!r}")
+        self.temperatures = [SamplingConfig(temperature=t).temperature for t in self.temperatures]
+        self.n_examples = as_int("the number of examples (--examples)", self.n_examples, minimum=1, allow_none=True)
+        self.max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        if not isinstance(self.options, dict):
+            raise SpecCascadeError(f"options must be a dict {{method: {{option: value}}}}, got {self.options!r}")
+        for m, opts in self.options.items():
+            if m not in self.methods:
+                raise SpecCascadeError(f"options are given for {m!r}, which is not among the swept methods")
+            if not isinstance(opts, dict):
+                raise SpecCascadeError(f"the options of {m!r} must be a dict, got {opts!r}")
+            self.options[m] = get_method(m).check_options(opts)
+        return self
+
     def cells(self) -> list[Cell]:
         for m in self.methods:
             get_method(m)
@@ -106,17 +160,137 @@ class SweepConfig:
         return unique
 
 
-def read_records(path: Path) -> list[dict]:
-    """All complete records of a sweep file (a torn last line from a crash is ignored)."""
+#: The signature fields a sweep file's cells must share with a run that extends it: a cell computed
+#: under other settings would be reused as if computed under these (models are compared separately).
+SETTINGS = ("task", "examples", "examples_sha1", "max_new_tokens", "backend", "dtype", "device")
+RECORD_TYPES = ("cell", "costs")
+
+
+def read_records(path: Path, *, notes: list | None = None) -> list[dict]:
+    """All records of a sweep file. A torn last line (a writer killed mid-write: no newline at the
+    end, not valid JSON) is skipped (``notes`` gets a line saying so); anything else that is not a
+    sweep record is a :class:`SweepFileError` naming the line: a binary file, a damaged line in
+    the middle, JSON that is not a ``{"type": "cell" | "costs", ...}`` object. A missing file has
+    no records."""
+    path = Path(path)
     if not path.exists():
         return []
+    if path.is_dir():
+        raise SweepFileError(f"{str(path)!r} is a folder, not a sweep file (.jsonl)")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SweepFileError(f"{str(path)!r} is not a text file (byte {e.start} is not UTF-8); a sweep file is "
+                             f"JSON lines written by `speccascade sweep`") from None
+    lines = text.split("\n")
+    torn = not text.endswith("\n") and lines[-1].strip() != ""
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+    for i, line in enumerate(lines):
+        if not line.strip():
             continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1 and torn:
+                if notes is not None:
+                    notes.append(f"{path}: ignored a torn last line ({len(line)} characters; a writer was killed "
+                                  f"mid-write)")
+                continue
+            raise SweepFileError(
+                f"line {i + 1} of {str(path)!r} is not a JSON record ({e.msg} at column {e.colno}); the file is "
+                f"damaged (e.g. a torn write followed by an append): delete that line (its cell is recomputed "
+                f"by the next sweep) or use a new file") from None
+        if not isinstance(rec, dict) or rec.get("type") not in RECORD_TYPES:
+            raise SweepFileError(
+                f"line {i + 1} of {str(path)!r} is not a sweep record (a JSON object with \"type\": \"cell\" or "
+                f"\"costs\"); is this a file written by `speccascade sweep`?")
+        records.append(rec)
     return records
+
+
+def repair_tail(path: Path) -> str | None:
+    """Make ``path`` end at a complete line before anything is appended: a torn last line (a writer
+    killed mid-write) is cut off and kept in ``<path>.torn``; a complete last record without its
+    newline gets one. Returns a note saying what was done (None: nothing to do)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return None
+    cut = data.rfind(b"\n") + 1
+    tail = data[cut:]
+    try:
+        rec = json.loads(tail.decode("utf-8"))
+        complete = isinstance(rec, dict) and rec.get("type") in RECORD_TYPES
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        complete = False
+    if complete:
+        with open(path, "ab") as f:
+            f.write(b"\n")
+        return f"{path}: added the missing newline after the last record"
+    torn = path.with_name(path.name + ".torn")
+    with open(torn, "ab") as f:
+        f.write(tail + b"\n")
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+    return (f"{path}: removed a torn last line ({len(tail)} bytes: a writer was killed mid-write; kept in {torn}); "
+            f"its cell is recomputed")
+
+
+def check_out_file(path: Path) -> None:
+    """A sweep file that can be written (created if missing): a clear error otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise SweepFileError(f"--out {str(path)!r} is a folder; give a file path such as runs/sweep.jsonl")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SweepFileError(f"cannot create the folder of --out {str(path)!r}: {e.strerror or e}") from None
+    existed = path.exists()
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise SweepFileError(f"cannot write --out {str(path)!r}: {e.strerror or e}") from None
+    if not existed:
+        path.unlink()
+
+
+class _Locked:
+    """An exclusive, non-blocking lock on the sweep file for the duration of a sweep: two sweeps
+    appending to one file would interleave and repeat cells. (The file is created if missing, and
+    removed again if the sweep stops before writing anything.)"""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.f = None
+
+    def __enter__(self):
+        self.created = not self.path.exists()
+        self.f = open(self.path, "a", encoding="utf-8")
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover  (not POSIX: no lock)
+            return self
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            self.f = None
+            raise SweepFileError(f"another sweep is writing {str(self.path)!r} (it holds the file's lock); wait for "
+                                 f"it to finish, or write to another --out file") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.f is not None:
+            if self.created and self.path.stat().st_size == 0:
+                self.path.unlink()
+            self.f.close()  # releases the lock
+        return False
 
 
 def _append(path: Path, record: dict) -> None:
@@ -124,6 +298,25 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def check_settings_match(out: Path, records: list[dict], sig: dict) -> None:
+    """Refuse to extend a file whose records were computed under other settings (task, examples,
+    max_new_tokens, backend, dtype, device) or with other weights."""
+    for r in records:
+        old = r.get("signature") or {}
+        for k in SETTINGS:
+            if k in old and k in sig and old[k] != sig[k]:
+                raise SweepFileError(
+                    f"{str(out)!r} holds {r['type']} records computed with {k}={old[k]!r}, but this run has "
+                    f"{k}={sig[k]!r}: its cells would be reused as if computed with this run's settings. Rerun with "
+                    f"the file's settings to extend it, or write to a new --out file")
+        if r.get("type") == "cell" and "examples_sha1" in old and old["examples_sha1"] != sig["examples_sha1"]:
+            raise SweepFileError(f"{str(out)!r} holds cells of another example set; use a new file")
+        if not (same_model(old.get("drafter"), sig["drafter"]) and same_model(old.get("verifier"), sig["verifier"])):
+            raise SweepFileError(
+                f"{str(out)!r} holds cells of another model pair ({old.get('drafter')}, {old.get('verifier')}; "
+                f"now {sig['drafter']}, {sig['verifier']}): the weights differ; use a new file")
 
 
 def device_name(device: torch.device) -> str:
@@ -209,65 +402,109 @@ def warm_up(drafter, verifier, tokenizer, task: Task, examples, cells: list[Cell
             run_cell(drafter, verifier, tokenizer, task, probe * cell.batch_size, cell, max_new_tokens)
 
 
+def check_context(drafter, verifier, tokenizer, task: Task, examples, config: SweepConfig) -> None:
+    """Every example fits both models' contexts with ``max_new_tokens`` and a draft block (checked
+    before the first cell, not when the cell that meets the longest prompt runs)."""
+    longest, which = 0, None
+    for ex in examples:
+        n = len(task.encode(tokenizer, ex.input))
+        if n > longest:
+            longest, which = n, ex.id
+    need = longest + config.max_new_tokens + max(config.gammas) + 1
+    for name, model in (("drafter", drafter), ("verifier", verifier)):
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if limit and need > limit:
+            raise SpecCascadeError(
+                f"example {which!r} has {longest} prompt tokens; with max_new_tokens={config.max_new_tokens} and a "
+                f"draft block of {max(config.gammas) + 1} it needs {need} positions, more than the {name}'s "
+                f"{limit}: lower --max-new-tokens")
+
+
 def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out: Path,
               names: tuple[str, str] = ("drafter", "verifier"), progress: bool = True, on_record=None,
-              backend: str = "dynamic") -> list[dict]:
-    """Run every cell of ``config`` not yet in ``out``; returns all records of the file.
+              backend: str = "dynamic", notes: list | None = None) -> list[dict]:
+    """Run every cell of ``config`` not yet in ``out``; returns all records of the file (as read
+    back from it at the end).
+
+    Before any cell runs: the config is validated (every alpha in range), the file is locked
+    against a second writer, a torn last line is repaired (:func:`repair_tail`; ``notes`` and
+    stderr say so), the file's records must have been computed with this run's settings
+    (:data:`SETTINGS`) and weights, and every example must fit both contexts.
 
     ``backend``: ``dynamic`` (HFBackend), ``static`` or ``compiled`` (StaticHFBackend without / with
     torch.compile and CUDA graphs), ``graphs`` (GraphHFBackend); it is part of every record's
     signature. A compiled or graphs sweep first
     warms up (:func:`warm_up`), so no compilation is timed."""
+    import sys
+
     from tqdm.auto import tqdm
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    config.validate()
+    out = Path(out)
+    check_out_file(out)
+    notes = [] if notes is None else notes
     examples = task.examples(config.n_examples)
+    if not examples:
+        raise SpecCascadeError(f"task {task.describe()} has no examples")
+    if config.n_examples is not None and config.n_examples > len(examples):
+        raise SpecCascadeError(f"--examples {config.n_examples} is more than the {len(examples)} examples of task "
+                               f"{task.describe()}; give at most {len(examples)}")
     refs = [ex.reference for ex in examples]
     ex_hash = hashlib.sha1("\n".join(ex.id for ex in examples).encode()).hexdigest()[:12]
     device = next(verifier.parameters()).device
+    if next(drafter.parameters()).device != device:
+        raise DeviceError(f"the drafter is on {next(drafter.parameters()).device} and the verifier on {device}; "
+                          f"put both models on one device")
     base_sig = {"drafter": model_id(drafter, names[0]), "verifier": model_id(verifier, names[1]),
                 "task": task.describe(), "examples": len(examples), "examples_sha1": ex_hash,
                 "speccascade": __version__, "torch": torch.__version__, "device": device_name(device),
                 "max_new_tokens": config.max_new_tokens, "backend": backend,
                 "dtype": str(next(verifier.parameters()).dtype).removeprefix("torch.")}
+    check_context(drafter, verifier, tokenizer, task, examples, config)
     d_be, v_be = make_backend(drafter, "drafter", backend), make_backend(verifier, "verifier", backend)
-    records = read_records(out)
-    done = {r["key"] for r in records if r.get("type") == "cell"}
-    for r in records:
-        if r.get("type") == "cell" and r["signature"].get("examples_sha1") != ex_hash:
-            raise SpecCascadeError(f"{out} holds cells of another example set; use a new file")
-        sig = r.get("signature", {})
-        if not (same_model(sig.get("drafter"), base_sig["drafter"]) and same_model(sig.get("verifier"), base_sig["verifier"])):
-            raise SpecCascadeError(
-                f"{out} holds cells of another model pair ({sig.get('drafter')}, {sig.get('verifier')}; "
-                f"now {base_sig['drafter']}, {base_sig['verifier']}): the weights differ; use a new file")
-    todo = [c for c in config.cells() if c.key not in done]
-    if backend in ("compiled", "graphs") and todo:
-        warm_up(d_be, v_be, tokenizer, task, examples, todo, config.max_new_tokens)
-    for gamma in sorted({c.gamma for c in config.cells()}):
-        if not any(r.get("type") == "costs" and r.get("gamma") == gamma for r in records):
-            rec = {"type": "costs", "signature": base_sig} | measure_costs(
-                d_be, v_be, task.encode(tokenizer, examples[0].input), gamma)
+    cells = config.cells()
+    with _Locked(out):
+        note = repair_tail(out)
+        if note:
+            notes.append(note)
+            print(f"speccascade: note: {note}", file=sys.stderr)
+        records = read_records(out)
+        check_settings_match(out, records, base_sig)
+        done = {r["key"] for r in records if r.get("type") == "cell"}
+        todo = [c for c in cells if c.key not in done]
+        if backend in ("compiled", "graphs") and todo:
+            warm_up(d_be, v_be, tokenizer, task, examples, todo, config.max_new_tokens)
+        for gamma in sorted({c.gamma for c in cells}):
+            if not any(r.get("type") == "costs" and r.get("gamma") == gamma for r in records):
+                rec = {"type": "costs", "signature": base_sig} | measure_costs(
+                    d_be, v_be, task.encode(tokenizer, examples[0].input), gamma)
+                _append(out, rec)
+                records.append(rec)
+        for cell in tqdm(todo, desc="sweep", unit="cell", disable=not progress):
+            hyps, stats = run_cell(d_be, v_be, tokenizer, task, examples, cell, config.max_new_tokens)
+            quality = task.score(hyps, refs)
+            base = next((r for r in records if r.get("type") == "cell" and r["method"] == BASELINE
+                         and r["temperature"] == cell.temperature and r["seed"] == cell.seed
+                         and r["batch_size"] == cell.batch_size), None)
+            latency = stats.wall_time_s
+            rec = {"type": "cell", "key": cell.key, "method": cell.method, "alpha": cell.alpha, "gamma": cell.gamma,
+                   "temperature": cell.temperature, "seed": cell.seed, "batch_size": cell.batch_size,
+                   "options": dict(cell.options), "quality": quality, "latency_s": latency,
+                   "relative_latency": latency / base["latency_s"] if base else 1.0,
+                   "rejection_rate": stats.rejection_rate, "stats": stats.to_dict(),
+                   "signature": base_sig | {"method": cell.method, "alpha": cell.alpha, "gamma": cell.gamma,
+                                            "temperature": cell.temperature, "seed": cell.seed,
+                                            "batch_size": cell.batch_size},
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             _append(out, rec)
             records.append(rec)
-    for cell in tqdm(todo, desc="sweep", unit="cell", disable=not progress):
-        hyps, stats = run_cell(d_be, v_be, tokenizer, task, examples, cell, config.max_new_tokens)
-        quality = task.score(hyps, refs)
-        base = next((r for r in records if r.get("type") == "cell" and r["method"] == BASELINE
-                     and r["temperature"] == cell.temperature and r["seed"] == cell.seed
-                     and r["batch_size"] == cell.batch_size), None)
-        latency = stats.wall_time_s
-        rec = {"type": "cell", "key": cell.key, "method": cell.method, "alpha": cell.alpha, "gamma": cell.gamma,
-               "temperature": cell.temperature, "seed": cell.seed, "batch_size": cell.batch_size,
-               "options": dict(cell.options), "quality": quality, "latency_s": latency,
-               "relative_latency": latency / base["latency_s"] if base else 1.0,
-               "rejection_rate": stats.rejection_rate, "stats": stats.to_dict(),
-               "signature": base_sig | {"method": cell.method, "alpha": cell.alpha, "gamma": cell.gamma,
-                                        "temperature": cell.temperature, "seed": cell.seed,
-                                        "batch_size": cell.batch_size},
-               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _append(out, rec)
-        records.append(rec)
-        if on_record is not None:
-            on_record(rec)
-    return records
+            if on_record is not None:
+                on_record(rec)
+        on_disk = read_records(out)
+    keys = [r["key"] for r in on_disk if r.get("type") == "cell"]
+    missing = [c.key for c in cells if c.key not in set(keys)]
+    if missing or len(keys) != len(set(keys)):
+        raise SweepFileError(f"{str(out)!r} does not hold every cell exactly once after the sweep "
+                             f"({len(missing)} missing, {len(keys) - len(set(keys))} repeated); was it written to "
+                             f"while this sweep ran?")
+    return on_disk

@@ -32,6 +32,8 @@ class Task:
     metrics: tuple[str, ...] = ()
 
     def examples(self, n: int | None = None, seed: int = 0) -> list[Example]:
+        """``n`` examples drawn without replacement (seeded), in file order; all when ``n`` is None
+        or at least the number available."""
         rows = self.load()
         if n is not None and n < len(rows):
             rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
@@ -88,19 +90,42 @@ class JsonlTask(Task):
         self.path = Path(path)
         if not self.path.exists():
             raise SpecCascadeError(f"task file {str(self.path)!r} does not exist")
+        if not self.path.is_file():
+            raise SpecCascadeError(f"task file {str(self.path)!r} is not a file (a JSONL file of "
+                                   f"{{\"input\", \"reference\"}} rows is expected)")
         if metric not in METRICS:
             raise SpecCascadeError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
         self.metrics = (metric,)
+        self._rows = None
 
     def load(self):
+        if self._rows is not None:
+            return self._rows
+        try:
+            text = self.path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise SpecCascadeError(f"task file {str(self.path)!r} is not a UTF-8 text file (JSONL expected)") from None
         rows = []
-        for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(text.splitlines()):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "input" not in row or "reference" not in row:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SpecCascadeError(f"{self.path}:{i + 1}: not a JSON line ({e.msg}); each line is "
+                                       f"{{\"input\": ..., \"reference\": ...}}") from None
+            if not isinstance(row, dict) or "input" not in row or "reference" not in row:
                 raise SpecCascadeError(f"{self.path}:{i + 1}: a row needs 'input' and 'reference'")
+            if not isinstance(row["input"], str) or not isinstance(row["reference"], str) or not row["input"]:
+                raise SpecCascadeError(f"{self.path}:{i + 1}: 'input' must be a non-empty string and 'reference' "
+                                       f"a string")
             rows.append(Example(str(row.get("id", i)), row["input"], row["reference"]))
+        if not rows:
+            raise SpecCascadeError(f"task file {str(self.path)!r} holds no rows")
+        ids = [r.id for r in rows]
+        if len(set(ids)) != len(ids):
+            raise SpecCascadeError(f"task file {str(self.path)!r} repeats an 'id'; ids must be unique")
+        self._rows = rows
         return rows
 
     def describe(self):
@@ -110,14 +135,24 @@ class JsonlTask(Task):
 TASKS = {"bible_en_es": BibleTask, "jsonl": JsonlTask}
 
 
-def get_task(name: str, path: str | None = None, metric: str | None = None) -> Task:
+def get_task(name: str | None = None, path: str | None = None, metric: str | None = None) -> Task:
+    """A task by name; ``name=None`` is ``jsonl`` when a ``path`` is given, else ``bible_en_es``.
+    A file given to a task that takes none, or a metric a task does not score, is an error."""
+    if name is None:
+        name = "jsonl" if path is not None else "bible_en_es"
     if name not in TASKS:
         raise SpecCascadeError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
     if name == "jsonl":
         if path is None:
             raise SpecCascadeError("task 'jsonl' needs a file (--task-file)")
         return JsonlTask(path, metric or "bleu")
-    return TASKS[name]()
+    task = TASKS[name]()
+    if path is not None:
+        raise SpecCascadeError(f"task {name!r} takes no --task-file (its examples ship with speccascade); "
+                               f"use --task jsonl --task-file {path}")
+    if metric is not None and metric not in task.metrics:
+        raise SpecCascadeError(f"task {name!r} scores {', '.join(task.metrics)}, not {metric!r}")
+    return task
 
 
 def run_task(drafter, verifier, tokenizer, task: Task, inputs: list[str], *, method: str, alpha=None, gamma: int = 5,
