@@ -109,7 +109,7 @@ class Option:
 #: What a plain default in ``register(extra=...)`` means (a typed spec is derived from it).
 OPTION_MEANINGS = {
     "length_normalized": "compare the per-token geometric mean of q(response) instead of the raw product",
-    "max_drafter_run": "force a deferral after this many drafter tokens in a row (none: no cap)",
+    "max_drafter_run": "at most this many drafter tokens in a row before the verifier is called (none: no cap)",
 }
 
 

@@ -26,7 +26,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import SpecCascadeError
+from ..errors import SpecCascadeError, SweepFileError
 from ..registry import METHODS
 
 
@@ -232,32 +232,87 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+CELL_FIELDS = ("method", "gamma", "temperature", "seed", "batch_size", "quality", "relative_latency", "latency_s",
+               "stats")
+
+
+def load_records(paths: list[Path], notes: list | None = None) -> list[dict]:
+    """The records of every file, each tagged with ``_source`` (its file's index), checked: a
+    missing, empty, binary or non-record file, or a cell record without the fields a report
+    needs, is a :class:`SweepFileError` naming the file (and line)."""
+    from .sweep import read_records
+
+    records = []
+    for i, path in enumerate(paths):
+        path = Path(path)
+        if not path.exists():
+            raise SweepFileError(f"sweep file {str(path)!r} does not exist")
+        if path.is_file() and path.stat().st_size == 0:
+            raise SweepFileError(f"sweep file {str(path)!r} is empty (did the sweep stop before its first cell?)")
+        rs = read_records(path, notes=notes)
+        if not rs:
+            raise SweepFileError(f"sweep file {str(path)!r} holds no records")
+        for n, r in enumerate(rs):
+            if r["type"] == "cell":
+                lacking = [k for k in CELL_FIELDS if k not in r]
+                if lacking or not isinstance(r.get("quality"), dict) or not isinstance(r.get("stats"), dict):
+                    raise SweepFileError(f"record {n + 1} of {str(path)!r} is a cell without "
+                                         f"{', '.join(lacking) or 'a quality / stats object'}; not written by "
+                                         f"`speccascade sweep`?")
+        records += [r | {"_source": i} for r in rs]
+    return records
+
+
 def report(paths: Path | list[Path], out_dir: Path | None = None, metric: str | None = None,
            what_if_costs: tuple[float, float] | None = None) -> dict:
     """Report one sweep file, or several (e.g. one per worker, each with its own baseline and costs).
     ``what_if_costs``: (c, b) for :func:`what_if`, reported beside the measured results."""
-    from .sweep import read_records
-
-    paths = [paths] if isinstance(paths, Path) else list(paths)
-    records = [r | {"_source": i} for i, path in enumerate(paths) for r in read_records(path)]
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not paths:
+        raise SweepFileError("report needs at least one sweep file")
+    notes: list[str] = []
+    records = load_records(paths, notes)
     cells = [r for r in records if r.get("type") == "cell"]
     if not cells:
-        raise SpecCascadeError(f"{', '.join(map(str, paths))} hold no sweep records")
+        raise SweepFileError(f"{', '.join(map(str, paths))} hold no cell records (only per-call costs): the sweep "
+                             f"stopped before its first cell finished")
     from .sweep import same_model
 
     pairs = sorted({(r.get("signature", {}).get("drafter"), r.get("signature", {}).get("verifier")) for r in cells},
                    key=str)
     if any(not (same_model(a[0], b[0]) and same_model(a[1], b[1])) for a in pairs for b in pairs):
         raise SpecCascadeError("these records come from different model pairs, whose qualities and latencies "
-                         f"cannot share one table or plot: {pairs}; report each pair's files separately")
-    metric = metric or next(iter(cells[0]["quality"]))
+                               f"cannot share one table or plot: {pairs}; report each pair's files separately")
+    available = sorted(set.intersection(*(set(r["quality"]) for r in cells)))
+    if metric is None:
+        if not available:
+            raise SweepFileError("the cells share no quality metric; report files of one task together")
+        metric = next((m for m in cells[0]["quality"] if m in available), available[0])
+    elif metric not in available:
+        raise SpecCascadeError(f"metric {metric!r} is not in every cell's quality; choose one of "
+                               f"{', '.join(available) or '(none shared)'}")
+    if not any(r["method"] == "verifier_only" for r in cells):
+        raise SweepFileError(f"{', '.join(map(str, paths))} hold no verifier_only cell: every relative latency and "
+                             f"Table 2 compare with the verifier alone; rerun the sweep into the same file (it runs "
+                             f"verifier_only first) or add the baseline's file")
     out_dir = out_dir or paths[0].parent / (paths[0].stem + "_report")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SweepFileError(f"--out {str(out_dir)!r} is a file; give a folder for the report")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SweepFileError(f"cannot create the report folder {str(out_dir)!r}: {e.strerror or e}") from None
     summary = summarize(records, metric)
+    groups = {(r["temperature"], r["gamma"], r["batch_size"]) for r in cells}
+    without = sorted(f"T={T:g} gamma={g} batch={b}" for T, g, b in groups
+                     if f"T={T:g} gamma={g} batch={b}" not in summary)
     model = latency_model(records)
     plots = plot(records, metric, out_dir)
     (out_dir / "summary.json").write_text(json.dumps({"table2": summary, "latency_model": model}, indent=2))
-    text = format_table(summary)
+    text = "".join(f"note: {n}\n" for n in notes) + format_table(summary)
+    if without:
+        text += (f"\nno verifier_only cell at {'; '.join(without)}: those groups have no Table 2 "
+                 f"(their relative latencies are 1.0 placeholders)\n")
     err = model["mean_abs_relative_error"]
     text += (f"\nLatency model (batch 1): mean |predicted/measured - 1| = {err:.3f}, "
              f"median predicted/measured = {model['median_ratio']:.3f}\n") if err is not None else ""

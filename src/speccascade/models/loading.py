@@ -107,15 +107,12 @@ def _check_checkpoint_dir(path: Path, role: str) -> None:
                              f"({' or '.join(WEIGHT_FILES[::2])}); it holds: {_listing(path)}")
 
 
-def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                   gguf_file: str | None = None, role: str = "model"):
-    """A ``transformers`` causal LM from a local directory (or a ``.gguf`` file, which needs the
-    ``gguf`` extra: its weights are dequantised to ``dtype``). ``role`` ("drafter", "verifier")
-    names the model in error messages."""
+def check_model_path(path: str | Path, role: str = "model", gguf_file: str | None = None) -> tuple[Path, str | None]:
+    """What :func:`load_causal_lm` checks before loading anything (cheap: no weights are read):
+    the path exists, is a .gguf file or a checkpoint folder with a valid config.json and weights.
+    Returns (folder, gguf file name or None)."""
     if not isinstance(path, (str, Path)):
         raise ModelLoadError(f"the {role} path must be a str or Path, got {type(path).__name__}")
-    dev = check_device(device, role)
-    dtype = _check_dtype(dtype, role)
     path = Path(path).expanduser()
     if path.suffix == ".gguf" and gguf_file is None:
         if path.is_dir():
@@ -125,7 +122,6 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: 
     if not path.exists():
         raise ModelLoadError(f"the {role} path {where!r} does not exist (local paths only: nothing is downloaded "
                              f"from the Hugging Face Hub)")
-    kwargs = {"dtype": dtype, "local_files_only": True}
     if gguf_file is not None:
         if not (path / gguf_file).is_file():
             raise ModelLoadError(f"the {role} GGUF file {where!r} does not exist")
@@ -134,12 +130,27 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: 
         except ImportError:
             raise ModelLoadError(f"loading the {role} from {where!r} needs the 'gguf' extra: "
                                  f"pip install 'speccascade[gguf]'") from None
-        kwargs["gguf_file"] = gguf_file
     elif path.is_file():
         raise ModelLoadError(f"the {role} path {where!r} is a file, not a checkpoint folder; give the folder that "
                              f"holds config.json and the weights, or a .gguf file")
     else:
         _check_checkpoint_dir(path, role)
+    return path, gguf_file
+
+
+def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   gguf_file: str | None = None, role: str = "model"):
+    """A ``transformers`` causal LM from a local directory (or a ``.gguf`` file, which needs the
+    ``gguf`` extra: its weights are dequantised to ``dtype``). ``role`` ("drafter", "verifier")
+    names the model in error messages."""
+    dev = check_device(device, role)
+    dtype = _check_dtype(dtype, role)
+    path, gguf_file = check_model_path(path, role, gguf_file)
+    where = str(path / gguf_file) if gguf_file else str(path)
+    kwargs = {"dtype": dtype, "local_files_only": True}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    else:
         kwargs["output_loading_info"] = True
     from transformers import AutoModelForCausalLM
 

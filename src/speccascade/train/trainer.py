@@ -157,11 +157,33 @@ def ensure_tokenizer(path: Path, vocab_size: int = 8000):
     return tok
 
 
+def check_train_args(preset: str, role: str, epochs: float | None = None, max_minutes: float | None = None) -> None:
+    """A preset that has ``role``, and a positive epoch count and time budget (None: the recipe's)."""
+    from ..checks import as_real
+    from ..errors import SpecCascadeError
+
+    if preset not in PRESETS:
+        raise SpecCascadeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if role not in PRESETS[preset]:
+        raise SpecCascadeError(f"preset {preset!r} has no {role} recipe (it has: {', '.join(PRESETS[preset])}); "
+                               f"use --role {' or '.join(PRESETS[preset])}")
+    for name, v in (("--epochs", epochs), ("--minutes", max_minutes)):
+        if v is not None and as_real(name, v) <= 0:
+            raise SpecCascadeError(f"{name} must be > 0, got {v}")
+
+
 def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = "cpu", seed: int = 0,
           epochs: float | None = None, max_minutes: float | None = None, progress: bool = True,
           bleu_pairs: int = 200) -> dict:
+    """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
+    loss). However short the budget, a usable checkpoint is saved: when no evaluation fell inside
+    ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None)."""
     from tqdm.auto import tqdm
 
+    from ..models.loading import check_device
+
+    check_train_args(preset, role, epochs, max_minutes)
+    check_device(device, f"{role} to train")
     recipe = PRESETS[preset][role]
     epochs = recipe.epochs if epochs is None else epochs
     max_minutes = recipe.max_minutes if max_minutes is None else max_minutes
@@ -185,7 +207,12 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))))
     eval_every = max(1, steps_per_epoch // 2) if epochs <= 12 else steps_per_epoch
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError(f"cannot create the output folder {str(out)!r}: {e.strerror or e}") from None
     log = {"preset": preset, "role": role, "params": n_params, "recipe": asdict(recipe), "epochs": epochs,
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "seed": seed,
            "train_pairs": len(train_data), "validation_pairs": len(val_data), "evals": []}
@@ -219,6 +246,11 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
                 log["best"] = log["evals"][-1]
             (out / "training.json").write_text(json.dumps(log, indent=2))
     bar.close()
+    if "best" not in log:  # the budget ended before the first evaluation: save what there is (unevaluated)
+        save_checkpoint(model, tokenizer, out)
+        log["best"] = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item() if step else None,
+                       "val_loss": None, "seconds": time.perf_counter() - start,
+                       "note": "the time budget ended before the first evaluation: the last weights, not evaluated"}
     log["steps"] = step
     log["train_seconds"] = time.perf_counter() - start
     if bleu_pairs:
