@@ -233,6 +233,7 @@ def format_table(summary: dict) -> str:
 
 
 CELL_FIELDS = ("method", "gamma", "temperature", "seed", "batch_size", "quality", "relative_latency", "latency_s",
+               "rejection_rate",
                "stats")
 
 
