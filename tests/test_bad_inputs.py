@@ -266,6 +266,8 @@ def bad(tmp_path_factory):
     dirs["a_file"] = root / "a_file"
     dirs["missing"] = root / "missing"
     dirs["missing_gguf"] = root / "model.gguf"
+    (root / "junk.gguf").write_bytes(os.urandom(5000))
+    dirs["junk_gguf"] = root / "junk.gguf"
     return dirs
 
 
@@ -282,6 +284,8 @@ LOAD_CASES = [
     ("weights under other names", "renamed", "the drafter weights in '{p}' lack 12 of the model's tensors"),
     ("a file", "a_file", "the drafter path '{p}' is a file, not a checkpoint folder"),
     ("missing gguf", "missing_gguf", "the drafter GGUF file '{p}' does not exist"),
+    ("garbage gguf", "junk_gguf", "could not load the drafter from '{p}': ValueError: {p} does not start with the "
+                                  "GGUF magic bytes"),
 ]
 
 
@@ -301,6 +305,8 @@ def test_load_bad_tokenizer_device_dtype(bad):
         load_tokenizer(bad["good_no_tokenizer"])
     with pytest.raises(ModelLoadError, match="the tokenizer path '.*a_file' is a file"):
         load_tokenizer(bad["a_file"])
+    with pytest.raises(ModelLoadError, match="could not load the tokenizer from '.*junk.gguf': ValueError"):
+        load_tokenizer(bad["junk_gguf"])
     with pytest.raises(DeviceError, match="device 'cuda' for the verifier: this machine has no CUDA GPU"):
         load_causal_lm(D_DIR, device="cuda", role="verifier")
     with pytest.raises(DeviceError, match="unknown device 'banana' for the verifier; use cpu, cuda, cuda:N or mps"):

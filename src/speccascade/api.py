@@ -161,9 +161,13 @@ def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[tor
 
 
 def _model_of(model):
-    if isinstance(model, torch.nn.Module):
-        return model
-    return getattr(model, "model", None)
+    """The ``transformers`` model behind ``model``: itself, or the model a backend (or a backend
+    wrapping a backend, e.g. ``TimedBackend.inner``) holds; None for a backend without one."""
+    for _ in range(4):
+        if model is None or isinstance(model, torch.nn.Module):
+            return model
+        model = getattr(model, "model", None) or getattr(model, "inner", None)
+    return None
 
 
 def model_eos_token_id(model) -> list[int]:
