@@ -10,7 +10,7 @@ import torch
 from . import baselines  # noqa: F401  (registers the sequential methods)
 from . import rules  # noqa: F401  (registers the speculative methods)
 from .errors import SpecCascadeError
-from .loop import speculative_decode
+from .loop import DecodeRequest, speculative_decode
 from .models.base import Backend, as_backend
 from .registry import get_method
 from .sampling import SamplingConfig
@@ -118,6 +118,12 @@ def generate(drafter, verifier, input_ids, *, method: str = "opt", alpha: float 
         else:
             generator.manual_seed(int(seed))
     ids, mask = ids.to(d.device), mask.to(d.device)
+    for model in (d, v):   # caches are sized (fused) or checked (static) before decoding starts
+        if hasattr(model, "reserve"):
+            model.reserve(ids.shape[0], ids.shape[1] + max_new_tokens + gamma + 1)
+        if hasattr(model, "check_capacity") and spec.name in ("verifier_only", "drafter_only") or \
+                hasattr(model, "check_capacity") and spec.kind == "speculative":
+            model.check_capacity(ids.shape[1], max_new_tokens, gamma if spec.kind == "speculative" else None)
 
     stats = Stats()
     bar = None
@@ -128,8 +134,8 @@ def generate(drafter, verifier, input_ids, *, method: str = "opt", alpha: float 
     start = time.perf_counter()
     with torch.no_grad():
         if spec.kind == "speculative":
-            tokens = speculative_decode(d, v, ids, mask, spec, alpha, gamma, cfg, max_new_tokens, eos_token_id,
-                                        generator, stats, bar)
+            req = DecodeRequest(spec, alpha, gamma, cfg, max_new_tokens, eos_token_id)
+            tokens = speculative_decode(d, v, ids, mask, req, generator, stats, bar)
         else:
             tokens = spec.fn(d, v, ids, mask, alpha, cfg, max_new_tokens, eos_token_id, generator, stats, bar,
                              **method_options)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import NonFiniteLogitsError, SpecCascadeError
-from .models.hf import BACKENDS
+from .models import BACKENDS
 from .registry import METHODS
 
 
