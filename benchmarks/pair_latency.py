@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import speccascade as sc  # noqa: E402
 from speccascade.data.bible import load_split  # noqa: E402
 from speccascade.eval.translation import translate  # noqa: E402
-from speccascade.models.hf import HFBackend  # noqa: E402
+from speccascade.models import HFBackend  # noqa: E402
 from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer  # noqa: E402
 from speccascade.train.tokenizer import EOS, encode_prompt  # noqa: E402
 

@@ -92,7 +92,7 @@ def train(out: Path, minutes: float) -> None:
 
 
 def per_token_ms(model, ids, n=30) -> float:
-    from speccascade.models.hf import HFBackend
+    from speccascade.models import HFBackend
 
     be = HFBackend(model, "m")
     x = torch.tensor([ids])

@@ -143,7 +143,7 @@ def test_graph_backend_needs_cuda_and_bucket_widths():
 
 
 def test_bucket_widths():
-    from speccascade.models.hf import bucket
+    from speccascade.models import bucket
 
     assert [bucket(k) for k in (1, 2, 3, 5, 6, 8, 9, 64, 65, 130)] == [1, 2, 4, 8, 8, 8, 16, 64, 128, 256]
 

@@ -17,7 +17,7 @@ from . import baselines  # noqa: F401  (registers the sequential methods)
 from . import rules  # noqa: F401  (registers the speculative methods)
 from .checks import as_bool, as_int
 from .errors import DeviceError, SpecCascadeError
-from .loop import speculative_decode
+from .loop import DecodeRequest, speculative_decode
 from .models.base import Backend, as_backend
 from .registry import get_method
 from .sampling import SamplingConfig
@@ -174,6 +174,9 @@ def model_eos_token_id(model) -> list[int]:
     """The model's own EOS ids: ``generation_config.eos_token_id``, else ``config.eos_token_id``
     (``model`` a ``transformers`` model or a backend wrapping one); [] if it declares none."""
     m = _model_of(model)
+    declared = getattr(model, "eos_token_id", None)  # a backend without a transformers model may declare it
+    if m is None and declared is not None:
+        return [int(declared)] if isinstance(declared, int) else [int(e) for e in declared]
     for source in (getattr(m, "generation_config", None), getattr(m, "config", None)):
         eos = getattr(source, "eos_token_id", None) if source is not None else None
         if eos is not None:
@@ -289,6 +292,12 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
         raise DeviceError(f"the generator is on {generator.device} but the models on {d.device}; "
                           f"create it with torch.Generator(device='{d.device}')")
     ids, mask = ids.to(d.device), mask.to(d.device)
+    for model in (d, v):   # caches are sized (fused) or checked (static) before decoding starts
+        if hasattr(model, "reserve"):
+            model.reserve(ids.shape[0], ids.shape[1] + max_new_tokens + gamma + 1)
+        if hasattr(model, "check_capacity") and spec.name in ("verifier_only", "drafter_only") or \
+                hasattr(model, "check_capacity") and spec.kind == "speculative":
+            model.check_capacity(ids.shape[1], max_new_tokens, gamma if spec.kind == "speculative" else None)
 
     stats = Stats()
     bar = None
@@ -300,8 +309,8 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
     try:
         with torch.no_grad():
             if spec.kind == "speculative":
-                tokens = speculative_decode(d, v, ids, mask, spec, alpha, gamma, cfg, max_new_tokens, eos or None,
-                                            generator, stats, bar)
+                req = DecodeRequest(spec, alpha, gamma, cfg, max_new_tokens, eos or None)
+                tokens = speculative_decode(d, v, ids, mask, req, generator, stats, bar)
             else:
                 tokens = spec.fn(d, v, ids, mask, alpha, cfg, max_new_tokens, eos or None, generator, stats, bar,
                                  **method_options)

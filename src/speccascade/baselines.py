@@ -13,7 +13,10 @@ import math
 
 import torch
 
-from .loop import Emitter, StepSync, add_block_counters, check_finite, make_dists, row_counts, start_both
+from .loop import (DecodeRequest, DecodeState, StepSync, add_block_counters, check_finite, make_dists, row_counts,
+                   start_both)
+from . import runner
+from .runner import run_steps
 from .models.base import Backend
 from .registry import AlphaRange, register
 from .rules import bild_discrepancy, diff
@@ -27,36 +30,59 @@ def _ones(B, device):
     return torch.ones(B, dtype=torch.long, device=device)
 
 
+def single_step(backend: Backend, state: DecodeState, cfg: SamplingConfig, generator, score=None) -> None:
+    """One token of auto-regressive sampling for every row, in place on ``state``; no host read."""
+    active = ~state.emitter.done                                                   # [B]
+    logits = backend.extend(state.pending.unsqueeze(1))[:, -1]                     # [B, V]
+    token = draw(sampling_probs(logits, cfg), generator)                           # [B]
+    one = torch.ones_like(token)                                                   # [B] one token per row
+    backend.commit(one)
+    kept = state.emitter.emit(token.unsqueeze(1), one)
+    if score is not None:
+        logp = torch.log_softmax(logits.double(), -1).gather(-1, token.unsqueeze(1)).squeeze(1)
+        score += torch.where(kept > 0, logp, torch.zeros_like(logp))
+    state.pending.copy_(token)
+    state.counters.calls += active.any().long()
+    state.end_step(active, [check_finite(logits, active)])
+
+
 def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: SamplingConfig, max_new_tokens: int,
                  eos_token_id, generator, stats: Stats, progress=None, log_scores: bool = False):
     """Auto-regressive sampling from one model. Returns the tokens and, with ``log_scores``, each
-    row's sum of untempered log-probabilities of its emitted tokens (for eq. 1)."""
+    row's sum of untempered log-probabilities of its emitted tokens (for eq. 1). On a GPU with a
+    capturable backend, ``runner.TOKENS_PER_REPLAY`` tokens are one replay of a captured CUDA graph."""
     device = backend.device
     B = input_ids.shape[0]
-    backend.reset(input_ids, attention_mask)
+    per_replay = runner.TOKENS_PER_REPLAY
+    req = (role, cfg, max_new_tokens, eos_token_id if not isinstance(eos_token_id, list) else tuple(eos_token_id))
+    capturable = runner.can_capture(backend) and not log_scores
+    key = ("single", B, per_replay, req, backend.generation) if capturable else None
+    captured = runner.graph_cache(backend).get(key) if capturable else None
+    state = captured.state if captured else \
+        DecodeState(B, DecodeRequest(None, None, 1, cfg, max_new_tokens, eos_token_id), 1, 0, device, models=1)
+    score = torch.zeros(B, dtype=torch.float64, device=device) if log_scores else None
+
+    def start() -> None:
+        backend.reset(input_ids, attention_mask)
+        state.start(input_ids[:, -1], None)
+
+    def step(gen) -> None:
+        single_step(backend, state, cfg, gen, score)
+
+    start()
     stats.prefill_calls += 1 if input_ids.shape[1] > 1 else 0
-    pending = input_ids[:, -1].to(device)
-    emitter = Emitter(B, max_new_tokens, 1, eos_token_id, device)
-    score = torch.zeros(B, dtype=torch.float64, device=device)
-    one = _ones(B, device)                                                         # [B] one token per row
-    sync = StepSync(device, stats, [role], progress, generator)
-    while True:
-        active = ~emitter.done
-        logits = backend.extend(pending.unsqueeze(1))[:, -1]                       # [B, V]
-        token = draw(sampling_probs(logits, cfg), generator)                       # [B]
-        backend.commit(one)
-        kept = emitter.emit(token.unsqueeze(1), one)
-        if log_scores:
-            logp = torch.log_softmax(logits.double(), -1).gather(-1, token.unsqueeze(1)).squeeze(1)
-            score += torch.where(kept > 0, logp, torch.zeros_like(logp))
-        pending = token
-        if role == "verifier":
-            stats.verifier_calls += 1
-        else:
-            stats.drafter_calls += 1
-        if sync.end_step(emitter.done, [check_finite(logits, active)], kept):
-            break
-    tokens = emitter.tokens()
+    if capturable:
+        if captured is None:
+            captured = runner.graph_cache(backend)[key] = runner.capture(step, state, device, per_replay, start)
+        run_steps(step, state, StepSync(device, stats, [role], progress, cumulative=True), generator, captured)
+    else:
+        run_steps(step, state, StepSync(device, stats, [role], progress, generator, cumulative=True), generator)
+    calls = int(state.counters.calls)
+    if role == "verifier":
+        stats.verifier_calls += calls
+    else:
+        stats.drafter_calls += calls
+    tokens = state.emitter.tokens()
     stats.emitted += sum(len(t) for t in tokens)
     if role == "verifier":
         stats.deferred += sum(len(t) for t in tokens)

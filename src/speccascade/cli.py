@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .api import DEFAULTS
 from .errors import SpecCascadeError
-from .models.hf import BACKENDS
+from .models import BACKENDS
 from .registry import METHODS, get_method
 
 

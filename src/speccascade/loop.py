@@ -15,21 +15,28 @@ Per block (PAPER.md section 3.2):
 4. Advance: both caches keep the pending token and the accepted drafts; the new token becomes the
    pending one. Output is truncated at EOS and at ``max_new_tokens`` even when a block overshoots.
 
-The host learns whether every row is done (and whether a logit was non-finite) once per block,
-never per token, through :class:`StepSync`: on a GPU it reads each block's flags one block late,
-so it queues block i + 1 while the device still runs block i, and one block is computed past the
-end and discarded (not counted in the stats). ``HFBackend.commit`` adds one sync per model and
-block (to crop its dynamic cache); ``StaticHFBackend`` adds none.
+The block (:func:`speculative_block`) is one function of device state (:class:`DecodeState`)
+and the request (:class:`DecodeRequest`): it makes no host read and keeps no host-side
+bookkeeping, so :mod:`.runner` either calls it in a host loop (any backend; what the CPU tests
+exercise) or captures it as one CUDA graph and replays it (the fused backend on a GPU). The host
+learns whether every row is done (and whether a logit was non-finite) once per block, never per
+token, through :class:`.runner.StepSync`: on a GPU it reads each block's flags one block late, so
+it queues block i + 1 while the device still runs block i; the block computed past the end is
+masked out of the counters on the device. ``HFBackend.commit`` adds one sync per model and block
+(to crop its dynamic cache); the static and fused backends add none.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .errors import NonFiniteLogitsError
 from .models.base import Backend
 from .registry import MethodSpec
 from .rules import Dists
+from . import runner
+from .runner import StepSync, raise_if_nonfinite, run_steps  # noqa: F401  (StepSync, raise_if_nonfinite: re-exported)
 from .sampling import SamplingConfig, confidence_probs, draw, sampling_probs
 from .stats import Stats
 from .verify import verify_block
@@ -100,131 +107,166 @@ def check_finite(logits: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     return (bad & active).any()
 
 
-def raise_if_nonfinite(flags: list[bool], names: list[str]) -> None:
-    for flag, name in zip(flags, names):
-        if flag:
-            raise NonFiniteLogitsError(f"the {name} returned non-finite (NaN or inf) logits; "
-                                       f"check its weights and dtype (fp16 overflow?)")
+# ---------------------------------------------------------------------------------------------
+# the request, the device state, the block
 
 
-class StepSync:
-    """The end of a decoding step: the one point where the host reads device state.
+@dataclass(frozen=True)
+class DecodeRequest:
+    """What a speculative decode was asked for (everything but the prompts and the randomness)."""
 
-    ``end_step`` copies [all rows done, a non-finite flag per model, tokens kept] to the host. On a
-    CPU it reads them at once. On a GPU the copy is asynchronous and the host reads the flags of
-    the *previous* step, so the device always has the next step queued and never waits for the
-    host; when those flags say "done", the step queued after them is wasted work: its output is
-    already ignored (every row is done), its model calls are taken back out of the stats and the
-    random generator is put back to where that step found it, so results do not depend on the lag.
+    spec: MethodSpec
+    alpha: float | None
+    gamma: int
+    sampling: SamplingConfig
+    max_new_tokens: int
+    eos_token_id: int | list[int] | None = None
+
+    def key(self) -> tuple:
+        """What a captured block depends on (alpha is read from the state, so it is not part of it)."""
+        eos = self.eos_token_id if not isinstance(self.eos_token_id, list) else tuple(self.eos_token_id)
+        return (self.spec.name, self.gamma, self.sampling, self.max_new_tokens, eos)
+
+
+class BlockCounters:
+    """The block counters of a decode, on the device, by name (conventions: :mod:`.stats`).
+
+    ``values[i]`` sums column ``FIELDS[i]`` over the rows active at each block's start;
+    ``calls`` counts the blocks in which any row was active (the model calls they made);
+    ``per_position[j]`` the row-blocks whose draft j was accepted.
     """
 
-    #: read flags one step late: None = on a GPU only (tests force it on the CPU)
-    lagged: bool | None = None
+    FIELDS = ("blocks", "drafted", "accepted", "rejected", "bonus", "deferred", "emitted", "truncated")
 
-    def __init__(self, device: torch.device, stats: Stats, names: list[str], progress=None,
-                 generator: torch.Generator | None = None):
-        self.generator = generator
-        self.cuda = device.type == "cuda"
-        self.lag = self.cuda if self.lagged is None else self.lagged
-        self.stats, self.names, self.progress = stats, names, progress
-        self.pending = None
-        self._host: list[torch.Tensor] = []   # two pinned buffers and events, used in turn
-        self._events: list = []
-        self._turn = 0
+    def __init__(self, positions: int, device):
+        self.values = torch.zeros(len(self.FIELDS), dtype=torch.long, device=device)
+        self.calls = torch.zeros((), dtype=torch.long, device=device)
+        self.per_position = torch.zeros(positions, dtype=torch.long, device=device)
 
-    def end_step(self, done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor) -> bool:
-        """True when every row is done (as of the last step whose flags the host has read)."""
-        flags = torch.stack([done.all().long(), *(f.long() for f in finite_flags), kept.sum()])
-        calls = (self.stats.drafter_calls, self.stats.verifier_calls)
-        if not self.lag:
-            return self._read(flags.tolist(), calls)
-        host, event = flags, None
-        if self.cuda:
-            if not self._host:
-                self._host = [torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True) for _ in range(2)]
-                self._events = [torch.cuda.Event() for _ in range(2)]
-            # buffer `turn` was last written two steps ago and has been read since
-            host, event = self._host[self._turn], self._events[self._turn]
-            host.copy_(flags, non_blocking=True)
-            event.record()
-            self._turn ^= 1
-        if self.generator is not None:
-            calls = calls + (self.generator.get_state(),)
-        previous, self.pending = self.pending, (host, event, calls)
-        if previous is None:
-            return False
-        if previous[1] is not None:
-            previous[1].synchronize()
-        return self._read(previous[0].tolist(), previous[2])
+    def zero_(self) -> None:
+        for t in (self.values, self.calls, self.per_position):
+            t.zero_()
 
-    def _read(self, values: list[int], calls: tuple[int, int]) -> bool:
-        raise_if_nonfinite(values[1:-1], self.names)
-        if self.progress is not None:
-            self.progress.update(values[-1])
-        if values[0]:
-            self.stats.drafter_calls, self.stats.verifier_calls = calls[:2]  # drop a step run past the end
-            if len(calls) > 2:
-                self.generator.set_state(calls[2])
-            return True
-        return False
+    def add(self, active: torch.Tensor, columns: dict[str, torch.Tensor], accepted_upto: torch.Tensor) -> None:
+        """Add one block: ``columns[name]  # [B]`` per field, ``accepted_upto  # [B]`` accepted drafts."""
+        self.values += row_counts(active, [columns[f] for f in self.FIELDS])
+        self.calls += active.any().long()
+        pos = torch.arange(self.per_position.shape[0], device=active.device)
+        self.per_position += ((pos.unsqueeze(0) < accepted_upto.unsqueeze(1)) & active.unsqueeze(1)).sum(0)
+
+    def add_to(self, stats: Stats, drafter_calls_per_block: int, verifier_calls_per_block: int) -> None:
+        c = dict(zip(self.FIELDS, self.values.tolist()))
+        calls = int(self.calls)
+        stats.add(Stats(drafter_calls=calls * drafter_calls_per_block, verifier_calls=calls * verifier_calls_per_block,
+                        recovered=c["rejected"], accepted_per_position=self.per_position.tolist(), **c))
+
+
+class DecodeState:
+    """Everything a block reads and writes, as device tensors at fixed addresses (so a captured
+    block can be replayed on new prompts after their values are copied in)."""
+
+    def __init__(self, batch: int, req: DecodeRequest, width: int, positions: int, device, models: int = 2):
+        self.pending = torch.zeros(batch, dtype=torch.long, device=device)       # [B] the token fed next
+        self.emitter = Emitter(batch, req.max_new_tokens, width, req.eos_token_id, device)
+        self.counters = BlockCounters(positions, device)
+        self.nonfinite = torch.zeros(models, dtype=torch.bool, device=device)   # per model, sticky
+        self.flags = torch.zeros(models + 2, dtype=torch.long, device=device)   # see runner.StepSync
+        self.alpha = torch.zeros((), dtype=torch.float32, device=device)
+
+    def start(self, pending: torch.Tensor, alpha: float | None) -> None:
+        self.pending.copy_(pending)
+        e = self.emitter
+        for t in (e.out, e.n_out, e.done, self.nonfinite, self.flags):
+            t.zero_()
+        self.counters.zero_()
+        self.alpha.fill_(0.0 if alpha is None else float(alpha))
+
+    def end_step(self, active: torch.Tensor, finite_flags: list[torch.Tensor]) -> None:
+        """Record the step's non-finite flags and write ``flags`` for the host (no host read)."""
+        self.nonfinite |= torch.stack(finite_flags)
+        e = self.emitter
+        self.flags.copy_(torch.cat([e.done.all().view(1), self.nonfinite, e.n_out.sum().view(1)]))
+
+
+def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, req: DecodeRequest,
+                      alpha, generator: torch.Generator | None) -> None:
+    """One block of Algorithm 4 (GenSpecSample) for every row, in place on ``state``; no host read."""
+    gamma, cfg, spec = req.gamma, req.sampling, req.spec
+    active = ~state.emitter.done                                             # [B]
+    pending = state.pending
+    # 1. draft: gamma + 1 drafter calls
+    token, q_logits, q_probs, drafts = pending, [], [], []
+    for j in range(gamma + 1):
+        logits = drafter.extend(token.unsqueeze(1))[:, -1]                   # [B, V]
+        q_logits.append(logits)
+        q_probs.append(sampling_probs(logits, cfg))
+        if j < gamma:
+            token = draw(q_probs[-1], generator)                             # [B]
+            drafts.append(token)
+    q_logits = torch.stack(q_logits, 1)                                      # [B, gamma + 1, V]
+    drafts = torch.stack(drafts, 1)                                          # [B, gamma]
+    # 2. score: one verifier call on gamma + 1 positions
+    p_logits = verifier.extend(torch.cat([pending.unsqueeze(1), drafts], 1))  # [B, gamma + 1, V]
+    # 3. verify against pi = T(q, p)
+    d = make_dists(q_logits, p_logits, cfg, draft_probs=torch.stack(q_probs, 1))
+    target = spec.fn(d, alpha)
+    bonus = d.target_probs[:, gamma] if spec.bonus_from_verifier else target.pi[:, gamma]
+    res = verify_block(drafts, d.draft_probs[:, :gamma], target.pi[:, :gamma], bonus, generator)
+    # 4. advance both caches and emit
+    n_acc = res.n_accepted                                                   # [B]
+    drafter.commit(n_acc + 1)
+    verifier.commit(n_acc + 1)
+    pending.copy_(res.new_token)
+    kept = state.emitter.emit(res.tokens, n_acc + 1)                         # [B]
+    # counters: a draft is examined up to and including the first rejection
+    examined = torch.arange(gamma, device=n_acc.device).unsqueeze(0) < torch.clamp(n_acc + 1, max=gamma).unsqueeze(1)
+    defer = target.defer[:, :gamma].expand(-1, -1, target.pi.shape[-1]) if target.defer.shape[-1] == 1 \
+        else target.defer[:, :gamma]
+    deferred = defer.gather(-1, drafts.unsqueeze(-1)).squeeze(-1) & examined                # [B, gamma]
+    state.counters.add(active, {"blocks": active, "drafted": active * gamma, "accepted": n_acc,
+                                "rejected": n_acc < gamma, "bonus": n_acc == gamma, "deferred": deferred.sum(1),
+                                "emitted": kept, "truncated": n_acc + 1 - kept}, n_acc)
+    state.end_step(active, [check_finite(q_logits, active), check_finite(p_logits, active)])
 
 
 def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       spec: MethodSpec, alpha: float | None, gamma: int, cfg: SamplingConfig,
-                       max_new_tokens: int, eos_token_id, generator: torch.Generator | None,
-                       stats: Stats, progress=None) -> list[list[int]]:
-    """Algorithm 4 (GenSpecSample) repeated until every row is done, with target T = ``spec.fn``."""
+                       req: DecodeRequest, generator: torch.Generator | None, stats: Stats,
+                       progress=None) -> list[list[int]]:
+    """Algorithm 4 (GenSpecSample) repeated until every row is done, with target T = ``req.spec.fn``.
+
+    Blocks run eagerly, or, where both backends can be captured on a GPU (:func:`.runner.can_capture`),
+    as replays of one CUDA graph of ``runner.BLOCKS_PER_REPLAY`` blocks."""
     device = drafter.device
-    pending, emitter = start_both(drafter, verifier, input_ids, attention_mask, stats, max_new_tokens,
-                                  eos_token_id, gamma + 1)
-    positions = torch.arange(gamma, device=device)
-    sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator)
-    counters = torch.zeros(8, dtype=torch.long, device=device)
-    per_position = torch.zeros(gamma, dtype=torch.long, device=device)
-    drafted = torch.full((input_ids.shape[0],), gamma, dtype=torch.long, device=device)   # [B]
+    B = input_ids.shape[0]
+    captured, per_replay = None, runner.BLOCKS_PER_REPLAY
+    if runner.can_capture(drafter, verifier):
+        key = ("speculative", B, per_replay, req.key(), id(drafter), drafter.generation, verifier.generation)
+        captured = runner.graph_cache(verifier).get(key)
+    state = captured.state if captured else DecodeState(B, req, req.gamma + 1, req.gamma, device)
 
-    while True:
-        active = ~emitter.done                                               # [B]
-        # 1. draft: gamma + 1 drafter calls
-        token, q_logits, q_probs, drafts = pending, [], [], []
-        for j in range(gamma + 1):
-            logits = drafter.extend(token.unsqueeze(1))[:, -1]               # [B, V]
-            q_logits.append(logits)
-            q_probs.append(sampling_probs(logits, cfg))
-            if j < gamma:
-                token = draw(q_probs[-1], generator)                         # [B]
-                drafts.append(token)
-        q_logits = torch.stack(q_logits, 1)                                  # [B, gamma + 1, V]
-        drafts = torch.stack(drafts, 1)                                      # [B, gamma]
-        # 2. score: one verifier call on gamma + 1 positions
-        p_logits = verifier.extend(torch.cat([pending.unsqueeze(1), drafts], 1))  # [B, gamma + 1, V]
-        # 3. verify against pi = T(q, p)
-        d = make_dists(q_logits, p_logits, cfg, draft_probs=torch.stack(q_probs, 1))
-        target = spec.fn(d, alpha)
-        bonus = d.target_probs[:, gamma] if spec.bonus_from_verifier else target.pi[:, gamma]
-        res = verify_block(drafts, d.draft_probs[:, :gamma], target.pi[:, :gamma], bonus, generator)
-        # 4. advance both caches and emit
-        drafter.commit(res.n_accepted + 1)
-        verifier.commit(res.n_accepted + 1)
-        pending = res.new_token
-        kept = emitter.emit(res.tokens, res.n_accepted + 1)
+    def start() -> None:
+        drafter.reset(input_ids, attention_mask)
+        verifier.reset(input_ids, attention_mask)
+        state.start(input_ids[:, -1], req.alpha)
 
-        n_acc = res.n_accepted
-        examined = positions.unsqueeze(0) < torch.clamp(n_acc + 1, max=gamma).unsqueeze(1)   # [B, gamma]
-        defer = target.defer[:, :gamma].expand(-1, -1, target.pi.shape[-1]) if target.defer.shape[-1] == 1 \
-            else target.defer[:, :gamma]
-        deferred = defer.gather(-1, drafts.unsqueeze(-1)).squeeze(-1) & examined            # [B, gamma]
-        counters += row_counts(active, [active, drafted, n_acc, n_acc < gamma, n_acc == gamma, deferred.sum(1),
-                                        kept, n_acc + 1 - kept])
-        per_position += ((positions.unsqueeze(0) < n_acc.unsqueeze(1)) & active.unsqueeze(1)).sum(0)
-        stats.drafter_calls += gamma + 1
-        stats.verifier_calls += 1
+    start()
+    stats.prefill_calls += 2 if input_ids.shape[1] > 1 else 0
+    if runner.can_capture(drafter, verifier):
+        alpha = state.alpha if req.spec.alpha is not None else None
 
-        if sync.end_step(emitter.done, [check_finite(q_logits, active), check_finite(p_logits, active)], kept):
-            break
+        def step(gen):
+            speculative_block(drafter, verifier, state, req, alpha, gen)
 
-    add_block_counters(stats, counters.tolist(), per_position.tolist())
-    return emitter.tokens()
+        if captured is None:
+            captured = runner.graph_cache(verifier)[key] = runner.capture(step, state, device, per_replay, start)
+        sync = StepSync(device, stats, ["drafter", "verifier"], progress, cumulative=True)
+        run_steps(step, state, sync, generator, captured)
+    else:
+        sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator, cumulative=True)
+        run_steps(lambda gen: speculative_block(drafter, verifier, state, req, req.alpha, gen),
+                  state, sync, generator)
+    state.counters.add_to(stats, req.gamma + 1, 1)
+    return state.emitter.tokens()
 
 
 def row_counts(active: torch.Tensor, columns: list[torch.Tensor]) -> torch.Tensor:

@@ -59,8 +59,8 @@ class SamplingConfig:
 def sampling_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """The sampling distribution: tempered, top-k / top-p filtered, float32.  # [..., V]"""
     logits = logits.float()
-    if cfg.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    if cfg.greedy:  # one-hot on the argmax (a scatter: F.one_hot checks its input on the host)
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     if cfg.temperature != 1.0:
         logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:

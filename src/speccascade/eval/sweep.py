@@ -33,7 +33,7 @@ import torch
 from .. import __version__
 from ..checks import as_int
 from ..errors import DeviceError, SpecCascadeError, SweepFileError
-from ..models.hf import make_backend
+from ..models import make_backend
 from ..registry import METHODS, get_method
 from ..sampling import SamplingConfig
 from ..stats import Stats
@@ -381,7 +381,7 @@ def warm_up(drafter, verifier, tokenizer, task: Task, examples, cells: list[Cell
     """Compile and capture every shape the cells will meet before anything is timed: each method
     (first alpha, each gamma and temperature) on one example of each padded prompt width, outputs
     discarded."""
-    from ..models.hf import bucket
+    from ..models import bucket
 
     widths = {}
     for ex in examples:

@@ -1,12 +1,70 @@
 """Model backends: next-token logits for blocks of tokens, with a KV cache per model.
 
-``base.Backend`` is the interface the decoding loops use; ``hf.HFBackend`` wraps any
-``transformers`` causal LM with a dynamic cache, ``hf.StaticHFBackend`` with a pre-allocated one
-(optionally compiled: the GPU fast path); ``make_backend`` picks one by name. ``as_backend`` turns
-a model (or a backend) into a backend.
+One backend per file, picked by name with :func:`make_backend` (``BACKENDS``):
+
+=========  ==========================  =====================================================
+name       class                       what it is
+=========  ==========================  =====================================================
+dynamic    ``dynamic.HFBackend``       any transformers causal LM, dynamic cache, eager
+static     ``static.StaticHFBackend``  pre-allocated ``StaticCache``, fixed call shapes
+compiled   ``static.StaticHFBackend``  the same under torch.compile (CUDA graphs per call)
+graphs     ``graphs.GraphHFBackend``   the same, hand-captured CUDA graphs per call (CUDA)
+fused      ``fused.FusedLlamaBackend`` Llama-family models: fused projections, per-row
+                                       position-indexed cache, every piece of state on the
+                                       device, so the *whole block* is one CUDA graph
+auto       fused where the model is Llama-family, else graphs on CUDA / dynamic on a CPU
+=========  ==========================  =====================================================
+
+``base.Backend`` states the contract the decoding loops rely on; ``as_backend`` turns a model (or
+a backend) into a backend.
 """
 
-from .base import Backend, as_backend
-from .hf import BACKENDS, GraphHFBackend, HFBackend, StaticHFBackend, make_backend
+from __future__ import annotations
 
-__all__ = ["BACKENDS", "Backend", "GraphHFBackend", "HFBackend", "StaticHFBackend", "as_backend", "make_backend"]
+import warnings
+
+from ..errors import SpecCascadeError
+from .base import Backend, as_backend
+from .dynamic import HFBackend
+from .fused import FusedLlamaBackend, UnsupportedModel
+from .graphs import GraphHFBackend
+from .static import StaticHFBackend, bucket
+
+
+def _fused(model, name, max_cache_len):
+    import torch
+
+    device = next(model.parameters()).device
+    return FusedLlamaBackend(model, name, compile=device.type == "cuda" and torch.cuda.is_available())
+
+
+def _auto(model, name, max_cache_len):
+    try:
+        return _fused(model, name, max_cache_len)
+    except UnsupportedModel as e:
+        device = next(model.parameters()).device
+        warnings.warn(f"{e}; falling back to the {'graphs' if device.type == 'cuda' else 'dynamic'} backend")
+        return BACKENDS["graphs" if device.type == "cuda" else "dynamic"](model, name, max_cache_len)
+
+
+#: name -> factory(model, name, max_cache_len)
+BACKENDS = {
+    "dynamic": lambda model, name, max_cache_len: HFBackend(model, name),
+    "static": lambda model, name, max_cache_len: StaticHFBackend(model, name, max_cache_len, compile=False),
+    "compiled": lambda model, name, max_cache_len: StaticHFBackend(model, name, max_cache_len, compile=True),
+    "graphs": lambda model, name, max_cache_len: GraphHFBackend(model, name, max_cache_len),
+    "fused": _fused,
+    "auto": _auto,
+}
+
+
+def make_backend(model, name: str, kind: str = "dynamic", max_cache_len: int = 2048) -> Backend:
+    """A backend by name (see the table above). ``max_cache_len``: the static backends' slots
+    (the fused backend sizes its cache per request instead)."""
+    if kind not in BACKENDS:
+        raise SpecCascadeError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[kind](model, name, max_cache_len)
+
+
+__all__ = ["BACKENDS", "Backend", "FusedLlamaBackend", "GraphHFBackend", "HFBackend", "StaticHFBackend",
+           "UnsupportedModel", "as_backend", "bucket", "make_backend"]

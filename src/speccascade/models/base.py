@@ -16,8 +16,18 @@ Contract (B rows, each with its own length):
 * ``commit(n_keep)``: of the tokens fed since the last commit, row b keeps its first
   ``n_keep[b]`` real ones and forgets the rest.
 
-A faster backend (a static, position-indexed cache; compiled or CUDA-graph captured steps) plugs
-in behind the same four calls without touching the loops.
+* ``reset`` and ``commit`` return nothing; ``extend``'s logits live on ``device`` (the same device
+  for both models of a pair), float32.
+* Capacity: ``max_positions`` bounds prompt + new tokens + one block (``generate`` checks it before
+  decoding). A backend with a fixed-size cache also has ``reserve(batch, length)``, which
+  ``generate`` calls first with the longest sequence the request can reach, so a decode that
+  passed validation never runs out of cache.
+* ``capturable = True`` (optional) promises that ``extend`` and ``commit`` make no host read and
+  keep no host-side state: the loop around them can then be captured as one CUDA graph
+  (:mod:`speccascade.runner`). Such a backend also carries ``generation``, bumped whenever its
+  cache tensors are reallocated (captured graphs hold the old ones).
+
+Backends (one per file, picked by name): :mod:`speccascade.models`.
 """
 
 from __future__ import annotations
@@ -45,6 +55,6 @@ def as_backend(model, name: str) -> Backend:
     """A backend for ``model``: a backend is returned as is, a ``transformers`` model is wrapped."""
     if isinstance(model, Backend) and not isinstance(model, torch.nn.Module):
         return model
-    from .hf import HFBackend
+    from .dynamic import HFBackend
 
     return HFBackend(model, name=name)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run a long job detached from the calling shell, then wait for it in later calls.
+#   scripts/detached.sh start DIR CMD...   start CMD (in its own session) logging to DIR/log; DIR/rc when it ends
+#   scripts/detached.sh wait DIR SECONDS [DEST]   wait up to SECONDS for it to end; then copy DIR's files
+#                                                 (not folders) to DEST if given; exit 0 if ended, 3 if still running
+set -uo pipefail
+cmd="${1:?start|wait}"; dir="${2:?DIR}"; shift 2
+case "$cmd" in
+  start)
+    mkdir -p "$dir"
+    setsid nohup bash -c 'cd "$0" && "${@:2}" > "$1/log" 2>&1; echo $? > "$1/rc"' "$PWD" "$dir" "$@" \
+      < /dev/null > /dev/null 2>&1 &
+    echo "started: $*" ;;
+  wait)
+    secs="${1:?SECONDS}"; dest="${2:-}"
+    end=$((SECONDS + secs))
+    while [ ! -f "$dir/rc" ] && [ $SECONDS -lt $end ]; do sleep 5; done
+    tail -n 40 "$dir/log" 2>/dev/null
+    if [ -n "$dest" ]; then mkdir -p "$dest"; find "$dir" -maxdepth 1 -type f -exec cp {} "$dest/" \; ; fi
+    if [ -f "$dir/rc" ]; then echo "ended: rc=$(cat "$dir/rc")"; exit 0; fi
+    echo "still running"; exit 3 ;;
+  *) echo "usage: $0 start|wait DIR ..." >&2; exit 2 ;;
+esac

@@ -1,0 +1,105 @@
+"""A backend for any ``transformers`` causal LM, with a dynamic KV cache and masked rollback.
+
+Rows of a batch advance by different numbers of tokens per block. All rows share one cache
+length; a slot a row does not use (left padding, a rejected draft, padding of a ragged feed) is
+masked out of attention by the 2-D ``attention_mask``, and each row's ``position_ids`` count only
+its real tokens, so a row's logits are exactly those of its own sequence. Slots that no row uses
+any more are cropped from the end of the cache after each commit; at batch size 1 this is an
+exact rollback and the cache never holds a hole.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..errors import SpecCascadeError
+
+
+def _new_cache(config):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # older signature
+        return DynamicCache()
+
+
+class HFBackend:
+    def __init__(self, model: torch.nn.Module, name: str = "model"):
+        if not hasattr(model, "config") or not callable(getattr(model, "forward", None)):
+            raise SpecCascadeError(f"{name} must be a transformers causal LM (AutoModelForCausalLM), got {type(model).__name__}")
+        self.model = model.eval()
+        self.name = name
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.vocab_size = int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.device = next(model.parameters()).device
+        self.cache = None
+        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # -- the Backend interface -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        input_ids = input_ids.to(self.device)
+        mask = attention_mask.to(self.device).bool()
+        self.cache = self._make_cache(input_ids.shape[0])
+        self.valid = mask[:, :-1].clone()              # [B, slots] which cache slots each row uses
+        self.n_pos = self.valid.sum(1)                  # [B] real tokens cached (committed + tentative)
+        self.n_committed = self.n_pos.clone()           # [B]
+        self.n_tentative_slots = 0
+        if input_ids.shape[1] > 1:
+            positions = (self.valid.long().cumsum(1) - 1).clamp_min(0)
+            self._forward(input_ids[:, :-1], self.valid, positions)
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = tokens.to(self.device)
+        B, k = tokens.shape
+        offsets = torch.arange(k, device=self.device).unsqueeze(0)            # [1, k]
+        new_valid = (offsets < lengths.to(self.device).unsqueeze(1)) if lengths is not None \
+            else torch.ones(B, k, dtype=torch.bool, device=self.device)      # [B, k]
+        positions = self.n_pos.unsqueeze(1) + offsets                          # [B, k]
+        if self.max_positions:
+            positions = positions.clamp(max=self.max_positions - 1)  # only padding can reach it
+        mask = torch.cat([self.valid, new_valid], dim=1)
+        logits = self._forward(tokens, mask, positions)
+        self.valid = mask
+        self.n_pos = self.n_pos + new_valid.sum(1)
+        self.n_tentative_slots += k
+        return logits.float()                                                  # [B, k, V]
+
+    @torch.no_grad()
+    def commit(self, n_keep: torch.Tensor) -> None:
+        t = self.n_tentative_slots
+        if t:
+            tentative = self.valid[:, -t:]
+            kept = tentative & (tentative.long().cumsum(1) <= n_keep.to(self.device).unsqueeze(1))
+            self.valid = torch.cat([self.valid[:, :-t], kept], dim=1)
+            self.n_pos = self.n_committed + kept.sum(1)
+        self.n_committed = self.n_pos.clone()
+        self.n_tentative_slots = 0
+        self._drop_unused_slots()
+
+    def _drop_unused_slots(self) -> None:
+        """Crop cache slots that no row uses any more from the end (a host sync)."""
+        used = self.valid.any(0).nonzero()
+        keep_slots = int(used.max()) + 1 if used.numel() else 0
+        drop = self.valid.shape[1] - keep_slots
+        if drop > 0:
+            self.cache.crop(-drop)
+            self.valid = self.valid[:, :keep_slots]
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _make_cache(self, batch: int):
+        return _new_cache(self.model.config)
+
+    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions,
+                         use_cache=True, **{self._cache_kw: self.cache})
+        return out.logits

@@ -1,0 +1,195 @@
+"""How the host drives a decoding step function: eagerly, or as replays of one captured CUDA graph.
+
+A *step* is a function of device state only (the speculative block of :mod:`.loop`, one token of
+single-model decoding in :mod:`.baselines`): it reads and writes tensors at fixed addresses and
+makes no host read. Its last act is to write the state's ``flags`` (all rows done, a non-finite
+flag per model, tokens emitted so far). The host's only job is to call the step (or replay it)
+and, once per call, look at those flags (:class:`StepSync`).
+
+* **Eager** (any backend, CPU or GPU): call the step, read the flags, repeat.
+* **Captured** (CUDA, backends with ``capturable = True``, e.g. the fused backend): the step is
+  run twice as a warm-up (torch.compile compiles, allocations settle), then ``per_replay`` steps
+  are captured as one CUDA graph, keyed by everything the captured program depends on (batch
+  size, gamma, method, sampling settings, ``max_new_tokens``, EOS ids, the caches' identity).
+  Later calls with the same key only copy their inputs into the state and replay. The graph
+  draws its random numbers from a generator registered with it (graph-safe: every replay
+  advances it as eager draws would), whose state is copied from, and back to, the caller's
+  generator, so a seed still gives the same output.
+
+The flags are read one step late on a GPU (the next replay is queued before the host waits), so
+the device never idles for the host; the step run past the end is wasted work whose output is
+already ignored (every row is done) and whose counters are masked on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import NonFiniteLogitsError
+
+#: steps per replay of a captured graph (speculative blocks; single-model tokens). One step per
+#: replay keeps the device busy already (the host queues replay i + 1 before it reads the flags of
+#: replay i) and wastes at most one step at the end; more steps per replay wake the host less often
+#: but compute up to that many steps past the end.
+BLOCKS_PER_REPLAY = 1
+TOKENS_PER_REPLAY = 1
+
+
+def raise_if_nonfinite(flags: list[bool], names: list[str]) -> None:
+    for flag, name in zip(flags, names):
+        if flag:
+            raise NonFiniteLogitsError(f"the {name} returned non-finite (NaN or inf) logits; "
+                                       f"check its weights and dtype (fp16 overflow?)")
+
+
+def step_flags(done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor) -> torch.Tensor:
+    """[all rows done, a non-finite flag per model, tokens kept this step] as one long tensor."""
+    return torch.stack([done.all().long(), *(f.long() for f in finite_flags), kept.sum()])
+
+
+class StepSync:
+    """The end of a decoding step: the one point where the host reads device state.
+
+    ``end_step`` copies the step's flags (see :func:`step_flags`) to the host. On a CPU it reads
+    them at once. On a GPU the copy is asynchronous and the host reads the flags of the
+    *previous* step, so the device always has the next step queued and never waits for the host;
+    when those flags say "done", the step queued after them is wasted work: its output is already
+    ignored (every row is done), host-side call counts it made are taken back out of the stats and
+    the random generator is put back to where that step found it, so results do not depend on the
+    lag. With ``cumulative=True`` the last flag counts tokens emitted so far (not this step's).
+    """
+
+    #: read flags one step late: None = on a GPU only (tests force it on the CPU)
+    lagged: bool | None = None
+
+    def __init__(self, device: torch.device, stats, names: list[str], progress=None,
+                 generator: torch.Generator | None = None, cumulative: bool = False):
+        self.generator = generator
+        self.cuda = device.type == "cuda"
+        self.lag = self.cuda if self.lagged is None else self.lagged
+        self.stats, self.names, self.progress = stats, names, progress
+        self.cumulative, self.shown = cumulative, 0
+        self.pending = None
+        self._host: list[torch.Tensor] = []   # two pinned buffers and events, used in turn
+        self._events: list = []
+        self._turn = 0
+
+    def end_step(self, done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor) -> bool:
+        """True when every row is done (as of the last step whose flags the host has read)."""
+        return self.end(step_flags(done, finite_flags, kept))
+
+    def end(self, flags: torch.Tensor) -> bool:
+        calls = (self.stats.drafter_calls, self.stats.verifier_calls)
+        if not self.lag:
+            return self._read(flags.tolist(), calls)
+        host, event = flags, None
+        if self.cuda:
+            if not self._host:
+                self._host = [torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True) for _ in range(2)]
+                self._events = [torch.cuda.Event() for _ in range(2)]
+            # buffer `turn` was last written two steps ago and has been read since
+            host, event = self._host[self._turn], self._events[self._turn]
+            host.copy_(flags, non_blocking=True)
+            event.record()
+            self._turn ^= 1
+        else:
+            host = flags.clone()
+        if self.generator is not None:
+            calls = calls + (self.generator.get_state(),)
+        previous, self.pending = self.pending, (host, event, calls)
+        if previous is None:
+            return False
+        if previous[1] is not None:
+            previous[1].synchronize()
+        return self._read(previous[0].tolist(), previous[2])
+
+    def _read(self, values: list[int], calls: tuple) -> bool:
+        raise_if_nonfinite(values[1:-1], self.names)
+        if self.progress is not None:
+            self.progress.update(values[-1] - self.shown if self.cumulative else values[-1])
+            self.shown = values[-1] if self.cumulative else self.shown
+        if values[0]:
+            self.stats.drafter_calls, self.stats.verifier_calls = calls[:2]  # drop a step run past the end
+            if len(calls) > 2:
+                self.generator.set_state(calls[2])
+            return True
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# captured steps
+
+
+@dataclass
+class Captured:
+    """One captured program: ``per_replay`` steps over ``state``, drawing from ``generator``."""
+
+    graph: object
+    state: object
+    generator: torch.Generator
+    per_replay: int
+    replays: int = 0   # replays so far (all calls), for benchmarks
+
+
+def can_capture(*backends) -> bool:
+    """True where the steps can be captured: CUDA, and every backend keeps its state on the device."""
+    return all(getattr(b, "capturable", False) and b.device.type == "cuda" for b in backends)
+
+
+def graph_cache(backend) -> dict:
+    """The captured programs of a backend (they hold its cache tensors, so they live with it)."""
+    if not hasattr(backend, "_captured"):
+        backend._captured = {}
+    return backend._captured
+
+
+def capture(step: Callable[[torch.Generator], None], state, device: torch.device, per_replay: int,
+            restart: Callable[[], None]) -> Captured:
+    """Capture ``per_replay`` calls of ``step`` as one program, then ``restart()`` (the warm-up
+    advanced the state and the caches)."""
+    graph, gen = capture_graph(step, device, per_replay)
+    restart()
+    return Captured(graph=graph, state=state, generator=gen, per_replay=per_replay)
+
+
+def capture_graph(step: Callable[[torch.Generator], None], device: torch.device, per_replay: int):
+    """Warm ``step`` up twice on a side stream (torch.compile compiles, allocations settle), then
+    capture ``per_replay`` calls of it as one CUDA graph drawing from a generator registered with
+    it. Returns the graph and that generator. (Tests replace this function to run on a CPU.)"""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(gen)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(gen)
+    with torch.cuda.graph(graph):
+        for _ in range(per_replay):
+            step(gen)
+    return graph, gen
+
+
+def run_steps(step: Callable[[torch.Generator], None], state, sync: StepSync,
+              generator: torch.Generator | None, captured: Captured | None = None) -> None:
+    """Run until the state's flags say every row is done: eager calls of ``step``, or replays."""
+    if captured is None:
+        while True:
+            step(generator)
+            if sync.end(state.flags):
+                return
+    if generator is not None:
+        captured.generator.set_state(generator.get_state())
+    while True:
+        captured.graph.replay()
+        captured.replays += 1
+        if sync.end(state.flags):
+            break
+    if generator is not None:
+        generator.set_state(captured.generator.get_state())

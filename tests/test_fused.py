@@ -1,0 +1,181 @@
+"""The fused backend and the device-resident block, on the CPU.
+
+1. The fused Llama step's logits equal transformers' forward over each row's sequence (ragged
+   prompts, ragged feeds, rollbacks; GQA; Qwen2's q/k/v biases).
+2. Every method gives the dynamic backend's tokens through it (greedy and seeded): the same block
+   function, on other state.
+3. The captured path's bookkeeping (a captured program reused across calls: state copied in, the
+   caches re-filled, the generator carried over) with the CUDA capture replaced by a simulation
+   that replays the same step function; its output equals the eager path's.
+4. Capacity is settled before decoding: the issue's failing case (prompt 3, 40 new tokens,
+   gamma 5) runs, and a static cache too small for a request is refused up front.
+"""
+
+import pytest
+import torch
+
+import speccascade as sc
+from speccascade import runner
+from speccascade.errors import SpecCascadeError
+from speccascade.models import FusedLlamaBackend, UnsupportedModel, make_backend
+from tiny_models import tiny_llama, tiny_pair
+
+
+def fresh_logits(model, seq):
+    with torch.no_grad():
+        return model(torch.tensor([seq])).logits[0, -1].float()
+
+
+def tiny_qwen2(seed: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random (not zero) biases, so that a dropped bias would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(0), lambda: tiny_qwen2(0)], ids=["llama", "qwen2"])
+def test_fused_logits_match_transformers_after_ragged_extend_commit(make):
+    model = make()
+    be = FusedLlamaBackend(model, "verifier")
+    g = torch.Generator().manual_seed(0)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13]]
+    L = max(map(len, prompts))
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    be.reserve(3, 80)
+    be.reset(ids, mask)
+    seqs = [list(p[:-1]) for p in prompts]
+    for step in range(12):
+        k = int(torch.randint(1, 5, (1,), generator=g))
+        tokens = torch.randint(3, 48, (3, k), generator=g)
+        lengths = torch.randint(1, k + 1, (3,), generator=g)
+        logits = be.extend(tokens, lengths)
+        for b in range(3):
+            for i in range(int(lengths[b])):
+                seq = seqs[b] + tokens[b, :i + 1].tolist()
+                torch.testing.assert_close(logits[b, i], fresh_logits(model, seq), atol=2e-5, rtol=1e-4)
+        n_keep = torch.stack([torch.randint(0, int(lengths[b]) + 1, (1,), generator=g)[0] for b in range(3)])
+        be.commit(n_keep)
+        for b in range(3):
+            seqs[b] = seqs[b] + tokens[b, :int(n_keep[b])].tolist()
+        assert be.n_pos.tolist() == [len(s) for s in seqs]
+
+
+def test_fused_refuses_other_architectures_and_auto_falls_back():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    with pytest.raises(UnsupportedModel, match="use --backend graphs or compiled"):
+        make_backend(gpt2, "verifier", "fused")
+    with pytest.warns(UserWarning, match="falling back to the dynamic backend"):
+        be = make_backend(gpt2, "verifier", "auto")
+    assert type(be).__name__ == "HFBackend"
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
+METHODS = [("sd", None, {}), ("token_v3", 0.5, {}), ("lossy_tuned", 0.3, {}), ("bild_star", 1.5, {}),
+           ("opt", 0.5, {}), ("verifier_only", None, {}), ("drafter_only", None, {}), ("token_cascade", 0.4, {}),
+           ("bild", 2.0, {}), ("oracle_diff", 0.0, {}), ("seq_cascade", 0.5, {"length_normalized": True})]
+
+
+@pytest.mark.parametrize("name,alpha,extra", METHODS, ids=[m[0] for m in METHODS])
+def test_fused_backend_gives_the_dynamic_backends_tokens(name, alpha, extra):
+    d, v = tiny_pair(0, noise=0.05)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    for temperature, seed in ((0.0, 0), (1.0, 3)):
+        kw = dict(method=name, alpha=alpha, gamma=3, temperature=temperature, max_new_tokens=14, seed=seed, **extra)
+        ref = sc.generate(d, v, PROMPTS, **kw)
+        out = sc.generate(fd, fv, PROMPTS, **kw)
+        assert out.tokens == ref.tokens
+        assert out.stats.to_dict() | {"wall_time_s": 0, "tokens_per_second": 0} == \
+            ref.stats.to_dict() | {"wall_time_s": 0, "tokens_per_second": 0}
+
+
+def test_greedy_sd_equals_verifier_only_and_transformers_generate():
+    d, v = tiny_pair(1, noise=0.3)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    prompt = [5, 6, 7, 8]
+    sd = sc.generate(fd, fv, [prompt], method="sd", gamma=4, temperature=0, max_new_tokens=20).tokens[0]
+    alone = sc.generate(fd, fv, [prompt], method="verifier_only", temperature=0, max_new_tokens=20).tokens[0]
+    hf = v.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert sd == alone == hf
+
+
+class SimulatedGraph:
+    """A captured program on the CPU: a replay calls the same step function on the same state."""
+
+    def __init__(self, step, gen, per_replay):
+        self.step, self.gen, self.per_replay = step, gen, per_replay
+
+    def replay(self):
+        for _ in range(self.per_replay):
+            self.step(self.gen)
+
+
+@pytest.fixture
+def simulated_capture(monkeypatch):
+    calls = []
+
+    def capture_graph(step, device, per_replay):
+        gen = torch.Generator(device=device)
+        for _ in range(2):  # the warm-up runs the step on the live state, as on a GPU
+            step(gen)
+        calls.append(per_replay)
+        return SimulatedGraph(step, gen, per_replay), gen
+
+    monkeypatch.setattr(runner, "can_capture", lambda *bs: all(getattr(b, "capturable", False) for b in bs))
+    monkeypatch.setattr(runner, "capture_graph", capture_graph)
+    return calls
+
+
+@pytest.mark.parametrize("per_replay", [1, 3])
+def test_captured_path_bookkeeping_matches_eager(simulated_capture, monkeypatch, per_replay):
+    """A program captured once serves later calls with other prompts and seeds (state and caches
+    re-filled, the caller's generator carried in and out); steps past the end change nothing."""
+    monkeypatch.setattr(runner, "BLOCKS_PER_REPLAY", per_replay)
+    monkeypatch.setattr(runner, "TOKENS_PER_REPLAY", per_replay)
+    d, v = tiny_pair(0, noise=0.05)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    batches = [[[5, 6, 7], [8, 9, 10]], [[11, 12, 13], [14, 15, 16]], [[17, 18, 19], [20, 21, 22]]]
+    for method, alpha in (("token_v3", 0.5), ("verifier_only", None)):
+        for i, prompts in enumerate(batches):
+            kw = dict(method=method, alpha=alpha, gamma=3, temperature=1.0, max_new_tokens=12, eos_token_id=7)
+            g_eager, g_graph = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
+            ref = sc.generate(d, v, prompts, generator=g_eager, **kw)
+            out = sc.generate(fd, fv, prompts, generator=g_graph, **kw)
+            assert out.tokens == ref.tokens
+            s, r = out.stats, ref.stats
+            assert (s.accepted, s.rejected, s.blocks, s.drafter_calls, s.verifier_calls, s.emitted) == \
+                (r.accepted, r.rejected, r.blocks, r.drafter_calls, r.verifier_calls, r.emitted)
+    assert simulated_capture == [per_replay, per_replay]  # one capture per method, reused by later calls
+
+
+def test_new_alpha_reuses_the_captured_block(simulated_capture):
+    d, v = tiny_pair(0, noise=0.3)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    for alpha in (0.1, 0.9):
+        ref = sc.generate(d, v, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10)
+        out = sc.generate(fd, fv, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10)
+        assert out.tokens == ref.tokens and out.stats.deferred == ref.stats.deferred
+    assert len(simulated_capture) == 1
+
+
+def test_capacity_is_settled_before_decoding():
+    """The fused cache is sized from the request; a static cache that a request could outgrow is
+    refused before decoding, naming the size it needs, instead of failing mid-way by the seed."""
+    d, v = tiny_pair(0, noise=0.5)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    for seed in range(5):
+        out = sc.generate(fd, fv, [[1, 2, 3]], method="sd", gamma=5, temperature=1, max_new_tokens=40, seed=seed)
+        assert len(out.tokens[0]) == 40
+    sd_, sv = make_backend(d, "drafter", "static", 128), make_backend(v, "verifier", "static", 128)
+    with pytest.raises(SpecCascadeError, match="static cache of 128 slots.*needs up to"):
+        sc.generate(sd_, sv, [[1, 2, 3]], method="sd", gamma=5, temperature=1, max_new_tokens=40, seed=0)
