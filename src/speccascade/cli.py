@@ -4,6 +4,11 @@
     speccascade generate --drafter D --verifier V --method opt --alpha 0.3 "prompt"
     speccascade methods                                             # every method, alpha's meaning and range
     speccascade train --preset tiny --role verifier --out DIR       # reproduce a shipped model
+
+Defaults are the API's (:data:`speccascade.api.DEFAULTS`). Bad input of any kind (arguments, paths,
+devices, sweep and report files) prints one line, ``speccascade: error: ...``, and exits with 2;
+settings are checked before any model loads. An unexpected failure prints one line and exits with 1
+(``SPECCASCADE_TRACEBACK=1`` shows the traceback).
 """
 
 from __future__ import annotations
