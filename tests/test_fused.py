@@ -90,7 +90,8 @@ def test_fused_backend_gives_the_dynamic_backends_tokens(name, alpha, extra):
     d, v = tiny_pair(0, noise=0.05)
     fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
     for temperature, seed in ((0.0, 0), (1.0, 3)):
-        kw = dict(method=name, alpha=alpha, gamma=3, temperature=temperature, max_new_tokens=14, seed=seed, **extra)
+        kw = dict(method=name, alpha=alpha, gamma=3, temperature=temperature, max_new_tokens=14, seed=seed,
+                  eos_token_id=[], **extra)
         ref = sc.generate(d, v, PROMPTS, **kw)
         out = sc.generate(fd, fv, PROMPTS, **kw)
         assert out.tokens == ref.tokens
@@ -102,8 +103,9 @@ def test_greedy_sd_equals_verifier_only_and_transformers_generate():
     d, v = tiny_pair(1, noise=0.3)
     fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
     prompt = [5, 6, 7, 8]
-    sd = sc.generate(fd, fv, [prompt], method="sd", gamma=4, temperature=0, max_new_tokens=20).tokens[0]
-    alone = sc.generate(fd, fv, [prompt], method="verifier_only", temperature=0, max_new_tokens=20).tokens[0]
+    sd = sc.generate(fd, fv, [prompt], method="sd", gamma=4, temperature=0, max_new_tokens=20, eos_token_id=[]).tokens[0]
+    alone = sc.generate(fd, fv, [prompt], method="verifier_only", temperature=0, max_new_tokens=20,
+                        eos_token_id=[]).tokens[0]
     hf = v.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, min_new_tokens=20,
                     eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert sd == alone == hf
@@ -162,8 +164,8 @@ def test_new_alpha_reuses_the_captured_block(simulated_capture):
     d, v = tiny_pair(0, noise=0.3)
     fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
     for alpha in (0.1, 0.9):
-        ref = sc.generate(d, v, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10)
-        out = sc.generate(fd, fv, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10)
+        ref = sc.generate(d, v, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10, eos_token_id=[])
+        out = sc.generate(fd, fv, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10, eos_token_id=[])
         assert out.tokens == ref.tokens and out.stats.deferred == ref.stats.deferred
     assert len(simulated_capture) == 1
 

@@ -68,7 +68,7 @@ def test_compiled_loop_law_on_gpu(name, alpha, compiled_pair):
     d, v, bd, bv = compiled_pair
     gamma = 3
     out = sc.generate(bd, bv, torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha, gamma=gamma,
-                      max_new_tokens=N_TOKENS, seed=0)
+                      max_new_tokens=N_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
     lq, lp = fresh_logits(d), fresh_logits(v)
     spec = sc.METHODS[name]
     law = algorithm4_law(lambda pre: sampling_dist(lq(pre)), lambda pre: sampling_dist(lp(pre)),
@@ -99,7 +99,7 @@ def test_captured_block_law_on_gpu(name, alpha):
     d, v, fd, fv = fused_pair()
     gamma = 3
     out = sc.generate(fd, fv, torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha, gamma=gamma,
-                      max_new_tokens=N_TOKENS, seed=0)
+                      max_new_tokens=N_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
     assert runner.graph_cache(fv), "the block was not captured"
     lq, lp = fresh_logits(d), fresh_logits(v)
     spec = sc.METHODS[name]
@@ -115,7 +115,8 @@ def test_captured_single_model_law_on_gpu():
     from speccascade import runner
 
     d, v, fd, fv = fused_pair()
-    out = sc.generate(fd, fv, torch.tensor([PROMPT] * N_ROWS), method="verifier_only", max_new_tokens=N_TOKENS, seed=0)
+    out = sc.generate(fd, fv, torch.tensor([PROMPT] * N_ROWS), method="verifier_only", max_new_tokens=N_TOKENS, seed=0,
+                      temperature=1.0, eos_token_id=[])
     assert runner.graph_cache(fv)
     lp = fresh_logits(v)
     law = algorithm4_law(lambda pre: sampling_dist(lp(pre)), lambda pre: sampling_dist(lp(pre)),
@@ -129,10 +130,12 @@ def test_captured_greedy_sd_equals_verifier_and_transformers_on_gpu(compile):
     generate, batched with ragged prompts; and a seed gives the same sampled output twice."""
     d, v, fd, fv = fused_pair(seed=0, noise=0.05, vocab=48, compile=compile)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
-    ref = sc.generate(d, v, prompts, method="verifier_only", temperature=0, max_new_tokens=24).tokens
+    ref = sc.generate(d, v, prompts, method="verifier_only", temperature=0, max_new_tokens=24, eos_token_id=[]).tokens
     for gamma in (1, 4):
-        assert sc.generate(fd, fv, prompts, method="sd", temperature=0, gamma=gamma, max_new_tokens=24).tokens == ref
-    assert sc.generate(fv, fv, prompts, method="verifier_only", temperature=0, max_new_tokens=24).tokens == ref
+        assert sc.generate(fd, fv, prompts, method="sd", temperature=0, gamma=gamma, max_new_tokens=24,
+                           eos_token_id=[]).tokens == ref
+    assert sc.generate(fv, fv, prompts, method="verifier_only", temperature=0, max_new_tokens=24,
+                       eos_token_id=[]).tokens == ref
     for p, r in zip(prompts, ref):
         hf = v.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=24, min_new_tokens=24,
                         eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()

@@ -115,7 +115,7 @@ def test_lemma3_rejection_rate(name, alpha):
     """Lemma 3: P(reject) = delta * D_TV(p, q) for mixture rules; sum_v max(0, q - pi) in general."""
     drafter, verifier = TableBackend(Q_TABLE, "drafter", 24), TableBackend(P_TABLE, "verifier", 24)
     out = sc.generate(drafter, verifier, torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha, gamma=1,
-                      max_new_tokens=1, seed=3)
+                      max_new_tokens=1, seed=3, temperature=1.0)
     q = softmax(Q_TABLE[prefix_hash(PROMPT)].numpy())
     p = softmax(P_TABLE[prefix_hash(PROMPT)].numpy())
     pi, defer = reference_rule(name, q, p, q, p, alpha)
@@ -133,7 +133,7 @@ def test_sequential_cascade_law(name, alpha, extra):
     rule = {"oracle_diff": "diff", "token_cascade": "chow"}[name]
     drafter, verifier = TableBackend(Q_TABLE, "drafter", 24), TableBackend(P_TABLE, "verifier", 24)
     out = sc.generate(drafter, verifier, torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha,
-                      max_new_tokens=N_TOKENS, seed=5, **extra)
+                      max_new_tokens=N_TOKENS, seed=5, temperature=1.0, **extra)
     q_at, p_at, target_at, _ = reference_parts(rule, alpha)
     law = sequential_law(target_at, q_at, p_at, PROMPT, N_TOKENS)
     assert chi2_pvalue(empirical(out.tokens), law, N_ROWS) > LEVEL
