@@ -367,7 +367,7 @@ def section_hf(rec, args, save):
         save()
     fd, fv = FusedLlamaBackend(d, "drafter", compile=True), FusedLlamaBackend(v, "verifier", compile=True)
     for label, (bd, bv) in (("fused", (fd, fv)),
-                            ("graphs", (make_backend(d, "drafter", "graphs", 1024), make_backend(v, "verifier", "graphs", 1024)))):
+                            ("graphs", (make_backend(d, "drafter", "graphs", 2048), make_backend(v, "verifier", "graphs", 2048)))):
         for m in ("verifier_only", "sd"):
             try:
                 out[f"{label}/{m}"] = decode_rate(bd, bv, [p] * 5, m, 0.0, None, args.gamma, n, eos=None)
