@@ -3,7 +3,7 @@
 # then the rest of the GPU tests. Each writes into DIR (default runs/gpu_fastpath).
 #   bash benchmarks/gpu_fastpath_run.sh [DIR] [SECTIONS]
 set -uo pipefail
-dir="${1:-runs/gpu_fastpath}"; sections="${2:-tiny,deep,llama1B,hf,batch}"
+dir="${1:-runs/gpu_fastpath}"; sections="${2:-tiny,deep,profile,llama1B,hf,batch}"
 mkdir -p "$dir"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$dir/gpu.txt" 2>&1

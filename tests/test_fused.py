@@ -181,3 +181,24 @@ def test_capacity_is_settled_before_decoding():
     sd_, sv = make_backend(d, "drafter", "static", 128), make_backend(v, "verifier", "static", 128)
     with pytest.raises(SpecCascadeError, match="static cache of 128 slots.*needs up to"):
         sc.generate(sd_, sv, [[1, 2, 3]], method="sd", gamma=5, temperature=1, max_new_tokens=40, seed=0)
+
+
+def test_compiled_block_arithmetic_matches_eager(simulated_capture, monkeypatch):
+    """The arithmetic between model calls, traced by torch.compile (dynamo + AOT autograd, the
+    ``aot_eager`` backend: the same graph inductor would compile, without its C++ build), gives the
+    eager tokens and counters: in-place updates of the state and of the caches survive tracing."""
+    from speccascade import loop
+
+    real_compile = torch.compile
+    monkeypatch.setattr(loop, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", dynamic=False))
+    d, v = tiny_pair(0, noise=0.3)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    fd.compiled = fv.compiled = True   # the models stay eager; the block's arithmetic is compiled
+    for method, alpha, T in (("sd", None, 0.0), ("token_v3", 0.5, 1.0), ("verifier_only", None, 1.0)):
+        ref = sc.generate(d, v, PROMPTS, method=method, alpha=alpha, gamma=3, temperature=T, max_new_tokens=10, seed=2)
+        out = sc.generate(fd, fv, PROMPTS, method=method, alpha=alpha, gamma=3, temperature=T, max_new_tokens=10, seed=2)
+        assert out.tokens == ref.tokens
+        assert (out.stats.accepted, out.stats.deferred, out.stats.verifier_calls) == \
+            (ref.stats.accepted, ref.stats.deferred, ref.stats.verifier_calls)
+    assert len(loop._COMPILED) == 3   # draft_token, finish_block, finish_single

@@ -90,13 +90,16 @@ def fused_pair(seed=1, noise=0.8, vocab=4, compile=False):
     return d, v, FusedLlamaBackend(d, "drafter", compile=compile), FusedLlamaBackend(v, "verifier", compile=compile)
 
 
-@pytest.mark.parametrize("name,alpha", [("sd", None), ("token_v3", 0.5), ("lossy_tuned", 0.4), ("chow", 0.35),
-                                        ("bild_star", 1.2), ("opt", 0.5), ("token_v1", 0.0)])
-def test_captured_block_law_on_gpu(name, alpha):
-    """20,000 rows through the captured block (one CUDA graph per block) against Algorithm 4's law."""
+@pytest.mark.parametrize("name,alpha,compile", [
+    ("sd", None, False), ("token_v3", 0.5, False), ("lossy_tuned", 0.4, False), ("chow", 0.35, False),
+    ("bild_star", 1.2, False), ("opt", 0.5, False), ("token_v1", 0.0, False),
+    ("sd", None, True), ("token_v3", 0.5, True), ("lossy", 0.4, True)])
+def test_captured_block_law_on_gpu(name, alpha, compile):
+    """20,000 rows through the captured block (one CUDA graph per block) against Algorithm 4's law;
+    ``compile``: the models and the block's arithmetic torch.compile'd, prompts pre-filled by graphs."""
     from speccascade import runner
 
-    d, v, fd, fv = fused_pair()
+    d, v, fd, fv = fused_pair(compile=compile)
     gamma = 3
     out = sc.generate(fd, fv, torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha, gamma=gamma,
                       max_new_tokens=N_TOKENS, seed=0, temperature=1.0, eos_token_id=[])

@@ -13,14 +13,14 @@ import math
 
 import torch
 
-from .loop import (DecodeRequest, DecodeState, StepSync, add_block_counters, check_finite, make_dists, row_counts,
-                   start_both)
+from .loop import (DecodeRequest, DecodeState, StepSync, _compiled, add_block_counters, check_finite, make_dists,
+                   row_counts, start_both)
 from . import runner
 from .runner import run_steps
 from .models.base import Backend
 from .registry import AlphaRange, register
 from .rules import bild_discrepancy, diff
-from .sampling import SamplingConfig, confidence_probs, draw, sampling_probs
+from .sampling import SamplingConfig, confidence_probs, draw, draw_with, exponential_noise, sampling_probs
 from .stats import Stats
 
 MAX_DRAFTER_RUN = 10  # App. E.1: "the small model predicts for a maximum of 10 tokens" (after Kim et al.)
@@ -30,11 +30,18 @@ def _ones(B, device):
     return torch.ones(B, dtype=torch.long, device=device)
 
 
-def single_step(backend: Backend, state: DecodeState, cfg: SamplingConfig, generator, score=None) -> None:
-    """One token of auto-regressive sampling for every row, in place on ``state``; no host read."""
+def single_step(backend: Backend, state: DecodeState, cfg: SamplingConfig, generator, score=None,
+                compiled: bool = False) -> None:
+    """One token of auto-regressive sampling for every row, in place on ``state``; no host read
+    (with ``compiled``, the arithmetic after the model call is torch.compile'd)."""
     active = ~state.emitter.done                                                   # [B]
     logits = backend.extend(state.pending.unsqueeze(1))[:, -1]                     # [B, V]
-    token = draw(sampling_probs(logits, cfg), generator)                           # [B]
+    noise = exponential_noise(logits.shape, logits, generator)
+    (_compiled(finish_single) if compiled else finish_single)(backend, state, cfg, active, logits, noise, score)
+
+
+def finish_single(backend: Backend, state: DecodeState, cfg: SamplingConfig, active, logits, noise, score) -> None:
+    token = draw_with(sampling_probs(logits, cfg), noise)                          # [B]
     one = torch.ones_like(token)                                                   # [B] one token per row
     backend.commit(one)
     kept = state.emitter.emit(token.unsqueeze(1), one)
@@ -66,8 +73,10 @@ def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: Sa
         backend.reset(input_ids, attention_mask)
         state.start(input_ids[:, -1], None)
 
+    compiled = capturable and bool(getattr(backend, "compiled", False))
+
     def step(gen) -> None:
-        single_step(backend, state, cfg, gen, score)
+        single_step(backend, state, cfg, gen, score, compiled)
 
     start()
     stats.prefill_calls += 1 if input_ids.shape[1] > 1 else 0

@@ -37,7 +37,7 @@ from .registry import MethodSpec
 from .rules import Dists
 from . import runner
 from .runner import StepSync, raise_if_nonfinite, run_steps  # noqa: F401  (StepSync, raise_if_nonfinite: re-exported)
-from .sampling import SamplingConfig, confidence_probs, draw, sampling_probs
+from .sampling import SamplingConfig, confidence_probs, draw_with, exponential_noise, sampling_probs
 from .stats import Stats
 from .verify import verify_block
 
@@ -189,34 +189,58 @@ class DecodeState:
 
 
 def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, req: DecodeRequest,
-                      alpha, generator: torch.Generator | None) -> None:
-    """One block of Algorithm 4 (GenSpecSample) for every row, in place on ``state``; no host read."""
-    gamma, cfg, spec = req.gamma, req.sampling, req.spec
+                      alpha, generator: torch.Generator | None, compiled: bool = False) -> None:
+    """One block of Algorithm 4 (GenSpecSample) for every row, in place on ``state``; no host read.
+
+    The random draws are made apart from the arithmetic (in the same order as the arithmetic
+    would make them), so that with ``compiled`` the arithmetic between the model calls runs as a
+    few torch.compile'd kernels: a draft's sampling (:func:`draft_token`) and everything after the
+    verifier's call (:func:`finish_block`)."""
+    gamma, cfg = req.gamma, req.sampling
+    sample = _compiled(draft_token) if compiled else draft_token
+    finish = _compiled(finish_block) if compiled else finish_block
     active = ~state.emitter.done                                             # [B]
-    pending = state.pending
     # 1. draft: gamma + 1 drafter calls
-    token, q_logits, q_probs, drafts = pending, [], [], []
+    token, q_logits, q_probs, drafts = state.pending, [], [], []
     for j in range(gamma + 1):
         logits = drafter.extend(token.unsqueeze(1))[:, -1]                   # [B, V]
+        noise = exponential_noise(logits.shape, logits, generator) if j < gamma else None
+        probs, token = sample(logits, noise, cfg)                            # [B, V], [B]
         q_logits.append(logits)
-        q_probs.append(sampling_probs(logits, cfg))
+        q_probs.append(probs)
         if j < gamma:
-            token = draw(q_probs[-1], generator)                             # [B]
             drafts.append(token)
-    q_logits = torch.stack(q_logits, 1)                                      # [B, gamma + 1, V]
     drafts = torch.stack(drafts, 1)                                          # [B, gamma]
     # 2. score: one verifier call on gamma + 1 positions
-    p_logits = verifier.extend(torch.cat([pending.unsqueeze(1), drafts], 1))  # [B, gamma + 1, V]
-    # 3. verify against pi = T(q, p)
-    d = make_dists(q_logits, p_logits, cfg, draft_probs=torch.stack(q_probs, 1))
+    p_logits = verifier.extend(torch.cat([state.pending.unsqueeze(1), drafts], 1))  # [B, gamma + 1, V]
+    # 3.-4. verify, advance, emit (the draws of Algorithm 4 first)
+    u = torch.rand((drafts.shape[0], gamma), generator=generator, dtype=torch.float32, device=drafts.device)
+    noise = exponential_noise(p_logits[:, 0].shape, p_logits, generator)
+    finish(drafter, verifier, state, req, alpha, active, q_logits, q_probs, drafts, p_logits, u, noise)
+
+
+def draft_token(logits: torch.Tensor, noise: torch.Tensor | None, cfg: SamplingConfig):
+    """The drafter's sampling distribution at one position and, given Exp(1) ``noise``, its draw."""
+    probs = sampling_probs(logits, cfg)
+    return probs, (draw_with(probs, noise) if noise is not None else None)
+
+
+def finish_block(drafter: Backend, verifier: Backend, state: DecodeState, req: DecodeRequest, alpha,
+                 active: torch.Tensor, q_logits: list, q_probs: list, drafts: torch.Tensor,
+                 p_logits: torch.Tensor, u: torch.Tensor, noise: torch.Tensor) -> None:
+    """Steps 3 and 4 of a block: pi = T(q, p), Algorithm 4's accept / recover / bonus with the
+    given draws (``u  # [B, gamma]``, ``noise  # [B, V]``), both caches committed, the tokens
+    emitted, the counters and the host's flags updated."""
+    gamma, spec = req.gamma, req.spec
+    q_logits = torch.stack(q_logits, 1)                                      # [B, gamma + 1, V]
+    d = make_dists(q_logits, p_logits, req.sampling, draft_probs=torch.stack(q_probs, 1))
     target = spec.fn(d, alpha)
     bonus = d.target_probs[:, gamma] if spec.bonus_from_verifier else target.pi[:, gamma]
-    res = verify_block(drafts, d.draft_probs[:, :gamma], target.pi[:, :gamma], bonus, generator)
-    # 4. advance both caches and emit
+    res = verify_block(drafts, d.draft_probs[:, :gamma], target.pi[:, :gamma], bonus, None, u=u, noise=noise)
     n_acc = res.n_accepted                                                   # [B]
     drafter.commit(n_acc + 1)
     verifier.commit(n_acc + 1)
-    pending.copy_(res.new_token)
+    state.pending.copy_(res.new_token)
     kept = state.emitter.emit(res.tokens, n_acc + 1)                         # [B]
     # counters: a draft is examined up to and including the first rejection
     examined = torch.arange(gamma, device=n_acc.device).unsqueeze(0) < torch.clamp(n_acc + 1, max=gamma).unsqueeze(1)
@@ -227,6 +251,20 @@ def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, r
                                 "rejected": n_acc < gamma, "bonus": n_acc == gamma, "deferred": deferred.sum(1),
                                 "emitted": kept, "truncated": n_acc + 1 - kept}, n_acc)
     state.end_step(active, [check_finite(q_logits, active), check_finite(p_logits, active)])
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """``fn`` under torch.compile (inductor, no CUDA graphs of its own: the caller captures),
+    made once per function; each method / sampling setting is one specialisation of it."""
+    if fn not in _COMPILED:
+        from .models.static import _raise_recompile_limit
+
+        _raise_recompile_limit(256)
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
 
 
 def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -253,9 +291,10 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
     stats.prefill_calls += 2 if input_ids.shape[1] > 1 else 0
     if runner.can_capture(drafter, verifier):
         alpha = state.alpha if req.spec.alpha is not None else None
+        compiled = bool(getattr(verifier, "compiled", False))  # the math too, where the models are compiled
 
         def step(gen):
-            speculative_block(drafter, verifier, state, req, alpha, gen)
+            speculative_block(drafter, verifier, state, req, alpha, gen, compiled=compiled)
 
         if captured is None:
             captured = runner.graph_cache(verifier)[key] = runner.capture(step, state, device, per_replay, start)

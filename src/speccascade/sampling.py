@@ -88,7 +88,17 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 
     A row whose mass is all zero would be ill-defined; callers guard against that.
     """
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return draw_with(probs, exponential_noise(probs.shape, probs, generator))
+
+
+def exponential_noise(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Exp(1) draws for :func:`draw_with`, with ``like``'s dtype and device (drawn apart from the
+    arithmetic so that the arithmetic can be compiled: a random op with a generator cannot)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device).exponential_(1.0, generator=generator)
+
+
+def draw_with(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The exponential race with given Exp(1) ``noise`` (same shape as ``probs``).  # [...] long"""
     return (probs / noise).argmax(-1)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import draw, uniform
+from .sampling import draw_with, exponential_noise, uniform
 
 #: Floor of q(x) in the ratio pi(x)/q(x) (the notebook's MIN_PROBS); only numerical zeros meet it.
 MIN_PROB = 1e-10
@@ -53,23 +53,31 @@ def residual(pi: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
 
 
 def verify_block(drafts: torch.Tensor, draft_probs: torch.Tensor, pi: torch.Tensor,
-                 bonus_probs: torch.Tensor, generator: torch.Generator | None) -> BlockResult:
+                 bonus_probs: torch.Tensor, generator: torch.Generator | None,
+                 u: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> BlockResult:
     """Algorithm 4, steps "a_j", "j*", "p_res" and the draw, for a batch of blocks.
 
     drafts       # [B, gamma]      x_{t+j}
     draft_probs  # [B, gamma, V]   q_{t+j}, the distributions the drafts were drawn from
     pi           # [B, gamma, V]   pi_{t+j}
     bonus_probs  # [B, V]          pi_{t+gamma} (or p_{t+gamma})
+    u            # [B, gamma]      U[0, 1) draws for the tests (drawn here from ``generator`` if None)
+    noise        # [B, V]          Exp(1) draws for the new token (likewise)
     """
     B, gamma = drafts.shape
     accept_p = acceptance_probs(pi, draft_probs, drafts)                     # [B, gamma]
-    accepted = uniform((B, gamma), accept_p, generator) < accept_p           # [B, gamma]
+    if u is None:
+        u = uniform((B, gamma), accept_p, generator)
+    accepted = u < accept_p                                                  # [B, gamma]
     n_accepted = accepted.long().cumprod(-1).sum(-1)                         # [B]
     # the distribution of the new token: residual at j* < gamma, bonus at j* = gamma
     res = residual(pi, draft_probs)                                          # [B, gamma, V]
     res = torch.cat([res, bonus_probs.unsqueeze(1).to(res.dtype)], dim=1)    # [B, gamma + 1, V]
     idx = n_accepted.view(B, 1, 1).expand(B, 1, res.shape[-1])
-    new_token = draw(res.gather(1, idx).squeeze(1), generator)               # [B]
+    new_dist = res.gather(1, idx).squeeze(1)                                 # [B, V]
+    if noise is None:
+        noise = exponential_noise(new_dist.shape, new_dist, generator)
+    new_token = draw_with(new_dist, noise)                                   # [B]
     pos = torch.arange(gamma + 1, device=drafts.device).unsqueeze(0)        # [1, gamma + 1]
     padded = torch.nn.functional.pad(drafts, (0, 1))
     tokens = torch.where(pos < n_accepted.unsqueeze(1), padded,

@@ -51,7 +51,8 @@ class FusedLlamaBackend:
 
     capturable = True
 
-    def __init__(self, model: torch.nn.Module, name: str = "model", compile: bool = False):
+    def __init__(self, model: torch.nn.Module, name: str = "model", compile: bool = False,
+                 compile_options: dict | None = None):
         cfg = getattr(model, "config", None)
         kind = getattr(cfg, "model_type", None)
         if kind not in SUPPORTED or not hasattr(model, "model") or not hasattr(model.model, "layers"):
@@ -89,7 +90,8 @@ class FusedLlamaBackend:
         self.batch = 0
         self.slots = 0
         self.compiled = compile
-        self._step_fn = torch.compile(self._step, dynamic=False, fullgraph=True) if compile else self._step
+        self._step_fn = torch.compile(self._step, dynamic=False, fullgraph=True, options=compile_options or None) \
+            if compile else self._step
 
     @staticmethod
     def _fuse(layer) -> dict:
@@ -131,6 +133,7 @@ class FusedLlamaBackend:
         self.ar = torch.arange(slots + 1, device=self.device)
         self.batch, self.slots = batch, slots
         self.generation = getattr(self, "generation", 0) + 1   # captured graphs hold the old tensors
+        self._prefill_graphs = {}
 
     @torch.no_grad()
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -144,7 +147,10 @@ class FusedLlamaBackend:
         if L > 1:   # cache all prompt tokens but the last; left padding goes to the trash slot
             valid = mask[:, :-1].bool()
             positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-            self._forward(input_ids[:, :-1], positions, valid, eager=True)
+            if self.compiled and self.device.type == "cuda":
+                self._prefill_replay(input_ids[:, :-1], positions, valid)
+            else:
+                self._step(input_ids[:, :-1], positions, valid, self.k_cache, self.v_cache, False)
             self.n_pos.copy_(valid.sum(1))
             self.n_committed.copy_(self.n_pos)
 
@@ -171,17 +177,48 @@ class FusedLlamaBackend:
 
     # -- the step ------------------------------------------------------------------------------
 
-    def _forward(self, tokens, positions, valid, eager: bool = False) -> torch.Tensor:
-        fn = self._step if eager else self._step_fn
-        return fn(tokens, positions, valid if valid is not None else positions >= 0, self.k_cache, self.v_cache)
+    def _forward(self, tokens, positions, valid) -> torch.Tensor:
+        return self._step_fn(tokens, positions, valid if valid is not None else positions >= 0,
+                             self.k_cache, self.v_cache)
+
+    def _prefill_replay(self, tokens, positions, valid) -> None:
+        """The prompt's K/V written by a replay of a CUDA graph captured per (batch, width), the
+        prompt left-padded to a width of 64, 128, 256, ... (padding goes to the trash slot)."""
+        B, L = tokens.shape
+        width = _capacity(L)
+        key = (B, width, self.generation)
+        if key not in self._prefill_graphs:
+            bufs = (torch.zeros(B, width, dtype=torch.long, device=self.device),
+                    torch.zeros(B, width, dtype=torch.long, device=self.device),
+                    torch.zeros(B, width, dtype=torch.bool, device=self.device))   # all padding: writes only trash
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step_fn(*bufs, self.k_cache, self.v_cache, False)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step_fn(*bufs, self.k_cache, self.v_cache, False)
+            self._prefill_graphs[key] = (graph, bufs)
+        graph, (t_buf, p_buf, v_buf) = self._prefill_graphs[key]
+        pad = width - L
+        t_buf[:, :pad].zero_()
+        p_buf[:, :pad].zero_()
+        v_buf[:, :pad].zero_()
+        t_buf[:, pad:].copy_(tokens)
+        p_buf[:, pad:].copy_(positions)
+        v_buf[:, pad:].copy_(valid)
+        graph.replay()
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-    def _step(self, tokens, positions, valid, k_cache, v_cache) -> torch.Tensor:
+    def _step(self, tokens, positions, valid, k_cache, v_cache, logits: bool = True) -> torch.Tensor | None:
         """Logits of ``tokens  # [B, w]`` at ``positions  # [B, w]``; writes their K/V into slot =
-        position (the trash slot where not ``valid`` or past the capacity).  # -> [B, w, V] float32"""
+        position (the trash slot where not ``valid`` or past the capacity).  # -> [B, w, V] float32
+        (``logits=False``: only the K/V, for a prompt)"""
         B, w = tokens.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         G = H // Hkv
@@ -215,6 +252,8 @@ class FusedLlamaBackend:
             x = self._rms(h, L["post_norm"])
             gate, up = F.linear(x, L["w13"], L["b13"]).chunk(2, -1)
             h = h + F.linear(F.silu(gate) * up, L["w2"], L["b2"])
+        if not logits:
+            return None
         h = self._rms(h, self.final_norm)
         return F.linear(h, self.lm_head, self.lm_head_bias).float()
 
