@@ -196,8 +196,9 @@ def test_compiled_block_arithmetic_matches_eager(simulated_capture, monkeypatch)
     fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
     fd.compiled = fv.compiled = True   # the models stay eager; the block's arithmetic is compiled
     for method, alpha, T in (("sd", None, 0.0), ("token_v3", 0.5, 1.0), ("verifier_only", None, 1.0)):
-        ref = sc.generate(d, v, PROMPTS, method=method, alpha=alpha, gamma=3, temperature=T, max_new_tokens=10, seed=2)
-        out = sc.generate(fd, fv, PROMPTS, method=method, alpha=alpha, gamma=3, temperature=T, max_new_tokens=10, seed=2)
+        kw = dict(method=method, alpha=alpha, gamma=3, temperature=T, max_new_tokens=10, seed=2, eos_token_id=[])
+        ref = sc.generate(d, v, PROMPTS, **kw)
+        out = sc.generate(fd, fv, PROMPTS, **kw)
         assert out.tokens == ref.tokens
         assert (out.stats.accepted, out.stats.deferred, out.stats.verifier_calls) == \
             (ref.stats.accepted, ref.stats.deferred, ref.stats.verifier_calls)
