@@ -15,6 +15,7 @@ from .models.base import Backend, as_backend
 from .registry import get_method
 from .sampling import SamplingConfig
 from .stats import Stats
+from .streaming import BlockHook
 
 
 @dataclass
@@ -22,7 +23,7 @@ class GenerationOutput:
     tokens: list[list[int]]  # the new tokens of each row (EOS kept, nothing after it)
     stats: Stats
     method: str
-    alpha: float | None
+    alpha: float | list[float] | None  # a list: one alpha per row
 
 
 def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +78,7 @@ def generate(drafter, verifier, input_ids, *, method: str = "opt", alpha: float 
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64,
              eos_token_id: int | list[int] | None = None, attention_mask: torch.Tensor | None = None,
              seed: int | None = 0, generator: torch.Generator | None = None, progress: bool = False,
-             **method_options) -> GenerationOutput:
+             streamer=None, **method_options) -> GenerationOutput:
     """Decode ``max_new_tokens`` tokens after each prompt with the drafter and the verifier.
 
     ``drafter`` and ``verifier`` are Hugging Face causal LMs sharing one vocabulary (or
@@ -87,8 +88,15 @@ def generate(drafter, verifier, input_ids, *, method: str = "opt", alpha: float 
     ``max_drafter_run`` for ``bild``, ``max_drafter_run`` for ``token_cascade``,
     ``length_normalized`` for ``seq_cascade``). Draws use ``generator`` if given, else a new one
     seeded with ``seed`` (``None``: nondeterministic).
+
+    ``alpha`` may also be a list with one threshold per row (speculative methods; each is checked;
+    equal values are one alpha). ``streamer``: an object with ``put(new_tokens)``, called with each
+    row's new tokens (``list[list[int]]``) after every block (one host read per block), and
+    ``end()``; see :mod:`speccascade.streaming` (methods without a per-block hook, ``seq_cascade``,
+    put everything at the end).
     """
     spec = get_method(method)
+    alpha, row_alpha = _split_alpha(spec, method, alpha)
     if spec.alpha is None:
         if alpha is not None:
             raise SpecCascadeError(f"method {method!r} takes no alpha (got alpha={alpha!r})")
@@ -118,6 +126,9 @@ def generate(drafter, verifier, input_ids, *, method: str = "opt", alpha: float 
         else:
             generator.manual_seed(int(seed))
     ids, mask = ids.to(d.device), mask.to(d.device)
+    alpha_arg = alpha if row_alpha is None else _row_alpha_tensor(row_alpha, ids.shape[0], d.device)
+    hook = None if streamer is None else BlockHook(streamer, ids.shape[0])
+    hooked = {} if hook is None else {"streamer": hook}
 
     stats = Stats()
     bar = None
@@ -128,14 +139,42 @@ def generate(drafter, verifier, input_ids, *, method: str = "opt", alpha: float 
     start = time.perf_counter()
     with torch.no_grad():
         if spec.kind == "speculative":
-            tokens = speculative_decode(d, v, ids, mask, spec, alpha, gamma, cfg, max_new_tokens, eos_token_id,
-                                        generator, stats, bar)
+            tokens = speculative_decode(d, v, ids, mask, spec, alpha_arg, gamma, cfg, max_new_tokens, eos_token_id,
+                                        generator, stats, bar, **hooked)
         else:
             tokens = spec.fn(d, v, ids, mask, alpha, cfg, max_new_tokens, eos_token_id, generator, stats, bar,
-                             **method_options)
+                             **method_options, **hooked)
     if d.device.type == "cuda":
         torch.cuda.synchronize(d.device)
     stats.wall_time_s = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    return GenerationOutput(tokens=tokens, stats=stats, method=method, alpha=alpha)
+    if hook is not None:
+        hook.finish(tokens)
+    return GenerationOutput(tokens=tokens, stats=stats, method=method, alpha=alpha if row_alpha is None else row_alpha)
+
+
+def _split_alpha(spec, method: str, alpha):
+    """``alpha`` as (one value, None), or, given per row (a list, tuple or 1-D tensor) with
+    differing values, (the first, the checked list). Equal per-row values are one alpha."""
+    if not isinstance(alpha, (list, tuple, torch.Tensor)):
+        return alpha, None
+    if isinstance(alpha, torch.Tensor) and alpha.dim() == 0:
+        return float(alpha), None
+    values = alpha.tolist() if isinstance(alpha, torch.Tensor) else list(alpha)
+    if isinstance(alpha, torch.Tensor) and alpha.dim() != 1 or not values:
+        raise SpecCascadeError(f"a per-row alpha must be a non-empty list of numbers, got {alpha!r}")
+    if spec.alpha is None:
+        raise SpecCascadeError(f"method {method!r} takes no alpha (got alpha={values!r})")
+    values = [spec.alpha.check(method, a) for a in values]
+    if all(a == values[0] for a in values):
+        return values[0], None
+    if spec.kind != "speculative":
+        raise SpecCascadeError(f"one alpha per row needs a speculative method; {method!r} takes one alpha per call")
+    return values[0], values
+
+
+def _row_alpha_tensor(values: list[float], rows: int, device) -> torch.Tensor:
+    if len(values) != rows:
+        raise SpecCascadeError(f"alpha has {len(values)} values for {rows} rows of input_ids: give one per row")
+    return torch.tensor(values, dtype=torch.float64, device=device)  # [B]

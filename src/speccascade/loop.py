@@ -172,8 +172,9 @@ class StepSync:
 def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        spec: MethodSpec, alpha: float | None, gamma: int, cfg: SamplingConfig,
                        max_new_tokens: int, eos_token_id, generator: torch.Generator | None,
-                       stats: Stats, progress=None) -> list[list[int]]:
-    """Algorithm 4 (GenSpecSample) repeated until every row is done, with target T = ``spec.fn``."""
+                       stats: Stats, progress=None, streamer=None) -> list[list[int]]:
+    """Algorithm 4 (GenSpecSample) repeated until every row is done, with target T = ``spec.fn``.
+    ``streamer``: a :class:`speccascade.streaming.BlockHook`, called once per block."""
     device = drafter.device
     pending, emitter = start_both(drafter, verifier, input_ids, attention_mask, stats, max_new_tokens,
                                   eos_token_id, gamma + 1)
@@ -214,11 +215,13 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
         defer = target.defer[:, :gamma].expand(-1, -1, target.pi.shape[-1]) if target.defer.shape[-1] == 1 \
             else target.defer[:, :gamma]
         deferred = defer.gather(-1, drafts.unsqueeze(-1)).squeeze(-1) & examined            # [B, gamma]
-        counters += row_counts(active, [active, drafted, n_acc, n_acc < gamma, n_acc == gamma, deferred.sum(1),
-                                        kept, n_acc + 1 - kept])
+        columns = [active, drafted, n_acc, n_acc < gamma, n_acc == gamma, deferred.sum(1), kept, n_acc + 1 - kept]
+        counters += row_counts(active, columns)
         per_position += ((positions.unsqueeze(0) < n_acc.unsqueeze(1)) & active.unsqueeze(1)).sum(0)
         stats.drafter_calls += gamma + 1
         stats.verifier_calls += 1
+        if streamer is not None:  # streaming hook (speccascade.streaming): new tokens, per-row counters
+            streamer(emitter, active, columns, positions.unsqueeze(0) < n_acc.unsqueeze(1))
 
         if sync.end_step(emitter.done, [check_finite(q_logits, active), check_finite(p_logits, active)], kept):
             break
