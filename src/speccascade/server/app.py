@@ -102,7 +102,7 @@ def create_app(engine: Engine) -> FastAPI:
         yield
         await engine.stop()
 
-    app = FastAPI(title="speccascade", version=engine.info.get("version", ""), lifespan=lifespan,
+    app = FastAPI(title="speccascade", version=engine.info.get("version") or "0", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.add_middleware(_CountRequests, metrics=engine.metrics)

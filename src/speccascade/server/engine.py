@@ -482,6 +482,8 @@ class Engine:
                 self.metrics.batch_size.observe(sum(not r.dummy for r in part_rows))
                 self.metrics.batch_time.observe(elapsed)
                 real = sum(not r.dummy for r in part_rows)
+                self.batch_log[-1].setdefault("tokens", []).extend(
+                    (r.request_id, len(t)) for r, t in zip(part_rows, out.tokens) if not r.dummy)
                 for b, row in enumerate(part_rows):
                     if row.dummy:
                         continue

@@ -8,6 +8,7 @@ OpenAI clients send the speculation fields with ``extra_body={"method": "opt", "
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal, Union
@@ -35,12 +36,15 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 def validation_message(errors: list[dict]) -> tuple[str, str | None, str]:
     """(message, param, code) from pydantic / FastAPI validation errors: the first error, its field."""
     e = errors[0] if errors else {"msg": "invalid request", "loc": (), "type": "invalid"}
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    # the field's path, without "body" and without the union member pydantic tried (str, list[int], ...)
+    loc = [str(x) for x in e.get("loc", ()) if x != "body" and not _UNION_TAG.match(str(x))]
     param = ".".join(loc) or None
     if e.get("type") == "json_invalid":
         ctx = (e.get("ctx") or {}).get("error", "")
         return f"malformed JSON body{': ' + str(ctx) if ctx else ''}", None, "json_invalid"
     if e.get("type") == "missing":
+        if param is None:
+            return "the request body is empty: send a JSON object", None, "missing"
         return f"{param} is required", param, "missing"
     if e.get("type") == "extra_forbidden":
         return f"unknown field {param!r} (speculation fields: method, alpha, gamma, options, quality_floor, " \
@@ -49,6 +53,9 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None, str]:
         return "the request body must be a JSON object", None, "invalid_type"
     more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
     return f"{param or 'body'}: {e.get('msg', 'invalid')}{more}", param, e.get("type")
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|function-.*|[A-Z]\w*)$")
 
 
 class StreamOptions(BaseModel):
