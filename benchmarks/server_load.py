@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                   f"p50 {level['latency_p50_s']:.3f}s  p99 {level['latency_p99_s']:.3f}s  "
                   f"mean batch {level['mean_batch_size']:.1f}  same tokens: {level['equal_to_sequential']}", flush=True)
         base = record["levels"].get("1")
-        for c, level in record["levels"].items():
+        for level in record["levels"].values():
             if base:
                 level["throughput_vs_one_at_a_time"] = level["tokens_per_s"] / base["tokens_per_s"]
                 level["p50_latency_vs_one_at_a_time"] = level["latency_p50_s"] / base["latency_p50_s"]

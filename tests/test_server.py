@@ -175,8 +175,9 @@ def test_models_health_metrics(server, client):
     h = httpx.get(f"{server.url}/health", timeout=30)
     assert h.status_code == 200 and h.json()["status"] == "ok"
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    for name in ("speccascade_requests_total", "speccascade_completion_tokens_total", "speccascade_accepted_tokens_total",
-                 "speccascade_deferral_rate", "speccascade_queue_length", "speccascade_request_latency_seconds_bucket",
+    for name in ("speccascade_requests_total", "speccascade_completion_tokens_total",
+                 "speccascade_accepted_tokens_total", "speccascade_deferral_rate", "speccascade_queue_length",
+                 "speccascade_request_latency_seconds_bucket",
                  "speccascade_time_to_first_token_seconds_bucket", "speccascade_batch_size_bucket"):
         assert name in text, name
     assert metric(server, "speccascade_requests_total", endpoint="/v1/completions", status="200") > 0
@@ -192,7 +193,7 @@ def test_list_prompt_rows_are_their_own_and_sum_to_the_batch(pair, client):
     batch = sc.generate(d, v, [encode_prompt(tok, t) for t in TEXTS[3:6]], method="opt", alpha=0.5, temperature=0,
                         max_new_tokens=20, eos_token_id=EOS)
     for i, t in enumerate(TEXTS[3:6]):
-        tokens, text, _ = reference(pair, t, "opt", 0.5, 20)
+        tokens, _, _ = reference(pair, t, "opt", 0.5, 20)
         assert r.choices[i].index == i and r.choices[i].model_extra["token_ids"] == tokens == batch.tokens[i]
     spec = r.usage.model_extra["speculation"]
     assert spec["prompts"] == 3 and spec["scope"] == "row"
@@ -313,7 +314,7 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(pair, server):
     _, text, _ = reference(pair, TEXTS[0], "sd", None, 8)
     good = {"model": MODEL, "prompt": TEXTS[0], "temperature": 0, "max_tokens": 8, "method": "sd"}
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        cases = [(b, m, p) for b, m, p in BAD] + [(b"{not json", "malformed JSON", None), (b"", "the request body is empty", None)]
+        cases = BAD + [(b"{not json", "malformed JSON", None), (b"", "the request body is empty", None)]
         for body, message, param in cases:
             kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
                 else {"json": body}
@@ -411,7 +412,8 @@ def test_quality_floor_and_latency_budget_requests(pair, server, client):
         assert r.choices[0].model_extra["token_ids"] == reference(pair, TEXTS[1], "token_v3", 0.6, 12)[0]
         r = client.completions.create(model=MODEL, prompt=TEXTS[1], temperature=0, max_tokens=12,
                                       extra_body={"latency_budget": 0.45})
-        assert (r.usage.model_extra["speculation"]["method"], r.usage.model_extra["speculation"]["gamma"]) == ("chow", 3)
+        spec = r.usage.model_extra["speculation"]
+        assert (spec["method"], spec["gamma"]) == ("chow", 3)
         with pytest.raises(openai.BadRequestError, match="no calibrated setting"):
             client.completions.create(model=MODEL, prompt=TEXTS[1], temperature=0, extra_body={"latency_budget": 0.1})
         with pytest.raises(openai.BadRequestError, match="no entries at temperature 1"):

@@ -181,7 +181,8 @@ def from_records(records: list[dict], metric: str | None = None, batch_size: int
             ref = sum(base_t[r["temperature"]]) / len(base_t[r["temperature"]])
         if ref is None:
             continue
-        key = (r["method"], r["alpha"], r["gamma"], r["temperature"], json.dumps(r.get("options") or {}, sort_keys=True))
+        opts = json.dumps(r.get("options") or {}, sort_keys=True)
+        key = (r["method"], r["alpha"], r["gamma"], r["temperature"], opts)
         groups[key].append((ref - r["quality"][metric], r["relative_latency"], r["quality"][metric]))
     if not groups:
         raise SpecCascadeError(f"no cell at batch size {batch_size} has a verifier_only baseline to compare with")

@@ -477,7 +477,7 @@ class Engine:
                     for row in part_rows:
                         self._fail(row, RequestError(str(res), status=400))
                     continue
-                out, streamer, counts, accepted_at, elapsed = res
+                out, _streamer, counts, accepted_at, elapsed = res
                 self.metrics.batches.labels(s.method).inc()
                 self.metrics.batch_size.observe(sum(not r.dummy for r in part_rows))
                 self.metrics.batch_time.observe(elapsed)
