@@ -464,6 +464,30 @@ def test_disconnect_cancels_only_its_row(pair, server, monkeypatch):
     assert good.status_code == 200
 
 
+def test_disconnect_of_a_non_streaming_client(pair, server, monkeypatch):
+    """A non-streaming client that gives up cancels its row: here the batch is held 2 s before it
+    decodes, the client times out after 0.3 s, and its row is finished at the first block."""
+    slow = server.engine._generate
+
+    def held(rows):
+        time.sleep(2.0)
+        return slow(rows)
+
+    monkeypatch.setattr(server.engine, "_generate", held)
+    cancelled = metric(server, "speccascade_prompts_total", outcome="cancelled")
+    first_batch = len(server.engine.batch_log) and server.engine.batch_log[-1]["id"] + 1
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", timeout=httpx.Timeout(60, read=0.3),
+                   json={"prompt": LONG, "temperature": 0, "max_tokens": 200, "method": "sd"})
+    end = time.monotonic() + 60
+    while not any(b.get("tokens") for b in server.engine.batch_log if b["id"] >= first_batch) \
+            and time.monotonic() < end:
+        time.sleep(0.05)
+    assert metric(server, "speccascade_prompts_total", outcome="cancelled") == cancelled + 1
+    [(rid, n)] = [t for b in server.engine.batch_log if b["id"] >= first_batch for t in b["tokens"]]
+    assert n < len(reference(pair, LONG, "sd", None, 200)[0]) and n <= 6    # one block of gamma + 1 at most
+
+
 def test_drain_finishes_in_flight_and_refuses_new(pair):
     """What SIGTERM does: the in-flight stream completes; new requests and /health get 503; the
     server then exits."""
