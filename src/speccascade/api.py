@@ -19,9 +19,10 @@ from .checks import as_bool, as_int
 from .errors import DeviceError, SpecCascadeError
 from .loop import DecodeRequest, speculative_decode
 from .models.base import Backend, as_backend
-from .registry import get_method
+from .registry import METHODS, get_method
 from .sampling import SamplingConfig
 from .stats import Stats
+from .streaming import BlockHook
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class GenerationOutput:
     tokens: list[list[int]]  # the new tokens of each row (EOS kept, nothing after it)
     stats: Stats
     method: str
-    alpha: float | None
+    alpha: float | list[float] | None  # a list: one alpha per row
     eos_token_id: list[int] = field(default_factory=list)  # the EOS ids that stopped rows ([]: none)
 
 
@@ -259,7 +260,7 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
              top_p: float = DEFAULTS.top_p, max_new_tokens: int = DEFAULTS.max_new_tokens,
              eos_token_id: int | list[int] | None = None, attention_mask: torch.Tensor | None = None,
              seed: int | None = DEFAULTS.seed, generator: torch.Generator | None = None, progress: bool = False,
-             **method_options) -> GenerationOutput:
+             streamer=None, **method_options) -> GenerationOutput:
     """Decode up to ``max_new_tokens`` tokens after each prompt with the drafter and the verifier.
 
     ``drafter`` and ``verifier`` are Hugging Face causal LMs sharing one vocabulary, on one device
@@ -272,7 +273,13 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
     ``None`` takes the verifier's own (its generation config, else its config), an id or a list of
     ids stop a row, ``[]`` means no EOS. Draws use ``generator`` if given, else a new one seeded
     with ``seed`` (``None``: nondeterministic). Defaults: :data:`DEFAULTS`.
+
+    ``alpha`` may also be a list with one threshold per row (speculative methods; each is checked;
+    equal values are one alpha). ``streamer``: an object with ``put(new_tokens)``, called with each
+    row's new tokens (``list[list[int]]``) after every block (one host read per block), and
+    ``end()``; see :mod:`speccascade.streaming` (``seq_cascade`` puts everything at the end).
     """
+    alpha, row_alpha = _split_alpha(get_method(method) if method in METHODS else None, method, alpha)
     spec, alpha, method_options, gamma, cfg, max_new_tokens, seed = check_settings(
         method, alpha, gamma, temperature, top_k, top_p, max_new_tokens, seed, **method_options)
     progress = as_bool("progress", progress)
@@ -292,6 +299,9 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
         raise DeviceError(f"the generator is on {generator.device} but the models on {d.device}; "
                           f"create it with torch.Generator(device='{d.device}')")
     ids, mask = ids.to(d.device), mask.to(d.device)
+    alpha_arg = alpha if row_alpha is None else _row_alpha_tensor(row_alpha, ids.shape[0], d.device)
+    hook = None if streamer is None else BlockHook(streamer, ids.shape[0])
+    hooked = {} if hook is None else {"streamer": hook}
     for model in (d, v):   # caches are sized (fused) or checked (static) before decoding starts
         if hasattr(model, "reserve"):
             model.reserve(ids.shape[0], ids.shape[1] + max_new_tokens + gamma + 1)
@@ -309,11 +319,11 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
     try:
         with torch.no_grad():
             if spec.kind == "speculative":
-                req = DecodeRequest(spec, alpha, gamma, cfg, max_new_tokens, eos or None)
-                tokens = speculative_decode(d, v, ids, mask, req, generator, stats, bar)
+                req = DecodeRequest(spec, alpha_arg, gamma, cfg, max_new_tokens, eos or None)
+                tokens = speculative_decode(d, v, ids, mask, req, generator, stats, bar, **hooked)
             else:
                 tokens = spec.fn(d, v, ids, mask, alpha, cfg, max_new_tokens, eos or None, generator, stats, bar,
-                                 **method_options)
+                                 **method_options, **hooked)
         if d.device.type == "cuda":
             torch.cuda.synchronize(d.device)
     finally:
@@ -323,7 +333,36 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
             bar.refresh()
             bar.close()
     stats.wall_time_s = time.perf_counter() - start
-    return GenerationOutput(tokens=tokens, stats=stats, method=method, alpha=alpha, eos_token_id=eos)
+    if hook is not None:
+        hook.finish(tokens)
+    return GenerationOutput(tokens=tokens, stats=stats, method=method, alpha=alpha if row_alpha is None else row_alpha,
+                            eos_token_id=eos)
+
+
+def _split_alpha(spec, method: str, alpha):
+    """``alpha`` as (one value, None), or, given per row (a list, tuple or 1-D tensor) with
+    differing values, (the first, the checked list). Equal per-row values are one alpha."""
+    if spec is None or not isinstance(alpha, (list, tuple, torch.Tensor)):
+        return alpha, None
+    if isinstance(alpha, torch.Tensor) and alpha.dim() == 0:
+        return float(alpha), None
+    values = alpha.tolist() if isinstance(alpha, torch.Tensor) else list(alpha)
+    if isinstance(alpha, torch.Tensor) and alpha.dim() != 1 or not values:
+        raise SpecCascadeError(f"a per-row alpha must be a non-empty list of numbers, got {alpha!r}")
+    if spec.alpha is None:
+        raise SpecCascadeError(f"method {method!r} takes no alpha (got alpha={values!r})")
+    values = [spec.check_alpha(a) for a in values]
+    if all(a == values[0] for a in values):
+        return values[0], None
+    if spec.kind != "speculative":
+        raise SpecCascadeError(f"one alpha per row needs a speculative method; {method!r} takes one alpha per call")
+    return values[0], values
+
+
+def _row_alpha_tensor(values: list[float], rows: int, device) -> torch.Tensor:
+    if len(values) != rows:
+        raise SpecCascadeError(f"alpha has {len(values)} values for {rows} rows of input_ids: give one per row")
+    return torch.tensor(values, dtype=torch.float64, device=device)  # [B]
 
 
 def defaults() -> dict:

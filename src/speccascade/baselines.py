@@ -54,7 +54,7 @@ def finish_single(backend: Backend, state: DecodeState, cfg: SamplingConfig, act
 
 
 def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: SamplingConfig, max_new_tokens: int,
-                 eos_token_id, generator, stats: Stats, progress=None, log_scores: bool = False):
+                 eos_token_id, generator, stats: Stats, progress=None, log_scores: bool = False, streamer=None):
     """Auto-regressive sampling from one model. Returns the tokens and, with ``log_scores``, each
     row's sum of untempered log-probabilities of its emitted tokens (for eq. 1). On a GPU with a
     capturable backend, ``runner.TOKENS_PER_REPLAY`` tokens are one replay of a captured CUDA graph."""
@@ -83,9 +83,11 @@ def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: Sa
     if capturable:
         if captured is None:
             captured = runner.graph_cache(backend)[key] = runner.capture(step, state, device, per_replay, start)
-        run_steps(step, state, StepSync(device, stats, [role], progress, cumulative=True), generator, captured)
+        run_steps(step, state, StepSync(device, stats, [role], progress, cumulative=True), generator, captured,
+                  after=streamer)
     else:
-        run_steps(step, state, StepSync(device, stats, [role], progress, generator, cumulative=True), generator)
+        run_steps(step, state, StepSync(device, stats, [role], progress, generator, cumulative=True), generator,
+                  after=streamer)
     calls = int(state.counters.calls)
     if role == "verifier":
         stats.verifier_calls += calls
@@ -100,16 +102,16 @@ def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: Sa
 
 @register("verifier_only", kind="sequential", title="Large model alone", paper="baseline")
 def verifier_only(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_tokens, eos_token_id,
-                  generator, stats, progress=None, **_):
+                  generator, stats, progress=None, streamer=None, **_):
     return single_model(verifier, "verifier", input_ids, attention_mask, cfg, max_new_tokens, eos_token_id,
-                        generator, stats, progress)
+                        generator, stats, progress, streamer=streamer)
 
 
 @register("drafter_only", kind="sequential", title="Small model alone", paper="baseline")
 def drafter_only(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_tokens, eos_token_id,
-                 generator, stats, progress=None, **_):
+                 generator, stats, progress=None, streamer=None, **_):
     return single_model(drafter, "drafter", input_ids, attention_mask, cfg, max_new_tokens, eos_token_id,
-                        generator, stats, progress)
+                        generator, stats, progress, streamer=streamer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +122,7 @@ def drafter_only(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_n
                            meaning="defer when max q < 1 - alpha: 0 = always (verifier), 1 = never (drafter)"),
           extra={"max_drafter_run": MAX_DRAFTER_RUN})
 def token_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_tokens, eos_token_id,
-                  generator, stats, progress=None, max_drafter_run: int | None = MAX_DRAFTER_RUN, **_):
+                  generator, stats, progress=None, max_drafter_run: int | None = MAX_DRAFTER_RUN, streamer=None, **_):
     """Algorithm 2 with Chow's rule (eq. 2). The verifier is called only on deferral, and then
     first catches up on the tokens it has not seen; after ``max_drafter_run`` drafter tokens in a
     row a deferral is forced (App. E.1; ``None`` switches the cap off)."""
@@ -164,6 +166,8 @@ def token_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_
         lag_len = torch.where(defer, 1, lag_len + 1)
         run = torch.where(defer, 0, run + 1)
         pending = token
+        if streamer is not None:  # streaming hook (speccascade.streaming)
+            streamer(emitter)
         if sync.end_step(emitter.done, flags, kept):
             break
     tokens = emitter.tokens()
@@ -204,7 +208,7 @@ def seq_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
           alpha=AlphaRange(-1.0, 1.0, default=0.0,
                            meaning="defer when max q < max p - alpha (both models run every step)"))
 def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_tokens, eos_token_id,
-                generator, stats, progress=None, **_):
+                generator, stats, progress=None, streamer=None, **_):
     """Algorithm 3: both q_t and p_t are computed at every step; sample from p_t if Diff defers."""
     device = drafter.device
     B = input_ids.shape[0]
@@ -224,6 +228,8 @@ def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
         kept = emitter.emit(token.unsqueeze(1), one)
         stats.deferred += int((target.defer.squeeze(-1) & (kept > 0)).sum())
         pending = token
+        if streamer is not None:  # streaming hook (speccascade.streaming)
+            streamer(emitter)
         if sync.end_step(emitter.done, [check_finite(q_logits, active), check_finite(p_logits, active)], kept):
             break
     tokens = emitter.tokens()
@@ -238,7 +244,8 @@ def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
                                        meaning="fallback threshold: stop drafting when max q < 1 - alpha_f"),
                  "max_drafter_run": MAX_DRAFTER_RUN})
 def bild(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_tokens, eos_token_id, generator,
-         stats, progress=None, alpha_f: float = 0.5, max_drafter_run: int | None = MAX_DRAFTER_RUN, **_):
+         stats, progress=None, alpha_f: float = 0.5, max_drafter_run: int | None = MAX_DRAFTER_RUN, streamer=None,
+         **_):
     """Original BiLD. *Fallback*: the drafter drafts until max q < 1 - alpha_f or
     ``max_drafter_run`` drafts. *Rollback*: one verifier call scores the drafts; the first draft
     with D(q, p) > alpha is replaced by a draw from p and the rest dropped (deterministic, no
@@ -292,6 +299,8 @@ def bild(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_token
         counters += row_counts(active, [active, n_draft, n_acc, rejected, n_acc == n_draft, rejected, kept,
                                         n_acc + 1 - kept])
         per_position[:K] += ((pos[:, :K] < n_acc.unsqueeze(1)) & active.unsqueeze(1)).sum(0)
+        if streamer is not None:  # streaming hook (speccascade.streaming)
+            streamer(emitter)
         if sync.end_step(emitter.done, [check_finite(q_logits, active), check_finite(p_logits, active)], kept):
             break
     add_block_counters(stats, counters.tolist(), per_position.tolist())

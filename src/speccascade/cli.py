@@ -80,6 +80,12 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .server import serve
+
+    return serve(args, _load_pair)
+
+
 def _methods(args) -> int:
     from .stats import DEFERRED_MEANINGS, deferred_meaning
 
@@ -347,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--quiet", action="store_true", help="no progress bar; stats to stderr")
     g.set_defaults(fn=_generate)
+
+    from .server.config import add_serve_arguments
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra; docs/server.md)")
+    add_serve_arguments(sv)
+    _model_args(sv)
+    sv.set_defaults(fn=_serve)
 
     m = sub.add_parser("methods", help="list every method with its threshold's meaning and range")
     m.add_argument("--json", action="store_true")

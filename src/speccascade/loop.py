@@ -129,36 +129,37 @@ class DecodeRequest:
 
 
 class BlockCounters:
-    """The block counters of a decode, on the device, by name (conventions: :mod:`.stats`).
+    """The block counters of a decode, on the device, per row and by name (conventions: :mod:`.stats`).
 
-    ``values[i]`` sums column ``FIELDS[i]`` over the rows active at each block's start;
-    ``calls`` counts the blocks in which any row was active (the model calls they made);
-    ``per_position[j]`` the row-blocks whose draft j was accepted.
+    ``rows[b, i]`` sums column ``FIELDS[i]`` of row b over the blocks in which it was active;
+    ``positions[b, j]`` counts row b's blocks whose draft j was accepted; ``calls`` counts the
+    blocks in which any row was active (the model calls they made).
     """
 
     FIELDS = ("blocks", "drafted", "accepted", "rejected", "bonus", "deferred", "emitted", "truncated")
 
-    def __init__(self, positions: int, device):
-        self.values = torch.zeros(len(self.FIELDS), dtype=torch.long, device=device)
+    def __init__(self, batch: int, positions: int, device):
+        self.rows = torch.zeros(batch, len(self.FIELDS), dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, positions, dtype=torch.long, device=device)
         self.calls = torch.zeros((), dtype=torch.long, device=device)
-        self.per_position = torch.zeros(positions, dtype=torch.long, device=device)
 
     def zero_(self) -> None:
-        for t in (self.values, self.calls, self.per_position):
+        for t in (self.rows, self.positions, self.calls):
             t.zero_()
 
     def add(self, active: torch.Tensor, columns: dict[str, torch.Tensor], accepted_upto: torch.Tensor) -> None:
         """Add one block: ``columns[name]  # [B]`` per field, ``accepted_upto  # [B]`` accepted drafts."""
-        self.values += row_counts(active, [columns[f] for f in self.FIELDS])
+        live = active.unsqueeze(1)
+        self.rows += torch.stack([columns[f].long() for f in self.FIELDS], 1) * live
         self.calls += active.any().long()
-        pos = torch.arange(self.per_position.shape[0], device=active.device)
-        self.per_position += ((pos.unsqueeze(0) < accepted_upto.unsqueeze(1)) & active.unsqueeze(1)).sum(0)
+        pos = torch.arange(self.positions.shape[1], device=active.device)
+        self.positions += (pos.unsqueeze(0) < accepted_upto.unsqueeze(1)) & live
 
     def add_to(self, stats: Stats, drafter_calls_per_block: int, verifier_calls_per_block: int) -> None:
-        c = dict(zip(self.FIELDS, self.values.tolist()))
+        c = dict(zip(self.FIELDS, self.rows.sum(0).tolist()))
         calls = int(self.calls)
         stats.add(Stats(drafter_calls=calls * drafter_calls_per_block, verifier_calls=calls * verifier_calls_per_block,
-                        recovered=c["rejected"], accepted_per_position=self.per_position.tolist(), **c))
+                        recovered=c["rejected"], accepted_per_position=self.positions.sum(0).tolist(), **c))
 
 
 class DecodeState:
@@ -168,18 +169,22 @@ class DecodeState:
     def __init__(self, batch: int, req: DecodeRequest, width: int, positions: int, device, models: int = 2):
         self.pending = torch.zeros(batch, dtype=torch.long, device=device)       # [B] the token fed next
         self.emitter = Emitter(batch, req.max_new_tokens, width, req.eos_token_id, device)
-        self.counters = BlockCounters(positions, device)
+        self.counters = BlockCounters(batch, positions, device)
         self.nonfinite = torch.zeros(models, dtype=torch.bool, device=device)   # per model, sticky
         self.flags = torch.zeros(models + 2, dtype=torch.long, device=device)   # see runner.StepSync
-        self.alpha = torch.zeros((), dtype=torch.float32, device=device)
+        self.alpha = torch.zeros(batch, dtype=torch.float64, device=device)     # [B] per row (rules.per_row)
 
-    def start(self, pending: torch.Tensor, alpha: float | None) -> None:
+    def start(self, pending: torch.Tensor, alpha) -> None:
+        """Copy a new request's prompts' last tokens and ``alpha`` (a float, or one per row) in."""
         self.pending.copy_(pending)
         e = self.emitter
         for t in (e.out, e.n_out, e.done, self.nonfinite, self.flags):
             t.zero_()
         self.counters.zero_()
-        self.alpha.fill_(0.0 if alpha is None else float(alpha))
+        if isinstance(alpha, torch.Tensor):
+            self.alpha.copy_(alpha)
+        else:
+            self.alpha.fill_(0.0 if alpha is None else float(alpha))
 
     def end_step(self, active: torch.Tensor, finite_flags: list[torch.Tensor]) -> None:
         """Record the step's non-finite flags and write ``flags`` for the host (no host read)."""
@@ -269,11 +274,13 @@ def _compiled(fn):
 
 def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        req: DecodeRequest, generator: torch.Generator | None, stats: Stats,
-                       progress=None) -> list[list[int]]:
+                       progress=None, streamer=None) -> list[list[int]]:
     """Algorithm 4 (GenSpecSample) repeated until every row is done, with target T = ``req.spec.fn``.
 
     Blocks run eagerly, or, where both backends can be captured on a GPU (:func:`.runner.can_capture`),
-    as replays of one CUDA graph of ``runner.BLOCKS_PER_REPLAY`` blocks."""
+    as replays of one CUDA graph of ``runner.BLOCKS_PER_REPLAY`` blocks. ``streamer``: a
+    :class:`speccascade.streaming.BlockHook`, called after each block and given the per-row
+    counters at the end. ``req.alpha``: a float, or a per-row tensor ``[B]``."""
     device = drafter.device
     B = input_ids.shape[0]
     captured, per_replay = None, runner.BLOCKS_PER_REPLAY
@@ -299,12 +306,14 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
         if captured is None:
             captured = runner.graph_cache(verifier)[key] = runner.capture(step, state, device, per_replay, start)
         sync = StepSync(device, stats, ["drafter", "verifier"], progress, cumulative=True)
-        run_steps(step, state, sync, generator, captured)
+        run_steps(step, state, sync, generator, captured, after=streamer)
     else:
         sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator, cumulative=True)
         run_steps(lambda gen: speculative_block(drafter, verifier, state, req, req.alpha, gen),
-                  state, sync, generator)
+                  state, sync, generator, after=streamer)
     state.counters.add_to(stats, req.gamma + 1, 1)
+    if streamer is not None:
+        streamer.totals(state.counters.rows, state.counters.positions)
     return state.emitter.tokens()
 
 

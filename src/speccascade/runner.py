@@ -177,11 +177,15 @@ def capture_graph(step: Callable[[torch.Generator], None], device: torch.device,
 
 
 def run_steps(step: Callable[[torch.Generator], None], state, sync: StepSync,
-              generator: torch.Generator | None, captured: Captured | None = None) -> None:
-    """Run until the state's flags say every row is done: eager calls of ``step``, or replays."""
+              generator: torch.Generator | None, captured: Captured | None = None, after=None) -> None:
+    """Run until the state's flags say every row is done: eager calls of ``step``, or replays.
+    ``after(emitter)``, if given, runs on the host after each step (streaming: it reads the new
+    tokens, one host read per step, and may mark rows done)."""
     if captured is None:
         while True:
             step(generator)
+            if after is not None:
+                after(state.emitter)
             if sync.end(state.flags):
                 return
     if generator is not None:
@@ -189,6 +193,8 @@ def run_steps(step: Callable[[torch.Generator], None], state, sync: StepSync,
     while True:
         captured.graph.replay()
         captured.replays += 1
+        if after is not None:
+            after(state.emitter)
         if sync.end(state.flags):
             break
     if generator is not None:

@@ -75,6 +75,8 @@ class FusedLlamaBackend:
         self.scaling = float(getattr(first, "scaling", self.head_dim ** -0.5))
         self.eps = float(cfg.rms_norm_eps)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos_token_id = eos if eos is not None else getattr(cfg, "eos_token_id", None)   # the model's own EOS
         rot = inner.rotary_emb
         self.inv_freq = rot.inv_freq.detach().float().to(self.device)
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
