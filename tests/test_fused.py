@@ -176,7 +176,8 @@ def test_capacity_is_settled_before_decoding():
     d, v = tiny_pair(0, noise=0.5)
     fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
     for seed in range(5):
-        out = sc.generate(fd, fv, [[1, 2, 3]], method="sd", gamma=5, temperature=1, max_new_tokens=40, seed=seed)
+        out = sc.generate(fd, fv, [[1, 2, 3]], method="sd", gamma=5, temperature=1, max_new_tokens=40, seed=seed,
+                          eos_token_id=[])
         assert len(out.tokens[0]) == 40
     sd_, sv = make_backend(d, "drafter", "static", 128), make_backend(v, "verifier", "static", 128)
     with pytest.raises(SpecCascadeError, match="static cache of 128 slots.*needs up to"):
