@@ -156,6 +156,10 @@ def _load_pair(args):
     from .models.loading import (TOKENIZER_DIR, TOKENIZER_FILES, check_device, check_model_path, embedded_pair_dirs,
                                  load_causal_lm, load_tokenizer)
 
+    from .distributed import check_tp, init_tp, load_tp_verifier
+
+    tp = check_tp(getattr(args, "tp", 1), args.device, getattr(args, "backend", "dynamic"),
+                  getattr(args, "command", "generate"))
     dev = check_device(args.device, "drafter and verifier (--device)")
     tok_path, tok_role = args.tokenizer, "--tokenizer"
     if args.drafter is None and args.verifier is None:
@@ -182,8 +186,12 @@ def _load_pair(args):
     hf_logging.disable_progress_bar()
     dtype = getattr(torch, getattr(args, "dtype", "float32"))
     tokenizer = load_tokenizer(tok_path, role=tok_role)  # cheap: fail before the models load
+    if tp > 1:
+        init_tp(args.device)
+        dev = check_device(args.device, "drafter and verifier (--device)")
     drafter = load_causal_lm(d_path, device=dev, dtype=dtype, role="drafter")
-    verifier = load_causal_lm(v_path, device=dev, dtype=dtype, role="verifier")
+    verifier = load_causal_lm(v_path, device=dev, dtype=dtype, role="verifier") if tp == 1 else \
+        load_tp_verifier(v_path, tp, dev, dtype)
     return drafter, verifier, tokenizer, (str(d_path), str(v_path))
 
 
@@ -272,6 +280,10 @@ def _sweep(args) -> int:
         raise SpecCascadeError(f"--examples {cfg.n_examples} is more than the {available} examples of task "
                                f"{task.describe()}; give at most {available}")
     check_out_file(args.out)
+    if args.workers != 1 or args.tp != 1:
+        from .distributed import sweep_scaled_out
+
+        return sweep_scaled_out(args, cfg, task, _load_pair)
     drafter, verifier, tok, names = _load_pair(args)
     records = run_sweep(drafter, verifier, tok, task, cfg, args.out, names=names, progress=not args.quiet,
                         backend=args.backend)
@@ -305,6 +317,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     """Where and how the two models run (generate and sweep)."""
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights' dtype (bfloat16 on a GPU)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel verifier over N GPUs: launch with torchrun --nproc-per-node N (docs: "
+                        "speccascade.distributed)")
     p.add_argument("--backend", default="dynamic", choices=BACKENDS,
                    help="compiled = static cache + torch.compile / CUDA graphs; graphs = static cache + "
                         "hand-captured CUDA graphs (a CUDA GPU; faster on small models). Both compile first, "
@@ -387,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="JSONL file (appended to; resumed)")
     _model_args(s)
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="spread the cells over N worker processes (cuda:i each with --device cuda), merged into "
+                        "--out (speccascade.eval.parallel)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_sweep)
 

@@ -422,9 +422,10 @@ def check_context(drafter, verifier, tokenizer, task: Task, examples, config: Sw
 
 def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out: Path,
               names: tuple[str, str] = ("drafter", "verifier"), progress: bool = True, on_record=None,
-              backend: str = "dynamic", notes: list | None = None) -> list[dict]:
+              backend: str = "dynamic", notes: list | None = None, cells: list[Cell] | None = None) -> list[dict]:
     """Run every cell of ``config`` not yet in ``out``; returns all records of the file (as read
-    back from it at the end).
+    back from it at the end). ``cells``: only these cells of the grid, in this order (a worker's
+    share in :mod:`.parallel`; a cell's ``verifier_only`` baseline must come before it).
 
     Before any cell runs: the config is validated (every alpha in range), the file is locked
     against a second writer, a torn last line is repaired (:func:`repair_tail`; ``notes`` and
@@ -462,7 +463,7 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
                 "dtype": str(next(verifier.parameters()).dtype).removeprefix("torch.")}
     check_context(drafter, verifier, tokenizer, task, examples, config)
     d_be, v_be = make_backend(drafter, "drafter", backend), make_backend(verifier, "verifier", backend)
-    cells = config.cells()
+    cells = config.cells() if cells is None else list(cells)
     with _Locked(out):
         note = repair_tail(out)
         if note:

@@ -1,0 +1,184 @@
+"""Beyond one GPU (issue 17): a tensor-parallel verifier (``--tp N``) and the dispatch of scaled-out
+sweeps (``--workers N``, :mod:`.eval.parallel`).
+
+Tensor parallelism
+------------------
+``--tp N`` (``generate``, ``sweep``, ``serve``) loads the verifier with transformers' tensor
+parallelism (``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))``, the model's
+own ``base_model_tp_plan``) across N processes started by ``torchrun --nproc-per-node N``::
+
+    torchrun --nproc-per-node 2 -m speccascade generate --tp 2 --device cuda --dtype bfloat16 \\
+        --drafter D --verifier V "prompt"
+
+Each rank holds a shard of the verifier and the *whole* drafter, and runs the same decoding loop
+with the same seed (the verifier's logits come out whole on every rank, so every rank draws the
+same tokens); rank 0 alone prints (``generate``), writes ``--out`` (``sweep``; the other ranks
+write a scratch copy that is thrown away) or listens for HTTP requests (``serve``: it sends each
+batch it decodes to the other ranks, which decode it with it). With ``--device cuda`` rank *r*
+uses ``cuda:LOCAL_RANK``; on a CPU the ranks talk over gloo (slow: for tests).
+
+Only the ``dynamic`` backend takes a sharded verifier: the static / compiled / graphs backends
+pre-allocate a cache from the config's full head counts and the fused backend concatenates whole
+weight matrices, neither of which a rank has. Models without a tensor-parallel plan in the
+installed transformers (``config.base_model_tp_plan``) are refused, naming the model type.
+``--tp`` and ``--workers`` do not combine (yet).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .checks import as_int
+from .errors import DeviceError, SpecCascadeError
+
+#: the backends that take a tensor-parallel (sharded) verifier
+TP_BACKENDS = ("dynamic",)
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
+    try:
+        return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                int(os.environ.get("WORLD_SIZE", 1)))
+    except ValueError:
+        raise SpecCascadeError("RANK / LOCAL_RANK / WORLD_SIZE must be integers (set by torchrun)") from None
+
+
+def rank() -> int:
+    return world()[0]
+
+
+def check_tp(tp, device="cpu", backend: str = "dynamic", command: str = "generate") -> int:
+    """Check a ``--tp`` request before anything loads; returns N. Errors name the fix: a launch
+    without torchrun, a world size other than N, more ranks than GPUs, a backend that cannot take
+    a sharded model."""
+    n = as_int("--tp", tp, minimum=1)
+    if n == 1:
+        return 1
+    if backend not in TP_BACKENDS:
+        raise SpecCascadeError(f"--tp {n} needs --backend {' or '.join(TP_BACKENDS)}: the {backend!r} backend cannot "
+                               f"take a sharded verifier (static, compiled and graphs size their cache from the full "
+                               f"head counts; fused concatenates whole weight matrices)")
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        raise SpecCascadeError(f"--tp {n} runs one process per GPU: launch with torchrun --nproc-per-node {n} -m "
+                               f"speccascade {command} --tp {n} ... (WORLD_SIZE / RANK are not set)")
+    r, local, size = world()
+    if size != n:
+        raise SpecCascadeError(f"--tp {n} under a launch of {size} processes: give torchrun --nproc-per-node {n} "
+                               f"(one process per tensor-parallel rank)")
+    dev = str(device).strip()
+    if dev.startswith("cuda"):
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n > have:
+            raise DeviceError(f"--tp {n} is more than the {have} CUDA GPU(s) of this machine; give --tp {have} or "
+                              f"fewer" if have else f"--tp {n} with --device {dev}: this machine has no CUDA GPU "
+                              f"that torch can use (use --device cpu to try tensor parallelism over gloo)")
+        if dev not in ("cuda", f"cuda:{local}"):
+            raise DeviceError(f"--tp {n}: give --device cuda (rank r uses cuda:LOCAL_RANK), not {dev}")
+    elif dev != "cpu":
+        raise DeviceError(f"--tp {n} runs on --device cuda (or cpu over gloo), not {dev!r}")
+    return n
+
+
+def init_tp(device="cpu") -> None:
+    """Start torch.distributed for this rank (nccl on CUDA, gloo on a CPU) and bind its GPU; ranks
+    other than 0 get a silent stdout."""
+    import torch
+    import torch.distributed as dist
+
+    r, local, size = world()
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=r, world_size=size,
+                                device_id=torch.device("cuda", local) if cuda else None)
+    if r != 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def check_tp_plan(path, role: str = "verifier") -> None:
+    """The model at ``path`` has a tensor-parallel plan in the installed transformers."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if not getattr(cfg, "base_model_tp_plan", None):
+        import transformers
+
+        raise SpecCascadeError(f"--tp: the {role} ({cfg.model_type}, {str(path)!r}) has no tensor-parallel plan in "
+                               f"transformers {transformers.__version__} (its config's base_model_tp_plan is empty); "
+                               f"run it with --tp 1, or use a model type that has one (llama, mistral, qwen2, ...)")
+
+
+def load_tp_verifier(path, tp: int, device, dtype):
+    """The verifier sharded over the ``tp`` ranks (this rank's part on ``device``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from .errors import ModelLoadError
+    from .models.loading import _first_line, _quiet_transformers, check_model_path
+
+    path, gguf = check_model_path(path, "verifier")
+    if gguf:
+        raise SpecCascadeError("--tp needs a Hugging Face checkpoint folder for the verifier, not a .gguf file")
+    check_tp_plan(path)
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                         distributed_config=DistributedConfig(tp_size=tp))
+    except Exception as e:
+        raise ModelLoadError(f"could not load the verifier from {str(path)!r} with --tp {tp}: {type(e).__name__}: "
+                             f"{_first_line(e)}") from None
+    del torch
+    return model.eval()
+
+
+def sweep_scaled_out(args, cfg, task, load_pair) -> int:
+    """``speccascade sweep`` with ``--workers N`` (:mod:`.eval.parallel`) or ``--tp N``."""
+    from .eval.sweep import run_sweep
+
+    workers = as_int("--workers", args.workers, minimum=1)
+    tp = as_int("--tp", args.tp, minimum=1)
+    if workers > 1 and tp > 1:
+        raise SpecCascadeError("--workers and --tp do not combine yet: give one of them")
+    if workers > 1:
+        from .eval.parallel import run_parallel_sweep
+
+        load = {k: getattr(args, k) for k in ("drafter", "verifier", "tokenizer", "pair", "device", "dtype")}
+        records = run_parallel_sweep(load, (args.task, args.task_file, args.metric), cfg, args.out, workers,
+                                     threads=args.threads, backend=args.backend, progress=not args.quiet)
+    else:
+        check_tp(tp, args.device, args.backend, "sweep")
+        drafter, verifier, tok, names = load_pair(args)
+        import torch.distributed as dist
+
+        out = Path(args.out)
+        if rank() != 0:  # the same cells as rank 0 (a copy of its file), written to a scratch file
+            dist.barrier()
+            scratch = out.with_name(f".{out.name}.rank{rank()}")
+            if out.exists():
+                shutil.copyfile(out, scratch)
+            else:
+                scratch.unlink(missing_ok=True)
+            dist.barrier()
+            out = scratch
+        else:
+            dist.barrier()  # rank 0's file is not written before every rank has copied it
+            dist.barrier()
+        try:
+            records = run_sweep(drafter, verifier, tok, task, cfg, out, names=names,
+                                progress=not args.quiet and rank() == 0, backend=args.backend)
+        finally:
+            if rank() != 0:
+                out.unlink(missing_ok=True)
+                Path(str(out) + ".torn").unlink(missing_ok=True)
+        dist.barrier()
+    cells = [r for r in records if r.get("type") == "cell"]
+    print(f"{len(cells)} cells in {args.out} ({len(cfg.cells())} in this grid)")
+    return 0
