@@ -237,7 +237,7 @@ def _worker_main(worker: int, job: dict) -> None:
             err.write_text(f"unexpected {type(e).__name__}: {first}", encoding="utf-8")
             code = 1
     sys.stdout.flush()
-    os._exit(code)
+    sys.exit(code)
 
 
 def worker_devices(device: str, workers: int) -> list[str]:

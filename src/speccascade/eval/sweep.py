@@ -162,7 +162,7 @@ class SweepConfig:
 
 #: The signature fields a sweep file's cells must share with a run that extends it: a cell computed
 #: under other settings would be reused as if computed under these (models are compared separately).
-SETTINGS = ("task", "examples", "examples_sha1", "max_new_tokens", "backend", "dtype", "device")
+SETTINGS = ("task", "examples", "examples_sha1", "max_new_tokens", "backend", "dtype", "device", "tp")
 RECORD_TYPES = ("cell", "costs")
 
 
@@ -334,6 +334,7 @@ def model_id(model, name: str) -> str:
     with torch.no_grad():
         for p in model.parameters():
             n += p.numel()
+            p = p.full_tensor() if hasattr(p, "full_tensor") else p  # a tensor-parallel shard (DTensor): gathered
             flat = p.detach().reshape(-1)
             h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
     return f"{Path(str(path)).name or name}:{n}:{h.hexdigest()[:10]}"
@@ -459,7 +460,7 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
     base_sig = {"drafter": model_id(drafter, names[0]), "verifier": model_id(verifier, names[1]),
                 "task": task.describe(), "examples": len(examples), "examples_sha1": ex_hash,
                 "speccascade": __version__, "torch": torch.__version__, "device": device_name(device),
-                "max_new_tokens": config.max_new_tokens, "backend": backend,
+                "max_new_tokens": config.max_new_tokens, "backend": backend, "tp": getattr(verifier, "tp_size", None) or 1,
                 "dtype": str(next(verifier.parameters()).dtype).removeprefix("torch.")}
     check_context(drafter, verifier, tokenizer, task, examples, config)
     d_be, v_be = make_backend(drafter, "drafter", backend), make_backend(verifier, "verifier", backend)
