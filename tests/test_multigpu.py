@@ -1,0 +1,272 @@
+"""Issue 17 (beyond one GPU), the parts a CPU can test: data-parallel sweeps (``--workers``: same
+cells as one process, resumable after a kill, every cell once), tensor parallelism (``--tp``:
+greedy output under ``torchrun --nproc-per-node 2`` over gloo equals ``--tp 1``; the error paths)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from speccascade.cli import main
+from speccascade.distributed import check_tp, check_tp_plan
+from speccascade.errors import DeviceError, SpecCascadeError
+from speccascade.eval.parallel import assign, cell_cost, parts_dir, run_parallel_sweep, worker_cells
+from speccascade.eval.sweep import Cell, SweepConfig, read_records, run_sweep
+from speccascade.eval.tasks import get_task
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+ENV = os.environ | {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+LOAD = {"drafter": None, "verifier": None, "tokenizer": None, "pair": "tiny", "device": "cpu", "dtype": "float32"}
+TASK = ("bible_en_es", None, None)
+
+
+def config(**kw):
+    base = dict(methods=["sd", "opt", "token_cascade"], alphas={"opt": [0.0, 1.0], "token_cascade": [0.5]},
+                temperatures=[0.0, 1.0], n_examples=2, max_new_tokens=5)
+    return SweepConfig(**(base | kw))
+
+
+def cells_of(records):
+    return {r["key"]: r for r in records if r["type"] == "cell"}
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
+
+    d, v = embedded_pair_dirs("tiny")
+    return load_causal_lm(d), load_causal_lm(v), load_tokenizer(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def reference(shipped, tmp_path_factory):
+    """The grid of :func:`config` swept by one process."""
+    out = tmp_path_factory.mktemp("ref") / "one.jsonl"
+    return run_sweep(*shipped, get_task(), config(), out, progress=False)
+
+
+def same_results(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["quality"] == b[k]["quality"], k
+        for s in ("emitted", "verifier_calls", "drafter_calls", "accepted", "deferred"):
+            assert a[k]["stats"].get(s) == b[k]["stats"].get(s), (k, s)
+
+
+# --------------------------------------------------------------------------------------------
+# the plan: who runs what
+
+
+def test_assign_covers_every_cell_once_balanced_and_deterministic():
+    cfg = config(methods=["sd", "chow", "drafter_only"], alphas={"chow": [0.1, 0.2, 0.3, 0.4]},
+                 temperatures=[0.0, 1.0], batch_sizes=[1, 4], n_examples=8, max_new_tokens=16)
+    grid = cfg.cells()
+    shares = assign(grid, 3, 8, 16)
+    assert sorted(c.key for s in shares for c in s) == sorted(c.key for c in grid)
+    assert assign(grid, 3, 8, 16) == shares
+    # a worker's load counts the baselines it runs for its groups
+    loads = [sum(cell_cost(c, 8, 16) for c in worker_cells(s, grid)) for s in shares]
+    assert max(loads) - min(loads) <= max(cell_cost(c, 8, 16) for c in grid)
+    # cost model: a speculative cell costs less per token than verifier_only, a drafter cell least;
+    # a batch of 4 is cheaper than 4 single rows
+    sd, base, small = (Cell(m, None, 5, 0.0, 0, 1) for m in ("sd", "verifier_only", "drafter_only"))
+    assert cell_cost(small, 8, 16) < cell_cost(sd, 8, 16) < cell_cost(base, 8, 16)
+    assert cell_cost(Cell("sd", None, 5, 0.0, 0, 4), 8, 16) < cell_cost(sd, 8, 16)
+    # a worker's run order: each group's baseline first, then its cells (grid order)
+    for share in shares:
+        order = worker_cells(share, grid)
+        for i, c in enumerate(order):
+            if c.method != "verifier_only":
+                assert any(b.method == "verifier_only" and (b.temperature, b.seed, b.batch_size)
+                           == (c.temperature, c.seed, c.batch_size) for b in order[:i])
+        assert len({c.key for c in order}) == len(order)
+    # more workers than cells: the extra shares are empty; a baseline and one cell stay together (a
+    # second worker would have to run the baseline again)
+    few = assign(grid[:2], 4, 8, 16)
+    assert [len(s) for s in few] == [2, 0, 0, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# data-parallel sweeps
+
+
+def test_two_workers_give_the_cells_of_one_process(reference, tmp_path):
+    out = tmp_path / "two.jsonl"
+    records = run_parallel_sweep(LOAD, TASK, config(), out, workers=2, threads=1, progress=False)
+    assert records == read_records(out)
+    same_results(cells_of(reference), cells_of(records))
+    keys = [r["key"] for r in records if r["type"] == "cell"]
+    assert len(keys) == len(set(keys)) == len(config().cells())
+    assert {r["worker"] for r in records if r["type"] == "cell"} == {0, 1}
+    assert sum(r["type"] == "costs" for r in records) == 1
+    for r in records:
+        if r["type"] == "cell":
+            assert r["relative_latency"] > 0 and r["signature"]["tp"] == 1
+            if r["method"] == "verifier_only":
+                assert r["relative_latency"] == 1.0
+    assert not parts_dir(out).exists()  # removed once --out holds the grid
+    # nothing left to do: no worker starts, the file is unchanged
+    text = out.read_text()
+    assert run_parallel_sweep(LOAD, TASK, config(), out, workers=2, progress=False) == records
+    assert out.read_text() == text
+
+
+def test_leftovers_of_a_killed_run_are_merged_once(reference, tmp_path):
+    """A killed run leaves --out part-way (a torn last line) and the workers' part files (one cell
+    already merged, cells not yet merged, a torn line); the next run merges each cell once."""
+    out = tmp_path / "s.jsonl"
+    ref_lines = [json.dumps(r) for r in reference]
+    cells = [r for r in reference if r["type"] == "cell"]
+    costs = [r for r in reference if r["type"] == "costs"]
+    out.write_text("\n".join(json.dumps(r) for r in costs + cells[:2]) + "\n" + ref_lines[-1][:40])
+    parts = parts_dir(out)
+    parts.mkdir()
+    (parts / "worker-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in costs + cells[1:6]))
+    (parts / "worker-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in costs + cells[6:])
+                                          + ref_lines[3][:25])
+    notes = []
+    records = run_parallel_sweep(LOAD, TASK, config(), out, workers=2, progress=False, notes=notes)
+    keys = [r["key"] for r in records if r["type"] == "cell"]
+    assert keys == [c["key"] for c in cells]  # every cell once, in the order they landed
+    assert sum(r["type"] == "costs" for r in records) == 1
+    assert any("removed a torn last line" in n for n in notes) and any("merged 8 cells" in n for n in notes)
+    assert [r.get("worker") for r in records if r["type"] == "cell"] == [None, None] + [0] * 4 + [1] * 4
+    assert not parts.exists()
+
+
+def test_a_killed_parallel_sweep_resumes_with_every_cell_once(reference, tmp_path):
+    out = tmp_path / "s.jsonl"
+    cfg = config(max_new_tokens=12)
+    args = [sys.executable, "-m", "speccascade", "sweep", "--methods", "sd,opt,token_cascade", "--alphas",
+            "opt=0,1;token_cascade=0.5", "--temperatures", "0", "1", "--examples", "2", "--max-new-tokens", "12",
+            "--workers", "2", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and sum('"type": "cell"' in line for line in out.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGKILL)  # the parent; its workers die with it (PR_SET_PDEATHSIG)
+    proc.wait()
+    done_before = [r["key"] for r in read_records(out) if r["type"] == "cell"]
+    assert 1 <= len(done_before) < len(cfg.cells())
+    records = run_parallel_sweep(LOAD, TASK, cfg, out, workers=2, progress=False)
+    keys = [r["key"] for r in records if r["type"] == "cell"]
+    assert keys[:len(done_before)] == done_before
+    assert sorted(keys) == sorted(c.key for c in cfg.cells()) and len(keys) == len(set(keys))
+    assert all(json.loads(x) for x in out.read_text().splitlines())
+
+
+def test_workers_bad_input(tmp_path, capsys):
+    sweep = ["sweep", "--examples", "2", "--max-new-tokens", "3", "--quiet", "--methods", "sd",
+             "--out", str(tmp_path / "s.jsonl")]
+    for extra, fragment in ((["--workers", "0"], "--workers must be an integer >= 1, got 0"),
+                            (["--workers", "2", "--device", "cuda"], "no CUDA GPU"),
+                            (["--workers", "2", "--device", "cuda:1"], "give --device cuda (worker i uses cuda:i)"),
+                            (["--workers", "2", "--device", "mps"], "--workers runs on --device cpu or cuda"),
+                            (["--workers", "2", "--tp", "2"], "--workers and --tp do not combine yet")):
+        assert main(sweep + extra) == 2, extra
+        assert fragment in capsys.readouterr().err, extra
+    assert not (tmp_path / "s.jsonl").exists() and not parts_dir(tmp_path / "s.jsonl").exists()
+
+
+def test_a_worker_that_fails_stops_the_sweep_with_its_message(tmp_path):
+    out = tmp_path / "s.jsonl"
+    bad = LOAD | {"drafter": str(tmp_path / "nope"), "verifier": str(tmp_path / "nope")}
+    with pytest.raises(SpecCascadeError, match=r"sweep worker [01] \(cpu\) failed: the drafter path .*nope' does not "
+                                               r"exist"):
+        run_parallel_sweep(bad, TASK, config(), out, workers=2, progress=False)
+    assert not out.exists()
+
+
+def test_part_files_of_other_settings_are_refused(tmp_path):
+    out = tmp_path / "s.jsonl"
+    parts = parts_dir(out)
+    parts.mkdir()
+    rec = {"type": "cell", "key": "x", "signature": {"drafter": "d:1:ab", "verifier": "v:1:cd", "task": "bible_en_es",
+                                                      "examples_sha1": "0", "max_new_tokens": 99}}
+    (parts / "worker-0.jsonl").write_text(json.dumps(rec) + "\n")
+    out.write_text(json.dumps(rec | {"signature": rec["signature"] | {"max_new_tokens": 5}}) + "\n")
+    with pytest.raises(SpecCascadeError, match="computed with max_new_tokens=5, but this run has max_new_tokens=99"):
+        run_parallel_sweep(LOAD, TASK, config(), out, workers=2, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# tensor parallelism
+
+
+def test_tp_error_paths(tmp_path, monkeypatch, capsys):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert check_tp(1) == 1
+    with pytest.raises(SpecCascadeError, match=r"launch with torchrun --nproc-per-node 2 -m speccascade sweep --tp 2"):
+        check_tp(2, "cpu", "dynamic", "sweep")
+    with pytest.raises(SpecCascadeError, match="--tp must be an integer >= 1, got 0"):
+        check_tp(0)
+    for backend in ("static", "compiled", "graphs", "fused", "auto"):
+        with pytest.raises(SpecCascadeError, match=f"--tp 2 needs --backend dynamic: the '{backend}' backend cannot"):
+            check_tp(2, "cpu", backend)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SpecCascadeError, match="under a launch of 4 processes: give torchrun --nproc-per-node 2"):
+        check_tp(2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        check_tp(2, "cuda")
+    with pytest.raises(DeviceError, match="runs on --device cuda"):
+        check_tp(2, "mps")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match="--tp 2 is more than the 1 CUDA GPU"):
+        check_tp(2, "cuda")
+    # a model type without a tensor-parallel plan is named
+    gpt = tmp_path / "gpt2"
+    gpt.mkdir()
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
+    with pytest.raises(SpecCascadeError, match=r"the verifier \(gpt2, .*\) has no tensor-parallel plan"):
+        check_tp_plan(gpt)
+    from speccascade.models.loading import embedded_pair_dirs
+
+    check_tp_plan(embedded_pair_dirs("tiny")[1])  # llama has one
+    # the command line: before any model loads, exit 2 with the fix
+    monkeypatch.delenv("WORLD_SIZE")
+    for argv in (["generate", "--tp", "2", "x"], ["generate", "--tp", "2", "--backend", "static", "x"],
+                 ["sweep", "--tp", "2", "--methods", "sd", "--examples", "1", "--out", str(tmp_path / "s.jsonl")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--tp 2" in err and ("torchrun --nproc-per-node 2" in err or "needs --backend dynamic" in err), err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
+def test_tp2_over_gloo_equals_tp1(tmp_path):
+    """transformers' tensor parallelism runs on a CPU over gloo: the tiny verifier split over two
+    ranks decodes (greedy) exactly what it decodes whole, and only rank 0 prints."""
+    prompt = "In the beginning God created the heaven and the earth."
+    common = ["generate", "--temperature", "0", "--max-new-tokens", "10", "--json", "--quiet", prompt]
+    one = subprocess.run([sys.executable, "-m", "speccascade", *common], env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert one.returncode == 0, one.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "speccascade", *common, "--tp", "2"], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone
+    a, b = json.loads(one.stdout), json.loads(lines[0])
+    assert a["tokens"] == b["tokens"] and a["text"] == b["text"]
+    for k in ("verifier_calls", "drafter_calls", "accepted"):
+        assert a["stats"][k] == b["stats"][k]
