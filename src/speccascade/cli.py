@@ -83,6 +83,11 @@ def _generate(args) -> int:
 def _serve(args) -> int:
     from .server import serve
 
+    if args.tp != 1:
+        from .distributed import serve_tp
+
+        return serve_tp(args, _load_pair)
+
     return serve(args, _load_pair)
 
 

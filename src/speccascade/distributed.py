@@ -182,3 +182,108 @@ def sweep_scaled_out(args, cfg, task, load_pair) -> int:
     cells = [r for r in records if r.get("type") == "cell"]
     print(f"{len(cells)} cells in {args.out} ({len(cfg.cells())} in this grid)")
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# serve --tp N: rank 0 serves; every batch it decodes is sent to the other ranks, which decode it too
+
+
+def _control_group():
+    """A gloo group for the serve loop's messages, with no practical timeout (the other ranks wait
+    for the next request as long as the server is idle)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=timedelta(days=365))
+
+
+def _bcast(obj, group):
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+class _LeaderStreamer:
+    """Rank 0's streamer: the server's, whose per-block ``stop_rows`` (cancelled requests, stop
+    strings, per-row limits) is also sent to the other ranks, so every rank stops the same rows at
+    the same block."""
+
+    def __init__(self, inner, group):
+        self.inner, self.group = inner, group
+        self.wants_tokens = getattr(inner, "wants_tokens", True)
+        if hasattr(inner, "record"):
+            self.record = inner.record
+
+    def put(self, new):
+        self.inner.put(new)
+
+    def end(self):
+        self.inner.end()
+
+    def stop_rows(self):
+        rows = self.inner.stop_rows() if hasattr(self.inner, "stop_rows") else []
+        return _bcast(list(rows), self.group)
+
+
+class _FollowerStreamer:
+    """The other ranks' streamer: rank 0's stop decisions, nothing streamed."""
+
+    wants_tokens = False
+
+    def __init__(self, group):
+        self.group = group
+
+    def put(self, new):
+        pass
+
+    def end(self):
+        pass
+
+    def stop_rows(self):
+        return _bcast(None, self.group)
+
+
+def serve_tp(args, load_pair) -> int:
+    """``speccascade serve --tp N`` under torchrun: rank 0 runs the HTTP server; ranks > 0 follow."""
+    from .server import serve
+
+    check_tp(args.tp, args.device, args.backend, "serve")
+    init_tp(args.device)
+    group = _control_group()  # every rank, before the collectives of loading
+    if rank() == 0:
+        from .server import engine as engine_module
+
+        real = engine_module.generate
+
+        def generate(drafter, verifier, prompts, **kw):
+            streamer = kw.pop("streamer", None)
+            _bcast({"prompts": prompts, "kw": kw, "streamer": streamer is not None}, group)
+            if streamer is not None:
+                kw["streamer"] = _LeaderStreamer(streamer, group)
+            return real(drafter, verifier, prompts, **kw)
+
+        engine_module.generate = generate
+        try:
+            return serve(args, load_pair)
+        finally:
+            engine_module.generate = real
+            _bcast(None, group)  # the other ranks stop
+    from .api import generate
+    from .models import make_backend
+
+    drafter, verifier, _, _ = load_pair(args)
+    d, v = make_backend(drafter, "drafter", args.backend), make_backend(verifier, "verifier", args.backend)
+    while True:
+        call = _bcast(None, group)
+        if call is None:
+            return 0
+        kw = call["kw"]
+        if call["streamer"]:
+            kw["streamer"] = _FollowerStreamer(group)
+        try:
+            generate(d, v, call["prompts"], **kw)
+        except SpecCascadeError:
+            pass  # rank 0 met the same error (checked before decoding) and answers the request
