@@ -245,28 +245,88 @@ def test_tp_error_paths(tmp_path, monkeypatch, capsys):
         assert "--tp 2" in err and ("torchrun --nproc-per-node 2" in err or "needs --backend dynamic" in err), err
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
-def test_tp2_over_gloo_equals_tp1(tmp_path):
-    """transformers' tensor parallelism runs on a CPU over gloo: the tiny verifier split over two
-    ranks decodes (greedy) exactly what it decodes whole, and only rank 0 prints."""
-    prompt = "In the beginning God created the heaven and the earth."
-    common = ["generate", "--temperature", "0", "--max-new-tokens", "10", "--json", "--quiet", prompt]
-    one = subprocess.run([sys.executable, "-m", "speccascade", *common], env=ENV, capture_output=True, text=True,
-                         timeout=120)
-    assert one.returncode == 0, one.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "speccascade", *common, "--tp", "2"], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
+PROMPT = "In the beginning God created the heaven and the earth."
+
+
+def greedy_tp1(capsys, n=10):
+    assert main(["generate", "--temperature", "0", "--max-new-tokens", str(n), "--json", "--quiet", PROMPT]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def torchrun(args, tmp_path):
+    """``torchrun --standalone --nproc-per-node 2 -m speccascade ARGS`` in its own session."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "speccascade", *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path, start_new_session=True)
+
+
+def finish(proc, timeout):
     try:
-        stdout, stderr = proc.communicate(timeout=150)
+        return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks
         proc.communicate()
         raise
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
+def test_tp2_over_gloo_equals_tp1(tmp_path, capsys):
+    """transformers' tensor parallelism runs on a CPU over gloo: the tiny verifier split over two
+    ranks decodes (greedy) exactly what it decodes whole, and only rank 0 prints."""
+    a = greedy_tp1(capsys)
+    proc = torchrun(["generate", "--temperature", "0", "--max-new-tokens", "10", "--json", "--quiet", PROMPT,
+                     "--tp", "2"], tmp_path)
+    stdout, stderr = finish(proc, 150)
     assert proc.returncode == 0, stderr[-3000:]
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # rank 0 alone
-    a, b = json.loads(one.stdout), json.loads(lines[0])
+    b = json.loads(lines[0])
     assert a["tokens"] == b["tokens"] and a["text"] == b["text"]
     for k in ("verifier_calls", "drafter_calls", "accepted"):
         assert a["stats"][k] == b["stats"][k]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
+def test_serve_tp2_over_gloo(tmp_path, capsys):
+    """serve --tp 2: rank 0 answers, rank 1 decodes every batch with it (greedy = --tp 1; a
+    streamed request and a per-row stop string keep the ranks in step)."""
+    import socket
+    import urllib.request
+
+    pytest.importorskip("fastapi")
+    a = greedy_tp1(capsys)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = torchrun(["serve", "--tp", "2", "--port", str(port), "--log-level", "warning"], tmp_path)
+
+    def post(body):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.read().decode()
+
+    try:
+        deadline = time.time() + 150
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "the server did not start"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        got = json.loads(post({"prompt": PROMPT, "temperature": 0, "max_tokens": 10}))
+        assert got["choices"][0]["token_ids"] == a["tokens"]
+        assert "data: [DONE]" in post({"prompt": PROMPT, "temperature": 0, "max_tokens": 6, "stream": True})
+        two = json.loads(post({"prompt": [PROMPT, "And God said"], "temperature": 0, "max_tokens": 12,
+                               "stop": ["cielo"]}))
+        assert two["choices"][0]["text"].startswith("En el principio") and "cielo" not in two["choices"][0]["text"]
+        again = json.loads(post({"prompt": PROMPT, "temperature": 0, "max_tokens": 10}))  # still in step
+        assert again["choices"][0]["token_ids"] == a["tokens"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
