@@ -330,3 +330,50 @@ def test_serve_tp2_over_gloo(tmp_path, capsys):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+
+
+def test_tp_speed_benchmark_parses_and_refuses_without_gpus():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "tp_speed.py"
+    ok = subprocess.run([sys.executable, str(script), "--help"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "--tp" in ok.stdout
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs: the benchmark would run")
+    no = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=60)
+    assert no.returncode == 2 and "tp_speed: error: needs 2 CUDA GPUs" in no.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# on the device machine (skipped without 2 CUDA GPUs)
+
+
+def _gpus():
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+needs_2_gpus = pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs")
+
+
+@needs_2_gpus
+def test_gpu_tp2_equals_tp1(tmp_path):
+    common = ["generate", "--device", "cuda", "--temperature", "0", "--max-new-tokens", "16", "--json", "--quiet",
+              PROMPT]
+    one = subprocess.run([sys.executable, "-m", "speccascade", *common], env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr
+    proc = torchrun(common + ["--tp", "2"], tmp_path)
+    stdout, stderr = finish(proc, 300)
+    assert proc.returncode == 0, stderr[-3000:]
+    b = json.loads([line for line in stdout.splitlines() if line.startswith("{")][0])
+    assert json.loads(one.stdout)["tokens"] == b["tokens"]
+
+
+@needs_2_gpus
+def test_gpu_two_workers_use_two_gpus(reference, tmp_path):
+    out = tmp_path / "gpu.jsonl"
+    records = run_parallel_sweep(LOAD | {"device": "cuda"}, TASK, config(), out, workers=2, progress=False)
+    cells = cells_of(records)
+    assert cells.keys() == cells_of(reference).keys() and {r["worker"] for r in cells.values()} == {0, 1}
