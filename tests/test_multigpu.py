@@ -377,3 +377,28 @@ def test_gpu_two_workers_use_two_gpus(reference, tmp_path):
     records = run_parallel_sweep(LOAD | {"device": "cuda"}, TASK, config(), out, workers=2, progress=False)
     cells = cells_of(records)
     assert cells.keys() == cells_of(reference).keys() and {r["worker"] for r in cells.values()} == {0, 1}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
+def test_sweep_tp2_over_gloo_resumes_like_tp1(shipped, tmp_path):
+    """sweep --tp 2: every rank skips the cells --out already holds (the other ranks sweep a copy),
+    rank 0 alone writes --out, and the cells equal --tp 1's."""
+    cfg = SweepConfig(methods=["sd", "opt"], alphas={"opt": [0.0]}, temperatures=[0.0], n_examples=2, max_new_tokens=4)
+    ref = run_sweep(*shipped, get_task(), cfg, tmp_path / "tp1.jsonl", progress=False)
+    out = tmp_path / "tp2.jsonl"
+    # a --tp 2 run that stopped after its baseline
+    first = [r | {"signature": r["signature"] | {"tp": 2}} for r in ref[:2]]
+    out.write_text("".join(json.dumps(r) + "\n" for r in first))
+    proc = torchrun(["sweep", "--tp", "2", "--methods", "sd,opt", "--alphas", "opt=0", "--temperatures", "0",
+                     "--examples", "2", "--max-new-tokens", "4", "--quiet", "--out", str(out)], tmp_path)
+    stdout, stderr = finish(proc, 150)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("3 cells in") == 1  # rank 0 alone prints
+    records = read_records(out)
+    assert records[:2] == first
+    same_results(cells_of(ref), cells_of(records))
+    assert [r["signature"]["tp"] for r in records] == [2] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tp1.jsonl", "tp2.jsonl"]  # no scratch copy left
+    # a --tp 1 run does not extend a --tp 2 file
+    with pytest.raises(SpecCascadeError, match="computed with tp=2, but this run has tp=1"):
+        run_sweep(*shipped, get_task(), cfg, out, progress=False)
