@@ -27,13 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 #: Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json)
-VERIFIER = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                rms_norm_eps=1e-5, tie_word_embeddings=False)
+VERIFIER = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 #: a ~0.3B drafter of the same vocabulary
-DRAFTER = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
-               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-               rms_norm_eps=1e-5, tie_word_embeddings=True)
+DRAFTER = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4, "num_attention_heads": 16,
+               "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+               "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
 
 
 def parse_args(argv=None):
@@ -76,7 +76,8 @@ def check_launch(tp: int, device: str = "cuda") -> tuple[int, int, int]:
     return rank, local, world
 
 
-TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4, vocab_size=8192)
+TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "vocab_size": 8192}
 
 
 def shapes(args) -> tuple[dict, dict]:
@@ -118,7 +119,7 @@ def measure(drafter, verifier, args, tp: int) -> list[dict]:
         prompts = torch.randint(3, min(30000, verifier.config.vocab_size), (batch, args.prompt_tokens),
                                 generator=g).tolist()
         for method in args.methods:
-            def run():
+            def run(prompts=prompts, method=method):
                 return sc.generate(d, v, prompts, method=method, gamma=args.gamma, temperature=0.0,
                                    max_new_tokens=args.new_tokens, eos_token_id=[], seed=0)
             run()
@@ -135,7 +136,7 @@ def measure(drafter, verifier, args, tp: int) -> list[dict]:
                          "tokens_per_second": batch * args.new_tokens / med,
                          "tokens_per_verifier_call": s.get("tokens_per_verifier_call"),
                          "acceptance_rate": s.get("acceptance_rate")})
-            if int(os.environ.get("RANK", 0)) == 0:
+            if int(os.environ.get("RANK", "0")) == 0:
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -143,6 +144,8 @@ def measure(drafter, verifier, args, tp: int) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, local, world = check_launch(args.tp, args.device)
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
     import transformers
@@ -150,8 +153,6 @@ def main(argv=None) -> int:
     from transformers.distributed import DistributedConfig
 
     import speccascade
-
-    from datetime import timedelta
 
     cuda = args.device == "cuda"
     args.dtype = torch.bfloat16 if cuda else torch.float32
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
                   "gpus": world,
                   "torch": torch.__version__, "transformers": transformers.__version__,
                   "speccascade": speccascade.__version__, "verifier_shape": shapes(args)[0],
-                  "drafter_shape": shapes(args)[1], "dtype": str(args.dtype).removeprefix("torch."), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                  "drafter_shape": shapes(args)[1], "dtype": str(args.dtype).removeprefix("torch."),
+                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                   "gamma": args.gamma, "repeats": args.repeats, "rows": rows,
                   "speedup_tp_over_tp1": {f"{m} batch={b}": by[(args.tp, b, m)] / by[(1, b, m)]
                                           for b in args.batch_sizes for m in args.methods},

@@ -41,8 +41,8 @@ TP_BACKENDS = ("dynamic",)
 def world() -> tuple[int, int, int]:
     """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
     try:
-        return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                int(os.environ.get("WORLD_SIZE", 1)))
+        return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+                int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
         raise SpecCascadeError("RANK / LOCAL_RANK / WORLD_SIZE must be integers (set by torchrun)") from None
 
@@ -65,7 +65,7 @@ def check_tp(tp, device="cpu", backend: str = "dynamic", command: str = "generat
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise SpecCascadeError(f"--tp {n} runs one process per GPU: launch with torchrun --nproc-per-node {n} -m "
                                f"speccascade {command} --tp {n} ... (WORLD_SIZE / RANK are not set)")
-    r, local, size = world()
+    _, local, size = world()
     if size != n:
         raise SpecCascadeError(f"--tp {n} under a launch of {size} processes: give torchrun --nproc-per-node {n} "
                                f"(one process per tensor-parallel rank)")
@@ -99,7 +99,7 @@ def init_tp(device="cpu") -> None:
         dist.init_process_group(backend="nccl" if cuda else "gloo", rank=r, world_size=size,
                                 device_id=torch.device("cuda", local) if cuda else None)
     if r != 0:
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 def check_tp_plan(path, role: str = "verifier") -> None:
@@ -132,7 +132,7 @@ def load_tp_verifier(path, tp: int, device, dtype):
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
                                                          distributed_config=DistributedConfig(tp_size=tp))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - transformers / torch.distributed raise many kinds
         raise ModelLoadError(f"could not load the verifier from {str(path)!r} with --tp {tp}: {type(e).__name__}: "
                              f"{_first_line(e)}") from None
     del torch

@@ -43,8 +43,17 @@ from pathlib import Path
 from ..checks import as_int
 from ..errors import DeviceError, SpecCascadeError, SweepFileError
 from ..registry import METHODS
-from .sweep import (BASELINE, Cell, SweepConfig, _append, _Locked, check_out_file, check_settings_match, read_records,
-                    repair_tail)
+from .sweep import (
+    BASELINE,
+    Cell,
+    SweepConfig,
+    _append,
+    _Locked,
+    check_out_file,
+    check_settings_match,
+    read_records,
+    repair_tail,
+)
 
 #: cost-model constants (verifier steps): a drafter step, a verifier block call of gamma + 1
 #: tokens, and the assumed per-draft acceptance of a speculative cell
@@ -85,12 +94,11 @@ def assign(cells: list[Cell], workers: int, n_examples: int, max_new_tokens: int
         base = cell_cost(Cell(BASELINE, None, c.gamma, c.temperature, c.seed, c.batch_size), n_examples,
                          max_new_tokens)
 
-        def total(w):
-            extra = 0.0 if _group(c) in groups[w] or c.method == BASELINE else base
-            return loads[w] + cell_cost(c, n_examples, max_new_tokens) + extra
-
-        w = min(range(workers), key=lambda w: (total(w), w))
-        loads[w] = total(w)
+        cost = cell_cost(c, n_examples, max_new_tokens)
+        totals = [loads[w] + cost + (0.0 if _group(c) in groups[w] or c.method == BASELINE else base)
+                  for w in range(workers)]
+        w = min(range(workers), key=lambda w: (totals[w], w))
+        loads[w] = totals[w]
         groups[w].add(_group(c))
         shares[w].append(c)
     return [sorted(s, key=lambda c: order[c.key]) for s in shares]
@@ -174,8 +182,8 @@ def _set_parent_death_signal() -> None:
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # pragma: no cover
-        pass
+    except (OSError, AttributeError):  # pragma: no cover  (no glibc: workers outlive a killed parent)
+        return
 
 
 def _wait_for_lock(path: Path, timeout: float = 30.0) -> None:
