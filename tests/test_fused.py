@@ -1,7 +1,7 @@
 """The fused backend and the device-resident block, on the CPU.
 
-1. The fused Llama step's logits equal transformers' forward over each row's sequence (ragged
-   prompts, ragged feeds, rollbacks; GQA; Qwen2's q/k/v biases).
+1. (The fused step's logits against transformers' after ragged feeds and rollbacks:
+   tests/test_hf_backend.py, with the other backends.)
 2. Every method gives the dynamic backend's tokens through it (greedy and seeded): the same block
    function, on other state.
 3. The captured path's bookkeeping (a captured program reused across calls: state copied in, the
@@ -18,54 +18,7 @@ import speccascade as sc
 from speccascade import runner
 from speccascade.errors import SpecCascadeError
 from speccascade.models import FusedLlamaBackend, UnsupportedModel, make_backend
-from tiny_models import tiny_llama, tiny_pair
-
-
-def fresh_logits(model, seq):
-    with torch.no_grad():
-        return model(torch.tensor([seq])).logits[0, -1].float()
-
-
-def tiny_qwen2(seed: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
-    model = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():  # random (not zero) biases, so that a dropped bias would show
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    return model
-
-
-@pytest.mark.parametrize("make", [lambda: tiny_llama(0), lambda: tiny_qwen2(0)], ids=["llama", "qwen2"])
-def test_fused_logits_match_transformers_after_ragged_extend_commit(make):
-    model = make()
-    be = FusedLlamaBackend(model, "verifier")
-    g = torch.Generator().manual_seed(0)
-    prompts = [[5, 6, 7, 8, 9], [11, 12], [13]]
-    L = max(map(len, prompts))
-    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
-    be.reserve(3, 80)
-    be.reset(ids, mask)
-    seqs = [list(p[:-1]) for p in prompts]
-    for step in range(12):
-        k = int(torch.randint(1, 5, (1,), generator=g))
-        tokens = torch.randint(3, 48, (3, k), generator=g)
-        lengths = torch.randint(1, k + 1, (3,), generator=g)
-        logits = be.extend(tokens, lengths)
-        for b in range(3):
-            for i in range(int(lengths[b])):
-                seq = seqs[b] + tokens[b, :i + 1].tolist()
-                torch.testing.assert_close(logits[b, i], fresh_logits(model, seq), atol=2e-5, rtol=1e-4)
-        n_keep = torch.stack([torch.randint(0, int(lengths[b]) + 1, (1,), generator=g)[0] for b in range(3)])
-        be.commit(n_keep)
-        for b in range(3):
-            seqs[b] = seqs[b] + tokens[b, :int(n_keep[b])].tolist()
-        assert be.n_pos.tolist() == [len(s) for s in seqs]
+from tiny_models import tiny_pair
 
 
 def test_fused_refuses_other_architectures_and_auto_falls_back():
@@ -204,3 +157,19 @@ def test_compiled_block_arithmetic_matches_eager(simulated_capture, monkeypatch)
         assert (out.stats.accepted, out.stats.deferred, out.stats.verifier_calls) == \
             (ref.stats.accepted, ref.stats.deferred, ref.stats.verifier_calls)
     assert len(loop._COMPILED) == 3   # draft_token, finish_block, finish_single
+
+
+def test_compiled_fused_backend_pads_ragged_feeds_to_bucket_widths():
+    """A compiled fused backend meets a few feed widths only (1, 2, 4, 8, ...): ragged feeds of
+    token_cascade / BiLD and the verifier's gamma + 1 are padded up; tokens are unchanged."""
+    d, v = tiny_pair(0, noise=0.05)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    fd.compiled = fv.compiled = True   # the compiled path's padding, with the eager step
+    widths = []
+    step = fv._step_fn
+    fv._step_fn = lambda tokens, *a, **k: widths.append(tokens.shape[1]) or step(tokens, *a, **k)
+    for m, a in (("token_cascade", 0.4), ("bild", 2.0), ("sd", None), ("verifier_only", None)):
+        for T in (0.0, 1.0):
+            kw = dict(method=m, alpha=a, gamma=3, temperature=T, max_new_tokens=14, seed=3, eos_token_id=[])
+            assert sc.generate(fd, fv, PROMPTS, **kw).tokens == sc.generate(d, v, PROMPTS, **kw).tokens, (m, T)
+    assert set(widths) <= {1, 2, 4, 8, 16} and 4 in widths
