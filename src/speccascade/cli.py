@@ -341,8 +341,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights' dtype (bfloat16 on a GPU)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor-parallel verifier over N GPUs: launch with torchrun --nproc-per-node N (docs: "
-                        "speccascade.distributed)")
+                   help="tensor-parallel verifier over N GPUs: launch with torchrun --nproc-per-node N "
+                        "(docs/scale-out.md; --backend dynamic only)")
     p.add_argument("--backend", default="dynamic", choices=BACKENDS,
                    help="fused = Llama-family models with the whole speculative block captured as one CUDA "
                         "graph (the GPU fast path; eager on a CPU); auto = fused where it applies; compiled / "
@@ -427,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
     s.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="spread the cells over N worker processes (cuda:i each with --device cuda), merged into "
-                        "--out (speccascade.eval.parallel)")
+                   help="spread the cells over N worker processes (cuda:i each with --device cuda; on a CPU each "
+                        "with --threads threads), merged into --out (docs/scale-out.md)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_sweep)
 

@@ -294,9 +294,10 @@ def run_parallel_sweep(load: dict, task: tuple, config: SweepConfig, out: Path, 
                                f"{the_task.describe()}; give at most {available}")
     n_examples = config.n_examples or available
     devices = worker_devices(load.get("device", "cpu"), workers)
-    if devices[0] == "cpu" and threads and workers * threads > (os.cpu_count() or 1):
-        note = (f"{workers} workers x {threads} threads is more than this machine's {os.cpu_count()} cores: "
-                f"the workers' timings include each other's contention")
+    if devices[0] == "cpu" and workers > 1 and (not threads or workers * threads > (os.cpu_count() or 1)):
+        each = f"{threads} threads" if threads else "torch's default threads (all cores)"
+        note = (f"{workers} workers x {each} is more than this machine's {os.cpu_count()} cores: the workers' "
+                f"timings include each other's contention (give --threads so that workers x threads <= cores)")
         notes.append(note)
         print(f"speccascade: note: {note}", file=sys.stderr)
     grid = config.cells()

@@ -8,8 +8,8 @@ measured in the same sweep file (that cell always runs first). A record is appen
 as soon as its cell finishes; on restart, cells already in the file are skipped, so an
 interrupted sweep loses at most the cell in flight and never repeats one. A torn last line (a
 writer killed mid-write) is cut off before anything is appended; a file written with other
-settings (task, examples, max_new_tokens, backend, dtype, device) or weights is refused, never
-silently extended; the whole grid (every alpha) is validated before the first cell runs.
+settings (task, examples, max_new_tokens, backend, dtype, device, tensor-parallel degree ``tp``) or
+weights is refused, never silently extended; the whole grid (every alpha) is validated before the first cell runs.
 
 Each record carries a reproducibility ``signature`` (models, task, method, alpha, gamma, T, seed,
 library and torch versions, device); ``type: "costs"`` records hold the per-call costs of the
@@ -460,7 +460,8 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
     base_sig = {"drafter": model_id(drafter, names[0]), "verifier": model_id(verifier, names[1]),
                 "task": task.describe(), "examples": len(examples), "examples_sha1": ex_hash,
                 "speccascade": __version__, "torch": torch.__version__, "device": device_name(device),
-                "max_new_tokens": config.max_new_tokens, "backend": backend, "tp": getattr(verifier, "tp_size", None) or 1,
+                "max_new_tokens": config.max_new_tokens, "backend": backend,
+                "tp": getattr(verifier, "tp_size", None) or 1,  # --tp: the verifier's tensor-parallel degree
                 "dtype": str(next(verifier.parameters()).dtype).removeprefix("torch.")}
     check_context(drafter, verifier, tokenizer, task, examples, config)
     d_be, v_be = make_backend(drafter, "drafter", backend), make_backend(verifier, "verifier", backend)
