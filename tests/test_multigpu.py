@@ -184,6 +184,10 @@ def test_workers_bad_input(tmp_path, capsys):
                             (["--workers", "2", "--tp", "2"], "--workers and --tp do not combine yet")):
         assert main(sweep + extra) == 2, extra
         assert fragment in capsys.readouterr().err, extra
+    with pytest.MonkeyPatch.context() as mp:  # under torchrun, each rank would start N workers
+        mp.setenv("WORLD_SIZE", "2")
+        assert main([*sweep, "--workers", "2"]) == 2
+        assert "starts its own worker processes: run it without torchrun" in capsys.readouterr().err
     assert not (tmp_path / "s.jsonl").exists() and not parts_dir(tmp_path / "s.jsonl").exists()
 
 

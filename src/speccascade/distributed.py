@@ -150,6 +150,10 @@ def sweep_scaled_out(args, cfg, task, load_pair) -> int:
     if workers > 1:
         from .eval.parallel import run_parallel_sweep
 
+        if world()[2] > 1:
+            raise SpecCascadeError(f"sweep --workers {workers} starts its own worker processes: run it without "
+                                   f"torchrun (torchrun is for --tp)")
+
         load = {k: getattr(args, k) for k in ("drafter", "verifier", "tokenizer", "pair", "device", "dtype")}
         records = run_parallel_sweep(load, (args.task, args.task_file, args.metric), cfg, args.out, workers,
                                      threads=args.threads, backend=args.backend, progress=not args.quiet)
