@@ -255,7 +255,8 @@ def section_deep(rec, args, save):
             per_block = (args.gamma + 1) * costs["drafter_step_s"] + costs["scoring_call_s"]
             predicted = sd["tokens_per_verifier_call"] * (1 / alone["tokens_per_s"]) / per_block
             realised = sd["tokens_per_s"] / alone["tokens_per_s"]
-            row["sd_speedup"] = {"realised": realised, "predicted": predicted, "realised_over_predicted": realised / predicted}
+            row["sd_speedup"] = {"realised": realised, "predicted": predicted,
+                                 "realised_over_predicted": realised / predicted}
         print("deep costs", T, costs, row.get("sd_speedup"), flush=True)
         save()
 
@@ -367,7 +368,8 @@ def section_hf(rec, args, save):
         save()
     fd, fv = FusedLlamaBackend(d, "drafter", compile=True), FusedLlamaBackend(v, "verifier", compile=True)
     for label, (bd, bv) in (("fused", (fd, fv)),
-                            ("graphs", (make_backend(d, "drafter", "graphs", 2048), make_backend(v, "verifier", "graphs", 2048)))):
+                            ("graphs", (make_backend(d, "drafter", "graphs", 2048),
+                                        make_backend(v, "verifier", "graphs", 2048)))):
         for m in ("verifier_only", "sd"):
             try:
                 out[f"{label}/{m}"] = decode_rate(bd, bv, [p] * 5, m, 0.0, None, args.gamma, n, eos=None)
@@ -386,7 +388,8 @@ def section_batch(rec, args, save):
         row = out.setdefault(str(B), {})
         for m, a in (("verifier_only", None), ("sd", None), ("token_v3", 0.5)):
             try:
-                kw = dict(method=m, alpha=a, gamma=args.gamma, temperature=1.0, max_new_tokens=args.max_new, eos_token_id=None)
+                kw = dict(method=m, alpha=a, gamma=args.gamma, temperature=1.0, max_new_tokens=args.max_new,
+                          eos_token_id=None)
                 sc.generate(fd, fv, batch, seed=0, **kw)
                 sc.generate(fd, fv, batch, seed=0, **kw)
                 walls = [sc.generate(fd, fv, batch, seed=s, **kw).stats.wall_time_s for s in range(3)]

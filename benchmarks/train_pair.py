@@ -26,10 +26,9 @@ from speccascade.data.bible import load_split  # noqa: E402
 from speccascade.eval.agreement import teacher_forced_agreement  # noqa: E402
 from speccascade.eval.metrics import signatures  # noqa: E402
 from speccascade.eval.translation import score, translate  # noqa: E402
+from speccascade.models.loading import TOKENIZER_DIR as TOKENIZER  # noqa: E402
 from speccascade.train.tokenizer import encode_prompt, encode_target, load_tokenizer  # noqa: E402
 from speccascade.train.trainer import train  # noqa: E402
-
-from speccascade.models.loading import TOKENIZER_DIR as TOKENIZER  # noqa: E402
 
 
 def main() -> None:

@@ -100,7 +100,8 @@ def test_report_cli_what_if_and_its_bad_input(tmp_path, capsys):
 
 def test_a_method_swept_with_two_option_sets_gets_two_curves():
     records = [rec("verifier_only", None, 1.0, 20.0), rec("seq_cascade", 0.5, 1.1, 20.0),
-               rec("seq_cascade", 0.5, 0.5, 21.0) | {"options": {"length_normalized": True}}, rec("opt", 0.0, 0.6, 18.0)]
+               rec("seq_cascade", 0.5, 0.5, 21.0) | {"options": {"length_normalized": True}},
+               rec("opt", 0.0, 0.6, 18.0)]
     methods = summarize(records, "bleu")["T=1 gamma=5 batch=1"]["methods"]
     assert set(methods) == {"verifier_only", "seq_cascade", "seq_cascade [length_normalized=True]", "opt"}
     assert methods["seq_cascade [length_normalized=True]"]["best_quality_within_verifier_latency"] == 21.0

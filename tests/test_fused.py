@@ -18,6 +18,7 @@ import speccascade as sc
 from speccascade import runner
 from speccascade.errors import SpecCascadeError
 from speccascade.models import FusedLlamaBackend, UnsupportedModel, make_backend
+
 from tiny_models import tiny_llama, tiny_pair
 
 
@@ -52,7 +53,7 @@ def test_fused_logits_match_transformers_after_ragged_extend_commit(make):
     be.reserve(3, 80)
     be.reset(ids, mask)
     seqs = [list(p[:-1]) for p in prompts]
-    for step in range(12):
+    for _ in range(12):
         k = int(torch.randint(1, 5, (1,), generator=g))
         tokens = torch.randint(3, 48, (3, k), generator=g)
         lengths = torch.randint(1, k + 1, (3,), generator=g)
@@ -103,7 +104,8 @@ def test_greedy_sd_equals_verifier_only_and_transformers_generate():
     d, v = tiny_pair(1, noise=0.3)
     fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
     prompt = [5, 6, 7, 8]
-    sd = sc.generate(fd, fv, [prompt], method="sd", gamma=4, temperature=0, max_new_tokens=20, eos_token_id=[]).tokens[0]
+    sd = sc.generate(fd, fv, [prompt], method="sd", gamma=4, temperature=0, max_new_tokens=20,
+                     eos_token_id=[]).tokens[0]
     alone = sc.generate(fd, fv, [prompt], method="verifier_only", temperature=0, max_new_tokens=20,
                         eos_token_id=[]).tokens[0]
     hf = v.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, min_new_tokens=20,
@@ -165,7 +167,8 @@ def test_new_alpha_reuses_the_captured_block(simulated_capture):
     fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
     for alpha in (0.1, 0.9):
         ref = sc.generate(d, v, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10, eos_token_id=[])
-        out = sc.generate(fd, fv, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10, eos_token_id=[])
+        out = sc.generate(fd, fv, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10,
+                          eos_token_id=[])
         assert out.tokens == ref.tokens and out.stats.deferred == ref.stats.deferred
     assert len(simulated_capture) == 1
 

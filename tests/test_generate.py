@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import speccascade as sc
+
 from tiny_models import tiny_pair
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]

@@ -10,11 +10,12 @@ machine with ``python -m pytest tests/test_gpu.py``.
 
 import pytest
 import torch
-
-import speccascade as sc
-from reference import algorithm4_law, reference_rule, sampling_dist, softmax
 from test_hf_backend import check_static_matches_dynamic
 from test_loop_law import chi2_pvalue, empirical
+
+import speccascade as sc
+
+from reference import algorithm4_law, reference_rule, sampling_dist, softmax
 from tiny_models import tiny_pair
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from speccascade.models import HFBackend, StaticHFBackend
+
 from tiny_models import tiny_llama
 
 
@@ -24,7 +25,7 @@ def test_ragged_extend_commit_matches_fresh_forward(kind):
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
     be.reset(ids, mask)
     seqs = [list(p[:-1]) for p in prompts]  # what each row's cache holds (the last prompt token is pending)
-    for step in range(12):
+    for _ in range(12):
         k = int(torch.randint(1, 5, (1,), generator=g))
         tokens = torch.randint(3, 48, (3, k), generator=g)
         lengths = torch.randint(1, k + 1, (3,), generator=g)
@@ -63,6 +64,7 @@ def check_static_matches_dynamic(compile: bool, device: str = "cpu", factory=Non
     StaticHFBackend)."""
     import speccascade as sc
     from speccascade.models import StaticHFBackend
+
     from tiny_models import tiny_pair
 
     StaticHFBackend = factory or StaticHFBackend  # noqa: N806 (the backend under test)
@@ -80,7 +82,8 @@ def check_static_matches_dynamic(compile: bool, device: str = "cpu", factory=Non
                        method="sd", temperature=0, gamma=2, max_new_tokens=8).tokens == ref1
     for method, kw in (("token_v3", {"gamma": 3}), ("token_cascade", {}), ("bild", {})):
         dyn = sc.generate(d, v, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw).tokens
-        assert sc.generate(sd_, sv, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw).tokens == dyn
+        out = sc.generate(sd_, sv, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw)
+        assert out.tokens == dyn
 
 
 def test_compiled_static_backend_matches_dynamic():
@@ -163,6 +166,7 @@ def test_reading_flags_one_step_late_changes_nothing():
     method gives the same tokens and the same stats as reading them at once."""
     import speccascade as sc
     from speccascade.loop import StepSync
+
     from tiny_models import tiny_pair
 
     d, v = tiny_pair(0, noise=0.05)
@@ -185,6 +189,7 @@ def test_timed_backend_measures_share_outside_forwards():
     import speccascade as sc
     from speccascade.models import HFBackend
     from speccascade.models.timing import TimedBackend, outside_share
+
     from tiny_models import tiny_pair
 
     d, v = tiny_pair(0, noise=0.05)

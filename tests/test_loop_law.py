@@ -13,6 +13,7 @@ import torch
 from scipy.stats import chisquare
 
 import speccascade as sc
+
 from reference import algorithm4_law, lossy_law, reference_rule, sampling_dist, sequential_law, softmax
 from tables import TableBackend, make_table, prefix_hash
 
@@ -128,7 +129,8 @@ def test_lemma3_rejection_rate(name, alpha):
     assert abs(s.rejection_rate - expected) < 5 * sigma + 1e-12
 
 
-@pytest.mark.parametrize("name,alpha,extra", [("oracle_diff", 0.05, {}), ("token_cascade", 0.35, {"max_drafter_run": None})])
+@pytest.mark.parametrize("name,alpha,extra",
+                         [("oracle_diff", 0.05, {}), ("token_cascade", 0.35, {"max_drafter_run": None})])
 def test_sequential_cascade_law(name, alpha, extra):
     rule = {"oracle_diff": "diff", "token_cascade": "chow"}[name]
     drafter, verifier = TableBackend(Q_TABLE, "drafter", 24), TableBackend(P_TABLE, "verifier", 24)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from reference import reference_beta, reference_rule, sampling_dist, softmax
 from speccascade import METHODS
 from speccascade.rules import Dists, opt, solve_lossy_beta, token_v3, total_variation
+
+from reference import reference_beta, reference_rule, sampling_dist, softmax
 
 SPECULATIVE = [m for m, s in METHODS.items() if s.kind == "speculative"]
 ALPHAS = {

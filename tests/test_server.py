@@ -41,6 +41,7 @@ from speccascade.server.app import ServerThread  # noqa: E402
 from speccascade.server.calibration import Calibration, from_records  # noqa: E402
 from speccascade.server.engine import Defaults, Engine  # noqa: E402
 from speccascade.train.tokenizer import EOS, decode, encode_prompt  # noqa: E402
+
 from tiny_models import tiny_pair  # noqa: E402
 
 MODEL = "speccascade-tiny"

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from reference import lossy_law, reference_rule, softmax
 from speccascade import METHODS
 from speccascade.rules import Dists
 from speccascade.verify import acceptance_probs, residual, verify_block
+
+from reference import lossy_law, reference_rule, softmax
 
 SPECULATIVE = [m for m, s in METHODS.items() if s.kind == "speculative"]
 

@@ -13,13 +13,22 @@ import math
 
 import torch
 
-from .loop import (DecodeRequest, DecodeState, StepSync, _compiled, add_block_counters, check_finite, make_dists,
-                   row_counts, start_both)
 from . import runner
-from .runner import run_steps
+from .loop import (
+    DecodeRequest,
+    DecodeState,
+    StepSync,
+    _compiled,
+    add_block_counters,
+    check_finite,
+    make_dists,
+    row_counts,
+    start_both,
+)
 from .models.base import Backend
 from .registry import AlphaRange, register
 from .rules import bild_discrepancy, diff
+from .runner import run_steps
 from .sampling import SamplingConfig, confidence_probs, draw, draw_with, exponential_noise, sampling_probs
 from .stats import Stats
 

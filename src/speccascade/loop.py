@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import runner
 from .models.base import Backend
 from .registry import MethodSpec
 from .rules import Dists
-from . import runner
 from .runner import StepSync, raise_if_nonfinite, run_steps  # noqa: F401  (StepSync, raise_if_nonfinite: re-exported)
 from .sampling import SamplingConfig, confidence_probs, draw_with, exponential_noise, sampling_probs
 from .stats import Stats

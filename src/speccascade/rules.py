@@ -27,7 +27,8 @@ import torch
 from .registry import AlphaRange, register
 
 INF = math.inf
-LENIENCE = AlphaRange(0.0, 1.0, high_open=True, default=0.3, meaning="lenience: 0 = exact SD, towards 1 accepts more drafts")
+LENIENCE = AlphaRange(0.0, 1.0, high_open=True, default=0.3,
+                      meaning="lenience: 0 = exact SD, towards 1 accepts more drafts")
 
 
 @dataclass

@@ -131,7 +131,8 @@ def what_if(records: list[dict], cost_ratio: float, block_cost: float = 1.0) -> 
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise SpecCascadeError(f"what-if {name} must be a finite number > 0, got {v!r}")
     cells = [r for r in records if r.get("type") == "cell"]
-    base = {(r.get("_source"), r["temperature"], r["seed"], r["batch_size"]): _model_cost(r, cost_ratio, 1.0, block_cost)
+    base = {(r.get("_source"), r["temperature"], r["seed"], r["batch_size"]):
+            _model_cost(r, cost_ratio, 1.0, block_cost)
             for r in cells if r["method"] == "verifier_only"}
     out = []
     for r in cells:

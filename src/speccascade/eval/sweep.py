@@ -371,7 +371,8 @@ def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int
             "verifier_block_s": timed(verifier, gamma + 1), "gamma": gamma}
 
 
-def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell, max_new_tokens: int) -> tuple[list[str], Stats]:
+def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell,
+             max_new_tokens: int) -> tuple[list[str], Stats]:
     return run_task(drafter, verifier, tokenizer, task, [ex.input for ex in examples], method=cell.method,
                     alpha=cell.alpha, gamma=cell.gamma, temperature=cell.temperature, batch_size=cell.batch_size,
                     max_new_tokens=max_new_tokens, seed=cell.seed, **dict(cell.options))

@@ -173,7 +173,8 @@ def run_task(drafter, verifier, tokenizer, task: Task, inputs: list[str], *, met
     for k in tqdm(range(0, len(order), batch_size), desc=method, disable=not progress):
         idx = order[k:k + batch_size]
         out = generate(drafter, verifier, [prompts[i] for i in idx], method=method, alpha=alpha, gamma=gamma,
-                       temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=task.eos_token_id(tokenizer),
+                       temperature=temperature, max_new_tokens=max_new_tokens,
+                       eos_token_id=task.eos_token_id(tokenizer),
                        seed=seed * 100_003 + k, **options)
         for i, toks in zip(idx, out.tokens):
             outputs[i] = task.decode(tokenizer, toks)

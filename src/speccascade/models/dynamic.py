@@ -29,7 +29,8 @@ def _new_cache(config):
 class HFBackend:
     def __init__(self, model: torch.nn.Module, name: str = "model"):
         if not hasattr(model, "config") or not callable(getattr(model, "forward", None)):
-            raise SpecCascadeError(f"{name} must be a transformers causal LM (AutoModelForCausalLM), got {type(model).__name__}")
+            raise SpecCascadeError(
+                f"{name} must be a transformers causal LM (AutoModelForCausalLM), got {type(model).__name__}")
         self.model = model.eval()
         self.name = name
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
