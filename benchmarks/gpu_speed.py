@@ -273,7 +273,8 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens,
             print("h2h", T, label, row[label], flush=True)
         res[f"T={T:g}"] = row
         save()
-    # realised vs predicted (PAPER.md 5.7): beta = acceptance per examined draft, c = drafter step / verifier step
+    # realised vs predicted (Leviathan et al. 2023's speed-up model): beta = acceptance per examined draft,
+    # c = drafter step / verifier step
     costs = {}
     for kind in [k for k in kinds if k != "static"]:
         try:

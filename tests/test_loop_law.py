@@ -94,7 +94,8 @@ def test_loop_law_with_temperature_and_top_k(name, temperature, top_k):
 @pytest.mark.parametrize("gamma", [1, 2, 4])
 @pytest.mark.parametrize("name", [m for m in SPECULATIVE if m not in ("lossy", "lossy_tuned")])
 def test_algorithm4_law_is_sequential_pi(name, gamma):
-    """Algorithm 4's guarantee (PAPER.md 3.2): tokens are distributed as sequential draws from pi."""
+    """Algorithm 4's guarantee (arXiv 2405.19261; Leviathan et al. 2023, Thm. 1): tokens are distributed
+    as sequential draws from pi."""
     q_at, p_at, target_at, bonus_at = reference_parts(name, ALPHA[name])
     law = algorithm4_law(q_at, p_at, target_at, bonus_at, gamma=gamma, prompt=PROMPT, n=N_TOKENS)
     seq = sequential_law(target_at, q_at, p_at, PROMPT, N_TOKENS)

@@ -1,4 +1,4 @@
-"""Every rule against its literal definition (reference.py), and the properties PAPER.md pins."""
+"""Every rule against its literal definition (reference.py), and the properties the paper pins."""
 
 import math
 
@@ -56,7 +56,7 @@ def test_rule_matches_reference(name, temperature, top_k):
 
 @pytest.mark.parametrize("name", [m for m in SPECULATIVE if m != "lossy"])
 def test_targets_are_distributions(name):
-    """Every pi but lossy's (beta = 1, unnormalised by design: PAPER.md pitfall 6) sums to 1."""
+    """Every pi but lossy's (beta = 1, unnormalised by design: Table 1 / Lemma 2) sums to 1."""
     for ql, pl in cases(seed=1):
         _, d = to_dists(ql, pl)
         for alpha in ALPHAS[name]:
@@ -86,7 +86,7 @@ def test_lossy_tuned_beta_solves_tran_thien_condition():
 
 
 def test_opt_sign_larger_disagreement_defers_less():
-    """Eq. (10): for alpha > 0, D_TV *raises* the bar for deferral (PAPER.md pitfall 2)."""
+    """Eq. (10): for alpha > 0, D_TV *raises* the bar for deferral (a larger disagreement, less deferral)."""
     q_conf = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     p_conf = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
     close = Dists(q_conf, torch.tensor([0.55, 0.27, 0.18], dtype=torch.float64), q_conf, p_conf)

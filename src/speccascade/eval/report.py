@@ -5,7 +5,7 @@ Reads records only (never models). For each (temperature, gamma, batch size) gro
 * ``quality_vs_latency_*.png`` / ``quality_vs_rejection_*.png``: one curve per method (points
   sorted by the x value), its Pareto front drawn bold; the verifier's and the drafter's quality as
   dotted reference lines.
-* Table 2 (PAPER.md 6.5): (i) the latency reduction when matching the verifier's quality:
+* Table 2 (arXiv 2405.19261, Section 6, Table 2): (i) the latency reduction when matching the verifier's quality:
   1 / (the smallest relative latency at which the method's Pareto front reaches the verifier's
   quality), found by linear interpolation between the two neighbouring front points that straddle
   that quality ("-" if no point reaches it); (ii) the best quality among measured points whose
@@ -119,7 +119,8 @@ def _model_cost(r: dict, drafter_step: float, verifier_step: float, verifier_blo
 
 def what_if(records: list[dict], cost_ratio: float, block_cost: float = 1.0) -> list[dict]:
     """The cells re-timed by the latency model with assumed per-call costs, in units of one verifier
-    step: a drafter step costs ``cost_ratio`` (c of PAPER.md 5.7), a verifier call on a block of
+    step: a drafter step costs ``cost_ratio`` (c of Leviathan et al. 2023's speed-up model; the paper itself
+    measures wall-clock time and has no cost ratio), a verifier call on a block of
     gamma + 1 tokens ``block_cost`` (about 1 where the verifier is memory-bound). Each cell's
     ``relative_latency`` becomes its predicted cost over the predicted cost of the ``verifier_only``
     cell of the same file, temperature, seed and batch size (counters are the sweep's own; only the

@@ -6,7 +6,7 @@ best checkpoint on 200 validation pairs. The result is an ordinary Hugging Face 
 tokenizer files) plus ``training.json`` (the preset, steps, losses, BLEU, time and device).
 The loss is on the Spanish side only. The best checkpoint by validation loss is written to disk
 at each evaluation, so an interrupted run keeps what it had (early stopping against memorising
-the 30k training pairs, ASSETS.md).
+the 30k training pairs).
 
     speccascade train --preset tiny --role verifier --out models/tiny/verifier --device cuda
 """
