@@ -4,6 +4,9 @@ Writes one JSON record (``--out``) whose top-level ``"summary"`` holds the figur
 quotes, each measured in this run; every section is saved as soon as it is measured, and a
 section that fails records its error and the run goes on.
 
+Run from the repository root (default paths are relative to it), with the package installed:
+``pip install -e .`` (or ``scripts/setup.sh``). For example:
+
     python benchmarks/fastpath.py --out results/gpu/fastpath_H200.json            # everything
     python benchmarks/fastpath.py --out /tmp/f.json --sections tiny,deep --prompts 8
 

@@ -1,7 +1,10 @@
 """GPU speed of the engine (issue 5): bandwidth roofline, head-to-head with transformers, realised vs
 predicted speed-up, batch scaling. Writes one JSON record naming the card.
 
-    PYTHONPATH=src python benchmarks/gpu_speed.py --pair-dir runs/base --out results/gpu/speed.json
+Run from the repository root (default paths are relative to it), with the package installed:
+``pip install -e .`` (or ``scripts/setup.sh``). For example:
+
+    python benchmarks/gpu_speed.py --pair-dir runs/base --out results/gpu/speed.json
 
 Backends: ``dynamic`` (HFBackend: transformers' DynamicCache, eager), ``static`` (StaticHFBackend:
 pre-allocated cache, fixed shapes) and ``static+compile`` (the same under torch.compile with CUDA
@@ -15,17 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-import speccascade as sc  # noqa: E402
-from speccascade.models import GraphHFBackend, HFBackend, StaticHFBackend  # noqa: E402
+import speccascade as sc
+from speccascade.models import GraphHFBackend, HFBackend, StaticHFBackend
 
 DTYPE = torch.bfloat16
 
