@@ -155,8 +155,8 @@ def block_replay_s(entry, reps: int = 50) -> float:
 
 def load_tiny():
     from speccascade.data.bible import load_split
-    from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm
-    from speccascade.train.tokenizer import encode_prompt, load_tokenizer
+    from speccascade.data.prompt import encode_prompt
+    from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 
     d_dir, v_dir = embedded_pair_dirs("tiny")
     d = load_causal_lm(d_dir, device="cuda", dtype=DTYPE)

@@ -377,8 +377,8 @@ def main() -> None:
         setattr(ind, k, type(getattr(ind, k))(int(v)) if isinstance(getattr(ind, k), (bool, int)) else v)
         settings[k] = getattr(ind, k)
     from speccascade.data.bible import load_split
-    from speccascade.models.loading import TOKENIZER_DIR
-    from speccascade.train.tokenizer import encode_prompt, load_tokenizer
+    from speccascade.data.prompt import encode_prompt
+    from speccascade.models.loading import TOKENIZER_DIR, load_tokenizer
 
     tok = load_tokenizer(TOKENIZER_DIR)
     prompts = [encode_prompt(tok, p["en"]) for p in load_split("test")[:64]]

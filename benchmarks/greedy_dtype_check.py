@@ -21,8 +21,8 @@ import torch
 
 import speccascade as sc
 from speccascade.data.bible import load_split
+from speccascade.data.prompt import EOS, encode_prompt
 from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
-from speccascade.train.tokenizer import EOS, encode_prompt
 
 
 def main() -> None:

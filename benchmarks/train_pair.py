@@ -25,7 +25,7 @@ import speccascade
 from speccascade.data.bible import load_split
 from speccascade.eval.agreement import teacher_forced_agreement
 from speccascade.eval.metrics import signatures
-from speccascade.eval.translation import score, translate
+from speccascade.eval.tasks import score_pairs, translate_pairs
 from speccascade.models.loading import TOKENIZER_DIR as TOKENIZER
 from speccascade.train.tokenizer import encode_prompt, encode_target, load_tokenizer
 from speccascade.train.trainer import train
@@ -66,11 +66,11 @@ def main() -> None:
     for role, model in models.items():
         for temperature in (0.0, 1.0):
             t0 = time.perf_counter()
-            hyps, stats = translate(model, model, tok, test, method="verifier_only", temperature=temperature,
-                                    batch_size=args.batch_size)
+            hyps, stats = translate_pairs(model, model, tok, test, method="verifier_only", temperature=temperature,
+                                          batch_size=args.batch_size)
             res = {"seconds": time.perf_counter() - t0, "tokens": stats.emitted, "hypotheses": hyps}
             try:
-                res |= score(hyps, test)
+                res |= score_pairs(hyps, test)
             except ImportError as e:  # scored later from the hypotheses
                 res["error"] = repr(e)
             record["test"][f"{role}_T{temperature:g}"] = res

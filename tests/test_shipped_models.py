@@ -4,8 +4,8 @@ import pytest
 
 import speccascade as sc
 from speccascade.cli import main
+from speccascade.data.prompt import EOS, decode, encode_prompt
 from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
-from speccascade.train.tokenizer import EOS, decode, encode_prompt
 
 
 @pytest.fixture(scope="module")

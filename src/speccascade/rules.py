@@ -187,9 +187,6 @@ def bild_discrepancy(d: Dists) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # speculative cascades with a deferral rule delta(q, p) (Algorithm 5)
 
-_PROB = "a probability threshold"
-
-
 @register("chow", kind="speculative", title="SpecCascade [Chow]", paper="eq. (2), Alg. 5",
           alpha=AlphaRange(0.0, 1.0, default=0.5,
                            meaning="defer when max q < 1 - alpha: 0 = always (SD), 1 = never (drafter)"))

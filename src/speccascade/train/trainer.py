@@ -267,14 +267,14 @@ def validation_bleu(checkpoint: Path, device: torch.device, n_pairs: int = 200) 
     """Greedy BLEU / chrF of the saved (best) checkpoint on the first ``n_pairs`` validation pairs."""
     from transformers import AutoModelForCausalLM
 
-    from ..eval.translation import score, translate
+    from ..eval.tasks import score_pairs, translate_pairs
     from .tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).to(device).eval()
     pairs = load_split("validation")[:n_pairs]
-    hyps, _ = translate(model, model, load_tokenizer(checkpoint), pairs, method="verifier_only", temperature=0.0,
-                        batch_size=100)
-    return score(hyps, pairs) | {"pairs": len(pairs)}
+    hyps, _ = translate_pairs(model, model, load_tokenizer(checkpoint), pairs, method="verifier_only", temperature=0.0,
+                              batch_size=100)
+    return score_pairs(hyps, pairs) | {"pairs": len(pairs)}
 
 
 def save_checkpoint(model, tokenizer, out: Path) -> None:
