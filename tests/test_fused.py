@@ -140,6 +140,7 @@ def test_capacity_is_settled_before_decoding():
         sc.generate(sd_, sv, [[1, 2, 3]], method="sd", gamma=5, temperature=1, max_new_tokens=40, seed=0)
 
 
+@pytest.mark.slow
 def test_compiled_block_arithmetic_matches_eager(simulated_capture, monkeypatch):
     """The arithmetic between model calls, traced by torch.compile (dynamo + AOT autograd, the
     ``aot_eager`` backend: the same graph inductor would compile, without its C++ build), gives the

@@ -14,6 +14,7 @@ from scipy.stats import chisquare
 
 import speccascade as sc
 
+from helpers import chi2_pvalue, empirical
 from reference import algorithm4_law, lossy_law, reference_rule, sampling_dist, sequential_law, softmax
 from tables import TableBackend, make_table, prefix_hash
 
@@ -44,26 +45,6 @@ def reference_parts(name, alpha, temperature=1.0, top_k=0):
     spec = sc.METHODS[name]
     bonus_at = (lambda q, p, pi: p) if spec.bonus_from_verifier else (lambda q, p, pi: pi)
     return q_at, p_at, target_at, bonus_at
-
-
-def empirical(tokens):
-    counts: dict[tuple, int] = {}
-    for t in tokens:
-        counts[tuple(t)] = counts.get(tuple(t), 0) + 1
-    return counts
-
-
-def chi2_pvalue(counts, law, n):
-    keys = sorted(set(law) | set(counts))
-    assert set(counts) <= {k for k in law if law[k] > 0}, "a sequence with probability 0 was generated"
-    exp = np.array([law.get(k, 0.0) * n for k in keys])
-    obs = np.array([counts.get(k, 0) for k in keys], dtype=float)
-    small = exp < 5  # pool sparse cells
-    if small.any():
-        exp = np.append(exp[~small], exp[small].sum())
-        obs = np.append(obs[~small], obs[small].sum())
-    keep = exp > 0
-    return chisquare(obs[keep], exp[keep] * obs.sum() / exp[keep].sum()).pvalue
 
 
 def run(name, gamma, temperature=1.0, top_k=0, seed=0, **kw):
