@@ -256,7 +256,7 @@ def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
     return tokens
 
 
-@register("bild", kind="sequential", title="BiLD (original)", paper="Kim et al. 2023; arXiv 2405.19261 Section 5",
+@register("bild", kind="sequential", title="BiLD (original)", paper="Kim et al. 2023; arXiv 2405.19261 App. E.5",
           alpha=AlphaRange(0.0, math.inf, default=2.0,
                            meaning="rollback threshold: roll back at the first draft with D(q,p) > alpha"),
           extra={"alpha_f": AlphaRange(0.0, 1.0, default=0.5,
