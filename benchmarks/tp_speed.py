@@ -2,7 +2,9 @@
 16 with the verifier whole on one GPU (``--tp 1``) and split over two (``--tp 2``, transformers'
 tensor parallelism, the model's own plan), for a Llama-3.1-8B-shaped verifier with random weights.
 
+    pip install -e .        # speccascade importable (or PYTHONPATH=src)
     torchrun --nproc-per-node 2 benchmarks/tp_speed.py --out results/multigpu/tp_H200.json
+    torchrun --nproc-per-node 2 benchmarks/tp_speed.py --device cpu --tiny --layers 2 --out /tmp/tp.json  # smoke
 
 Rank 0 first measures ``--tp 1`` alone (rank 1 waits), then both ranks load the sharded verifier
 and measure ``--tp 2``; rank 0 writes the record. The drafter (a small Llama of the same vocabulary,
@@ -23,8 +25,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 #: Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json)
 VERIFIER = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
