@@ -91,6 +91,10 @@ def law_pair(cache, kind):
     if kind not in cache:
         vocab, options, src = LAW_MODELS[kind]
         d, v = tiny_seq2seq_pair(kind, seed=1, vocab=vocab, **options)
+        if kind == "t5":  # make the decoder's relative positions matter (a misplaced token changes the law)
+            with torch.no_grad():
+                for m in (d, v):
+                    m.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.mul_(12.0)
         cache[kind] = (d, v, src, decoder_logits(d, src), decoder_logits(v, src))
     return cache[kind]
 
