@@ -177,6 +177,7 @@ def test_every_method_runs_and_stops_at_the_config_eos():
     """Every method of METHODS on a BART pair, sampled, with the API defaults' EOS (the verifier's
     config eos_token_id): rows end at EOS or at max_new_tokens; a seed gives the same output twice."""
     d, v = tiny_seq2seq_pair("bart", noise=0.3, vocab=12, init_std=0.3)
+    stopped = 0
     for name in sc.METHODS:
         kw = dict(method=name, temperature=1.0, max_new_tokens=12, seed=4)
         srcs = [[5, 6, 7], [8, 9, 10, 11, 3], [4]]
@@ -185,6 +186,8 @@ def test_every_method_runs_and_stops_at_the_config_eos():
         assert a.eos_token_id == [v.config.eos_token_id] == [2]
         for t in a.tokens:
             assert 1 <= len(t) <= 12 and (len(t) == 12 or t[-1] == 2) and 2 not in t[:-1], (name, t)
+            stopped += len(t) < 12
+    assert stopped > 0  # some rows did stop at EOS
 
 
 @pytest.mark.parametrize("kind,eos", [("t5", 1), ("bart", 2), ("marian", 0)])
