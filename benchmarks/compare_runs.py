@@ -1,6 +1,6 @@
 """Compare two GPU runs of the base pair (the numbers the README quotes about run 1 vs run 2).
 
-    python benchmarks/compare_runs.py sweeps "results/sweep_base_gpu/worker*.jsonl" \
+    python benchmarks/compare_runs.py sweeps "results/archive/sweep_base_gpu_run1/worker*.jsonl" \
         "results/sweep_base_gpu_b/worker*.jsonl" --out results/sweep_base_gpu_b/compare_run1.json
     python benchmarks/compare_runs.py pairs NEW_PAIR_JSON results/pairs/base_test_hypotheses.json.gz \
         --out results/sweep_base_gpu_b/pair_reproduction.json

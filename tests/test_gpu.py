@@ -65,8 +65,12 @@ def compiled_pair(request):
 @pytest.mark.parametrize("name,alpha", [("sd", None), ("token_v3", 0.5), ("lossy_tuned", 0.4), ("chow", 0.35),
                                         ("bild_star", 1.2)])
 def test_compiled_loop_law_on_gpu(name, alpha, compiled_pair):
-    d, v, bd, bv = compiled_pair
-    gamma = 3
+    check_loop_law(name, alpha, *compiled_pair)
+
+
+def check_loop_law(name, alpha, d, v, bd, bv, gamma=3):
+    """20,000 rows of ``name`` through backends ``bd`` / ``bv`` of models ``d`` / ``v``: the law of
+    the first tokens against Algorithm 4's law enumerated from fresh forward passes (chi-square)."""
     out = sc.generate(bd, bv, torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha, gamma=gamma,
                       max_new_tokens=N_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
     lq, lp = fresh_logits(d), fresh_logits(v)
@@ -99,19 +103,9 @@ def test_captured_block_law_on_gpu(name, alpha, compile):
     ``compile``: the models and the block's arithmetic torch.compile'd, prompts pre-filled by graphs."""
     from speccascade import runner
 
-    d, v, fd, fv = fused_pair(compile=compile)
-    gamma = 3
-    out = sc.generate(fd, fv, torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha, gamma=gamma,
-                      max_new_tokens=N_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
-    assert runner.graph_cache(fv), "the block was not captured"
-    lq, lp = fresh_logits(d), fresh_logits(v)
-    spec = sc.METHODS[name]
-    law = algorithm4_law(lambda pre: sampling_dist(lq(pre)), lambda pre: sampling_dist(lp(pre)),
-                         lambda q, p, pre: reference_rule(name, q, p, softmax(lq(pre)), softmax(lp(pre)), alpha)[0],
-                         (lambda q, p, pi: p) if spec.bonus_from_verifier else (lambda q, p, pi: pi),
-                         gamma=gamma, prompt=PROMPT, n=N_TOKENS)
-    assert all(len(t) == N_TOKENS for t in out.tokens)
-    assert chi2_pvalue(empirical(out.tokens), law, N_ROWS) > LEVEL
+    pair = fused_pair(compile=compile)
+    check_loop_law(name, alpha, *pair)
+    assert runner.graph_cache(pair[3]), "the block was not captured"
 
 
 def test_captured_single_model_law_on_gpu():

@@ -13,15 +13,24 @@ def fresh_logits(model, seq):
         return model(torch.tensor([seq])).logits[0, -1].float()
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "static"])
-def test_ragged_extend_commit_matches_fresh_forward(kind):
-    model = tiny_llama(0)
-    be = HFBackend(model, "verifier") if kind == "dynamic" else StaticHFBackend(model, "verifier", 256)
+@pytest.mark.parametrize("kind,arch", [("dynamic", "llama"), ("static", "llama"), ("fused", "llama"),
+                                       ("fused", "qwen2")])
+def test_ragged_extend_commit_matches_fresh_forward(kind, arch):
+    """After random ragged feeds and commits, every backend's logits equal a fresh forward over each
+    row's sequence (the fused backend: our own Llama-family step, GQA, and Qwen2's q/k/v biases)."""
+    from speccascade.models import FusedLlamaBackend
+    from tiny_models import tiny_qwen2
+
+    model = tiny_llama(0) if arch == "llama" else tiny_qwen2(0)
+    be = {"dynamic": lambda: HFBackend(model, "verifier"), "static": lambda: StaticHFBackend(model, "verifier", 256),
+          "fused": lambda: FusedLlamaBackend(model, "verifier")}[kind]()
     g = torch.Generator().manual_seed(0)
     prompts = [[5, 6, 7, 8, 9], [11, 12], [13]]
     L = max(map(len, prompts))
     ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    if kind == "fused":
+        be.reserve(3, 80)
     be.reset(ids, mask)
     seqs = [list(p[:-1]) for p in prompts]  # what each row's cache holds (the last prompt token is pending)
     for step in range(12):
@@ -40,6 +49,8 @@ def test_ragged_extend_commit_matches_fresh_forward(kind):
             seqs[b] = seqs[b] + tokens[b, :int(n_keep[b])].tolist()
     if kind == "dynamic":  # after all commits the cache holds no slot that no row uses
         assert be.valid.any(0).all()
+    if kind == "fused":   # the position counts are each row's sequence length
+        assert be.n_pos.tolist() == [len(s) for s in seqs]
 
 
 def test_batch_one_rollback_is_exact_crop():

@@ -342,6 +342,8 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
     d, v = as_backend(drafter, "drafter"), as_backend(verifier, "verifier")
     seq2seq = _check_architectures(d, v, drafter, verifier)
     ids, mask = as_batch(input_ids, attention_mask, encoder=seq2seq)
+    if row_alpha is not None and len(row_alpha) != ids.shape[0]:
+        raise SpecCascadeError(f"alpha has {len(row_alpha)} values for {ids.shape[0]} rows of input_ids: give one per row")
     _check_models(d, v, ids, mask, max_new_tokens, gamma)
     eos = resolve_eos_token_id(eos_token_id, verifier, min(d.vocab_size, v.vocab_size))
     if generator is None:
@@ -415,8 +417,6 @@ def _split_alpha(spec, method: str, alpha):
 
 
 def _row_alpha_tensor(values: list[float], rows: int, device) -> torch.Tensor:
-    if len(values) != rows:
-        raise SpecCascadeError(f"alpha has {len(values)} values for {rows} rows of input_ids: give one per row")
     return torch.tensor(values, dtype=torch.float64, device=device)  # [B]
 
 

@@ -125,13 +125,19 @@ def token_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_
                   generator, stats, progress=None, max_drafter_run: int | None = MAX_DRAFTER_RUN, streamer=None, **_):
     """Algorithm 2 with Chow's rule (eq. 2). The verifier is called only on deferral, and then
     first catches up on the tokens it has not seen; after ``max_drafter_run`` drafter tokens in a
-    row a deferral is forced (App. E.1; ``None`` switches the cap off)."""
+    row a deferral is forced (App. E.1; ``None`` switches the cap off).
+
+    Host reads: one per token (``defer.any()``): the verifier is called only when some row defers,
+    which is the method's cost model (Algorithm 2); calling it unconditionally would remove the
+    read but cost a verifier call per token, so this loop is not captured as a graph. The
+    deferral count stays on the device until the end."""
     device = drafter.device
     B = input_ids.shape[0]
     pending, emitter = start_both(drafter, verifier, input_ids, attention_mask, stats, max_new_tokens, eos_token_id, 1)
     lag = torch.zeros(B, max_new_tokens + 1, dtype=torch.long, device=device)  # tokens the verifier lacks
     lag[:, 0] = pending
     lag_len = _ones(B, device)
+    deferred = torch.zeros((), dtype=torch.long, device=device)
     run = torch.zeros(B, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)
     one = _ones(B, device)
@@ -160,7 +166,7 @@ def token_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_
             flags.append(torch.zeros((), dtype=torch.bool, device=device))
         token = draw(probs, generator)
         kept = emitter.emit(token.unsqueeze(1), one)
-        stats.deferred += int((defer & (kept > 0)).sum())
+        deferred += (defer & (kept > 0)).sum()
         # the verifier now lacks only the new token (deferred rows) or one more token (others)
         lag[rows, torch.where(defer, 0, lag_len)] = token
         lag_len = torch.where(defer, 1, lag_len + 1)
@@ -170,6 +176,7 @@ def token_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_
             streamer(emitter)
         if sync.end_step(emitter.done, flags, kept):
             break
+    stats.deferred += int(deferred)
     tokens = emitter.tokens()
     stats.emitted += sum(len(t) for t in tokens)
     return tokens
@@ -209,11 +216,13 @@ def seq_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
                            meaning="defer when max q < max p - alpha (both models run every step)"))
 def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_tokens, eos_token_id,
                 generator, stats, progress=None, streamer=None, **_):
-    """Algorithm 3: both q_t and p_t are computed at every step; sample from p_t if Diff defers."""
+    """Algorithm 3: both q_t and p_t are computed at every step; sample from p_t if Diff defers.
+    No host read but the step's flags (one step late on a GPU)."""
     device = drafter.device
     B = input_ids.shape[0]
     pending, emitter = start_both(drafter, verifier, input_ids, attention_mask, stats, max_new_tokens, eos_token_id, 1)
     one = _ones(B, device)
+    deferred = torch.zeros((), dtype=torch.long, device=device)
     sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator)
     while True:
         active = ~emitter.done
@@ -226,12 +235,13 @@ def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
         target = diff(make_dists(q_logits, p_logits, cfg), alpha)
         token = draw(target.pi, generator)
         kept = emitter.emit(token.unsqueeze(1), one)
-        stats.deferred += int((target.defer.squeeze(-1) & (kept > 0)).sum())
+        deferred += (target.defer.squeeze(-1) & (kept > 0)).sum()
         pending = token
         if streamer is not None:  # streaming hook (speccascade.streaming)
             streamer(emitter)
         if sync.end_step(emitter.done, [check_finite(q_logits, active), check_finite(p_logits, active)], kept):
             break
+    stats.deferred += int(deferred)
     tokens = emitter.tokens()
     stats.emitted += sum(len(t) for t in tokens)
     return tokens
@@ -249,7 +259,10 @@ def bild(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_token
     """Original BiLD. *Fallback*: the drafter drafts until max q < 1 - alpha_f or
     ``max_drafter_run`` drafts. *Rollback*: one verifier call scores the drafts; the first draft
     with D(q, p) > alpha is replaced by a draw from p and the rest dropped (deterministic, no
-    coin); if none, the token after the drafts is drawn from p."""
+    coin); if none, the token after the drafts is drawn from p.
+
+    Host reads: one per drafted token (``drafting.any()``, the fallback window's data-dependent
+    length) and one per window (its longest draft): the window cannot be a fixed-shape graph."""
     device = drafter.device
     B = input_ids.shape[0]
     window = max_drafter_run if max_drafter_run is not None else max_new_tokens
