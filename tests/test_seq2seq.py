@@ -258,6 +258,9 @@ def test_mixed_architectures_are_refused():
 def test_mismatched_vocabularies_are_refused():
     with pytest.raises(SpecCascadeError, match="vocabularies differ"):
         sc.generate(tiny_seq2seq("t5", vocab=40), tiny_seq2seq("t5", vocab=48), [[5, 6]], method="sd")
+    d, v = tiny_seq2seq_pair("t5")
+    with pytest.raises(SpecCascadeError, match=r"token id 48, outside the vocabulary \[0, 48\)"):
+        sc.generate(d, v, [[5, 48]], method="sd")
 
 
 def test_empty_encoder_input_is_refused():

@@ -274,7 +274,7 @@ def _check_models(drafter: Backend, verifier: Backend, ids, mask, max_new_tokens
     if torch.device(drafter.device) != torch.device(verifier.device):
         raise DeviceError(f"the drafter is on {drafter.device} and the verifier on {verifier.device}; put both "
                           f"models on one device (e.g. model.to('{verifier.device}'))")
-    vocab = min(drafter.vocab_size, verifier.vocab_size)
+    vocab = min(getattr(m, "source_vocab_size", m.vocab_size) for m in (drafter, verifier))  # encoder's, if any
     real = ids[mask.bool()]
     if int(real.max()) >= vocab or int(real.min()) < 0:
         bad = int(real.max()) if int(real.max()) >= vocab else int(real.min())

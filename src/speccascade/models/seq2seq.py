@@ -44,6 +44,8 @@ class Seq2SeqBackend:
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.vocab_size = int(out.weight.shape[0]) if out is not None else int(cfg.vocab_size)
         self.device = next(model.parameters()).device
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.source_vocab_size = int(emb.num_embeddings) if emb is not None else self.vocab_size  # the encoder's ids
         gen = getattr(model, "generation_config", None)
         start = getattr(gen, "decoder_start_token_id", None)
         start = getattr(cfg, "decoder_start_token_id", None) if start is None else start
