@@ -5,7 +5,16 @@
 ``--roles ""`` evaluates a pair trained earlier (``OUT/drafter``, ``OUT/verifier``).
 Writes ``OUT/drafter``, ``OUT/verifier`` (Hugging Face checkpoints) and ``OUT/pair.json``: the
 training logs, BLEU / chrF of each model (greedy and T = 1) on the test split, and the
-teacher-forced SD acceptance and top-1 agreement of the pair.
+teacher-forced SD acceptance and top-1 agreement of the pair; flat keys ``verifier_params``,
+``drafter_params``, ``{role}_test_bleu_greedy``, ``{role}_test_bleu_T1``, ``sd_acceptance_T1``.
+
+The deep pair (a distilled 1-layer drafter for a 30-layer verifier), one command per step:
+
+    speccascade train --preset deep --role verifier --out runs/deep/verifier --device cuda
+    speccascade distill --verifier runs/deep/verifier --out runs/deep/distill.jsonl.gz \
+        --device cuda --dtype bfloat16 --backend fused
+    python benchmarks/train_pair.py --preset deep --roles drafter --out runs/deep \
+        --drafter-train-file runs/deep/distill.jsonl.gz
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None, help="training time cap per model")
     ap.add_argument("--test-pairs", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--drafter-train-file", type=Path, default=None,
+                    help="train the drafter on these rows (e.g. `speccascade distill` output) instead of the split")
     args = ap.parse_args()
     try:
         sigs = signatures()
@@ -56,7 +67,8 @@ def main() -> None:
             record["training"][role] = json.loads((args.out / role / "training.json").read_text())
             continue
         record["training"][role] = train(args.preset, role, args.out / role, TOKENIZER, device=args.device,
-                                         epochs=args.epochs, max_minutes=args.minutes, progress=False)
+                                         epochs=args.epochs, max_minutes=args.minutes, progress=False,
+                                         train_file=args.drafter_train_file if role == "drafter" else None)
         print(role, {k: record["training"][role][k] for k in ("params", "steps", "train_seconds", "best")}, flush=True)
     from transformers import AutoModelForCausalLM
 
@@ -82,6 +94,12 @@ def main() -> None:
         seqs.append((src + encode_target(tok, p["es"]), len(src)))
     record["agreement"] = teacher_forced_agreement(models["drafter"], models["verifier"], seqs)
     print(record["agreement"], flush=True)
+    # the headline figures of a pair, flat
+    record.update({f"{r}_params": sum(p.numel() for p in m.parameters()) for r, m in models.items()})
+    for role in ("drafter", "verifier"):
+        for t, name in ((0.0, "greedy"), (1.0, "T1")):
+            record[f"{role}_test_bleu_{name}"] = record["test"][f"{role}_T{t:g}"].get("bleu")
+    record["sd_acceptance_T1"] = record["agreement"]["sd_acceptance_T1"]
     (args.out / "pair.json").write_text(json.dumps(record, indent=2))
 
 

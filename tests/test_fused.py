@@ -157,3 +157,19 @@ def test_compiled_block_arithmetic_matches_eager(simulated_capture, monkeypatch)
         assert (out.stats.accepted, out.stats.deferred, out.stats.verifier_calls) == \
             (ref.stats.accepted, ref.stats.deferred, ref.stats.verifier_calls)
     assert len(loop._COMPILED) == 3   # draft_token, finish_block, finish_single
+
+
+def test_compiled_fused_backend_pads_ragged_feeds_to_bucket_widths():
+    """A compiled fused backend meets a few feed widths only (1, 2, 4, 8, ...): ragged feeds of
+    token_cascade / BiLD and the verifier's gamma + 1 are padded up; tokens are unchanged."""
+    d, v = tiny_pair(0, noise=0.05)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    fd.compiled = fv.compiled = True   # the compiled path's padding, with the eager step
+    widths = []
+    step = fv._step_fn
+    fv._step_fn = lambda tokens, *a, **k: widths.append(tokens.shape[1]) or step(tokens, *a, **k)
+    for m, a in (("token_cascade", 0.4), ("bild", 2.0), ("sd", None), ("verifier_only", None)):
+        for T in (0.0, 1.0):
+            kw = dict(method=m, alpha=a, gamma=3, temperature=T, max_new_tokens=14, seed=3, eos_token_id=[])
+            assert sc.generate(fd, fv, PROMPTS, **kw).tokens == sc.generate(d, v, PROMPTS, **kw).tokens, (m, T)
+    assert set(widths) <= {1, 2, 4, 8, 16} and 4 in widths

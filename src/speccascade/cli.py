@@ -138,8 +138,26 @@ def _train(args) -> int:
     for role in roles:
         out = args.out / role if args.role == "both" else args.out
         log = train(args.preset, role, out, Path(tok_dir), device=args.device, seed=args.seed,
-                    epochs=args.epochs, max_minutes=args.minutes)
+                    epochs=args.epochs, max_minutes=args.minutes, train_file=args.train_file)
         print(json.dumps({k: log.get(k) for k in ("preset", "role", "params", "steps", "train_seconds", "best")}))
+    return 0
+
+
+def _distill(args) -> int:
+    from .models import make_backend
+    from .models.loading import load_causal_lm, load_tokenizer
+    from .train.distill import distill
+
+    if args.limit is not None and args.limit < 1:
+        raise SpecCascadeError(f"--limit must be >= 1, got {args.limit}")
+    dtype = getattr(__import__("torch"), args.dtype)
+    model = load_causal_lm(args.verifier, device=args.device, dtype=dtype)
+    backend = make_backend(model, "verifier", args.backend) if args.backend != "dynamic" else model
+    summary = distill(backend, load_tokenizer(args.tokenizer or args.verifier), args.out,
+                      temperatures=args.temperatures, limit=args.limit, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, with_references=args.with_references,
+                      progress=not args.quiet)
+    print(json.dumps(summary))
     return 0
 
 
@@ -306,9 +324,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights' dtype (bfloat16 on a GPU)")
     p.add_argument("--backend", default="dynamic", choices=BACKENDS,
-                   help="compiled = static cache + torch.compile / CUDA graphs; graphs = static cache + "
-                        "hand-captured CUDA graphs (a CUDA GPU; faster on small models). Both compile first, "
-                        "so they pay off over long or repeated generation")
+                   help="fused = Llama-family models with the whole speculative block captured as one CUDA "
+                        "graph (the GPU fast path; eager on a CPU); auto = fused where it applies; compiled / "
+                        "graphs = transformers' static cache with per-call CUDA graphs. The GPU paths compile "
+                        "and capture first, so they pay off over long or repeated generation")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -400,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_report)
 
     t = sub.add_parser("train", help="train a preset's drafter and/or verifier on the Bible EN->ES pairs")
-    t.add_argument("--preset", default="tiny", choices=["tiny", "base", "base_deep", "base_wide"])
+    t.add_argument("--preset", default="tiny", choices=["tiny", "base", "base_deep", "base_wide", "deep"])
     t.add_argument("--role", default="both", choices=["drafter", "verifier", "both"])
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: the shipped one)")
@@ -408,7 +427,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--epochs", type=float, default=None)
     t.add_argument("--minutes", type=float, default=None, help="wall-clock cap per model")
+    t.add_argument("--train-file", type=Path, default=None,
+                   help="JSONL rows {en, es} to train on instead of the training split (`speccascade distill`)")
     t.set_defaults(fn=_train)
+
+    x = sub.add_parser("distill", help="write a verifier's own translations of the training sources (for a drafter)")
+    x.add_argument("--verifier", type=Path, required=True, help="the verifier's checkpoint directory")
+    x.add_argument("--out", type=Path, required=True, help="JSONL file to write (.gz: gzip)")
+    x.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    x.add_argument("--limit", type=int, default=None, help="only the first N training sources")
+    x.add_argument("--with-references", action="store_true", help="write the reference pairs too")
+    x.add_argument("--batch-size", type=int, default=256)
+    x.add_argument("--max-new-tokens", type=int, default=200)
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: the verifier's)")
+    _model_args(x)
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(fn=_distill)
     return ap
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SpecCascadeError
+from .static import bucket
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 
@@ -164,16 +165,21 @@ class FusedLlamaBackend:
     def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         tokens = tokens.to(self.device)
         B, k = tokens.shape
-        offsets = self.ar[:k].unsqueeze(0)                                            # [1, k]
-        positions = self.n_pos.unsqueeze(1) + offsets                                 # [B, k]
+        width = bucket(k) if self.compiled else k   # compiled: a few feed widths (ragged feeds pad up)
+        if width > k:
+            tokens = F.pad(tokens, (0, width - k))
+            if lengths is None:
+                lengths = torch.full((B,), k, dtype=torch.long, device=self.device)
+        offsets = self.ar[:width].unsqueeze(0)                                        # [1, width]
+        positions = self.n_pos.unsqueeze(1) + offsets                                 # [B, width]
         if lengths is None:
             valid = None
             self.n_pos.add_(k)
         else:
             lengths = lengths.to(self.device)
-            valid = offsets < lengths.unsqueeze(1)                                    # [B, k]
+            valid = offsets < lengths.unsqueeze(1)                                    # [B, width]
             self.n_pos.add_(lengths)
-        return self._forward(tokens, positions, valid)
+        return self._forward(tokens, positions, valid)[:, :k]
 
     @torch.no_grad()
     def commit(self, n_keep: torch.Tensor) -> None:

@@ -66,6 +66,15 @@ PRESETS: dict[str, dict[str, Recipe]] = {
                                      dropout=0.3, label_smoothing=0.1, max_minutes=7.0)},
     "base_wide": {"verifier": Recipe(Shape(768, 12, 12, 4, 2048), epochs=30, lr=6e-4, attention_dropout=0.1,
                                      dropout=0.3, label_smoothing=0.1, max_minutes=7.0)},
+    # a pair with room for speculation to pay: a verifier of a real small LM's shape (SmolLM2-135M's
+    # 30 layers x 576, GQA 9/3 heads; 111M parameters with this vocabulary), regularised like base,
+    # and a 1-layer drafter meant to be trained on the verifier's own translations
+    # (`speccascade distill`, then `train --train-file`), so that it learns the verifier, not the task
+    "deep": {
+        "drafter": Recipe(Shape(384, 1, 6, 2, 1024), epochs=12, lr=2e-3, label_smoothing=0.0, max_minutes=5.0),
+        "verifier": Recipe(Shape(576, 30, 9, 3, 1536), epochs=30, lr=6e-4, attention_dropout=0.1, dropout=0.3,
+                           label_smoothing=0.1, max_minutes=10.0),
+    },
 }
 MAX_POSITIONS = 512
 MAX_PAIR_TOKENS = 320
@@ -174,10 +183,12 @@ def check_train_args(preset: str, role: str, epochs: float | None = None, max_mi
 
 def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = "cpu", seed: int = 0,
           epochs: float | None = None, max_minutes: float | None = None, progress: bool = True,
-          bleu_pairs: int = 200) -> dict:
+          bleu_pairs: int = 200, train_file: Path | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, a usable checkpoint is saved: when no evaluation fell inside
-    ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None)."""
+    ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
+    ``train_file``: JSONL rows ``{"en", "es"}`` to train on instead of the training split (e.g. a
+    verifier's own translations, :mod:`.distill`); validation stays on the validation split."""
     from tqdm.auto import tqdm
 
     from ..models.loading import check_device
@@ -191,7 +202,12 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = ensure_tokenizer(tokenizer_dir)
-    train_data = encode_pairs(tokenizer, load_split("train"))
+    if train_file is not None:
+        from .distill import read_pairs
+
+        train_data = encode_pairs(tokenizer, read_pairs(train_file))
+    else:
+        train_data = encode_pairs(tokenizer, load_split("train"))
     val_data = encode_pairs(tokenizer, load_split("validation"))
     model = build_model(recipe.shape, len(tokenizer), recipe.attention_dropout).to(dev)
     add_dropout(model, recipe.dropout)
@@ -215,7 +231,8 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
         raise SpecCascadeError(f"cannot create the output folder {str(out)!r}: {e.strerror or e}") from None
     log = {"preset": preset, "role": role, "params": n_params, "recipe": asdict(recipe), "epochs": epochs,
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "seed": seed,
-           "train_pairs": len(train_data), "validation_pairs": len(val_data), "evals": []}
+           "train_pairs": len(train_data), "validation_pairs": len(val_data), "evals": [],
+           "train_file": None if train_file is None else str(train_file)}
     best, start, step = math.inf, time.perf_counter(), 0
     bar = tqdm(total=total_steps, desc=f"train {preset}/{role}", disable=not progress)
     model.train()
