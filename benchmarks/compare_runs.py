@@ -1,5 +1,8 @@
 """Compare two GPU runs of the base pair (the numbers the README quotes about run 1 vs run 2).
 
+Run from the repository root (default paths are relative to it), with the package installed:
+``pip install -e .`` (or ``scripts/setup.sh``). For example:
+
     python benchmarks/compare_runs.py sweeps "results/archive/sweep_base_gpu_run1/worker*.jsonl" \
         "results/sweep_base_gpu_b/worker*.jsonl" --out results/sweep_base_gpu_b/compare_run1.json
     python benchmarks/compare_runs.py pairs NEW_PAIR_JSON results/pairs/base_test_hypotheses.json.gz \
@@ -20,12 +23,9 @@ import glob
 import gzip
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from speccascade.eval.sweep import read_records  # noqa: E402
+from speccascade.eval.sweep import read_records
 
 
 def cells(pattern: str, by_key: bool = False) -> dict:

@@ -4,6 +4,9 @@ Writes one JSON record (``--out``) whose top-level ``"summary"`` holds the figur
 quotes, each measured in this run; every section is saved as soon as it is measured, and a
 section that fails records its error and the run goes on.
 
+Run from the repository root (default paths are relative to it), with the package installed:
+``pip install -e .`` (or ``scripts/setup.sh``). For example:
+
     python benchmarks/fastpath.py --out results/gpu/fastpath_H200.json            # everything
     python benchmarks/fastpath.py --out /tmp/f.json --sections tiny,deep --prompts 8
 
@@ -152,8 +155,8 @@ def block_replay_s(entry, reps: int = 50) -> float:
 
 def load_tiny():
     from speccascade.data.bible import load_split
-    from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm
-    from speccascade.train.tokenizer import encode_prompt, load_tokenizer
+    from speccascade.data.prompt import encode_prompt
+    from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 
     d_dir, v_dir = embedded_pair_dirs("tiny")
     d = load_causal_lm(d_dir, device="cuda", dtype=DTYPE)
@@ -255,7 +258,8 @@ def section_deep(rec, args, save):
             per_block = (args.gamma + 1) * costs["drafter_step_s"] + costs["scoring_call_s"]
             predicted = sd["tokens_per_verifier_call"] * (1 / alone["tokens_per_s"]) / per_block
             realised = sd["tokens_per_s"] / alone["tokens_per_s"]
-            row["sd_speedup"] = {"realised": realised, "predicted": predicted, "realised_over_predicted": realised / predicted}
+            row["sd_speedup"] = {"realised": realised, "predicted": predicted,
+                                 "realised_over_predicted": realised / predicted}
         print("deep costs", T, costs, row.get("sd_speedup"), flush=True)
         save()
 
@@ -367,7 +371,8 @@ def section_hf(rec, args, save):
         save()
     fd, fv = FusedLlamaBackend(d, "drafter", compile=True), FusedLlamaBackend(v, "verifier", compile=True)
     for label, (bd, bv) in (("fused", (fd, fv)),
-                            ("graphs", (make_backend(d, "drafter", "graphs", 2048), make_backend(v, "verifier", "graphs", 2048)))):
+                            ("graphs", (make_backend(d, "drafter", "graphs", 2048),
+                                        make_backend(v, "verifier", "graphs", 2048)))):
         for m in ("verifier_only", "sd"):
             try:
                 out[f"{label}/{m}"] = decode_rate(bd, bv, [p] * 5, m, 0.0, None, args.gamma, n, eos=None)
@@ -386,7 +391,8 @@ def section_batch(rec, args, save):
         row = out.setdefault(str(B), {})
         for m, a in (("verifier_only", None), ("sd", None), ("token_v3", 0.5)):
             try:
-                kw = dict(method=m, alpha=a, gamma=args.gamma, temperature=1.0, max_new_tokens=args.max_new, eos_token_id=None)
+                kw = dict(method=m, alpha=a, gamma=args.gamma, temperature=1.0, max_new_tokens=args.max_new,
+                          eos_token_id=None)
                 sc.generate(fd, fv, batch, seed=0, **kw)
                 sc.generate(fd, fv, batch, seed=0, **kw)
                 walls = [sc.generate(fd, fv, batch, seed=s, **kw).stats.wall_time_s for s in range(3)]

@@ -1,7 +1,10 @@
 """GPU speed of the engine (issue 5): bandwidth roofline, head-to-head with transformers, realised vs
 predicted speed-up, batch scaling. Writes one JSON record naming the card.
 
-    PYTHONPATH=src python benchmarks/gpu_speed.py --pair-dir runs/base --out results/gpu/speed.json
+Run from the repository root (default paths are relative to it), with the package installed:
+``pip install -e .`` (or ``scripts/setup.sh``). For example:
+
+    python benchmarks/gpu_speed.py --pair-dir runs/base --out results/gpu/speed.json
 
 Backends: ``dynamic`` (HFBackend: transformers' DynamicCache, eager), ``static`` (StaticHFBackend:
 pre-allocated cache, fixed shapes) and ``static+compile`` (the same under torch.compile with CUDA
@@ -15,17 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-import speccascade as sc  # noqa: E402
-from speccascade.models import GraphHFBackend, HFBackend, StaticHFBackend  # noqa: E402
+import speccascade as sc
+from speccascade.models import GraphHFBackend, HFBackend, StaticHFBackend
 
 DTYPE = torch.bfloat16
 
@@ -189,7 +189,8 @@ def roofline(bw: float, repeats: int, new_tokens: int, res: dict, save=lambda: N
         model = llama(*shp)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         cfg = model.config
-        kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
         prompt = [list(range(10, 42))]
         res[name] = {"weight_bytes": weight_bytes, "limit_tokens_per_s": bw / (weight_bytes + kv_per_token * 64)}
         try:
@@ -215,14 +216,16 @@ def roofline(bw: float, repeats: int, new_tokens: int, res: dict, save=lambda: N
                 res[name][kind] = r
             except Exception as e:  # record and go on
                 res[name][kind] = {"error": repr(e), "trace": traceback.format_exc()[-1500:]}
-            print(name, kind, {k: v for k, v in res[name][kind].items() if k in ("tokens_per_s", "bandwidth_fraction", "error")}, flush=True)
+            shown = ("tokens_per_s", "bandwidth_fraction", "error")
+            print(name, kind, {k: v for k, v in res[name][kind].items() if k in shown}, flush=True)
         try:  # transformers' own generate, eager and static+compiled
             if not hf:
                 continue
             ids = torch.tensor(prompt, device="cuda")
+            hf_generate = model.generate
             for label, kw in (("hf_generate", {}), ("hf_generate_static_compiled", {"cache_implementation": "static"})):
                 try:
-                    med, _ = timed(lambda: model.generate(ids, do_sample=False, max_new_tokens=new_tokens,
+                    med, _ = timed(lambda: hf_generate(ids, do_sample=False, max_new_tokens=new_tokens,
                                                           min_new_tokens=new_tokens, **kw), repeats)
                     res[name][label] = {"tokens_per_s": new_tokens / med,
                                         "bandwidth_fraction": new_tokens / med / res[name]["limit_tokens_per_s"]}
@@ -253,7 +256,8 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens,
                              for m, alpha in (("verifier_only", None), ("sd", None), ("token_v3", 0.5))}
             except Exception as e:
                 row[kind] = {"error": repr(e), "trace": traceback.format_exc()[-1500:]}
-            print("h2h", T, kind, {m: r.get("tokens_per_s") for m, r in row[kind].items() if isinstance(r, dict)}, flush=True)
+            print("h2h", T, kind, {m: r.get("tokens_per_s") for m, r in row[kind].items() if isinstance(r, dict)},
+                  flush=True)
         ids = torch.tensor([prompts_ids[0]], device="cuda")
         sample = {"do_sample": T > 0, **({"temperature": T, "top_k": 0} if T > 0 else {})}
         for label, kw in (("hf_generate", {}),
@@ -269,7 +273,8 @@ def head_to_head(pair_dir: Path, prompts_ids, gamma, repeats, new_tokens,
             print("h2h", T, label, row[label], flush=True)
         res[f"T={T:g}"] = row
         save()
-    # realised vs predicted (PAPER.md 5.7): beta = acceptance per examined draft, c = drafter step / verifier step
+    # realised vs predicted (Leviathan et al. 2023's speed-up model): beta = acceptance per examined draft,
+    # c = drafter step / verifier step
     costs = {}
     for kind in [k for k in kinds if k != "static"]:
         try:
@@ -372,8 +377,8 @@ def main() -> None:
         setattr(ind, k, type(getattr(ind, k))(int(v)) if isinstance(getattr(ind, k), (bool, int)) else v)
         settings[k] = getattr(ind, k)
     from speccascade.data.bible import load_split
-    from speccascade.models.loading import TOKENIZER_DIR
-    from speccascade.train.tokenizer import encode_prompt, load_tokenizer
+    from speccascade.data.prompt import encode_prompt
+    from speccascade.models.loading import TOKENIZER_DIR, load_tokenizer
 
     tok = load_tokenizer(TOKENIZER_DIR)
     prompts = [encode_prompt(tok, p["en"]) for p in load_split("test")[:64]]

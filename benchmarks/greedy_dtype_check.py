@@ -4,7 +4,10 @@ In exact arithmetic greedy `sd` returns the verifier's greedy output. In a reduc
 verifier's logits for a token depend on how many tokens one call scores (a block of gamma + 1 vs
 one), so near-tied argmaxes can flip. Writes one JSON record.
 
-    PYTHONPATH=src python benchmarks/greedy_dtype_check.py --out results/pairs/greedy_sd_vs_verifier_tiny_cpu.json
+Run from the repository root (default paths are relative to it), with the package installed:
+``pip install -e .`` (or ``scripts/setup.sh``). For example:
+
+    python benchmarks/greedy_dtype_check.py --out results/pairs/greedy_sd_vs_verifier_tiny_cpu.json
 """
 
 from __future__ import annotations
@@ -12,17 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-import speccascade as sc  # noqa: E402
-from speccascade.data.bible import load_split  # noqa: E402
-from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer  # noqa: E402
-from speccascade.train.tokenizer import EOS, encode_prompt  # noqa: E402
+import speccascade as sc
+from speccascade.data.bible import load_split
+from speccascade.data.prompt import EOS, encode_prompt
+from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 
 
 def main() -> None:

@@ -8,7 +8,10 @@ Counts come from a ``TorchDispatchMode`` that counts every aten op dispatched ou
 step functions (the model call and its cache bookkeeping, one CUDA-graph replay on the fast path);
 view ops (no kernel on a GPU) are counted apart.
 
-    PYTHONPATH=src python benchmarks/host_overhead.py --out results/host_overhead.json
+Run from the repository root (default paths are relative to it), with the package installed:
+``pip install -e .`` (or ``scripts/setup.sh``). For example:
+
+    python benchmarks/host_overhead.py --out results/host_overhead.json
 """
 
 from __future__ import annotations
@@ -18,17 +21,14 @@ import collections
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-import speccascade as sc  # noqa: E402
-from speccascade.models import StaticHFBackend  # noqa: E402
+import speccascade as sc
+from speccascade.models import StaticHFBackend
 
 VIEWS = {"aten.unsqueeze.default", "aten.slice.Tensor", "aten.select.int", "aten.alias.default",
          "aten.squeeze.dim", "aten.view.default", "aten.expand.default", "aten.t.default",

@@ -1,5 +1,8 @@
 """Per-token decode latency of a drafter/verifier pair on one CPU thread, and sd's acceptance.
 
+Run from the repository root (default paths are relative to it), with the package installed:
+``pip install -e ".[eval]"`` (or ``scripts/setup.sh``). For example:
+
     python benchmarks/pair_latency.py --pair tiny --record results/pairs/tiny_cpu.json
 
 Latency: the median over ``--repeats`` runs of the median time of one cached single-token decode
@@ -14,20 +17,17 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-import speccascade as sc  # noqa: E402
-from speccascade.data.bible import load_split  # noqa: E402
-from speccascade.eval.translation import translate  # noqa: E402
-from speccascade.models import HFBackend  # noqa: E402
-from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer  # noqa: E402
-from speccascade.train.tokenizer import EOS, encode_prompt  # noqa: E402
+import speccascade as sc
+from speccascade.data.bible import load_split
+from speccascade.data.prompt import EOS, encode_prompt
+from speccascade.eval.tasks import translate_pairs
+from speccascade.models import HFBackend
+from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 
 
 def step_ms(model, ctx: list[int], n: int = 30) -> float:
@@ -82,8 +82,8 @@ def main() -> None:
     lat["cost_ratio_verifier_over_drafter"] = lat["verifier"]["median_ms"] / lat["drafter"]["median_ms"]
     gen = {}
     for method, alpha in (("verifier_only", None), ("sd", None), ("token_v3", 0.5)):
-        _, total = translate(drafter, verifier, tok, test[: args.pairs], method=method, alpha=alpha, gamma=5,
-                             temperature=1.0, batch_size=1, max_new_tokens=200, seed=0)  # prompt i: seed i
+        _, total = translate_pairs(drafter, verifier, tok, test[: args.pairs], method=method, alpha=alpha, gamma=5,
+                                   temperature=1.0, batch_size=1, max_new_tokens=200, seed=0)  # prompt i: seed i
         gen[method] = {"tokens_per_second": total.emitted / total.wall_time_s, "acceptance_rate": total.acceptance_rate,
                        "tokens_per_verifier_call": total.tokens_per_verifier_call, "emitted": total.emitted,
                        "wall_time_s": total.wall_time_s}

@@ -1,5 +1,8 @@
 """Plot a fast-path record (benchmarks/fastpath.py): tokens/s of each method, tiny and deep pairs.
 
+Run from the repository root, with the package installed with its plotting extra
+(``pip install -e ".[eval]"``, or ``scripts/setup.sh``):
+
     python benchmarks/plot_fastpath.py results/gpu/fastpath_H200.json results/gpu/fastpath_H200.png
 """
 
@@ -16,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main(record: str, out: str) -> None:
     r = json.load(open(record))
-    pairs = [("tiny", "shipped tiny pair (0.55M / 15.7M)"), ("deep", "deep shape (1-layer 32M / 30-layer 135M, synthetic)")]
+    pairs = [("tiny", "shipped tiny pair (0.55M / 15.7M)"),
+             ("deep", "deep shape (1-layer 32M / 30-layer 135M, synthetic)")]
     methods = ["verifier_only", "sd", "token_v3", "diff", "drafter_only"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (key, title) in zip(axes, pairs):

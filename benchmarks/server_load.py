@@ -1,8 +1,11 @@
 """Throughput and latency of ``speccascade serve`` at several concurrencies, against serving the
 same requests one at a time (and against ``generate`` called directly, one prompt at a time).
 
-    PYTHONPATH=src python benchmarks/server_load.py                       # CPU, tiny pair, 1 torch thread
-    PYTHONPATH=src python benchmarks/server_load.py --device cuda --dtype bfloat16 --backend graphs \\
+Run from the repository root (default paths are relative to it), with the package installed:
+``pip install -e ".[serve,test]"`` (or ``scripts/setup.sh``). For example:
+
+    python benchmarks/server_load.py                                      # CPU, tiny pair, 1 torch thread
+    python benchmarks/server_load.py --device cuda --dtype bfloat16 --backend graphs \\
         --out results/server/gpu_tiny.json                                 # a GPU (static cache + CUDA graphs)
 
 The server runs in this process (a thread; the decode loop in its worker thread); clients are
@@ -21,7 +24,6 @@ import json
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -89,7 +91,6 @@ async def run_level(url: str, bodies: list[dict], concurrency: int, timeout: flo
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, str(ROOT / "src"))
     from speccascade.cli import _load_pair, _model_args
     from speccascade.server.config import add_serve_arguments
 

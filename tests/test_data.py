@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from speccascade.data.bible import N_TEST, N_VALIDATION, TEST_BOOKS, extract_pairs, load_split, make_splits
+from speccascade.data.prompt import EOS, SEP, decode, encode_prompt, encode_target
 from speccascade.data.sword import clean_osis, label_slots, read_slots
-from speccascade.models.loading import TOKENIZER_DIR
-from speccascade.train.tokenizer import EOS, SEP, decode, encode_prompt, encode_target, load_tokenizer
+from speccascade.models.loading import TOKENIZER_DIR, load_tokenizer
 
 
 def write_ztext(directory: Path, testament: str, books: list[list[str]]) -> None:
@@ -89,6 +89,29 @@ def test_tokenizer_round_trip_and_prompt_format():
         prompt = encode_prompt(tok, p["en"])
         assert prompt[0] == 1 and prompt[-1] == SEP and decode(tok, prompt) == p["en"]
     assert encode_target(tok, "Y fué la luz.")[-1] == EOS
+
+
+def test_prompt_format_needs_no_training_code():
+    """Evaluation (the Bible task) uses the prompt format without importing the training package, and
+    the training package's tokenizer module re-exports the very same functions."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from speccascade.eval.tasks import BibleTask; "
+            "from speccascade.models.loading import TOKENIZER_DIR, load_tokenizer; "
+            "tok = load_tokenizer(TOKENIZER_DIR); t = BibleTask(); ids = t.encode(tok, 'And God said'); "
+            "assert ids[0] == 1 and ids[-1] == 3 and t.eos_token_id(tok) == 2, ids; "
+            "assert t.decode(tok, ids + [2]) == 'And God said'; "
+            "print(sorted(m for m in sys.modules if m.startswith('speccascade.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+    import speccascade.data.prompt as prompt
+    import speccascade.train.tokenizer as train_tokenizer
+
+    for name in ("EOS", "SEP", "BOS", "PAD", "SPECIALS", "encode_prompt", "encode_target", "decode"):
+        assert getattr(train_tokenizer, name) is getattr(prompt, name)
 
 
 def test_trainer_writes_a_loadable_checkpoint_with_losses_and_bleu(tmp_path):

@@ -15,7 +15,7 @@ from speccascade.train.trainer import train
 
 def test_distill_writes_the_verifiers_own_translations(tmp_path):
     from speccascade.data.bible import load_split
-    from speccascade.eval.translation import translate
+    from speccascade.eval.tasks import translate_pairs
 
     _, v_dir = embedded_pair_dirs("tiny")
     verifier, tok = load_causal_lm(v_dir), load_tokenizer(TOKENIZER_DIR)
@@ -24,7 +24,7 @@ def test_distill_writes_the_verifiers_own_translations(tmp_path):
                       with_references=True)
     rows = [json.loads(line) for line in gzip.open(out, "rt", encoding="utf-8")]
     pairs = load_split("train")[:5]
-    greedy, _ = translate(verifier, verifier, tok, pairs, temperature=0.0, batch_size=5, max_new_tokens=24)
+    greedy, _ = translate_pairs(verifier, verifier, tok, pairs, temperature=0.0, batch_size=5, max_new_tokens=24)
     assert [r["es"] for r in rows[:5]] == [p["es"] for p in pairs]          # the references first
     assert [r["es"] for r in rows[5:]] == [h for h in greedy if h.strip()]  # then the verifier's greedy output
     assert all(r["en"] == pairs[r["index"]]["en"] for r in rows)

@@ -5,6 +5,7 @@ import torch
 
 import speccascade as sc
 from speccascade import NonFiniteLogitsError, SpecCascadeError
+
 from tiny_models import tiny_llama, tiny_pair
 
 

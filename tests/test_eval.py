@@ -46,6 +46,36 @@ def rec(method, alpha, lat, q, gamma=5, T=1.0):
             "latency_s": lat * 10, "rejection_rate": 0.1, "stats": {"drafter_calls": 6, "verifier_calls": 1}}
 
 
+def test_plot_labels_alphas_marks_single_points_and_counts_examples(tmp_path, monkeypatch):
+    """Every point carries its alpha, a one-point method (sd) is a visible marker (no line), curves
+    differ by marker as well as colour, and the title gives the number of examples."""
+    import matplotlib.pyplot as plt
+
+    from speccascade.eval.report import plot
+
+    sig = {"signature": {"examples": 50}}
+    records = [rec("verifier_only", None, 1.0, 20.0) | sig, rec("drafter_only", None, 0.1, 8.0) | sig,
+               rec("sd", None, 0.8, 20.0) | sig] + \
+              [rec(m, a, 0.3 + a / 2, 10 + 10 * a) | sig for m in ("opt", "chow", "diff", "token_v3")
+               for a in (0.2, 0.6)]
+    figures, real_close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    paths = plot(records, "bleu", tmp_path)
+    assert [p.name for p in paths] == ["quality_vs_relative_latency_T1_b1.png", "quality_vs_rejection_rate_T1_b1.png"]
+    ax = figures[0].axes[0]
+    assert "50 examples" in ax.get_title()
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == sorted(["α=0.2", "α=0.6"] * 4)          # sd has no alpha: no label
+    curves = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    sd = curves["sd"]
+    assert sd.get_linestyle() == "None" and sd.get_marker() not in ("", "None") and sd.get_markersize() >= 8
+    methods = ["chow", "diff", "opt", "sd", "token_v3"]
+    assert len({curves[m].get_marker() for m in methods}) == len(methods)
+    assert len({curves[m].get_color() for m in methods}) == len(methods)
+    for fig in figures:
+        real_close(fig)
+
+
 def test_table2_summaries_on_fixture():
     records = [rec("verifier_only", None, 1.0, 20.0), rec("drafter_only", None, 0.1, 8.0),
                rec("opt", 0.0, 0.6, 18.0), rec("opt", -1.0, 0.7, 22.0), rec("opt", 1.0, 0.4, 12.0),
@@ -100,7 +130,8 @@ def test_report_cli_what_if_and_its_bad_input(tmp_path, capsys):
 
 def test_a_method_swept_with_two_option_sets_gets_two_curves():
     records = [rec("verifier_only", None, 1.0, 20.0), rec("seq_cascade", 0.5, 1.1, 20.0),
-               rec("seq_cascade", 0.5, 0.5, 21.0) | {"options": {"length_normalized": True}}, rec("opt", 0.0, 0.6, 18.0)]
+               rec("seq_cascade", 0.5, 0.5, 21.0) | {"options": {"length_normalized": True}},
+               rec("opt", 0.0, 0.6, 18.0)]
     methods = summarize(records, "bleu")["T=1 gamma=5 batch=1"]["methods"]
     assert set(methods) == {"verifier_only", "seq_cascade", "seq_cascade [length_normalized=True]", "opt"}
     assert methods["seq_cascade [length_normalized=True]"]["best_quality_within_verifier_latency"] == 21.0

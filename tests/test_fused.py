@@ -18,6 +18,7 @@ import speccascade as sc
 from speccascade import runner
 from speccascade.errors import SpecCascadeError
 from speccascade.models import FusedLlamaBackend, UnsupportedModel, make_backend
+
 from tiny_models import tiny_pair
 
 
@@ -56,7 +57,8 @@ def test_greedy_sd_equals_verifier_only_and_transformers_generate():
     d, v = tiny_pair(1, noise=0.3)
     fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
     prompt = [5, 6, 7, 8]
-    sd = sc.generate(fd, fv, [prompt], method="sd", gamma=4, temperature=0, max_new_tokens=20, eos_token_id=[]).tokens[0]
+    sd = sc.generate(fd, fv, [prompt], method="sd", gamma=4, temperature=0, max_new_tokens=20,
+                     eos_token_id=[]).tokens[0]
     alone = sc.generate(fd, fv, [prompt], method="verifier_only", temperature=0, max_new_tokens=20,
                         eos_token_id=[]).tokens[0]
     hf = v.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, min_new_tokens=20,
@@ -118,7 +120,8 @@ def test_new_alpha_reuses_the_captured_block(simulated_capture):
     fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
     for alpha in (0.1, 0.9):
         ref = sc.generate(d, v, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10, eos_token_id=[])
-        out = sc.generate(fd, fv, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10, eos_token_id=[])
+        out = sc.generate(fd, fv, PROMPTS, method="chow", alpha=alpha, temperature=0, max_new_tokens=10,
+                          eos_token_id=[])
         assert out.tokens == ref.tokens and out.stats.deferred == ref.stats.deferred
     assert len(simulated_capture) == 1
 
@@ -137,6 +140,7 @@ def test_capacity_is_settled_before_decoding():
         sc.generate(sd_, sv, [[1, 2, 3]], method="sd", gamma=5, temperature=1, max_new_tokens=40, seed=0)
 
 
+@pytest.mark.slow
 def test_compiled_block_arithmetic_matches_eager(simulated_capture, monkeypatch):
     """The arithmetic between model calls, traced by torch.compile (dynamo + AOT autograd, the
     ``aot_eager`` backend: the same graph inductor would compile, without its C++ build), gives the

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import speccascade as sc
+
 from tiny_models import tiny_pair
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
@@ -71,8 +72,23 @@ def test_seq_cascade_endpoints(pair):
     assert out0.stats.deferred == len(PROMPTS)          # q(response) < 1: every row is regenerated
     out1 = gen(pair, "seq_cascade", alpha=1.0, seed=1)
     assert out1.stats.deferred == 0 and out1.tokens == gen(pair, "drafter_only", seed=1).tokens
-    normed = gen(pair, "seq_cascade", alpha=0.5, length_normalized=True, seed=1)
-    assert 0 <= normed.stats.deferred <= len(PROMPTS)
+    # length-normalised: the rows whose drafter response has a per-token geometric mean probability
+    # below 1 - alpha (computed here by a fresh forward of the drafter) are exactly those regenerated
+    drafted = out1.tokens
+    d, _ = pair
+    means = []
+    for prompt, row in zip(PROMPTS, drafted):
+        with torch.no_grad():
+            logq = d(torch.tensor([prompt + row])).logits[0].float().log_softmax(-1)
+        means.append(sum(float(logq[len(prompt) - 1 + i, t]) for i, t in enumerate(row)) / len(row))
+    ranked = sorted(means, reverse=True)
+    threshold = (ranked[1] + ranked[2]) / 2                   # two rows above it, two below
+    normed = gen(pair, "seq_cascade", alpha=1 - float(torch.tensor(threshold).exp()), length_normalized=True,
+                 seed=1)
+    expect = [m < threshold for m in means]
+    assert sum(expect) == 2 and normed.stats.deferred == 2
+    for row, deferred, drafter_row in zip(normed.tokens, expect, drafted):
+        assert (row == drafter_row) != deferred
 
 
 def test_oracle_diff_endpoints(pair):

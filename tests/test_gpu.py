@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import speccascade as sc
+
+from helpers import check_static_matches_dynamic, chi2_pvalue, empirical
 from reference import algorithm4_law, reference_rule, sampling_dist, softmax
-from test_hf_backend import check_static_matches_dynamic
-from test_loop_law import chi2_pvalue, empirical
 from tiny_models import tiny_pair
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -42,7 +42,8 @@ def test_graph_backend_rejects_non_bucket_widths():
         GraphHFBackend(d, "drafter", 64, widths=(1, 3))
 
 
-def fresh_logits(model):
+def logits_at(model):
+    """A memoised function: prefix -> ``model``'s last-position logits (float64, on the host)."""
     memo = {}
 
     def at(prefix):
@@ -73,7 +74,7 @@ def check_loop_law(name, alpha, d, v, bd, bv, gamma=3):
     the first tokens against Algorithm 4's law enumerated from fresh forward passes (chi-square)."""
     out = sc.generate(bd, bv, torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha, gamma=gamma,
                       max_new_tokens=N_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
-    lq, lp = fresh_logits(d), fresh_logits(v)
+    lq, lp = logits_at(d), logits_at(v)
     spec = sc.METHODS[name]
     law = algorithm4_law(lambda pre: sampling_dist(lq(pre)), lambda pre: sampling_dist(lp(pre)),
                          lambda q, p, pre: reference_rule(name, q, p, softmax(lq(pre)), softmax(lp(pre)), alpha)[0],
@@ -115,7 +116,7 @@ def test_captured_single_model_law_on_gpu():
     out = sc.generate(fd, fv, torch.tensor([PROMPT] * N_ROWS), method="verifier_only", max_new_tokens=N_TOKENS, seed=0,
                       temperature=1.0, eos_token_id=[])
     assert runner.graph_cache(fv)
-    lp = fresh_logits(v)
+    lp = logits_at(v)
     law = algorithm4_law(lambda pre: sampling_dist(lp(pre)), lambda pre: sampling_dist(lp(pre)),
                          lambda q, p, pre: p, lambda q, p, pi: p, gamma=1, prompt=PROMPT, n=N_TOKENS)
     assert chi2_pvalue(empirical(out.tokens), law, N_ROWS) > LEVEL

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from speccascade.models import HFBackend, StaticHFBackend
+
+from helpers import check_static_matches_dynamic
 from tiny_models import tiny_llama
 
 
@@ -19,6 +21,7 @@ def test_ragged_extend_commit_matches_fresh_forward(kind, arch):
     """After random ragged feeds and commits, every backend's logits equal a fresh forward over each
     row's sequence (the fused backend: our own Llama-family step, GQA, and Qwen2's q/k/v biases)."""
     from speccascade.models import FusedLlamaBackend
+
     from tiny_models import tiny_qwen2
 
     model = tiny_llama(0) if arch == "llama" else tiny_qwen2(0)
@@ -33,7 +36,7 @@ def test_ragged_extend_commit_matches_fresh_forward(kind, arch):
         be.reserve(3, 80)
     be.reset(ids, mask)
     seqs = [list(p[:-1]) for p in prompts]  # what each row's cache holds (the last prompt token is pending)
-    for step in range(12):
+    for _ in range(12):
         k = int(torch.randint(1, 5, (1,), generator=g))
         tokens = torch.randint(3, 48, (3, k), generator=g)
         lengths = torch.randint(1, k + 1, (3,), generator=g)
@@ -69,31 +72,7 @@ def test_static_backend_matches_dynamic():
     check_static_matches_dynamic(compile=False)
 
 
-def check_static_matches_dynamic(compile: bool, device: str = "cpu", factory=None):
-    """``factory(model, name, max_cache_len, compile)`` builds the backend under test (default:
-    StaticHFBackend)."""
-    import speccascade as sc
-    from speccascade.models import StaticHFBackend
-    from tiny_models import tiny_pair
-
-    StaticHFBackend = factory or StaticHFBackend  # noqa: N806 (the backend under test)
-    d, v = (m.to(device) for m in tiny_pair(0, noise=0.05))
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
-    ref = sc.generate(d, v, prompts, method="verifier_only", temperature=0, max_new_tokens=16).tokens
-    sd_, sv = StaticHFBackend(d, "drafter", 256, compile), StaticHFBackend(v, "verifier", 256, compile)
-    assert sc.generate(sv, sv, prompts, method="verifier_only", temperature=0, max_new_tokens=16).tokens == ref
-    for gamma in (1, 4):
-        assert sc.generate(sd_, sv, prompts, method="sd", temperature=0, gamma=gamma, max_new_tokens=16).tokens == ref
-    # a one-token prompt on a new cache (no pre-fill call), batch 1
-    one = [[17]]
-    ref1 = sc.generate(d, v, one, method="verifier_only", temperature=0, max_new_tokens=8).tokens
-    assert sc.generate(StaticHFBackend(d, "drafter", 64, compile), StaticHFBackend(v, "verifier", 64, compile), one,
-                       method="sd", temperature=0, gamma=2, max_new_tokens=8).tokens == ref1
-    for method, kw in (("token_v3", {"gamma": 3}), ("token_cascade", {}), ("bild", {})):
-        dyn = sc.generate(d, v, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw).tokens
-        assert sc.generate(sd_, sv, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw).tokens == dyn
-
-
+@pytest.mark.slow
 def test_compiled_static_backend_matches_dynamic():
     """The same under torch.compile (on the CPU: inductor's C++ code, no CUDA graphs; the GPU
     run of tests/test_gpu.py covers CUDA graphs). Ragged feeds of several widths (token_cascade,
@@ -127,6 +106,7 @@ def simulated_graph_backend(model, name, max_cache_len, compile=True):
     return OnCPU(model, name, max_cache_len)
 
 
+@pytest.mark.slow
 def test_graph_backend_bookkeeping_with_simulated_graphs_matches_dynamic():
     """GraphHFBackend's own logic on the CPU (capture replaced by a simulation): the state is clean
     after the captures, each replay reads the static input buffers and overwrites one output tensor
@@ -174,6 +154,7 @@ def test_reading_flags_one_step_late_changes_nothing():
     method gives the same tokens and the same stats as reading them at once."""
     import speccascade as sc
     from speccascade.loop import StepSync
+
     from tiny_models import tiny_pair
 
     d, v = tiny_pair(0, noise=0.05)
@@ -196,6 +177,7 @@ def test_timed_backend_measures_share_outside_forwards():
     import speccascade as sc
     from speccascade.models import HFBackend
     from speccascade.models.timing import TimedBackend, outside_share
+
     from tiny_models import tiny_pair
 
     d, v = tiny_pair(0, noise=0.05)
@@ -203,5 +185,20 @@ def test_timed_backend_measures_share_outside_forwards():
     out = sc.generate(td, tv, [[5, 6, 7]], method="sd", gamma=3, max_new_tokens=12, temperature=0)
     assert out.tokens == sc.generate(d, v, [[5, 6, 7]], method="verifier_only", max_new_tokens=12, temperature=0).tokens
     assert td.calls == out.stats.drafter_calls + 1 and tv.calls == out.stats.verifier_calls + 1  # + reset
-    share = outside_share(out.stats.wall_time_s, td, tv)
-    assert 0.0 <= share < 1.0
+    # both models' calls (reset included) happen inside generate's clock
+    inside = td.seconds + tv.seconds
+    assert td.seconds > 0 and tv.seconds > 0 and inside < out.stats.wall_time_s
+    assert outside_share(out.stats.wall_time_s, td, tv) == 1.0 - inside / out.stats.wall_time_s
+
+
+def test_outside_share_arithmetic():
+    class Timed:  # what outside_share reads of a TimedBackend
+        def __init__(self, seconds):
+            self.seconds = seconds
+
+    from speccascade.models.timing import outside_share
+
+    assert outside_share(8.0, Timed(1.0), Timed(3.0)) == 0.5
+    assert outside_share(8.0) == 1.0                          # no backend: all of it is outside
+    assert outside_share(2.0, Timed(1.5), Timed(1.0)) == 0.0   # timer noise past the total is clamped
+    assert outside_share(0.0, Timed(1.0)) == 0.0

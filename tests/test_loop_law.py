@@ -13,6 +13,8 @@ import torch
 from scipy.stats import chisquare
 
 import speccascade as sc
+
+from helpers import chi2_pvalue, empirical
 from reference import algorithm4_law, lossy_law, reference_rule, sampling_dist, sequential_law, softmax
 from tables import TableBackend, make_table, prefix_hash
 
@@ -45,26 +47,6 @@ def reference_parts(name, alpha, temperature=1.0, top_k=0):
     return q_at, p_at, target_at, bonus_at
 
 
-def empirical(tokens):
-    counts: dict[tuple, int] = {}
-    for t in tokens:
-        counts[tuple(t)] = counts.get(tuple(t), 0) + 1
-    return counts
-
-
-def chi2_pvalue(counts, law, n):
-    keys = sorted(set(law) | set(counts))
-    assert set(counts) <= {k for k in law if law[k] > 0}, "a sequence with probability 0 was generated"
-    exp = np.array([law.get(k, 0.0) * n for k in keys])
-    obs = np.array([counts.get(k, 0) for k in keys], dtype=float)
-    small = exp < 5  # pool sparse cells
-    if small.any():
-        exp = np.append(exp[~small], exp[small].sum())
-        obs = np.append(obs[~small], obs[small].sum())
-    keep = exp > 0
-    return chisquare(obs[keep], exp[keep] * obs.sum() / exp[keep].sum()).pvalue
-
-
 def run(name, gamma, temperature=1.0, top_k=0, seed=0, **kw):
     drafter, verifier = TableBackend(Q_TABLE, "drafter", 24), TableBackend(P_TABLE, "verifier", 24)
     ids = torch.tensor([PROMPT] * N_ROWS)
@@ -93,7 +75,8 @@ def test_loop_law_with_temperature_and_top_k(name, temperature, top_k):
 @pytest.mark.parametrize("gamma", [1, 2, 4])
 @pytest.mark.parametrize("name", [m for m in SPECULATIVE if m not in ("lossy", "lossy_tuned")])
 def test_algorithm4_law_is_sequential_pi(name, gamma):
-    """Algorithm 4's guarantee (PAPER.md 3.2): tokens are distributed as sequential draws from pi."""
+    """Algorithm 4's guarantee (arXiv 2405.19261; Leviathan et al. 2023, Thm. 1): tokens are distributed
+    as sequential draws from pi."""
     q_at, p_at, target_at, bonus_at = reference_parts(name, ALPHA[name])
     law = algorithm4_law(q_at, p_at, target_at, bonus_at, gamma=gamma, prompt=PROMPT, n=N_TOKENS)
     seq = sequential_law(target_at, q_at, p_at, PROMPT, N_TOKENS)
@@ -128,7 +111,8 @@ def test_lemma3_rejection_rate(name, alpha):
     assert abs(s.rejection_rate - expected) < 5 * sigma + 1e-12
 
 
-@pytest.mark.parametrize("name,alpha,extra", [("oracle_diff", 0.05, {}), ("token_cascade", 0.35, {"max_drafter_run": None})])
+@pytest.mark.parametrize("name,alpha,extra",
+                         [("oracle_diff", 0.05, {}), ("token_cascade", 0.35, {"max_drafter_run": None})])
 def test_sequential_cascade_law(name, alpha, extra):
     rule = {"oracle_diff": "diff", "token_cascade": "chow"}[name]
     drafter, verifier = TableBackend(Q_TABLE, "drafter", 24), TableBackend(P_TABLE, "verifier", 24)

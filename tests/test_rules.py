@@ -1,4 +1,4 @@
-"""Every rule against its literal definition (reference.py), and the properties PAPER.md pins."""
+"""Every rule against its literal definition (reference.py), and the properties the paper pins."""
 
 import math
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from reference import reference_beta, reference_rule, sampling_dist, softmax
 from speccascade import METHODS
 from speccascade.rules import Dists, opt, solve_lossy_beta, token_v3, total_variation
+
+from reference import reference_beta, reference_rule, sampling_dist, softmax
 
 SPECULATIVE = [m for m, s in METHODS.items() if s.kind == "speculative"]
 ALPHAS = {
@@ -42,9 +43,11 @@ def test_rule_matches_reference(name, temperature, top_k):
     for ql, pl in cases(V=5):
         (q, p, qc, pc), d = to_dists(ql, pl, temperature, top_k)
         for alpha in ALPHAS[name]:
-            if name == "lossy_tuned" and alpha is not None and temperature == 0:
-                pass
             target = METHODS[name].fn(d, alpha)
+            if name == "lossy_tuned" and temperature == 0:
+                # one-hot q and p: where they differ Tran-Thien's condition gives beta = 1, so pi = p;
+                # where they agree pi = q = p: greedy lossy* is exact SD
+                np.testing.assert_array_equal(target.pi.numpy(), np.asarray(p))
             ref_pi, ref_defer = reference_rule(name, q, p, qc, pc, alpha, greedy=temperature == 0)
             np.testing.assert_allclose(target.pi.numpy(), ref_pi, atol=1e-9, rtol=1e-9)
             if isinstance(ref_defer, list):
@@ -55,7 +58,7 @@ def test_rule_matches_reference(name, temperature, top_k):
 
 @pytest.mark.parametrize("name", [m for m in SPECULATIVE if m != "lossy"])
 def test_targets_are_distributions(name):
-    """Every pi but lossy's (beta = 1, unnormalised by design: PAPER.md pitfall 6) sums to 1."""
+    """Every pi but lossy's (beta = 1, unnormalised by design: Table 1 / Lemma 2) sums to 1."""
     for ql, pl in cases(seed=1):
         _, d = to_dists(ql, pl)
         for alpha in ALPHAS[name]:
@@ -85,7 +88,7 @@ def test_lossy_tuned_beta_solves_tran_thien_condition():
 
 
 def test_opt_sign_larger_disagreement_defers_less():
-    """Eq. (10): for alpha > 0, D_TV *raises* the bar for deferral (PAPER.md pitfall 2)."""
+    """Eq. (10): for alpha > 0, D_TV *raises* the bar for deferral (a larger disagreement, less deferral)."""
     q_conf = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     p_conf = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
     close = Dists(q_conf, torch.tensor([0.55, 0.27, 0.18], dtype=torch.float64), q_conf, p_conf)
@@ -112,3 +115,26 @@ def test_temperature_split_confidences_untempered():
     # untempered max q ~ 0.44 < 1 - 0.3 -> defer, although the tempered max q is ~0.73
     assert float(d_cold.draft_probs.max()) > 0.7
     assert bool(METHODS["chow"].fn(d_cold, 0.3).defer.all())
+
+
+def test_top_p_sampling_probs_match_reference():
+    """sampling_probs with top-p (alone, after temperature, after top-k) against the literal loop of
+    reference.sampling_dist: keep the most probable tokens until their mass reaches top_p."""
+    from speccascade.sampling import SamplingConfig, sampling_probs
+
+    # a hand-computed case: probs (1/2, 1/4, 1/8, 1/8); top_p = 0.6 keeps the first two (mass before
+    # the third is 3/4 >= 0.6), renormalised to (2/3, 1/3); top_p = 0.3 keeps only the first
+    logits = torch.log(torch.tensor([[0.125, 0.5, 0.125, 0.25]]))
+    np.testing.assert_allclose(sampling_probs(logits, SamplingConfig(top_p=0.6)).numpy(),
+                               [[0.0, 2 / 3, 0.0, 1 / 3]], atol=1e-6)
+    assert sampling_probs(logits, SamplingConfig(top_p=0.3)).tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        ql = rng.normal(size=7) * rng.choice([0.5, 1.0, 3.0])
+        for temperature, top_k, top_p in ((1.0, 0, 0.9), (1.0, 0, 0.5), (0.7, 0, 0.8), (1.3, 4, 0.6),
+                                          (1.0, 3, 0.95), (0.5, 0, 0.2)):
+            cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+            got = sampling_probs(torch.tensor(ql), cfg).numpy()
+            ref = sampling_dist(ql, temperature, top_k, top_p)
+            assert ((got > 0) == (ref > 0)).all(), (ql, cfg)     # the same kept set
+            np.testing.assert_allclose(got, ref, atol=1e-6)

@@ -15,13 +15,14 @@ import json
 
 import pytest
 import torch
-
-import speccascade as sc
-from reference import algorithm4_law, reference_rule, sampling_dist, sequential_law, softmax
-from speccascade.errors import SpecCascadeError
-from speccascade.models import Seq2SeqBackend, make_backend
 from test_loop_law import ALPHA, chi2_pvalue, empirical
 from tiny_seq2seq import tiny_seq2seq, tiny_seq2seq_pair
+
+import speccascade as sc
+from speccascade.errors import SpecCascadeError
+from speccascade.models import Seq2SeqBackend, make_backend
+
+from reference import algorithm4_law, reference_rule, sampling_dist, sequential_law, softmax
 
 N_ROWS, N_TOKENS, LEVEL, GAMMA = 20_000, 3, 1e-3, 2
 SOURCES = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
@@ -283,6 +284,7 @@ def test_fast_paths_refuse_encoder_decoders(kind):
 
 def test_backend_choice():
     from speccascade.models import FusedLlamaBackend, HFBackend, as_backend
+
     from tiny_models import tiny_llama
 
     t5 = tiny_seq2seq("t5")

@@ -34,13 +34,14 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import speccascade as sc  # noqa: E402
+from speccascade.data.prompt import EOS, decode, encode_prompt  # noqa: E402
 from speccascade.eval.tasks import BibleTask  # noqa: E402
 from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer  # noqa: E402
 from speccascade.rules import Dists  # noqa: E402
 from speccascade.server.app import ServerThread  # noqa: E402
 from speccascade.server.calibration import Calibration, from_records  # noqa: E402
 from speccascade.server.engine import Defaults, Engine  # noqa: E402
-from speccascade.train.tokenizer import EOS, decode, encode_prompt  # noqa: E402
+
 from tiny_models import tiny_pair  # noqa: E402
 
 MODEL = "speccascade-tiny"

@@ -4,8 +4,8 @@ import pytest
 
 import speccascade as sc
 from speccascade.cli import main
+from speccascade.data.prompt import EOS, decode, encode_prompt
 from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
-from speccascade.train.tokenizer import EOS, decode, encode_prompt
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_cli_with_explicit_model_paths_raw_prompt(capsys):
     d_dir, v_dir = embedded_pair_dirs("tiny")
     code = main(["generate", "In the beginning", "--drafter", str(d_dir), "--verifier", str(v_dir), "--format", "raw",
                  "--tokenizer", str(TOKENIZER_DIR),
-                 "--method", "opt", "--alpha", "0.3", "--temperature", "1", "--max-new-tokens", "7", "--quiet", "--json"])
+                 "--method", "opt", "--alpha", "0.3", "--temperature", "1", "--max-new-tokens", "7",
+                 "--quiet", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "opt" and out["alpha"] == 0.3 and len(out["tokens"]) <= 7

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from reference import lossy_law, reference_rule, softmax
 from speccascade import METHODS
 from speccascade.rules import Dists
 from speccascade.verify import acceptance_probs, residual, verify_block
+
+from reference import lossy_law, reference_rule, softmax
 
 SPECULATIVE = [m for m, s in METHODS.items() if s.kind == "speculative"]
 
@@ -89,3 +90,34 @@ def test_verify_block_one_hot_disjoint_rejects_first_and_recovers_target():
     pi = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64)
     r = verify_block(torch.tensor([[0]]), q, pi, torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64), g)
     assert int(r.n_accepted) == 0 and int(r.new_token) == 2
+
+
+def test_verify_block_forced_draws_table():
+    """Algorithm 4 on a 3-token vocabulary with given uniforms u and Exp(1) noise, every outcome
+    computed by hand. gamma = 2; every row has the same distributions:
+
+    position 0: q = (.5, .3, .2), pi = (.2, .3, .5): accept x with min(1, pi/q) = (.4, 1, 1);
+                residual max(0, pi - q) = (0, 0, .3), so a rejection there recovers token 2;
+    position 1: q = (.2, .2, .6), pi = (.5, .3, .2): accept (1, 1, 1/3); residual (.3, .1, 0);
+    bonus (.1, .6, .3).
+    The new token is argmax(dist / noise): noise (1, 1, 1) picks the most probable token."""
+    q = torch.tensor([[.5, .3, .2], [.2, .2, .6]], dtype=torch.float64)
+    pi = torch.tensor([[.2, .3, .5], [.5, .3, .2]], dtype=torch.float64)
+    bonus = torch.tensor([.1, .6, .3], dtype=torch.float64)
+    ones, favour_1, favour_0 = [1.0, 1.0, 1.0], [1.0, 0.1, 1.0], [0.01, 1.0, 1.0]
+    #       drafts   u             noise      accepted         j*  new  tokens
+    table = [([0, 1], [0.39, 0.99], ones,     [True, True],    2,  1,  [0, 1, 1]),  # bonus: argmax (.1,.6,.3)
+             ([0, 1], [0.40, 0.00], ones,     [False, True],   0,  2,  [2, 0, 0]),  # u = .4 is not < .4
+             ([1, 2], [0.70, 0.34], ones,     [True, False],   1,  0,  [1, 0, 0]),  # .34 >= 1/3: residual (.3,.1,0)
+             ([1, 2], [0.70, 0.33], ones,     [True, True],    2,  1,  [1, 2, 1]),  # .33 < 1/3
+             ([2, 2], [0.99, 0.50], favour_1, [True, False],   1,  1,  [2, 1, 0]),  # (.3/1, .1/.1, 0): token 1
+             ([1, 0], [0.00, 0.999], favour_0, [True, True],   2,  0,  [1, 0, 0])]  # (.1/.01, .6, .3): token 0
+    B = len(table)
+    drafts = torch.tensor([row[0] for row in table])
+    u = torch.tensor([row[1] for row in table], dtype=torch.float64)
+    noise = torch.tensor([row[2] for row in table], dtype=torch.float64)
+    r = verify_block(drafts, q.expand(B, 2, 3), pi.expand(B, 2, 3), bonus.expand(B, 3), None, u=u, noise=noise)
+    assert r.accepted.tolist() == [row[3] for row in table]
+    assert r.n_accepted.tolist() == [row[4] for row in table]
+    assert r.new_token.tolist() == [row[5] for row in table]
+    assert r.tokens.tolist() == [row[6] for row in table]

@@ -5,8 +5,14 @@ import torch
 
 def tiny_seq2seq(kind: str, seed: int = 0, vocab: int = 48, hidden: int = 32, layers: int = 2, heads: int = 4,
                  max_positions: int = 64, **extra):
-    from transformers import (BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel, T5Config,
-                              T5ForConditionalGeneration)
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        MarianConfig,
+        MarianMTModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     if kind == "t5":
@@ -18,7 +24,8 @@ def tiny_seq2seq(kind: str, seed: int = 0, vocab: int = 48, hidden: int = 32, la
     common = dict(vocab_size=vocab, d_model=hidden, encoder_layers=layers, decoder_layers=layers,
                   encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=2 * hidden,
                   decoder_ffn_dim=2 * hidden, max_position_embeddings=max_positions, dropout=0.0,
-                  attention_dropout=0.0, activation_dropout=0.0, forced_eos_token_id=None, forced_bos_token_id=None, **extra)
+                  attention_dropout=0.0, activation_dropout=0.0, forced_eos_token_id=None, forced_bos_token_id=None,
+                  **extra)
     if kind == "bart":
         cfg = BartConfig(pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, **common)
         return BartForConditionalGeneration(cfg).eval()

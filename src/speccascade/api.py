@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import baselines  # noqa: F401  (registers the sequential methods)
-from . import rules  # noqa: F401  (registers the speculative methods)
+from . import baselines, rules  # noqa: F401  (register the sequential and the speculative methods)
 from .checks import as_bool, as_int
 from .errors import DeviceError, SpecCascadeError
 from .loop import DecodeRequest, speculative_decode
@@ -128,7 +127,8 @@ def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0,
         if attention_mask is not None:
             if len({len(r) for r in rows}) != 1:
                 raise SpecCascadeError(
-                    f"attention_mask was given with prompt rows of different lengths ({sorted({len(r) for r in rows})}); "
+                    "attention_mask was given with prompt rows of different lengths "
+                    f"({sorted({len(r) for r in rows})}); "
                     "give either a padded batch (equal-length rows) with its attention_mask, or unpadded token "
                     "lists without one (they are left-padded for you)")
             input_ids = torch.tensor(rows, dtype=torch.long)
@@ -144,7 +144,8 @@ def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0,
         raise SpecCascadeError(f"input_ids must be 1-D or 2-D [batch, length], got shape {tuple(input_ids.shape)}")
     ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
     if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise SpecCascadeError(f"empty {what}: input_ids must have shape [batch, length >= 1], got {tuple(input_ids.shape)}")
+        raise SpecCascadeError(
+            f"empty {what}: input_ids must have shape [batch, length >= 1], got {tuple(input_ids.shape)}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise SpecCascadeError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
     if attention_mask is None:
@@ -153,7 +154,8 @@ def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0,
         mask = _as_long("attention_mask", attention_mask)
         mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
         if mask.shape != ids.shape:
-            raise SpecCascadeError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+            raise SpecCascadeError(
+                f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
         mask = mask.to(ids.device)
         if bool(((mask != 0) & (mask != 1)).any()):
             raise SpecCascadeError("attention_mask must hold only 0 (padding) and 1 (a token)")
@@ -343,7 +345,8 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
     seq2seq = _check_architectures(d, v, drafter, verifier)
     ids, mask = as_batch(input_ids, attention_mask, encoder=seq2seq)
     if row_alpha is not None and len(row_alpha) != ids.shape[0]:
-        raise SpecCascadeError(f"alpha has {len(row_alpha)} values for {ids.shape[0]} rows of input_ids: give one per row")
+        raise SpecCascadeError(
+            f"alpha has {len(row_alpha)} values for {ids.shape[0]} rows of input_ids: give one per row")
     _check_models(d, v, ids, mask, max_new_tokens, gamma)
     eos = resolve_eos_token_id(eos_token_id, verifier, min(d.vocab_size, v.vocab_size))
     if generator is None:

@@ -13,13 +13,22 @@ import math
 
 import torch
 
-from .loop import (DecodeRequest, DecodeState, StepSync, _compiled, add_block_counters, check_finite, make_dists,
-                   row_counts, start_both)
 from . import runner
-from .runner import run_steps
+from .loop import (
+    DecodeRequest,
+    DecodeState,
+    StepSync,
+    _compiled,
+    add_block_counters,
+    check_finite,
+    make_dists,
+    row_counts,
+    start_both,
+)
 from .models.base import Backend, first_pending, prefill_calls
 from .registry import AlphaRange, register
 from .rules import bild_discrepancy, diff
+from .runner import run_steps
 from .sampling import SamplingConfig, confidence_probs, draw, draw_with, exponential_noise, sampling_probs
 from .stats import Stats
 
@@ -247,7 +256,7 @@ def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
     return tokens
 
 
-@register("bild", kind="sequential", title="BiLD (original)", paper="Kim et al. 2023; PAPER.md 2.3",
+@register("bild", kind="sequential", title="BiLD (original)", paper="Kim et al. 2023; arXiv 2405.19261 App. E.5",
           alpha=AlphaRange(0.0, math.inf, default=2.0,
                            meaning="rollback threshold: roll back at the first draft with D(q,p) > alpha"),
           extra={"alpha_f": AlphaRange(0.0, 1.0, default=0.5,

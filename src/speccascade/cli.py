@@ -48,7 +48,8 @@ def _generate(args) -> int:
     if args.backend != "dynamic":
         from .models import make_backend
 
-        drafter, verifier = make_backend(drafter, "drafter", args.backend), make_backend(verifier, "verifier", args.backend)
+        drafter = make_backend(drafter, "drafter", args.backend)
+        verifier = make_backend(verifier, "verifier", args.backend)
     settings["eos_token_id"] = eos
     if args.compare:  # time both without the first call's one-off costs
         for m, a, o in ((args.method, args.alpha, options), ("verifier_only", None, {})):
@@ -118,7 +119,8 @@ def _methods(args) -> int:
 
 def _describe_option(spec) -> str:
     if hasattr(spec, "low"):  # an AlphaRange
-        return f"a number in {spec.describe()} (default {spec.default:g})" + (f": {spec.meaning}" if spec.meaning else "")
+        meaning = f": {spec.meaning}" if spec.meaning else ""
+        return f"a number in {spec.describe()} (default {spec.default:g}){meaning}"
     return spec.describe() + (f": {spec.meaning}" if getattr(spec, "meaning", "") else "")
 
 
@@ -171,8 +173,15 @@ def _check_out_dir(path: Path, flag: str) -> None:
 
 
 def _load_pair(args):
-    from .models.loading import (TOKENIZER_DIR, TOKENIZER_FILES, check_device, check_model_path, embedded_pair_dirs,
-                                 load_causal_lm, load_tokenizer)
+    from .models.loading import (
+        TOKENIZER_DIR,
+        TOKENIZER_FILES,
+        check_device,
+        check_model_path,
+        embedded_pair_dirs,
+        load_causal_lm,
+        load_tokenizer,
+    )
 
     dev = check_device(args.device, "drafter and verifier (--device)")
     tok_path, tok_role = args.tokenizer, "--tokenizer"
@@ -194,7 +203,6 @@ def _load_pair(args):
                                    f"tokenizer_config.json, ...) and no --tokenizer was given; pass --tokenizer DIR "
                                    f"with the folder that holds the tokenizer both models share")
     import torch
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -265,7 +273,8 @@ def _sweep(args) -> int:
     from .models.loading import set_threads
 
     set_threads(args.threads)
-    methods = list(METHODS) if args.methods.strip() == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = (list(METHODS) if args.methods.strip() == "all"
+               else [m.strip() for m in args.methods.split(",") if m.strip()])
     if not methods:
         raise SpecCascadeError(f"--methods {args.methods!r} names no method; give names separated by commas, or 'all'")
     for m in methods:
@@ -349,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verifier", help="verifier checkpoint directory or .gguf file")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the verifier's)")
     g.add_argument("--pair", default="tiny", help="embedded pair to use when no models are given")
-    g.add_argument("--format", choices=["translate", "raw"], help="prompt format (default: translate for the embedded pair)")
+    g.add_argument("--format", choices=["translate", "raw"],
+                   help="prompt format (default: translate for the embedded pair)")
     g.add_argument("--method", default=DEFAULTS.method, choices=list(METHODS),
                    help=f"decoding method (default {DEFAULTS.method}; see `speccascade methods`)")
     g.add_argument("--alpha", type=float, default=DEFAULTS.alpha,
@@ -387,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="run the cost-quality sweep; appends one JSONL record per cell (resumable)")
     s.add_argument("--task", default=None, help="bible_en_es (the default) or jsonl (the default with --task-file)")
     s.add_argument("--task-file", help="JSONL file of {input, reference} rows (task 'jsonl')")
-    s.add_argument("--metric", default=None, help="metric of a jsonl task: bleu, chrf, rouge1/2/L, exact_match, token_f1")
+    s.add_argument("--metric", default=None,
+                   help="metric of a jsonl task: bleu, chrf, rouge1/2/L, exact_match, token_f1")
     s.add_argument("--drafter")
     s.add_argument("--verifier")
     s.add_argument("--tokenizer")
@@ -466,7 +477,8 @@ def main(argv=None) -> int:
         if os.environ.get("SPECCASCADE_TRACEBACK"):
             raise
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
-        print(f"speccascade: error: unexpected {type(e).__name__}{where}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"speccascade: error: unexpected {type(e).__name__}{where}: {first}"
               f" (set SPECCASCADE_TRACEBACK=1 to see where; please report it)", file=sys.stderr)
         return 1
 

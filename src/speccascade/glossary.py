@@ -1,6 +1,6 @@
 """The words of this code base, written once.
 
-Math (paper, PAPER.md section 1)      Code
+Math (arXiv 2405.19261, Section 2)   Code
 ------------------------------------ -------------------------------------------------------
 q, the drafter (small model)         ``drafter``; its next-token distribution ``draft_probs``
 p, the verifier (large model)        ``verifier``; its next-token distribution ``target_probs``
@@ -9,7 +9,8 @@ gamma, the draft block size          ``gamma``
 alpha, a rule's threshold            ``alpha`` (``alpha_f``: original BiLD's fallback threshold)
 delta(q, p) / r(x_<t, v), deferral   ``defer`` (True = the verifier's distribution is demanded)
 
-Two versions of each distribution are kept (PAPER.md section 9, pitfall 3):
+Two versions of each distribution are kept (the paper states the split for greedy decoding, App. C.3,
+Lemma 8; the authors' reference implementation uses it at every temperature):
 
 * ``draft_probs`` / ``target_probs``: the *sampling* distributions, i.e. after temperature,
   top-k and top-p (one-hot at temperature 0). Mixtures, D_TV, acceptance ratios, residuals and

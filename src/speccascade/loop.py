@@ -4,7 +4,7 @@ Lossless SD, lossy SD, BiLD* and every speculative cascade run through ``specula
 they differ only in the rule that builds pi (:mod:`.rules`). Rows of a batch advance
 independently: each accepts its own number of drafts per block.
 
-Per block (PAPER.md section 3.2):
+Per block (Algorithm 4 of arXiv 2405.19261):
 1. Draft: gamma + 1 drafter calls of one token per row. Calls 0 .. gamma-1 give q_t .. q_{t+gamma-1}
    and the drafts x_t .. x_{t+gamma-1}; call gamma feeds the last draft and gives q_{t+gamma}, which
    the bonus token's pi_{t+gamma} = T(q_{t+gamma}, p_{t+gamma}) needs. When all drafts are accepted
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import runner
 from .models.base import Backend, first_pending, prefill_calls
 from .registry import MethodSpec
 from .rules import Dists
-from . import runner
 from .runner import StepSync, raise_if_nonfinite, run_steps  # noqa: F401  (StepSync, raise_if_nonfinite: re-exported)
 from .sampling import SamplingConfig, confidence_probs, draw_with, exponential_noise, sampling_probs
 from .stats import Stats

@@ -3,7 +3,8 @@
 Each rule maps a :class:`Dists` (the drafter's and verifier's distributions at the same prefixes)
 and a threshold ``alpha`` to a :class:`Target`: ``pi`` and the deferral mask. They are what
 distinguishes lossless SD, lossy SD, BiLD* and every speculative cascade; the loop that runs them
-(:mod:`.loop`, Algorithm 4) is shared. Equation numbers follow arXiv v2 (PAPER.md).
+(:mod:`.loop`, Algorithm 4) is shared. Equation, algorithm and table numbers follow arXiv 2405.19261 v2
+(Narasimhan et al., "Faster Cascades via Speculative Decoding").
 
 ``alpha`` is a float, or a tensor with one threshold per row  # [B]  (``generate(alpha=[...])``): every rule
 is elementwise in alpha, and :func:`per_row` broadcasts it against the statistic it is compared
@@ -12,9 +13,10 @@ with (``[B, 1]`` for a per-position statistic ``[B, gamma + 1]``, ``[B, 1, 1]`` 
 what a float with that row's value gives (expressions of alpha alone, such as ``1 - alpha``, are
 formed in float64 first, as Python forms them for a float).
 
-Temperature (PAPER.md section 9, pitfall 3): deferral statistics (max-probabilities, entropies,
-token thresholds, BiLD's discrepancy) use the untempered ``*_conf`` softmaxes; the mixture and
-D_TV use the sampling distributions ``*_probs``.
+Temperature: deferral statistics (max-probabilities, entropies, token thresholds, BiLD's
+discrepancy) use the untempered ``*_conf`` softmaxes; the mixture and D_TV use the sampling
+distributions ``*_probs``. The paper states this split only for greedy decoding (App. C.3, Lemma 8);
+the authors' reference implementation applies it at every temperature, and so does this code.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch
 from .registry import AlphaRange, register
 
 INF = math.inf
-LENIENCE = AlphaRange(0.0, 1.0, high_open=True, default=0.3, meaning="lenience: 0 = exact SD, towards 1 accepts more drafts")
+LENIENCE = AlphaRange(0.0, 1.0, high_open=True, default=0.3,
+                      meaning="lenience: 0 = exact SD, towards 1 accepts more drafts")
 
 
 @dataclass
@@ -183,9 +186,6 @@ def bild_discrepancy(d: Dists) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # speculative cascades with a deferral rule delta(q, p) (Algorithm 5)
-
-_PROB = "a probability threshold"
-
 
 @register("chow", kind="speculative", title="SpecCascade [Chow]", paper="eq. (2), Alg. 5",
           alpha=AlphaRange(0.0, 1.0, default=0.5,

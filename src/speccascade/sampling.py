@@ -15,7 +15,6 @@ import torch
 from .checks import as_int, as_real
 from .errors import SpecCascadeError
 
-
 #: The smallest temperature that is sampled from; 0 < T < MIN_TEMPERATURE is refused (logits / T
 #: overflows float32 and the softmax turns into NaN, which used to emit pad tokens). T = 0 is greedy.
 MIN_TEMPERATURE = 1e-4

@@ -19,9 +19,9 @@ Optional, for callers that want more than tokens (the server, :mod:`speccascade.
   token limit): they are marked done, emit nothing more and stop counting.
 
 The loops call :class:`BlockHook` after each block (the runner's ``after``, or one line in the
-sequential loops), before the step's sync; on a GPU the per-block host read of the tokens forgoes the loop's one-block-late pipelining,
-so a streamer costs one device sync per block. ``seq_cascade`` (which may regenerate a whole
-response) has no hook: its tokens are put once, at the end.
+sequential loops), before the step's sync; on a GPU the per-block host read of the tokens forgoes the
+loop's one-block-late pipelining, so a streamer costs one device sync per block. ``seq_cascade``
+(which may regenerate a whole response) has no hook: its tokens are put once, at the end.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ target distributions pi_{t+j} at the gamma + 1 positions j = 0 .. gamma:
 3. the new token at t + j* is drawn from norm(max{0, pi_{t+j*} - q_{t+j*}}) if j* < gamma (the
    *recovered* token), else from the bonus distribution pi_{t+gamma} (p_{t+gamma} for sd / lossy).
 
-The one-step law of steps 1-3 is pi (Leviathan et al. 2023, Thm. 1; PAPER.md section 3.2):
+The one-step law of steps 1-3 is pi (Leviathan et al. 2023, Thm. 1; Algorithm 4 of arXiv 2405.19261):
 P(out = v) = q(v) min{1, pi(v)/q(v)} + (sum_u max{0, q(u) - pi(u)}) norm(max{0, pi - q})(v) = pi(v)
 for normalised pi. No host synchronisation happens here.
 """
@@ -21,7 +21,7 @@ import torch
 
 from .sampling import draw_with, exponential_noise, uniform
 
-#: Floor of q(x) in the ratio pi(x)/q(x) (the notebook's MIN_PROBS); only numerical zeros meet it.
+#: Floor of q(x) in the ratio pi(x)/q(x), so that a zero q(x) gives a finite ratio; only numerical zeros meet it.
 MIN_PROB = 1e-10
 
 
@@ -44,7 +44,7 @@ def residual(pi: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
     """max{0, pi - q}, unnormalised, guarded against 0/0.  # [..., V]
 
     The residual is all-zero only where pi <= q everywhere, i.e. where every draft is accepted with
-    probability 1 and it is never sampled (PAPER.md pitfall 5); float rounding can still land
+    probability 1 and it is never sampled (so it must not be normalised blindly); float rounding can still land
     there, so such rows fall back to pi itself rather than to a NaN.
     """
     res = (pi - draft_probs).clamp_min(0)

@@ -93,5 +93,6 @@ def clean_osis(raw: str) -> str:
 def read_module(name: str, root: Path = SWORD_ROOT) -> list[Slot]:
     module_dir = root / "modules" / "texts" / "ztext" / name
     if not module_dir.is_dir():
-        raise FileNotFoundError(f"SWORD module {name!r} not found under {module_dir}; install Debian's sword-text-* package")
+        raise FileNotFoundError(
+            f"SWORD module {name!r} not found under {module_dir}; install Debian's sword-text-* package")
     return label_slots(read_slots(module_dir, "ot")) + label_slots(read_slots(module_dir, "nt"))

@@ -1,1 +1,1 @@
-"""Evaluation: metrics (sacrebleu) and translation of the Bible task with any method."""
+"""Evaluation: metrics (sacrebleu), tasks (the Bible translation task and JSONL files), the sweep and its report."""

@@ -3,9 +3,10 @@
 Reads records only (never models). For each (temperature, gamma, batch size) group:
 
 * ``quality_vs_latency_*.png`` / ``quality_vs_rejection_*.png``: one curve per method (points
-  sorted by the x value), its Pareto front drawn bold; the verifier's and the drafter's quality as
-  dotted reference lines.
-* Table 2 (PAPER.md 6.5): (i) the latency reduction when matching the verifier's quality:
+  sorted by the x value, each labelled with its alpha; its own colour and marker; a single-point
+  method such as sd as one large marker), its Pareto front drawn bold; the verifier's and the
+  drafter's quality as dotted reference lines; the number of examples in the title.
+* Table 2 (arXiv 2405.19261, Section 6, Table 2): (i) the latency reduction when matching the verifier's quality:
   1 / (the smallest relative latency at which the method's Pareto front reaches the verifier's
   quality), found by linear interpolation between the two neighbouring front points that straddle
   that quality ("-" if no point reaches it); (ii) the best quality among measured points whose
@@ -119,7 +120,8 @@ def _model_cost(r: dict, drafter_step: float, verifier_step: float, verifier_blo
 
 def what_if(records: list[dict], cost_ratio: float, block_cost: float = 1.0) -> list[dict]:
     """The cells re-timed by the latency model with assumed per-call costs, in units of one verifier
-    step: a drafter step costs ``cost_ratio`` (c of PAPER.md 5.7), a verifier call on a block of
+    step: a drafter step costs ``cost_ratio`` (c of Leviathan et al. 2023's speed-up model; the paper itself
+    measures wall-clock time and has no cost ratio), a verifier call on a block of
     gamma + 1 tokens ``block_cost`` (about 1 where the verifier is memory-bound). Each cell's
     ``relative_latency`` becomes its predicted cost over the predicted cost of the ``verifier_only``
     cell of the same file, temperature, seed and batch size (counters are the sweep's own; only the
@@ -131,7 +133,8 @@ def what_if(records: list[dict], cost_ratio: float, block_cost: float = 1.0) -> 
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise SpecCascadeError(f"what-if {name} must be a finite number > 0, got {v!r}")
     cells = [r for r in records if r.get("type") == "cell"]
-    base = {(r.get("_source"), r["temperature"], r["seed"], r["batch_size"]): _model_cost(r, cost_ratio, 1.0, block_cost)
+    base = {(r.get("_source"), r["temperature"], r["seed"], r["batch_size"]):
+            _model_cost(r, cost_ratio, 1.0, block_cost)
             for r in cells if r["method"] == "verifier_only"}
     out = []
     for r in cells:
@@ -165,8 +168,35 @@ def latency_model(records: list[dict]) -> dict:
             "note": "prefill passes and host overhead are not in the model; per-call costs measured in the sweep"}
 
 
+#: Marker per curve (cycled with the colours), so that curves stay apart where colours are close.
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "p", "h", "*", "d", "H", "8")
+
+
+def _point_label(r: dict, with_gamma: bool) -> str | None:
+    """The text beside a point: its alpha (and gamma where the curve mixes several); None if neither."""
+    parts = []
+    if r.get("alpha") is not None:
+        a = r["alpha"]
+        parts.append(f"α={a:g}" if isinstance(a, (int, float)) else f"α={a}")
+    if with_gamma:
+        parts.append(f"γ={r['gamma']}")
+    return ", ".join(parts) or None
+
+
+def _examples_note(rows: list[dict]) -> str:
+    """"N examples" from the cells' signatures ("" when the records do not say)."""
+    counts = sorted({r["signature"]["examples"] for r in rows
+                     if isinstance(r.get("signature"), dict) and r["signature"].get("examples") is not None})
+    if not counts:
+        return ""
+    return f"; {counts[0]} examples" if len(counts) == 1 else f"; {'/'.join(map(str, counts))} examples"
+
+
 def plot(records: list[dict], metric: str, out_dir: Path, latency_label: str = "relative latency (÷ verifier alone)",
          rejection: bool = True) -> list[Path]:
+    """One figure per (temperature, batch size) and x axis. Each method is a curve with its own colour
+    and marker, every point labelled with its alpha; a method with one point (sd) is a large marker.
+    The title gives the number of examples each point averages over."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,22 +221,35 @@ def plot(records: list[dict], metric: str, out_dir: Path, latency_label: str = "
             for i, (m, rs) in enumerate(sorted(by_method.items())):
                 if m in ("verifier_only", "drafter_only"):
                     continue
-                pts = sorted((r[xname], r["quality"][metric]) for r in rs)
+                rs = sorted(rs, key=lambda r: (r[xname], r["quality"][metric]))
+                pts = [(r[xname], r["quality"][metric]) for r in rs]
                 sequential = _kind(m) == "sequential"
-                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--" if sequential else "o-", ms=3.5,
-                                lw=0.8, alpha=0.6, color=colors[i % len(colors)],
-                                label=f"{m} (sequential)" if sequential else m)
-                front = pareto_front(pts) if xname == "relative_latency" else []
-                if front:
-                    ax.plot([p[0] for p in front], [p[1] for p in front], "-", lw=2.2, color=line.get_color())
+                color, marker = colors[i % len(colors)], MARKERS[i % len(MARKERS)]
+                label = f"{m} (sequential)" if sequential else m
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                if len(pts) == 1:   # a lone point (sd): a marker that stands out, no line
+                    ax.plot(xs, ys, linestyle="none", marker=marker, ms=9, color=color, markeredgecolor="k",
+                            markeredgewidth=0.7, label=label, zorder=3)
+                else:
+                    ax.plot(xs, ys, linestyle="--" if sequential else "-", marker=marker, ms=5, lw=0.8, alpha=0.75,
+                            color=color, label=label)
+                    front = pareto_front(pts) if xname == "relative_latency" else []
+                    if len(front) > 1:
+                        ax.plot([p[0] for p in front], [p[1] for p in front], "-", lw=2.2, color=color)
+                with_gamma = not sequential and len({r["gamma"] for r in rs}) > 1
+                for r, (x, y) in zip(rs, pts):
+                    text = _point_label(r, with_gamma)
+                    if text:
+                        ax.annotate(text, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6,
+                                    color=color)
             for m, style in (("verifier_only", ":"), ("drafter_only", "--")):
                 ref = [r for r in rows if r["method"] == m]
                 if ref:
                     ax.axhline(ref[0]["quality"][metric], ls=style, color="k", lw=1, label=f"{m} quality")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric)
-            ax.set_title(f"{metric} vs {xlabel.split(' (')[0]} (T={T:g}, batch={b})"
-                         + ("; bold: Pareto front" if xname == "relative_latency" else ""))
+            ax.set_title(f"{metric} vs {xlabel.split(' (')[0]} (T={T:g}, batch={b}{_examples_note(rows)})"
+                         + ("; bold: Pareto front" if xname == "relative_latency" else ""), fontsize=10)
             ax.legend(fontsize=7, ncol=2)
             ax.grid(alpha=0.3)
             path = out_dir / f"quality_vs_{xname}_T{T:g}_b{b}.png"

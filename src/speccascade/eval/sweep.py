@@ -1,15 +1,16 @@
 """The cost-quality sweep: every (method, alpha, gamma, temperature, seed, batch size) cell over a
 task's examples, one JSONL record per cell, resumable.
 
-Protocol (PAPER.md 6.4): examples are decoded at batch size 1 by default (``batch_sizes`` may add
-batched cells); the latency of a cell is the wall-clock sum over its examples; its *relative
-latency* divides by the ``verifier_only`` latency at the same temperature, seed and batch size,
-measured in the same sweep file (that cell always runs first). A record is appended and flushed
-as soon as its cell finishes; on restart, cells already in the file are skipped, so an
-interrupted sweep loses at most the cell in flight and never repeats one. A torn last line (a
-writer killed mid-write) is cut off before anything is appended; a file written with other
-settings (task, examples, max_new_tokens, backend, dtype, device) or weights is refused, never
-silently extended; the whole grid (every alpha) is validated before the first cell runs.
+Protocol (arXiv 2405.19261, Section 6 and App. E.1, after Leviathan et al. 2023): examples are
+decoded at batch size 1 by default (``batch_sizes`` may add batched cells); the latency of a cell is
+the wall-clock sum over its examples; its *relative latency* divides by the ``verifier_only``
+latency at the same temperature, seed and batch size, measured in the same sweep file (that cell
+always runs first). A record is appended and flushed as soon as its cell finishes; on restart, cells
+already in the file are skipped, so an interrupted sweep loses at most the cell in flight and never
+repeats one. A torn last line (a writer killed mid-write) is cut off before anything is appended; a
+file written with other settings (task, examples, max_new_tokens, backend, dtype, device) or weights
+is refused, never silently extended; the whole grid (every alpha) is validated before the first cell
+runs.
 
 Each record carries a reproducibility ``signature`` (models, task, method, alpha, gamma, T, seed,
 library and torch versions, device); ``type: "costs"`` records hold the per-call costs of the
@@ -39,8 +40,8 @@ from ..sampling import SamplingConfig
 from ..stats import Stats
 from .tasks import Task, run_task
 
-#: Default alpha grids per method (PAPER.md section 4 / the notebook's ranges, negative alphas
-#: included so that the pure-SD end is reached).
+#: Default alpha grids per method (the paper varies alpha over [0, 1] for probability thresholds and
+#: [0, 10] for BiLD, Section 6; negative alphas are included so that the pure-SD end is reached).
 DEFAULT_ALPHAS: dict[str, list] = {
     "sd": [None], "verifier_only": [None], "drafter_only": [None],
     "lossy": [0.0, 0.2, 0.4, 0.6, 0.8, 0.95], "lossy_tuned": [0.0, 0.2, 0.4, 0.6, 0.8, 0.95],
@@ -371,7 +372,8 @@ def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int
             "verifier_block_s": timed(verifier, gamma + 1), "gamma": gamma}
 
 
-def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell, max_new_tokens: int) -> tuple[list[str], Stats]:
+def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell,
+             max_new_tokens: int) -> tuple[list[str], Stats]:
     return run_task(drafter, verifier, tokenizer, task, [ex.input for ex in examples], method=cell.method,
                     alpha=cell.alpha, gamma=cell.gamma, temperature=cell.temperature, batch_size=cell.batch_size,
                     max_new_tokens=max_new_tokens, seed=cell.seed, **dict(cell.options))

@@ -1,7 +1,7 @@
 """Tasks: where examples come from, how a prompt is built, how outputs are scored.
 
 ``TASKS`` is the registry: ``bible_en_es`` (the shipped test split, BLEU + chrF, the translation
-prompt format of :mod:`speccascade.train.tokenizer`) and ``jsonl`` (any file of
+prompt format of :mod:`speccascade.data.prompt`) and ``jsonl`` (any file of
 ``{"input", "reference"}`` rows, the input encoded as is with the verifier's tokenizer, scored by a
 chosen metric of :data:`speccascade.eval.metrics.METRICS`).
 """
@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import prompt as bible_prompt
 from ..errors import SpecCascadeError
 from .metrics import METRICS
 
@@ -68,19 +69,13 @@ class BibleTask(Task):
         return [Example(p["id"], p["en"], p["es"]) for p in load_split("test")]
 
     def encode(self, tokenizer, text):
-        from ..train.tokenizer import encode_prompt
-
-        return encode_prompt(tokenizer, text)
+        return bible_prompt.encode_prompt(tokenizer, text)
 
     def eos_token_id(self, tokenizer):
-        from ..train.tokenizer import EOS
-
-        return EOS
+        return bible_prompt.EOS
 
     def decode(self, tokenizer, ids):
-        from ..train.tokenizer import decode
-
-        return decode(tokenizer, ids)
+        return bible_prompt.decode(tokenizer, ids)
 
 
 class JsonlTask(Task):
@@ -173,9 +168,25 @@ def run_task(drafter, verifier, tokenizer, task: Task, inputs: list[str], *, met
     for k in tqdm(range(0, len(order), batch_size), desc=method, disable=not progress):
         idx = order[k:k + batch_size]
         out = generate(drafter, verifier, [prompts[i] for i in idx], method=method, alpha=alpha, gamma=gamma,
-                       temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=task.eos_token_id(tokenizer),
+                       temperature=temperature, max_new_tokens=max_new_tokens,
+                       eos_token_id=task.eos_token_id(tokenizer),
                        seed=seed * 100_003 + k, **options)
         for i, toks in zip(idx, out.tokens):
             outputs[i] = task.decode(tokenizer, toks)
         total.add(out.stats)
     return outputs, total
+
+
+def translate_pairs(drafter, verifier, tokenizer, pairs: list[dict], *, method: str = "verifier_only", alpha=None,
+                    gamma: int = 5, temperature: float = 0.0, batch_size: int = 64, max_new_tokens: int = 200,
+                    seed: int = 0, progress: bool = False, **options):
+    """The Spanish of each Bible pair's ``en`` (dicts with ``en`` / ``es``), in input order: :func:`run_task`
+    on :class:`BibleTask`; returns (outputs, summed Stats)."""
+    return run_task(drafter, verifier, tokenizer, BibleTask(), [p["en"] for p in pairs], method=method, alpha=alpha,
+                    gamma=gamma, temperature=temperature, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    seed=seed, progress=progress, **options)
+
+
+def score_pairs(hyps: list[str], pairs: list[dict]) -> dict[str, float]:
+    """BLEU and chrF of ``hyps`` against each pair's ``es`` (:class:`BibleTask`'s metrics)."""
+    return BibleTask().score(hyps, [p["es"] for p in pairs])

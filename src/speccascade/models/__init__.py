@@ -51,7 +51,8 @@ def _auto(model, name, max_cache_len):
         return _fused(model, name, max_cache_len)
     except UnsupportedModel as e:
         device = next(model.parameters()).device
-        warnings.warn(f"{e}; falling back to the {'graphs' if device.type == 'cuda' else 'dynamic'} backend")
+        warnings.warn(f"{e}; falling back to the {'graphs' if device.type == 'cuda' else 'dynamic'} backend",
+                      stacklevel=2)
         return BACKENDS["graphs" if device.type == "cuda" else "dynamic"](model, name, max_cache_len)
 
 

@@ -29,7 +29,8 @@ def _new_cache(config):
 class HFBackend:
     def __init__(self, model: torch.nn.Module, name: str = "model"):
         if not hasattr(model, "config") or not callable(getattr(model, "forward", None)):
-            raise SpecCascadeError(f"{name} must be a transformers causal LM (AutoModelForCausalLM), got {type(model).__name__}")
+            raise SpecCascadeError(
+                f"{name} must be a transformers causal LM (AutoModelForCausalLM), got {type(model).__name__}")
         if getattr(model.config, "is_encoder_decoder", False):
             raise SpecCascadeError(f"the {name} ({type(model).__name__}) is an encoder-decoder model; this backend "
                                    f"({type(self).__name__}) is for decoder-only causal LMs: use the seq2seq backend "
@@ -51,7 +52,7 @@ class HFBackend:
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         input_ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device).bool()
-        self.cache = self._make_cache(input_ids.shape[0])
+        self.cache = _new_cache(self.model.config)
         self.valid = mask[:, :-1].clone()              # [B, slots] which cache slots each row uses
         self.n_pos = self.valid.sum(1)                  # [B] real tokens cached (committed + tentative)
         self.n_committed = self.n_pos.clone()           # [B]
@@ -99,9 +100,6 @@ class HFBackend:
             self.valid = self.valid[:, :keep_slots]
 
     # -- internals ----------------------------------------------------------------------------
-
-    def _make_cache(self, batch: int):
-        return _new_cache(self.model.config)
 
     def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions,

@@ -119,7 +119,8 @@ class FusedLlamaBackend:
             "post_norm": layer.post_attention_layernorm.weight.detach(),
             "w13": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
             "b13": bias(mlp.gate_proj, mlp.up_proj),
-            "w2": mlp.down_proj.weight.detach(), "b2": None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
+            "w2": mlp.down_proj.weight.detach(),
+            "b2": None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
         }
 
     # -- the Backend interface -----------------------------------------------------------------

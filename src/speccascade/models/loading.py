@@ -57,7 +57,8 @@ def check_device(device, role: str = "model") -> torch.device:
             raise DeviceError(f"device {str(dev)!r} for the {role}: this machine has {torch.cuda.device_count()} "
                               f"CUDA GPU(s), numbered from 0")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise DeviceError(f"device 'mps' for the {role}: Apple's MPS is not available on this machine; use --device cpu")
+        raise DeviceError(
+            f"device 'mps' for the {role}: Apple's MPS is not available on this machine; use --device cpu")
     return dev
 
 
@@ -240,4 +241,5 @@ def load_tokenizer(path: str | Path, gguf_file: str | None = None, role: str = "
         with _quiet_transformers():
             return AutoTokenizer.from_pretrained(str(path), **kwargs)
     except Exception as e:
-        raise ModelLoadError(f"could not load the {role} from {where!r}: {type(e).__name__}: {_first_line(e)}") from None
+        raise ModelLoadError(
+            f"could not load the {role} from {where!r}: {type(e).__name__}: {_first_line(e)}") from None

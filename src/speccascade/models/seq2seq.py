@@ -82,7 +82,7 @@ class Seq2SeqBackend:
 
     @torch.no_grad()
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        from transformers import DynamicCache, EncoderDecoderCache
+        from transformers import EncoderDecoderCache
 
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device).bool()

@@ -27,8 +27,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SpecCascadeError
 from .engine import Engine, Row, combine
-from .protocol import (ChatRequest, CompletionRequest, RequestError, chat_response, completion_response, error_body,
-                       new_id, sse, usage, validation_message)
+from .protocol import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    chat_response,
+    completion_response,
+    error_body,
+    new_id,
+    sse,
+    usage,
+    validation_message,
+)
 
 log = logging.getLogger("speccascade.server")
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")

@@ -38,7 +38,8 @@ def read_pairs(path: Path) -> list[dict]:
                 if not line.strip():
                     continue
                 row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("en"), str) or not isinstance(row.get("es"), str):
+                if not (isinstance(row, dict) and isinstance(row.get("en"), str)
+                        and isinstance(row.get("es"), str)):
                     raise SpecCascadeError(f"{path}:{n}: a training row needs string fields 'en' and 'es'")
                 rows.append(row)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -54,7 +55,7 @@ def distill(drafter_or_verifier, tokenizer, out: Path, temperatures=(0.0, 1.0), 
     """Translate the training split's sources with ``drafter_or_verifier`` alone (a model or a
     backend; ``verifier_only``) at each temperature and write the rows to ``out``. With
     ``with_references`` the reference pairs are written too. Returns a summary (rows, tokens)."""
-    from ..eval.translation import translate
+    from ..eval.tasks import translate_pairs
 
     model = drafter_or_verifier
     pairs = load_split("train")[:limit] if limit else load_split("train")
@@ -69,9 +70,9 @@ def distill(drafter_or_verifier, tokenizer, out: Path, temperatures=(0.0, 1.0), 
                                    ensure_ascii=False) + "\n")
                 rows += 1
         for t in temperatures:
-            hyps, stats = translate(model, model, tokenizer, pairs, method="verifier_only", temperature=float(t),
-                                    batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
-                                    progress=progress)
+            hyps, stats = translate_pairs(model, model, tokenizer, pairs, method="verifier_only",
+                                          temperature=float(t), batch_size=batch_size,
+                                          max_new_tokens=max_new_tokens, seed=seed, progress=progress)
             tokens += stats.emitted
             for i, (p, h) in enumerate(zip(pairs, hyps)):
                 if h.strip():

@@ -29,7 +29,8 @@ def train_lm(tokens: np.ndarray, vocab_size: int, shape: Shape, out: Path, devic
     n_val = int(len(data) * val_fraction)
     train, val = data[:-n_val], data[-n_val:]
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                      num_key_value_heads=shape.kv_heads,
                       max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=bos_token_id,
                       eos_token_id=eos_token_id)
     model = LlamaForCausalLM(cfg).to(dev)

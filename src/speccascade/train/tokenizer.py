@@ -1,15 +1,17 @@
-"""The byte-level BPE tokenizer shared by the Bible translation models, and the prompt format.
+"""The byte-level BPE tokenizer shared by the Bible translation models.
 
-Prompt format (documented in the README): ``<s>{english}<2es>``; the model continues with
-``{spanish}</s>``. Token ids: ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, ``<2es>`` = 3.
+The prompt format lives in :mod:`speccascade.data.prompt` (evaluation and serving need it without
+the training code); it is re-exported here for existing imports.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<2es>"]
-PAD, BOS, EOS, SEP = 0, 1, 2, 3
+from ..data.prompt import BOS, EOS, PAD, SEP, SPECIALS, decode, encode_prompt, encode_target
+
+__all__ = ["BOS", "EOS", "PAD", "SEP", "SPECIALS", "decode", "encode_prompt", "encode_target", "load_tokenizer",
+           "train_tokenizer"]
 
 
 def train_tokenizer(texts, vocab_size: int = 8000):
@@ -31,15 +33,3 @@ def load_tokenizer(path: str | Path):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(str(path))
-
-
-def encode_prompt(tokenizer, english: str) -> list[int]:
-    return [BOS] + tokenizer.encode(english, add_special_tokens=False) + [SEP]
-
-
-def encode_target(tokenizer, spanish: str) -> list[int]:
-    return tokenizer.encode(spanish, add_special_tokens=False) + [EOS]
-
-
-def decode(tokenizer, ids: list[int]) -> str:
-    return tokenizer.decode([i for i in ids if i > SEP], skip_special_tokens=True).strip()

@@ -1,10 +1,12 @@
 """Train a decoder-only translation model (a ``transformers`` Llama) on the Bible EN->ES pairs.
 
-It reports progress (tqdm: train and validation loss), and at the end the greedy BLEU / chrF of the best checkpoint on 200 validation pairs. The result is an ordinary Hugging Face checkpoint (``config.json``, ``model.safetensors``,
+It reports progress (tqdm: train and validation loss), and at the end the greedy BLEU / chrF of the
+best checkpoint on 200 validation pairs. The result is an ordinary Hugging Face checkpoint
+(``config.json``, ``model.safetensors``,
 tokenizer files) plus ``training.json`` (the preset, steps, losses, BLEU, time and device).
 The loss is on the Spanish side only. The best checkpoint by validation loss is written to disk
 at each evaluation, so an interrupted run keeps what it had (early stopping against memorising
-the 30k training pairs, ASSETS.md).
+the 30k training pairs).
 
     speccascade train --preset tiny --role verifier --out models/tiny/verifier --device cuda
 """
@@ -147,8 +149,8 @@ def evaluate_loss(model, data, device, batch_size=128) -> float:
         ids, labels, mask = collate(data[i:i + batch_size], device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
         total += float(loss)
         count += int((labels[:, 1:] != -100).sum())
     model.train()
@@ -272,7 +274,8 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     log["train_seconds"] = time.perf_counter() - start
     if bleu_pairs:
         log["validation_bleu"] = validation_bleu(out, dev, bleu_pairs)
-        bar.write(f"validation BLEU (greedy, {bleu_pairs} pairs, best checkpoint): {log['validation_bleu']['bleu']:.2f}")
+        bleu = log["validation_bleu"]["bleu"]
+        bar.write(f"validation BLEU (greedy, {bleu_pairs} pairs, best checkpoint): {bleu:.2f}")
     (out / "training.json").write_text(json.dumps(log, indent=2))
     return log
 
@@ -281,14 +284,14 @@ def validation_bleu(checkpoint: Path, device: torch.device, n_pairs: int = 200) 
     """Greedy BLEU / chrF of the saved (best) checkpoint on the first ``n_pairs`` validation pairs."""
     from transformers import AutoModelForCausalLM
 
-    from ..eval.translation import score, translate
+    from ..eval.tasks import score_pairs, translate_pairs
     from .tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).to(device).eval()
     pairs = load_split("validation")[:n_pairs]
-    hyps, _ = translate(model, model, load_tokenizer(checkpoint), pairs, method="verifier_only", temperature=0.0,
-                        batch_size=100)
-    return score(hyps, pairs) | {"pairs": len(pairs)}
+    hyps, _ = translate_pairs(model, model, load_tokenizer(checkpoint), pairs, method="verifier_only", temperature=0.0,
+                              batch_size=100)
+    return score_pairs(hyps, pairs) | {"pairs": len(pairs)}
 
 
 def save_checkpoint(model, tokenizer, out: Path) -> None:

@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
+# ARCHIVED (moved from benchmarks/): the orchestration of the GPU runs behind results/gpu and the
+# base-pair sweeps, written for one lent multi-GPU machine (watch loops, detached runs, archives,
+# carried wip/ trees). Kept as the record of how those results were produced; the reusable
+# measurements are the Python scripts in benchmarks/.
+#
 # Issues 4 and 5 on one 4-GPU machine (the device tool), in three calls of under 10 minutes each on
 # the same warm machine (runs/ persists between them):
 #
-#   benchmarks/gpu_base_pair.sh train     GPU0: base drafter, GPU tests, roofline
+#   scripts/archive/gpu_base_pair.sh train     GPU0: base drafter, GPU tests, roofline
 #                                         GPU1-3: three candidate base verifiers (presets base,
 #                                         base_deep, base_wide)
-#   benchmarks/gpu_base_pair.sh sweep1    the best verifier by validation BLEU becomes runs/base/verifier;
+#   scripts/archive/gpu_base_pair.sh sweep1    the best verifier by validation BLEU becomes runs/base/verifier;
 #                                         GPU0: test-set evaluation of the pair + head-to-head benchmark
 #                                         GPU1-3: sweep workers 1-3
-#   benchmarks/gpu_base_pair.sh sweep2    GPU0-3: sweep workers 0-3 (1-3 resume where they stopped)
+#   scripts/archive/gpu_base_pair.sh sweep2    GPU0-3: sweep workers 0-3 (1-3 resume where they stopped)
 #
 # Second sweep (session 3), one detached run that outlives the device calls which watch it:
 #
-#   benchmarks/gpu_base_pair.sh pipeline  starts it (setsid): GPU0 drafter then GPU tests, GPU1 base
+#   scripts/archive/gpu_base_pair.sh pipeline  starts it (setsid): GPU0 drafter then GPU tests, GPU1 base
 #                                         verifier, GPU2 roofline + kernel profile + GEMV floor, GPU3 the
 #                                         1B roofline with inductor's coordinate-descent tuning; then
 #                                         sweep workers 0-3 (T = 0, then T = 0.5) into runs/sweep_base_b
 #                                         (TEMPS="1" SWEEP_DIR=runs/sweep_base_c: other temperatures, another
 #                                         file set; a new set uses the geometric seq_cascade grid)
-#   benchmarks/gpu_base_pair.sh watch S   waits up to S seconds for it, then copies everything it has
+#   scripts/archive/gpu_base_pair.sh watch S   waits up to S seconds for it, then copies everything it has
 #                                         produced so far to $OUT
 #
 # Third sweep (session 4, when only 2-GPU machines are lent; a machine is held at most 30 minutes):
 #
-#   benchmarks/gpu_base_pair.sh pipeline2 GPU0 drafter, then (when a wip/ tree was carried) the GPU
+#   scripts/archive/gpu_base_pair.sh pipeline2 GPU0 drafter, then (when a wip/ tree was carried) the GPU
 #                                         tests and a backend comparison of that tree; GPU1 verifier;
 #                                         then sweep workers 0-1 (WORKER_METHODS_C) at $TEMPS into
 #                                         $SWEEP_DIR. Watched with `watch S` as above.
@@ -35,7 +40,7 @@ set -uo pipefail
 phase="${1:?train|sweep1|sweep2}"
 limit="${2:-500}"
 out="${OUT:-/tmp/out}"
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 mkdir -p "$out/logs" runs/base runs/cand runs/sweep_base
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -1,0 +1,54 @@
+"""Helpers shared by several test modules (test modules import from here, never from each other)."""
+
+import numpy as np
+from scipy.stats import chisquare
+
+import speccascade as sc
+from speccascade.models import StaticHFBackend
+
+from tiny_models import tiny_pair
+
+
+def empirical(tokens):
+    """Counts of each generated row (a tuple of tokens)."""
+    counts: dict[tuple, int] = {}
+    for t in tokens:
+        counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+    return counts
+
+
+def chi2_pvalue(counts, law, n):
+    """Chi-square p-value of ``counts`` (of ``n`` rows) against the exact ``law``; cells expected
+    below 5 are pooled, and a row of probability 0 fails at once."""
+    keys = sorted(set(law) | set(counts))
+    assert set(counts) <= {k for k in law if law[k] > 0}, "a sequence with probability 0 was generated"
+    exp = np.array([law.get(k, 0.0) * n for k in keys])
+    obs = np.array([counts.get(k, 0) for k in keys], dtype=float)
+    small = exp < 5  # pool sparse cells
+    if small.any():
+        exp = np.append(exp[~small], exp[small].sum())
+        obs = np.append(obs[~small], obs[small].sum())
+    keep = exp > 0
+    return chisquare(obs[keep], exp[keep] * obs.sum() / exp[keep].sum()).pvalue
+
+
+def check_static_matches_dynamic(compile: bool, device: str = "cpu", factory=None):
+    """``factory(model, name, max_cache_len, compile)`` builds the backend under test (default:
+    StaticHFBackend)."""
+    backend = factory or StaticHFBackend  # the backend under test
+    d, v = (m.to(device) for m in tiny_pair(0, noise=0.05))
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
+    ref = sc.generate(d, v, prompts, method="verifier_only", temperature=0, max_new_tokens=16).tokens
+    sd_, sv = backend(d, "drafter", 256, compile), backend(v, "verifier", 256, compile)
+    assert sc.generate(sv, sv, prompts, method="verifier_only", temperature=0, max_new_tokens=16).tokens == ref
+    for gamma in (1, 4):
+        assert sc.generate(sd_, sv, prompts, method="sd", temperature=0, gamma=gamma, max_new_tokens=16).tokens == ref
+    # a one-token prompt on a new cache (no pre-fill call), batch 1
+    one = [[17]]
+    ref1 = sc.generate(d, v, one, method="verifier_only", temperature=0, max_new_tokens=8).tokens
+    assert sc.generate(backend(d, "drafter", 64, compile), backend(v, "verifier", 64, compile), one,
+                       method="sd", temperature=0, gamma=2, max_new_tokens=8).tokens == ref1
+    for method, kw in (("token_v3", {"gamma": 3}), ("token_cascade", {}), ("bild", {})):
+        dyn = sc.generate(d, v, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw).tokens
+        out = sc.generate(sd_, sv, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw)
+        assert out.tokens == dyn
