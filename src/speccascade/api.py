@@ -95,7 +95,8 @@ def _as_long(name: str, x) -> torch.Tensor:
     return t
 
 
-def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0,
+             encoder: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``input_ids  # [B, L]`` and ``attention_mask  # [B, L]`` from
 
     * a list of token lists / 1-D tensors (one prompt each, of any lengths; left-padded here), or a
@@ -104,7 +105,11 @@ def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[tor
     * a rectangular list of lists *with* an ``attention_mask`` (a padded batch as a tokenizer
       returns it without ``return_tensors``): used as the tensor case;
     * a ``transformers`` ``BatchEncoding`` / dict with ``input_ids`` (and ``attention_mask``).
+
+    ``encoder``: the rows are an encoder-decoder's encoder inputs; errors say so, and a padded
+    tensor may also be right-padded (each row's mask 0...0 1...1 0...0).
     """
+    what = "encoder input" if encoder else "prompt"
     if isinstance(input_ids, Mapping):
         if "input_ids" not in input_ids:
             raise SpecCascadeError(f"input_ids is a mapping without an 'input_ids' entry (keys: {sorted(input_ids)})")
@@ -113,12 +118,12 @@ def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[tor
         input_ids = input_ids["input_ids"]
     if isinstance(input_ids, (list, tuple)):
         if len(input_ids) == 0:
-            raise SpecCascadeError("empty prompt: input_ids is an empty list; give at least one token")
+            raise SpecCascadeError(f"empty {what}: input_ids is an empty list; give at least one token")
         first = input_ids[0]
         single = isinstance(first, int) or (getattr(first, "ndim", None) == 0 and hasattr(first, "item"))
         rows = [_token_row(input_ids, 0)] if single else [_token_row(r, i) for i, r in enumerate(input_ids)]
         if any(len(r) == 0 for r in rows):
-            raise SpecCascadeError("empty prompt: every row of input_ids needs at least one token")
+            raise SpecCascadeError(f"empty {what}: every row of input_ids needs at least one token")
         if attention_mask is not None:
             if len({len(r) for r in rows}) != 1:
                 raise SpecCascadeError(
@@ -140,7 +145,7 @@ def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[tor
     ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise SpecCascadeError(
-            f"empty prompt: input_ids must have shape [batch, length >= 1], got {tuple(input_ids.shape)}")
+            f"empty {what}: input_ids must have shape [batch, length >= 1], got {tuple(input_ids.shape)}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise SpecCascadeError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
     if attention_mask is None:
@@ -156,7 +161,13 @@ def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[tor
             raise SpecCascadeError("attention_mask must hold only 0 (padding) and 1 (a token)")
     mask = mask.long()
     if bool((mask.sum(1) == 0).any()):
-        raise SpecCascadeError("empty prompt: a row of attention_mask has no tokens")
+        raise SpecCascadeError(f"empty {what}: a row of attention_mask has no tokens")
+    if encoder:
+        runs = (mask[:, 1:] > mask[:, :-1]).long().sum(1) + mask[:, 0]   # runs of 1s per row
+        if bool((runs != 1).any()):
+            raise SpecCascadeError("encoder inputs must be left- or right-padded: each row's attention_mask must be "
+                                   "one run of 1s (0...0 1...1 0...0)")
+        return ids.long(), mask
     if bool((mask[:, -1] == 0).any()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise SpecCascadeError("prompts must be left-padded: each row's attention_mask must be 0...0 1...1 "
                                "(with a tokenizer: tokenizer.padding_side = 'left')")
@@ -220,6 +231,43 @@ def resolve_eos_token_id(eos_token_id, verifier, vocab: int) -> list[int]:
     return out
 
 
+def _describe(backend, model) -> str:
+    m = _model_of(model) if _model_of(model) is not None else _model_of(backend)
+    return type(m if m is not None else backend).__name__
+
+
+def _check_architectures(drafter: Backend, verifier: Backend, d_model, v_model) -> bool:
+    """Both models decoder-only, or both encoder-decoders (then True); else an error naming both."""
+    d_ed, v_ed = (bool(getattr(b, "encoder_decoder", False)) for b in (drafter, verifier))
+    if d_ed != v_ed:
+        kind = {True: "an encoder-decoder model", False: "a decoder-only model"}
+        raise SpecCascadeError(
+            f"the drafter ({_describe(drafter, d_model)}) is {kind[d_ed]} and the verifier "
+            f"({_describe(verifier, v_model)}) is {kind[v_ed]}; both must be decoder-only (causal LMs) or both "
+            f"encoder-decoders (T5, BART, Marian, ...) sharing one tokenizer")
+    if d_ed and drafter.decoder_start_token_id != verifier.decoder_start_token_id:
+        raise SpecCascadeError(
+            f"the drafter and verifier decoders start from different tokens (decoder_start_token_id "
+            f"{drafter.decoder_start_token_id} vs {verifier.decoder_start_token_id}); both models must share one "
+            f"tokenizer and start token")
+    return d_ed
+
+
+def _check_seq2seq(drafter: Backend, verifier: Backend, longest: int, max_new_tokens: int, gamma: int) -> None:
+    """Encoder-decoders: the source fits the encoder; the decoder's start token + new tokens + a
+    block fit the decoder's positions (the prompt is not part of the decoder's sequence)."""
+    for model in (drafter, verifier):
+        source = getattr(model, "max_source_positions", None)
+        if source and longest > source:
+            raise SpecCascadeError(f"encoder input too long for the {model.name}: {longest} tokens exceed its "
+                                   f"encoder's {source} positions; shorten the input")
+        if model.max_positions and 1 + max_new_tokens + gamma + 1 > model.max_positions:
+            raise SpecCascadeError(
+                f"max_new_tokens={max_new_tokens} too large for the {model.name}'s decoder: the start token + "
+                f"{max_new_tokens} new tokens (+ {gamma + 1} for a draft block) exceed its {model.max_positions} "
+                f"decoder positions; lower max_new_tokens")
+
+
 def _check_models(drafter: Backend, verifier: Backend, ids, mask, max_new_tokens, gamma) -> None:
     if drafter.vocab_size != verifier.vocab_size:
         raise SpecCascadeError(
@@ -228,12 +276,15 @@ def _check_models(drafter: Backend, verifier: Backend, ids, mask, max_new_tokens
     if torch.device(drafter.device) != torch.device(verifier.device):
         raise DeviceError(f"the drafter is on {drafter.device} and the verifier on {verifier.device}; put both "
                           f"models on one device (e.g. model.to('{verifier.device}'))")
-    vocab = min(drafter.vocab_size, verifier.vocab_size)
+    vocab = min(getattr(m, "source_vocab_size", m.vocab_size) for m in (drafter, verifier))  # encoder's, if any
     real = ids[mask.bool()]
     if int(real.max()) >= vocab or int(real.min()) < 0:
         bad = int(real.max()) if int(real.max()) >= vocab else int(real.min())
         raise SpecCascadeError(f"input_ids hold token id {bad}, outside the vocabulary [0, {vocab})")
     longest = int(mask.sum(1).max())
+    if getattr(verifier, "encoder_decoder", False):
+        _check_seq2seq(drafter, verifier, longest, max_new_tokens, gamma)
+        return
     for model in (drafter, verifier):
         if model.max_positions and longest + max_new_tokens + gamma + 1 > model.max_positions:
             raise SpecCascadeError(
@@ -267,6 +318,9 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
 
     ``drafter`` and ``verifier`` are Hugging Face causal LMs sharing one vocabulary, on one device
     (or :class:`speccascade.models.Backend` objects). ``input_ids``: see :func:`as_batch`.
+    Both may also be encoder-decoders (T5, BART, Marian, ...: ``config.is_encoder_decoder``):
+    ``input_ids`` is then the encoder's input (left- or right-padded), every row's decoder starts
+    from ``decoder_start_token_id``, and the output is the decoder's new tokens.
     ``method`` is a name in ``METHODS``; ``alpha`` its threshold (``None`` takes the method's
     default; ``sd``, ``verifier_only`` and ``drafter_only`` take none). ``method_options`` are a
     method's typed extra options (``alpha_f`` and ``max_drafter_run`` for ``bild``,
@@ -288,7 +342,8 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
     if generator is not None and not isinstance(generator, torch.Generator):
         raise SpecCascadeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     d, v = as_backend(drafter, "drafter"), as_backend(verifier, "verifier")
-    ids, mask = as_batch(input_ids, attention_mask)
+    seq2seq = _check_architectures(d, v, drafter, verifier)
+    ids, mask = as_batch(input_ids, attention_mask, encoder=seq2seq)
     if row_alpha is not None and len(row_alpha) != ids.shape[0]:
         raise SpecCascadeError(
             f"alpha has {len(row_alpha)} values for {ids.shape[0]} rows of input_ids: give one per row")

@@ -25,7 +25,7 @@ from .loop import (
     row_counts,
     start_both,
 )
-from .models.base import Backend
+from .models.base import Backend, first_pending, prefill_calls
 from .registry import AlphaRange, register
 from .rules import bild_discrepancy, diff
 from .runner import run_steps
@@ -80,7 +80,7 @@ def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: Sa
 
     def start() -> None:
         backend.reset(input_ids, attention_mask)
-        state.start(input_ids[:, -1], None)
+        state.start(first_pending(backend, input_ids), None)
 
     compiled = capturable and bool(getattr(backend, "compiled", False))
 
@@ -88,7 +88,7 @@ def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: Sa
         single_step(backend, state, cfg, gen, score, compiled)
 
     start()
-    stats.prefill_calls += 1 if input_ids.shape[1] > 1 else 0
+    stats.prefill_calls += prefill_calls(backend, input_ids)
     if capturable:
         if captured is None:
             captured = runner.graph_cache(backend)[key] = runner.capture(step, state, device, per_replay, start)

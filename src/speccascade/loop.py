@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from . import runner
-from .models.base import Backend
+from .models.base import Backend, first_pending, prefill_calls
 from .registry import MethodSpec
 from .rules import Dists
 from .runner import StepSync, raise_if_nonfinite, run_steps  # noqa: F401  (StepSync, raise_if_nonfinite: re-exported)
@@ -96,8 +96,8 @@ def start_both(drafter: Backend, verifier: Backend, input_ids: torch.Tensor, att
     """Pre-fill both models; returns each row's pending token  # [B]  and an output collector."""
     drafter.reset(input_ids, attention_mask)
     verifier.reset(input_ids, attention_mask)
-    stats.prefill_calls += 2 if input_ids.shape[1] > 1 else 0
-    pending = input_ids[:, -1].to(drafter.device)
+    stats.prefill_calls += prefill_calls(drafter, input_ids) + prefill_calls(verifier, input_ids)
+    pending = first_pending(verifier, input_ids).to(drafter.device)
     return pending, Emitter(input_ids.shape[0], max_new_tokens, width, eos_token_id, drafter.device)
 
 
@@ -292,10 +292,10 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
     def start() -> None:
         drafter.reset(input_ids, attention_mask)
         verifier.reset(input_ids, attention_mask)
-        state.start(input_ids[:, -1], req.alpha)
+        state.start(first_pending(verifier, input_ids), req.alpha)
 
     start()
-    stats.prefill_calls += 2 if input_ids.shape[1] > 1 else 0
+    stats.prefill_calls += prefill_calls(drafter, input_ids) + prefill_calls(verifier, input_ids)
     if runner.can_capture(drafter, verifier):
         alpha = state.alpha if req.spec.alpha is not None else None
         compiled = bool(getattr(verifier, "compiled", False))  # the math too, where the models are compiled

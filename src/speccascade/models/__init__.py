@@ -12,8 +12,15 @@ graphs     ``graphs.GraphHFBackend``   the same, hand-captured CUDA graphs per c
 fused      ``fused.FusedLlamaBackend`` Llama-family models: fused projections, per-row
                                        position-indexed cache, every piece of state on the
                                        device, so the *whole block* is one CUDA graph
+seq2seq    ``seq2seq.Seq2SeqBackend``  transformers encoder-decoders (T5, mT5, BART, mBART,
+                                       Marian, Pegasus): the encoder once, the decoder on a
+                                       dynamic cache, eager
 auto       fused where the model is Llama-family, else graphs on CUDA / dynamic on a CPU
 =========  ==========================  =====================================================
+
+An encoder-decoder model (``config.is_encoder_decoder``) always gets the seq2seq backend from
+``dynamic``, ``auto`` or ``seq2seq``; the GPU fast paths (``static``, ``compiled``, ``graphs``,
+``fused``) are for decoder-only models and refuse it.
 
 ``base.Backend`` states the contract the decoding loops rely on; ``as_backend`` turns a model (or
 a backend) into a backend.
@@ -24,10 +31,11 @@ from __future__ import annotations
 import warnings
 
 from ..errors import SpecCascadeError
-from .base import Backend, as_backend
+from .base import Backend, as_backend, is_encoder_decoder
 from .dynamic import HFBackend
 from .fused import FusedLlamaBackend, UnsupportedModel
 from .graphs import GraphHFBackend
+from .seq2seq import Seq2SeqBackend
 from .static import StaticHFBackend, bucket
 
 
@@ -56,7 +64,11 @@ BACKENDS = {
     "graphs": lambda model, name, max_cache_len: GraphHFBackend(model, name, max_cache_len),
     "fused": _fused,
     "auto": _auto,
+    "seq2seq": lambda model, name, max_cache_len: Seq2SeqBackend(model, name),
 }
+
+#: the backends an encoder-decoder model can take (each gives the seq2seq backend)
+SEQ2SEQ_KINDS = ("dynamic", "auto", "seq2seq")
 
 
 def make_backend(model, name: str, kind: str = "dynamic", max_cache_len: int = 2048) -> Backend:
@@ -64,8 +76,20 @@ def make_backend(model, name: str, kind: str = "dynamic", max_cache_len: int = 2
     (the fused backend sizes its cache per request instead)."""
     if kind not in BACKENDS:
         raise SpecCascadeError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    if is_encoder_decoder(model) and not isinstance(model, Seq2SeqBackend):
+        if kind not in SEQ2SEQ_KINDS:
+            raise SpecCascadeError(
+                f"the {kind} backend is for decoder-only (causal) models; the {name} "
+                f"({type(model).__name__}) is an encoder-decoder model, which runs on the seq2seq backend "
+                f"(dynamic cache, eager): use backend 'dynamic', 'auto' or 'seq2seq' (the GPU fast paths "
+                f"static / compiled / graphs / fused do not apply to encoder-decoders)")
+        kind = "seq2seq"
+    elif kind == "seq2seq":
+        raise SpecCascadeError(f"the seq2seq backend is for encoder-decoder models (config.is_encoder_decoder); "
+                               f"the {name} ({type(model).__name__}) is not one: use backend 'dynamic' or 'auto'")
     return BACKENDS[kind](model, name, max_cache_len)
 
 
-__all__ = ["BACKENDS", "Backend", "FusedLlamaBackend", "GraphHFBackend", "HFBackend", "StaticHFBackend",
-           "UnsupportedModel", "as_backend", "bucket", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "FusedLlamaBackend", "GraphHFBackend", "HFBackend", "SEQ2SEQ_KINDS",
+           "Seq2SeqBackend", "StaticHFBackend", "UnsupportedModel", "as_backend", "bucket", "is_encoder_decoder",
+           "make_backend"]

@@ -9,6 +9,11 @@ Contract (B rows, each with its own length):
 * ``reset(input_ids, attention_mask)``: start a generation from left-padded prompts. Every prompt
   token but the last of each row is cached; the last is *pending* and is fed by the first
   ``extend``.
+* ``first_pending(input_ids) -> [B]`` (optional): each row's first pending token. Default
+  (:func:`first_pending`): the prompt's last token. An encoder-decoder backend
+  (``encoder_decoder = True``, :mod:`.seq2seq`) takes ``input_ids`` as the encoder's input and
+  starts the decoder from its ``decoder_start_token_id``; its ``max_positions`` bounds the
+  decoder's tokens (start token + new tokens + one block), ``max_source_positions`` the encoder's.
 * ``extend(tokens, lengths=None) -> logits``: feed ``tokens  # [B, k]`` after each row's
   tentative tokens; row b uses only its first ``lengths[b]`` tokens (the rest are padding and
   are never attended to). Returns ``logits  # [B, k, V]``: position i gives the next-token
@@ -51,10 +56,34 @@ class Backend(Protocol):
     def commit(self, n_keep: torch.Tensor) -> None: ...
 
 
+def first_pending(backend, input_ids: torch.Tensor) -> torch.Tensor:
+    """Each row's first pending token  # [B]: ``backend.first_pending(input_ids)`` where the
+    backend defines it (encoder-decoders: the decoder start token), else the prompt's last token."""
+    fn = getattr(backend, "first_pending", None)
+    return fn(input_ids) if fn is not None else input_ids[:, -1]
+
+
+def is_encoder_decoder(model) -> bool:
+    """True for a ``transformers`` encoder-decoder model or a backend holding one."""
+    if getattr(model, "encoder_decoder", False):
+        return True
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def prefill_calls(backend, input_ids: torch.Tensor) -> int:
+    """Pre-fill passes ``reset`` makes: the encoder's (always) or the prompt's (if longer than one token)."""
+    return 1 if getattr(backend, "encoder_decoder", False) or input_ids.shape[1] > 1 else 0
+
+
 def as_backend(model, name: str) -> Backend:
-    """A backend for ``model``: a backend is returned as is, a ``transformers`` model is wrapped."""
+    """A backend for ``model``: a backend is returned as is, a ``transformers`` model is wrapped
+    (an encoder-decoder in :class:`.seq2seq.Seq2SeqBackend`, a causal LM in :class:`.dynamic.HFBackend`)."""
     if isinstance(model, Backend) and not isinstance(model, torch.nn.Module):
         return model
+    if is_encoder_decoder(model):
+        from .seq2seq import Seq2SeqBackend
+
+        return Seq2SeqBackend(model, name=name)
     from .dynamic import HFBackend
 
     return HFBackend(model, name=name)

@@ -31,6 +31,10 @@ class HFBackend:
         if not hasattr(model, "config") or not callable(getattr(model, "forward", None)):
             raise SpecCascadeError(
                 f"{name} must be a transformers causal LM (AutoModelForCausalLM), got {type(model).__name__}")
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise SpecCascadeError(f"the {name} ({type(model).__name__}) is an encoder-decoder model; this backend "
+                                   f"({type(self).__name__}) is for decoder-only causal LMs: use the seq2seq backend "
+                                   f"(speccascade.models.Seq2SeqBackend, backend 'seq2seq' / 'dynamic' / 'auto')")
         self.model = model.eval()
         self.name = name
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -56,6 +56,10 @@ class FusedLlamaBackend:
                  compile_options: dict | None = None):
         cfg = getattr(model, "config", None)
         kind = getattr(cfg, "model_type", None)
+        if getattr(cfg, "is_encoder_decoder", False):
+            raise SpecCascadeError(f"the fused backend is for decoder-only Llama-family models; the {name} "
+                                   f"({type(model).__name__}) is an encoder-decoder model: use the seq2seq backend "
+                                   f"(backend 'seq2seq' / 'dynamic' / 'auto')")
         if kind not in SUPPORTED or not hasattr(model, "model") or not hasattr(model.model, "layers"):
             raise UnsupportedModel(f"the fused backend implements {', '.join(SUPPORTED)} models; the {name} is "
                                    f"{kind or type(model).__name__}: use --backend graphs or compiled")

@@ -139,11 +139,24 @@ def check_model_path(path: str | Path, role: str = "model", gguf_file: str | Non
     return path, gguf_file
 
 
+def _is_encoder_decoder(path: Path) -> bool:
+    """The checkpoint's config.json declares an encoder-decoder (T5, BART, Marian, ...)."""
+    try:
+        from transformers import AutoConfig
+
+        with _quiet_transformers():
+            return bool(getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "is_encoder_decoder",
+                                False))
+    except Exception:  # an unknown model_type etc.: let the loader report it
+        return False
+
+
 def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                    gguf_file: str | None = None, role: str = "model"):
     """A ``transformers`` causal LM from a local directory (or a ``.gguf`` file, which needs the
     ``gguf`` extra: its weights are dequantised to ``dtype``). ``role`` ("drafter", "verifier")
-    names the model in error messages."""
+    names the model in error messages. A checkpoint whose config declares an encoder-decoder
+    (``is_encoder_decoder``: T5, BART, Marian, ...) is loaded with ``AutoModelForSeq2SeqLM``."""
     dev = check_device(device, role)
     dtype = _check_dtype(dtype, role)
     path, gguf_file = check_model_path(path, role, gguf_file)
@@ -153,11 +166,12 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: 
         kwargs["gguf_file"] = gguf_file
     else:
         kwargs["output_loading_info"] = True
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    auto = AutoModelForSeq2SeqLM if gguf_file is None and _is_encoder_decoder(path) else AutoModelForCausalLM
     try:
         with _quiet_transformers():
-            loaded = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            loaded = auto.from_pretrained(str(path), **kwargs)
     except Exception as e:  # transformers / safetensors / gguf raise many kinds
         what = "GGUF file" if gguf_file else "checkpoint"
         if "mismatched_sizes" in str(e) or "size mismatch" in str(e):

@@ -16,6 +16,9 @@ class TimedBackend:
         self.max_positions, self.device = inner.max_positions, inner.device
         self.seconds = 0.0
         self.calls = 0
+        for attr in ("first_pending", "encoder_decoder", "max_source_positions"):  # encoder-decoders
+            if hasattr(inner, attr):
+                setattr(self, attr, getattr(inner, attr))
 
     def _sync(self):
         if self.device.type == "cuda":
