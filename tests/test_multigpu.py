@@ -248,6 +248,11 @@ def test_tp_error_paths(tmp_path, monkeypatch, capsys):
     (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
     with pytest.raises(SpecCascadeError, match=r"the verifier \(gpt2, .*\) has no tensor-parallel plan"):
         check_tp_plan(gpt)
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True}))
+    with pytest.raises(SpecCascadeError, match=r"--tp takes a causal LM verifier; .* is an encoder-decoder \(t5"):
+        check_tp_plan(t5)
     from speccascade.models.loading import embedded_pair_dirs
 
     check_tp_plan(embedded_pair_dirs("tiny")[1])  # llama has one

@@ -20,7 +20,8 @@ uses ``cuda:LOCAL_RANK``; on a CPU the ranks talk over gloo (slow: for tests).
 Only the ``dynamic`` backend takes a sharded verifier: the static / compiled / graphs backends
 pre-allocate a cache from the config's full head counts and the fused backend concatenates whole
 weight matrices, neither of which a rank has. Models without a tensor-parallel plan in the
-installed transformers (``config.base_model_tp_plan``) are refused, naming the model type.
+installed transformers (``config.base_model_tp_plan``) are refused, naming the model type, and so
+are encoder-decoder verifiers (the ``seq2seq`` backend).
 ``--tp`` and ``--workers`` do not combine (yet).
 """
 
@@ -61,7 +62,8 @@ def check_tp(tp, device="cpu", backend: str = "dynamic", command: str = "generat
     if backend not in TP_BACKENDS:
         raise SpecCascadeError(f"--tp {n} needs --backend {' or '.join(TP_BACKENDS)}: the {backend!r} backend cannot "
                                f"take a sharded verifier (static, compiled and graphs size their cache from the full "
-                               f"head counts; fused concatenates whole weight matrices)")
+                               f"head counts; fused concatenates whole weight matrices; seq2seq is for "
+                               f"encoder-decoders)")
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise SpecCascadeError(f"--tp {n} runs one process per GPU: launch with torchrun --nproc-per-node {n} -m "
                                f"speccascade {command} --tp {n} ... (WORLD_SIZE / RANK are not set)")
@@ -107,6 +109,9 @@ def check_tp_plan(path, role: str = "verifier") -> None:
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise SpecCascadeError(f"--tp takes a causal LM {role}; {str(path)!r} is an encoder-decoder "
+                               f"({cfg.model_type}, the seq2seq backend): run it with --tp 1")
     if not getattr(cfg, "base_model_tp_plan", None):
         import transformers
 
