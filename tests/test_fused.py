@@ -165,7 +165,7 @@ def test_compiled_block_arithmetic_matches_eager(simulated_capture, monkeypatch)
 
 def test_compiled_fused_backend_pads_ragged_feeds_to_bucket_widths():
     """A compiled fused backend meets a few feed widths only (1, 2, 4, 8, ...): ragged feeds of
-    token_cascade / BiLD and the verifier's gamma + 1 are padded up; tokens are unchanged."""
+    token_cascade / BiLD are padded up; tokens are unchanged."""
     d, v = tiny_pair(0, noise=0.05)
     fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
     fd.compiled = fv.compiled = True   # the compiled path's padding, with the eager step

@@ -166,7 +166,9 @@ class FusedLlamaBackend:
     def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         tokens = tokens.to(self.device)
         B, k = tokens.shape
-        width = bucket(k) if self.compiled else k   # compiled: a few feed widths (ragged feeds pad up)
+        # compiled: ragged feeds (token_cascade / BiLD, given `lengths`) pad up to a few widths, so they
+        # meet a few compiled shapes; full feeds (the block's 1 and gamma + 1) keep their own width
+        width = bucket(k) if self.compiled and lengths is not None else k
         if width > k:
             tokens = F.pad(tokens, (0, width - k))
             if lengths is None:
