@@ -265,26 +265,15 @@ def section_deep(rec, args, save):
 
 
 def kernel_profile(fn, steps: int, top: int = 12) -> dict:
-    """Device kernels of ``fn`` (torch.profiler; kernels inside graph replays are listed one by
-    one): their number and time per step, and the ``top`` kernels by time."""
-    from torch.profiler import ProfilerActivity, profile
+    """Device kernels of ``fn`` per step (gpu_speed.kernel_time_share, whose profile lists the
+    kernels inside graph replays one by one): their number and time, and the ``top`` by time."""
+    from gpu_speed import kernel_time_share  # this folder is on sys.path when the script runs
 
-    fn()
-    sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
-        fn()
-        sync()
-        wall = time.perf_counter() - t
-    by_name: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            by_name.setdefault(e.name, []).append(e.device_time / 1e6)
-    total = sum(sum(v) for v in by_name.values())
-    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
-    return {"wall_s_per_step": wall / steps, "kernel_s_per_step": total / steps,
-            "kernels_per_step": sum(len(v) for v in by_name.values()) / steps,
-            "top": [{"name": k[:100], "per_step": len(v) / steps, "s_per_step": sum(v) / steps} for k, v in ranked]}
+    r = kernel_time_share(fn, top)
+    return {"wall_s_per_step": r["wall_s"] / steps, "kernel_s_per_step": r["device_kernel_s"] / steps,
+            "kernels_per_step": r["kernel_launches"] / steps,
+            "top": [{"name": k["name"], "per_step": k["calls"] / steps, "s_per_step": k["total_s"] / steps}
+                    for k in r["top_kernels"]]}
 
 
 def section_profile(rec, args, save):

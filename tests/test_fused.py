@@ -177,3 +177,23 @@ def test_compiled_fused_backend_pads_ragged_feeds_to_bucket_widths():
             kw = dict(method=m, alpha=a, gamma=3, temperature=T, max_new_tokens=14, seed=3, eos_token_id=[])
             assert sc.generate(fd, fv, PROMPTS, **kw).tokens == sc.generate(d, v, PROMPTS, **kw).tokens, (m, T)
     assert set(widths) <= {1, 2, 4, 8, 16} and 4 in widths
+
+
+def test_a_new_batch_size_keeps_the_requests_capacity():
+    """seq_cascade re-decodes its deferred rows with the verifier alone: a smaller batch on the
+    same fused backend, which must keep the capacity generate reserved for the request (here past
+    one 64-slot bucket), not shrink to the prompt's."""
+    import torch
+
+    from speccascade.baselines import single_model
+    from speccascade.sampling import SamplingConfig
+    from speccascade.stats import Stats
+
+    d, v = tiny_pair(0, noise=0.5)
+    fv = FusedLlamaBackend(v, "verifier")
+    sc.generate(fv, fv, PROMPTS, method="verifier_only", max_new_tokens=90, eos_token_id=[])  # reserves 4 x 128
+    ids, mask = torch.tensor([[5, 6, 7], [0, 11, 12]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    args = (ids, mask, SamplingConfig(temperature=0.0), 90, None, None, Stats())
+    from speccascade.models import HFBackend
+
+    assert single_model(fv, "verifier", *args) == single_model(HFBackend(v, "verifier"), "verifier", *args)

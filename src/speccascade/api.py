@@ -365,8 +365,7 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
     for model in (d, v):   # caches are sized (fused) or checked (static) before decoding starts
         if hasattr(model, "reserve"):
             model.reserve(ids.shape[0], ids.shape[1] + max_new_tokens + gamma + 1)
-        if hasattr(model, "check_capacity") and spec.name in ("verifier_only", "drafter_only") or \
-                hasattr(model, "check_capacity") and spec.kind == "speculative":
+        if hasattr(model, "check_capacity") and (spec.kind == "speculative" or spec.name.endswith("_only")):
             model.check_capacity(ids.shape[1], max_new_tokens, gamma if spec.kind == "speculative" else None)
 
     stats = Stats()

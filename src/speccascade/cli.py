@@ -344,6 +344,17 @@ def _report(args) -> int:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _pair_args(p: argparse.ArgumentParser, prompt_format: bool = False) -> None:
+    """Which two models (generate, serve, sweep): checkpoints or the embedded pair."""
+    p.add_argument("--drafter", help="drafter checkpoint directory or .gguf file (default: the embedded pair)")
+    p.add_argument("--verifier", help="verifier checkpoint directory or .gguf file")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the verifier's)")
+    p.add_argument("--pair", default="tiny", help="embedded pair to use when no models are given")
+    if prompt_format:
+        p.add_argument("--format", choices=["translate", "raw"],
+                       help="prompt format (default: translate for the embedded pair: the prompt is English text)")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     """Where and how the two models run (generate and sweep)."""
     p.add_argument("--device", default="cpu")
@@ -373,12 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="decode a prompt with a drafter and a verifier")
     g.add_argument("prompt")
-    g.add_argument("--drafter", help="drafter checkpoint directory or .gguf file (default: the embedded pair)")
-    g.add_argument("--verifier", help="verifier checkpoint directory or .gguf file")
-    g.add_argument("--tokenizer", help="tokenizer directory (default: the verifier's)")
-    g.add_argument("--pair", default="tiny", help="embedded pair to use when no models are given")
-    g.add_argument("--format", choices=["translate", "raw"],
-                   help="prompt format (default: translate for the embedded pair)")
+    _pair_args(g, prompt_format=True)
     g.add_argument("--method", default=DEFAULTS.method, choices=list(METHODS),
                    help=f"decoding method (default {DEFAULTS.method}; see `speccascade methods`)")
     g.add_argument("--alpha", type=float, default=DEFAULTS.alpha,
@@ -405,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.config import add_serve_arguments
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra; docs/server.md)")
+    _pair_args(sv, prompt_format=True)
     add_serve_arguments(sv)
     _model_args(sv)
     sv.set_defaults(fn=_serve)
@@ -418,10 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task-file", help="JSONL file of {input, reference} rows (task 'jsonl')")
     s.add_argument("--metric", default=None,
                    help="metric of a jsonl task: bleu, chrf, rouge1/2/L, exact_match, token_f1")
-    s.add_argument("--drafter")
-    s.add_argument("--verifier")
-    s.add_argument("--tokenizer")
-    s.add_argument("--pair", default="tiny")
+    _pair_args(s)
     s.add_argument("--methods", default="all", help="comma-separated names or 'all'")
     s.add_argument("--alphas", default=None, help="per-method grids, e.g. 'chow=0,0.5;opt=-1,0,1' (default: built-in)")
     s.add_argument("--alpha-f", type=float, default=None, help="BiLD's fallback threshold")

@@ -36,7 +36,7 @@ from . import runner
 from .models.base import Backend, first_pending, prefill_calls
 from .registry import MethodSpec
 from .rules import Dists
-from .runner import StepSync, raise_if_nonfinite, run_steps  # noqa: F401  (StepSync, raise_if_nonfinite: re-exported)
+from .runner import StepSync, run_steps
 from .sampling import SamplingConfig, confidence_probs, draw_with, exponential_noise, sampling_probs
 from .stats import Stats
 from .verify import verify_block
@@ -284,7 +284,8 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
     device = drafter.device
     B = input_ids.shape[0]
     captured, per_replay = None, runner.BLOCKS_PER_REPLAY
-    if runner.can_capture(drafter, verifier):
+    capturable = runner.can_capture(drafter, verifier)
+    if capturable:
         key = ("speculative", B, per_replay, req.key(), id(drafter), drafter.generation, verifier.generation)
         captured = runner.graph_cache(verifier).get(key)
     state = captured.state if captured else DecodeState(B, req, req.gamma + 1, req.gamma, device)
@@ -296,7 +297,7 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
 
     start()
     stats.prefill_calls += prefill_calls(drafter, input_ids) + prefill_calls(verifier, input_ids)
-    if runner.can_capture(drafter, verifier):
+    if capturable:
         alpha = state.alpha if req.spec.alpha is not None else None
         compiled = bool(getattr(verifier, "compiled", False))  # the math too, where the models are compiled
 

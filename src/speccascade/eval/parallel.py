@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from ..checks import as_int
-from ..errors import DeviceError, SpecCascadeError, SweepFileError
+from ..errors import DeviceError, SpecCascadeError
 from ..registry import METHODS
 from .sweep import (
     BASELINE,
@@ -49,6 +49,7 @@ from .sweep import (
     SweepConfig,
     _append,
     _Locked,
+    check_every_cell_once,
     check_out_file,
     check_settings_match,
     read_records,
@@ -360,11 +361,6 @@ def run_parallel_sweep(load: dict, task: tuple, config: SweepConfig, out: Path, 
                 raise SpecCascadeError(f"sweep worker {i} ({devices[i]}) failed: {msg}") \
                     if p.exitcode == 2 else RuntimeError(f"sweep worker {i} ({devices[i]}) failed: {msg}")
         on_disk = read_records(out)
-        keys = [r["key"] for r in on_disk if r.get("type") == "cell"]
-        missing = [c.key for c in grid if c.key not in set(keys)]
-        if missing or len(keys) != len(set(keys)):
-            raise SweepFileError(f"{str(out)!r} does not hold every cell exactly once after the sweep "
-                                 f"({len(missing)} missing, {len(keys) - len(set(keys))} repeated); was it written "
-                                 f"to while this sweep ran?")
+        check_every_cell_once(out, on_disk, grid)
         shutil.rmtree(folder, ignore_errors=True)
     return on_disk

@@ -506,10 +506,15 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
             if on_record is not None:
                 on_record(rec)
         on_disk = read_records(out)
-    keys = [r["key"] for r in on_disk if r.get("type") == "cell"]
+    check_every_cell_once(out, on_disk, cells)
+    return on_disk
+
+
+def check_every_cell_once(out: Path, records: list[dict], cells) -> None:
+    """``records`` (read back from ``out``) hold each of ``cells`` exactly once."""
+    keys = [r["key"] for r in records if r.get("type") == "cell"]
     missing = [c.key for c in cells if c.key not in set(keys)]
     if missing or len(keys) != len(set(keys)):
         raise SweepFileError(f"{str(out)!r} does not hold every cell exactly once after the sweep "
                              f"({len(missing)} missing, {len(keys) - len(set(keys))} repeated); was it written to "
                              f"while this sweep ran?")
-    return on_disk

@@ -63,20 +63,9 @@ class HFBackend:
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = tokens.to(self.device)
-        B, k = tokens.shape
-        offsets = torch.arange(k, device=self.device).unsqueeze(0)            # [1, k]
-        new_valid = (offsets < lengths.to(self.device).unsqueeze(1)) if lengths is not None \
-            else torch.ones(B, k, dtype=torch.bool, device=self.device)      # [B, k]
-        positions = self.n_pos.unsqueeze(1) + offsets                          # [B, k]
-        if self.max_positions:
-            positions = positions.clamp(max=self.max_positions - 1)  # only padding can reach it
-        mask = torch.cat([self.valid, new_valid], dim=1)
-        logits = self._forward(tokens, mask, positions)
-        self.valid = mask
-        self.n_pos = self.n_pos + new_valid.sum(1)
-        self.n_tentative_slots += k
-        return logits.float()                                                  # [B, k, V]
+        logits = masked_feed(self, tokens, lengths)
+        self.n_tentative_slots += tokens.shape[1]
+        return logits
 
     @torch.no_grad()
     def commit(self, n_keep: torch.Tensor) -> None:
@@ -105,3 +94,23 @@ class HFBackend:
         out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions,
                          use_cache=True, **{self._cache_kw: self.cache})
         return out.logits
+
+
+def masked_feed(backend, tokens: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Feed ``tokens  # [B, k]`` after each row's cached ones in new slots at the end of the cache,
+    row b's first ``lengths[b]`` real (the rest masked out), positions counting real tokens only;
+    updates ``backend.valid`` / ``backend.n_pos``. Shared by the dynamic and seq2seq backends
+    (``backend._forward(tokens, mask, positions)`` is the model call).  # -> [B, k, V] float32"""
+    tokens = tokens.to(backend.device)
+    B, k = tokens.shape
+    offsets = torch.arange(k, device=backend.device).unsqueeze(0)                  # [1, k]
+    new_valid = (offsets < lengths.to(backend.device).unsqueeze(1)) if lengths is not None \
+        else torch.ones(B, k, dtype=torch.bool, device=backend.device)            # [B, k]
+    positions = backend.n_pos.unsqueeze(1) + offsets                               # [B, k]
+    if backend.max_positions:
+        positions = positions.clamp(max=backend.max_positions - 1)  # only padding can reach it
+    mask = torch.cat([backend.valid, new_valid], dim=1)
+    logits = backend._forward(tokens, mask, positions)
+    backend.valid = mask
+    backend.n_pos = backend.n_pos + new_valid.sum(1)
+    return logits.float()

@@ -149,7 +149,8 @@ class FusedLlamaBackend:
         mask = attention_mask.to(self.device).long()
         B, L = input_ids.shape
         if self.batch != B or self.slots < L + 1:
-            self.reserve(B, max(L + 1, self.slots if self.batch == B else 0))
+            # a new batch size (e.g. seq_cascade re-decoding some rows) keeps the request's capacity
+            self.reserve(B, max(L + 1, self.slots))
         self.n_pos.zero_()
         self.n_committed.zero_()
         if L > 1:   # cache all prompt tokens but the last; left padding goes to the trash slot

@@ -29,6 +29,7 @@ import inspect
 import torch
 
 from ..errors import SpecCascadeError
+from .dynamic import masked_feed
 
 
 class Seq2SeqBackend:
@@ -103,21 +104,10 @@ class Seq2SeqBackend:
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = tokens.to(self.device)
-        B, k = tokens.shape
-        offsets = torch.arange(k, device=self.device).unsqueeze(0)             # [1, k]
-        new_valid = (offsets < lengths.to(self.device).unsqueeze(1)) if lengths is not None \
-            else torch.ones(B, k, dtype=torch.bool, device=self.device)       # [B, k]
-        positions = self.n_pos.unsqueeze(1) + offsets                           # [B, k]
-        if self.max_positions:
-            positions = positions.clamp(max=self.max_positions - 1)  # only padding can reach it
-        mask = torch.cat([self.valid, new_valid], dim=1)
-        logits = self._forward(tokens, mask, positions)
-        self.valid = mask
-        self.n_pos = self.n_pos + new_valid.sum(1)
+        logits = masked_feed(self, tokens, lengths)                             # [B, k, V]
         if lengths is not None:
             self._compact()  # padding at the end of short rows would leave a hole before their next tokens
-        return logits.float()                                                   # [B, k, V]
+        return logits
 
     @torch.no_grad()
     def commit(self, n_keep: torch.Tensor) -> None:

@@ -10,12 +10,7 @@ from ..registry import METHODS
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", help="drafter checkpoint directory or .gguf file (default: the embedded pair)")
-    p.add_argument("--verifier", help="verifier checkpoint directory or .gguf file")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the verifier's)")
-    p.add_argument("--pair", default="tiny", help="embedded pair to use when no models are given")
-    p.add_argument("--format", choices=["translate", "raw"],
-                   help="prompt format (default: translate for the embedded pair: the prompt is English text)")
+    """The server's own arguments (the pair's and the models' come from the CLI's shared helpers)."""
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="the model id /v1/models lists (default: speccascade-<pair> "
