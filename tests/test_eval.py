@@ -287,3 +287,45 @@ def test_sweep_cli_method_options_reach_the_cells(tmp_path, capsys):
     assert main(["generate", "Jesus wept.", "--method", "seq_cascade", "--option", "length_normalized=true",
                  "--quiet", "--max-new-tokens", "4"]) == 0
     assert main(["generate", "Jesus wept.", "--method", "sd", "--option", "length_normalized=true", "--quiet"]) == 2
+
+
+def test_sweep_warm_up_only_meets_every_cell_shape_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """``sweep --warm-up-only`` (filling compile caches before the models it will sweep exist):
+    each (method, gamma, T) of the grid runs once on the probe prompts, nothing is timed or written."""
+    import speccascade.eval.sweep as sweep_mod
+    from speccascade.cli import main
+
+    seen = []
+    real = sweep_mod.run_cell
+
+    def spy(d, v, tok, task, examples, cell, max_new_tokens):
+        seen.append((cell.method, cell.gamma, cell.temperature))
+        return real(d, v, tok, task, examples, cell, max_new_tokens)
+
+    monkeypatch.setattr(sweep_mod, "run_cell", spy)
+    out = tmp_path / "s.jsonl"
+    args = ["sweep", "--methods", "sd,token_v3", "--alphas", "token_v3=0.2,0.8", "--gammas", "2", "3",
+            "--temperatures", "0", "1", "--examples", "2", "--max-new-tokens", "4", "--quiet", "--out", str(out)]
+    assert main(args + ["--warm-up-only"]) == 0
+    assert "warmed up the shapes of 14 cells" in capsys.readouterr().out
+    assert sorted(set(seen)) == sorted({(m, g, t) for m in ("sd", "token_v3") for g in (2, 3) for t in (0.0, 1.0)}
+                                       | {("verifier_only", 2, t) for t in (0.0, 1.0)})
+    assert len(seen) == len(set(seen)) and not out.exists()
+    assert main(args + ["--warm-up-only", "--workers", "2"]) == 2
+    assert "--warm-up-only runs in one process" in capsys.readouterr().err
+
+
+def test_latency_model_counts_one_prefill_per_model_per_example():
+    from speccascade.eval.report import _model_cost
+
+    stats = {"drafter_calls": 10, "verifier_calls": 4, "deferred": 3}
+    sig = {"examples": 7}
+    costs = (0.5, 1.0, 2.0, 0.25, 3.0)    # drafter step, verifier step, block, drafter / verifier pre-fill
+    def cost(method):
+        return _model_cost({"method": method, "stats": stats, "signature": sig, "batch_size": 1}, *costs)
+    assert cost("sd") == 10 * 0.5 + 4 * 2.0 + 7 * 0.25 + 7 * 3.0
+    assert cost("verifier_only") == 10 * 0.5 + 4 * 1.0 + 7 * 3.0
+    assert cost("drafter_only") == 10 * 0.5 + 4 * 1.0 + 7 * 0.25
+    assert cost("seq_cascade") == 10 * 0.5 + 4 * 1.0 + 7 * 0.25 + 3 * 3.0      # the verifier re-decodes 3
+    assert cost("token_cascade") == 10 * 0.5 + 4 * 1.0 + 7 * 0.25 + 7 * 3.0
+    assert _model_cost({"method": "sd", "stats": stats}, *costs[:3]) == 10 * 0.5 + 4 * 2.0   # older records

@@ -134,6 +134,8 @@ def _train(args) -> int:
     from .train.trainer import check_train_args, train
 
     roles = ["drafter", "verifier"] if args.role == "both" else [args.role]
+    if args.teacher is not None and args.role == "both":
+        raise SpecCascadeError("--teacher distils one model from a trained one: give --role drafter")
     for role in roles:
         check_train_args(args.preset, role, args.epochs, args.minutes)
     check_device(args.device, "model to train")
@@ -145,7 +147,8 @@ def _train(args) -> int:
     for role in roles:
         out = args.out / role if args.role == "both" else args.out
         log = train(args.preset, role, out, Path(tok_dir), device=args.device, seed=args.seed,
-                    epochs=args.epochs, max_minutes=args.minutes, train_file=args.train_file)
+                    epochs=args.epochs, max_minutes=args.minutes, train_file=args.train_file,
+                    teacher=args.teacher, distill_weight=args.distill_weight)
         print(json.dumps({k: log.get(k) for k in ("preset", "role", "params", "steps", "train_seconds", "best")}))
     return 0
 
@@ -310,6 +313,15 @@ def _sweep(args) -> int:
     if cfg.n_examples is not None and cfg.n_examples > available:
         raise SpecCascadeError(f"--examples {cfg.n_examples} is more than the {available} examples of task "
                                f"{task.describe()}; give at most {available}")
+    if args.warm_up_only:
+        from .eval.sweep import warm_up_grid
+
+        if args.workers != 1 or args.tp != 1:
+            raise SpecCascadeError("--warm-up-only runs in one process: drop --workers / --tp")
+        drafter, verifier, tok, _ = _load_pair(args)
+        n = warm_up_grid(drafter, verifier, tok, task, cfg, args.backend)
+        print(f"warmed up the shapes of {n} cells (nothing timed or written)")
+        return 0
     check_out_file(args.out)
     if args.workers != 1 or args.tp != 1:
         from .distributed import sweep_scaled_out
@@ -443,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="spread the cells over N worker processes (cuda:i each with --device cuda; on a CPU each "
                         "with --threads threads), merged into --out (docs/scale-out.md)")
+    s.add_argument("--warm-up-only", action="store_true",
+                   help="compile and capture every shape of the grid, then exit (fills torch's compile caches "
+                        "for a later sweep of models of the same shapes); --out is not written")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_sweep)
 
@@ -466,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=float, default=None, help="wall-clock cap per model")
     t.add_argument("--train-file", type=Path, default=None,
                    help="JSONL rows {en, es} to train on instead of the training split (`speccascade distill`)")
+    t.add_argument("--teacher", type=Path, default=None,
+                   help="a trained verifier to distil from (same tokenizer): the loss adds KL(p_teacher || q)")
+    t.add_argument("--distill-weight", type=float, default=None,
+                   help="weight of the distillation term in [0, 1] (default: the recipe's, else 0.5)")
     t.set_defaults(fn=_train)
 
     x = sub.add_parser("distill", help="write a verifier's own translations of the training sources (for a drafter)")

@@ -354,8 +354,12 @@ def same_model(a: str | None, b: str | None) -> bool:
 
 def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int = 20) -> dict:
     """Median wall time of one drafter step (1 token), one verifier step (1 token) and one verifier
-    block call (gamma + 1 tokens) on a cached prefix: the per-call costs of the latency model.
-    ``drafter`` / ``verifier`` are backends."""
+    block call (gamma + 1 tokens) on a cached prefix, and of each model's pre-fill of ``prompt``:
+    the per-call costs of the latency model. ``drafter`` / ``verifier`` are backends."""
+    def sync(be):
+        if be.device.type == "cuda":
+            torch.cuda.synchronize(be.device)
+
     def timed(be, k):
         x = torch.tensor([prompt])
         be.reset(x, torch.ones_like(x))
@@ -364,13 +368,25 @@ def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int
             t = time.perf_counter()
             be.extend(x[:, -1:].expand(1, k).contiguous())
             be.commit(torch.tensor([0]))
-            if be.device.type == "cuda":
-                torch.cuda.synchronize(be.device)
+            sync(be)
             times.append(time.perf_counter() - t)
         return statistics.median(times[3:])
 
+    def prefill(be):
+        x = torch.tensor([prompt])
+        times = []
+        for _ in range(max(repeats // 4, 3) + 2):
+            sync(be)
+            t = time.perf_counter()
+            be.reset(x, torch.ones_like(x))
+            sync(be)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[2:])
+
     return {"drafter_step_s": timed(drafter, 1), "verifier_step_s": timed(verifier, 1),
-            "verifier_block_s": timed(verifier, gamma + 1), "gamma": gamma}
+            "verifier_block_s": timed(verifier, gamma + 1), "gamma": gamma,
+            "drafter_prefill_s": prefill(drafter), "verifier_prefill_s": prefill(verifier),
+            "prefill_prompt_tokens": len(prompt)}
 
 
 def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell,
@@ -403,6 +419,20 @@ def warm_up(drafter, verifier, tokenizer, task: Task, examples, cells: list[Cell
         if key not in seen:
             seen.add(key)
             run_cell(drafter, verifier, tokenizer, task, probe * cell.batch_size, cell, max_new_tokens)
+
+
+def warm_up_grid(drafter, verifier, tokenizer, task: Task, config: SweepConfig, backend: str) -> int:
+    """Compile and capture every shape ``config``'s cells will meet, time nothing, write nothing:
+    torch's on-disk compile caches then serve a later sweep of models of the same shapes (the
+    weights do not matter), e.g. one started on another GPU while these models were still
+    training. Returns the number of cells whose shapes were warmed."""
+    config.validate()
+    examples = task.examples(config.n_examples)
+    check_context(drafter, verifier, tokenizer, task, examples, config)
+    cells = config.cells()
+    warm_up(make_backend(drafter, "drafter", backend), make_backend(verifier, "verifier", backend), tokenizer, task,
+            examples, cells, config.max_new_tokens)
+    return len(cells)
 
 
 def check_context(drafter, verifier, tokenizer, task: Task, examples, config: SweepConfig) -> None:

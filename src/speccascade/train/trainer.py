@@ -8,6 +8,15 @@ The loss is on the Spanish side only. The best checkpoint by validation loss is 
 at each evaluation, so an interrupted run keeps what it had (early stopping against memorising
 the 30k training pairs).
 
+Batches are drawn from length buckets (pairs of similar length together, the batches in seeded
+random order), so little of a batch is padding. A time budget (``max_minutes``) plans the run's
+length from the throughput of its first steps: the cosine schedule then ends within the budget,
+and ``training.json`` logs the planned step count, so ``--epochs`` reproduces the run exactly.
+With a ``teacher`` (a trained verifier sharing the tokenizer), a drafter is trained on the
+teacher's distribution as well as on the targets (logit distillation; the loss mixes
+KL(p_teacher || q) at T = 1 with the cross-entropy): the acceptance of a draft is
+1 - D_TV(p, q), so matching p, not only its argmax, is what a drafter is for.
+
     speccascade train --preset tiny --role verifier --out models/tiny/verifier --device cuda
 """
 
@@ -46,6 +55,7 @@ class Recipe:
     dropout: float = 0.0          # on the embeddings and on each attention / MLP output (before the residual add)
     label_smoothing: float = 0.0
     max_minutes: float = 9.0
+    distill_weight: float = 0.0   # with a teacher: weight of KL(p_teacher || q) against the cross-entropy
 
 
 PRESETS: dict[str, dict[str, Recipe]] = {
@@ -73,12 +83,15 @@ PRESETS: dict[str, dict[str, Recipe]] = {
     # and a 1-layer drafter meant to be trained on the verifier's own translations
     # (`speccascade distill`, then `train --train-file`), so that it learns the verifier, not the task
     "deep": {
-        "drafter": Recipe(Shape(384, 1, 6, 2, 1024), epochs=12, lr=2e-3, label_smoothing=0.0, max_minutes=5.0),
-        "verifier": Recipe(Shape(576, 30, 9, 3, 1536), epochs=30, lr=6e-4, attention_dropout=0.1, dropout=0.3,
+        "drafter": Recipe(Shape(384, 1, 6, 2, 1024), epochs=12, lr=2e-3, label_smoothing=0.0, max_minutes=5.0,
+                          distill_weight=0.7),
+        "verifier": Recipe(Shape(576, 30, 9, 3, 1536), epochs=20, lr=6e-4, attention_dropout=0.1, dropout=0.3,
                            label_smoothing=0.1, max_minutes=10.0),
     },
 }
 MAX_POSITIONS = 512
+#: the steps whose throughput plans a time-budgeted run (the first ones warm up)
+PROBE_STEPS = (10, 40)
 MAX_PAIR_TOKENS = 320
 
 
@@ -127,6 +140,44 @@ def encode_pairs(tokenizer, pairs: list[dict]) -> list[tuple[list[int], int]]:
         if len(src) + len(tgt) <= MAX_PAIR_TOKENS:
             out.append((src + tgt, len(src)))
     return out
+
+
+def length_batches(lengths: list[int], batch_size: int, rng: random.Random, pool: int = 50) -> list[list[int]]:
+    """One epoch's batches of indices: shuffled, then cut into pools of ``pool`` batches, each pool
+    sorted by length and cut into batches, the batches shuffled again. Each index appears once."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for i in range(0, len(order), batch_size * pool):
+        chunk = sorted(order[i:i + batch_size * pool], key=lambda j: lengths[j])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over target positions of KL(p || q), p = softmax(teacher), q = softmax(student), T = 1
+    (logits at t - 1 predict token t; ``labels`` -100 outside the target side)."""
+    keep = labels[:, 1:] != -100
+    log_q = torch.log_softmax(logits[:, :-1][keep].float(), -1)
+    log_p = torch.log_softmax(teacher_logits[:, :-1][keep].float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def load_teacher(path: Path, vocab_size: int, device: torch.device):
+    """A trained checkpoint to distil from, frozen; it must share the tokenizer (same vocabulary)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..errors import SpecCascadeError
+    from ..models.loading import check_model_path
+
+    check_model_path(str(path), "--teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+    if teacher.config.vocab_size != vocab_size:
+        raise SpecCascadeError(f"the teacher {str(path)!r} has a vocabulary of {teacher.config.vocab_size}, the "
+                               f"tokenizer {vocab_size}: distil from a model trained with the same tokenizer")
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def collate(batch: list[tuple[list[int], int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,12 +236,16 @@ def check_train_args(preset: str, role: str, epochs: float | None = None, max_mi
 
 def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = "cpu", seed: int = 0,
           epochs: float | None = None, max_minutes: float | None = None, progress: bool = True,
-          bleu_pairs: int = 200, train_file: Path | None = None) -> dict:
+          bleu_pairs: int = 200, train_file: Path | None = None, teacher: Path | None = None,
+          distill_weight: float | None = None, validation_pairs: int | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
     ``train_file``: JSONL rows ``{"en", "es"}`` to train on instead of the training split (e.g. a
-    verifier's own translations, :mod:`.distill`); validation stays on the validation split."""
+    verifier's own translations, :mod:`.distill`); validation stays on the validation split.
+    ``validation_pairs``: validate on only the first N validation pairs (smoke runs).
+    ``teacher``: a checkpoint to distil from (``distill_weight``, default the recipe's or 0.5, of
+    the loss is KL(p_teacher || q); validation loss stays the plain cross-entropy)."""
     from tqdm.auto import tqdm
 
     from ..models.loading import check_device
@@ -198,6 +253,16 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     check_train_args(preset, role, epochs, max_minutes)
     check_device(device, f"{role} to train")
     recipe = PRESETS[preset][role]
+    if distill_weight is None:
+        distill_weight = (recipe.distill_weight or 0.5) if teacher is not None else 0.0
+    if teacher is None and distill_weight:
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError("a distillation weight needs a teacher: give --teacher (a trained verifier)")
+    if not 0.0 <= float(distill_weight) <= 1.0:
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError(f"--distill-weight must be in [0, 1], got {distill_weight}")
     epochs = recipe.epochs if epochs is None else epochs
     max_minutes = recipe.max_minutes if max_minutes is None else max_minutes
     dev = torch.device(device)
@@ -210,9 +275,10 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
         train_data = encode_pairs(tokenizer, read_pairs(train_file))
     else:
         train_data = encode_pairs(tokenizer, load_split("train"))
-    val_data = encode_pairs(tokenizer, load_split("validation"))
+    val_data = encode_pairs(tokenizer, load_split("validation")[:validation_pairs])
     model = build_model(recipe.shape, len(tokenizer), recipe.attention_dropout).to(dev)
     add_dropout(model, recipe.dropout)
+    teacher_model = load_teacher(teacher, len(tokenizer), dev) if teacher is not None else None
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -220,10 +286,11 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98),
                             fused=dev.type == "cuda")
     steps_per_epoch = math.ceil(len(train_data) / recipe.batch_size)
-    total_steps = max(1, int(epochs * steps_per_epoch))
+    total_steps = max(1, round(epochs * steps_per_epoch))
     warmup = min(200, total_steps // 10 + 1)
+    plan = {"total": total_steps}  # lowered once the first steps' throughput is known (the time budget)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / plan["total"]))))
     eval_every = max(1, steps_per_epoch // 2) if epochs <= 12 else steps_per_epoch
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -234,27 +301,49 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     log = {"preset": preset, "role": role, "params": n_params, "recipe": asdict(recipe), "epochs": epochs,
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "seed": seed,
            "train_pairs": len(train_data), "validation_pairs": len(val_data), "evals": [],
-           "train_file": None if train_file is None else str(train_file)}
+           "train_file": None if train_file is None else str(train_file),
+           "teacher": None if teacher is None else str(teacher), "distill_weight": distill_weight,
+           "planned_steps": total_steps, "planned_epochs": epochs}
     best, start, step = math.inf, time.perf_counter(), 0
     bar = tqdm(total=total_steps, desc=f"train {preset}/{role}", disable=not progress)
     model.train()
-    order: list[int] = []
-    while step < total_steps and (time.perf_counter() - start) < max_minutes * 60:
-        if not order:
-            order = list(range(len(train_data)))
-            rng.shuffle(order)
-        batch = [train_data[i] for i in order[:recipe.batch_size]]
-        order = order[recipe.batch_size:]
+    lengths = [len(ids) for ids, _ in train_data]
+    batches: list[list[int]] = []
+    probe = PROBE_STEPS
+    while step < plan["total"] and (time.perf_counter() - start) < max_minutes * 60:
+        if not batches:
+            batches = length_batches(lengths, recipe.batch_size, rng)
+        batch = [train_data[i] for i in batches.pop()]
         ids, labels, mask = collate(batch, dev)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(input_ids=ids, attention_mask=mask).logits
+            if teacher_model is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher_model(input_ids=ids, attention_mask=mask).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100,
                                                  label_smoothing=recipe.label_smoothing)
+        if teacher_model is not None:
+            loss = (1 - distill_weight) * loss + distill_weight * distill_loss(logits, teacher_logits, labels)
         optimizer_step(loss, model, opt, sched)
         step += 1
         bar.update(1)
-        if step % eval_every == 0 or step == total_steps:
+        if step == probe[0]:
+            probe_start = time.perf_counter()
+        elif step == probe[1]:
+            # steps that fit the rest of the budget, less a tenth for evaluations and checkpoints
+            rate = (probe[1] - probe[0]) / (time.perf_counter() - probe_start)
+            left = max_minutes * 60 - (time.perf_counter() - start)
+            fit = step + int(0.9 * rate * left)
+            if fit < plan["total"]:
+                plan["total"] = fit
+                eval_every = max(1, min(eval_every, fit // 12))
+                log["planned_steps"] = fit
+                log["planned_epochs"] = fit / steps_per_epoch
+                log["plan_note"] = (f"the time budget ({max_minutes:g} min at {rate:.1f} steps/s) fits {fit} of "
+                                    f"{total_steps} steps; the schedule ends there (--epochs "
+                                    f"{fit / steps_per_epoch!r} reproduces it)")
+        if step % eval_every == 0 or step == plan["total"]:
             val = evaluate_loss(model, val_data, dev)
             log["evals"].append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
                                  "val_loss": val, "seconds": time.perf_counter() - start})

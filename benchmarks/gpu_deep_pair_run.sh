@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Issue 12 on a machine with two GPUs: train the deep pair, then Table 2 in wall-clock.
+#   bash benchmarks/gpu_deep_pair_run.sh [DIR]        (default runs/deep; everything lands in DIR)
+#
+# GPU 0, in order: the 30-layer verifier (`train --preset deep`), its own translations of the
+# training sources (`distill`, greedy and T = 1), the 1-layer drafter trained on them with the
+# verifier as teacher (`train --train-file --teacher`), the pair's test-set record (pair.json),
+# then the sweep on both GPUs (`sweep --workers 2`): every method at gamma = 5, T = 0 and 1, 500
+# test examples, batch 1, fused backend; then gamma = 3 and 8 for sd, token_v3 and opt.
+# GPU 1 meanwhile: the GPU tests on this engine, then `sweep --warm-up-only` on random weights of
+# the pair's shapes (torch's compile caches are on disk, shared by the later sweep's workers; the
+# warm-up is stopped when the sweep starts).
+# Each stage logs to DIR/<stage>.log and its start / end / rc to DIR/stages.log; a failed stage
+# does not stop the independent ones. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (5.5),
+# DRAFTER_MINUTES (2), DISTILL_BATCH (512), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
+# METHODS (all), SKIP_TESTS (0), BACKEND (fused: the sweep's), TEST_PAIRS (1000). `distill` decodes batches
+# of 512 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
+# A CPU rehearsal of the plumbing:
+#   DEVICE=cpu PRESET=tiny VERIFIER_MINUTES=0.2 DRAFTER_MINUTES=0.2 DISTILL_LIMIT=16 EXAMPLES=2 TEST_PAIRS=10 \
+#     METHODS=verifier_only,sd,token_v3,opt SKIP_TESTS=1 BACKEND=dynamic bash benchmarks/gpu_deep_pair_run.sh runs/rehearsal
+set -uo pipefail
+dir="${1:-runs/deep}"
+DEVICE="${DEVICE:-cuda}"; GPUS="${GPUS:-2}"; PRESET="${PRESET:-deep}"; METHODS="${METHODS:-all}"
+VERIFIER_MINUTES="${VERIFIER_MINUTES:-5.5}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-2}"
+DISTILL_BATCH="${DISTILL_BATCH:-512}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
+BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"
+mkdir -p "$dir"; rm -f "$dir/stop_side"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+sc() { python -m speccascade "$@"; }
+stage() {  # stage NAME CMD... : run, log, record rc
+  local name="$1"; shift
+  echo "$(date -u +%FT%TZ) start $name" >> "$dir/stages.log"
+  "$@" > "$dir/$name.log" 2>&1
+  local rc=$?
+  echo "$(date -u +%FT%TZ) end $name rc=$rc" >> "$dir/stages.log"
+  return $rc
+}
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$dir/gpu.txt" 2>&1
+git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true
+
+# The sweep's grid: every method, 3-4 alphas each, from the SD end to the drafter end of its rule.
+ALPHAS="lossy=0.2,0.5,0.8;lossy_tuned=0.2,0.5,0.8;bild_star=1,3,8;chow=0.2,0.6,0.9;diff=-0.2,0,0.1,0.3"
+ALPHAS+=";opt=-1,0,0.5,2;chow_log=0.5,2,5;diff_log=-1,0.5,2;opt_log=-1,1,10;token_v1=-0.2,0.1,0.5"
+ALPHAS+=";token_v2=-0.2,0.1,0.3;token_v3=0.2,0.4,0.6,0.9;token_cascade=0.2,0.6,0.9"
+ALPHAS+=";seq_cascade=0.3,0.6,0.9;oracle_diff=-0.2,0.1,0.4;bild=1,2,4"
+GAMMA_ALPHAS="token_v3=0.2,0.6;opt=0,2"
+alphas_for() {  # keep only the grids of the swept methods
+  local out="" m; IFS=';' read -ra parts <<< "$1"
+  for part in "${parts[@]}"; do
+    m="${part%%=*}"
+    if [ "$METHODS" = all ] || [[ ",$METHODS," == *",$m,"* ]]; then out+="${out:+;}$part"; fi
+  done
+  echo "$out"
+}
+seq_opt=(); if [ "$METHODS" = all ] || [[ ",$METHODS," == *",seq_cascade,"* ]]; then
+  seq_opt=(--option seq_cascade.length_normalized=true); fi
+grid=(--temperatures 0 1 --examples "$EXAMPLES" --max-new-tokens 128 --device "$DEVICE" --backend "$BACKEND" --quiet)
+[ "$DEVICE" = cuda ] && grid+=(--dtype bfloat16)
+
+# GPU 1: the GPU tests, then warm the compile caches on random weights of the pair's shapes
+side() {
+  if [ "$SKIP_TESTS" != 1 ]; then
+    stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider
+  fi
+  stage random_pair python - "$dir/random" "$PRESET" <<'EOF'
+import sys
+from pathlib import Path
+import torch
+from speccascade.models.loading import TOKENIZER_DIR
+from speccascade.train.tokenizer import load_tokenizer
+from speccascade.train.trainer import PRESETS, build_model, save_checkpoint
+out, preset = Path(sys.argv[1]), sys.argv[2]
+tok = load_tokenizer(TOKENIZER_DIR)
+for role in ("drafter", "verifier"):
+    torch.manual_seed(0)
+    save_checkpoint(build_model(PRESETS[preset][role].shape, len(tok)), tok, out / role)
+print("random pair of", preset, "shapes written")
+EOF
+  [ -f "$dir/stop_side" ] && return 0
+  stage warm_up sc sweep --drafter "$dir/random/drafter" --verifier "$dir/random/verifier" --methods "$METHODS" \
+    --alphas "$(alphas_for "$ALPHAS")" "${seq_opt[@]}" "${grid[@]}" --warm-up-only --out "$dir/unused.jsonl"
+}
+if [ "$GPUS" -ge 2 ]; then
+  (export CUDA_VISIBLE_DEVICES=1; side) &
+  side_pid=$!
+elif [ "$SKIP_TESTS" != 1 ]; then
+  stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider
+fi
+
+# GPU 0: the pair
+(
+  export CUDA_VISIBLE_DEVICES=0
+  [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+  limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
+  stage train_verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
+      --minutes "$VERIFIER_MINUTES" &&
+  stage distill sc distill --verifier "$dir/verifier" --out "$dir/distill.jsonl.gz" --temperatures 0 1 \
+      --batch-size "$DISTILL_BATCH" --device "$DEVICE" "${limit[@]}" --quiet \
+      $([ "$DEVICE" = cuda ] && echo --dtype bfloat16) &&
+  stage train_drafter sc train --preset "$PRESET" --role drafter --out "$dir/drafter" --device "$DEVICE" \
+      --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" &&
+  stage pair python benchmarks/train_pair.py --preset "$PRESET" --roles "" --out "$dir" --device "$DEVICE" \
+      --test-pairs "$TEST_PAIRS"
+)
+pair_rc=$?
+if [ -n "${side_pid:-}" ]; then  # the sweep needs both GPUs: stop the warm-up if it still runs
+  touch "$dir/stop_side"; pkill -f -- "--warm-up-only" 2>/dev/null; wait "$side_pid"
+fi
+[ $pair_rc -ne 0 ] && { echo "the pair failed (rc=$pair_rc): no sweep" >> "$dir/stages.log"; exit $pair_rc; }
+
+pair=(--drafter "$dir/drafter" --verifier "$dir/verifier")
+stage sweep sc sweep "${pair[@]}" --methods "$METHODS" --alphas "$(alphas_for "$ALPHAS")" "${seq_opt[@]}" \
+    "${grid[@]}" --gammas 5 --workers "$GPUS" --out "$dir/sweep.jsonl"
+gm="sd,token_v3,opt"; [ "$METHODS" = all ] || gm="$(echo "$gm" | tr , '\n' | grep -xF -f <(echo "$METHODS" | tr , '\n') | paste -sd,)"
+[ -n "$gm" ] && stage sweep_gammas sc sweep "${pair[@]}" --methods "$gm" --alphas "$(METHODS=$gm alphas_for "$GAMMA_ALPHAS")" \
+    "${grid[@]}" --gammas 3 8 --workers "$GPUS" --out "$dir/sweep.jsonl"
+echo "$(date -u +%FT%TZ) all done" >> "$dir/stages.log"
