@@ -11,7 +11,7 @@
 # the pair's shapes (torch's compile caches are on disk, shared by the later sweep's workers; the
 # warm-up is stopped when the sweep starts).
 # Each stage logs to DIR/<stage>.log and its start / end / rc to DIR/stages.log; a failed stage
-# does not stop the independent ones. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (5.5),
+# does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (5.5),
 # DRAFTER_MINUTES (2), DISTILL_BATCH (512), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
 # METHODS (all), SKIP_TESTS (0), BACKEND (fused: the sweep's), TEST_PAIRS (1000). `distill` decodes batches
 # of 512 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
@@ -27,12 +27,14 @@ BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 sc() { python -m speccascade "$@"; }
-stage() {  # stage NAME CMD... : run, log, record rc
+stage() {  # stage NAME CMD... : run, log, record rc; a stage that ended well in DIR before is skipped
   local name="$1"; shift
+  [ -f "$dir/$name.done" ] && { echo "$(date -u +%FT%TZ) skip $name (done before)" >> "$dir/stages.log"; return 0; }
   echo "$(date -u +%FT%TZ) start $name" >> "$dir/stages.log"
   "$@" > "$dir/$name.log" 2>&1
   local rc=$?
   echo "$(date -u +%FT%TZ) end $name rc=$rc" >> "$dir/stages.log"
+  [ $rc -eq 0 ] && touch "$dir/$name.done"
   return $rc
 }
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$dir/gpu.txt" 2>&1
