@@ -329,3 +329,30 @@ def test_latency_model_counts_one_prefill_per_model_per_example():
     assert cost("seq_cascade") == 10 * 0.5 + 4 * 1.0 + 7 * 0.25 + 3 * 3.0      # the verifier re-decodes 3
     assert cost("token_cascade") == 10 * 0.5 + 4 * 1.0 + 7 * 0.25 + 7 * 3.0
     assert _model_cost({"method": "sd", "stats": stats}, *costs[:3]) == 10 * 0.5 + 4 * 2.0   # older records
+
+
+def test_sweep_warm_up_sizes_the_fused_cache_for_the_longest_request():
+    """After the warm-up no timed cell re-allocates a per-request cache (a new cache size means a
+    recompiled step and re-captured graphs inside the timing: on an H200 this made the first
+    cells of a sweep 5x slower). The examples need two cache sizes; the warm-up's probes alone
+    (one per prompt width) would have met only the smaller."""
+    from speccascade.eval.sweep import Cell, run_cell, warm_up
+    from speccascade.eval.tasks import BibleTask
+    from speccascade.models import make_backend
+    from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
+
+    task, tok = BibleTask(), load_tokenizer(TOKENIZER_DIR)
+    d_dir, v_dir = embedded_pair_dirs("tiny")
+    d = make_backend(load_causal_lm(d_dir), "drafter", "fused")
+    v = make_backend(load_causal_lm(v_dir), "verifier", "fused")
+    pool = task.examples(None)
+    n = {ex.id: len(task.encode(tok, ex.input)) for ex in pool}
+    # a short prompt, then one of the second width bucket that fits 256 slots, then a long one that does not
+    examples = [next(e for e in pool if n[e.id] < 40), next(e for e in pool if 66 <= n[e.id] <= 70),
+                next(e for e in pool if n[e.id] >= 100)]
+    cells = [Cell("verifier_only", None, 3, 0.0, 0, 1), Cell("sd", None, 3, 0.0, 0, 1)]
+    warm_up(d, v, tok, task, examples, cells, 150)
+    generations = (d.generation, v.generation)
+    for cell in cells:
+        run_cell(d, v, tok, task, examples, cell, 150)
+    assert (d.generation, v.generation) == generations

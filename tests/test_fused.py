@@ -197,3 +197,15 @@ def test_a_new_batch_size_keeps_the_requests_capacity():
     from speccascade.models import HFBackend
 
     assert single_model(fv, "verifier", *args) == single_model(HFBackend(v, "verifier"), "verifier", *args)
+
+
+def test_a_compiled_fused_backend_allows_a_sweeps_worth_of_specialisations():
+    """One compiled step per (batch, feed width, cache size): a sweep meets dozens. torch's default
+    of 8 recompiles per function stopped a sweep on an H200 (FailOnRecompileLimitHit)."""
+    import torch._dynamo
+
+    from speccascade.models import FusedLlamaBackend
+    from speccascade.models.loading import embedded_pair_dirs, load_causal_lm
+
+    FusedLlamaBackend(load_causal_lm(embedded_pair_dirs("tiny")[1]), "verifier", compile=True)
+    assert torch._dynamo.config.recompile_limit >= 1024

@@ -399,9 +399,20 @@ def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell,
 def warm_up(drafter, verifier, tokenizer, task: Task, examples, cells: list[Cell], max_new_tokens: int) -> None:
     """Compile and capture every shape the cells will meet before anything is timed: each method
     (first alpha, each gamma and temperature) on one example of each padded prompt width, outputs
-    discarded."""
+    discarded. Backends that size their cache per request (``reserve``) are first sized for the
+    longest request of the sweep, so no timed cell meets a new cache size (which would recompile
+    the model step and re-capture every graph inside the timing)."""
     from ..models import bucket
 
+    need = (max(len(task.encode(tokenizer, ex.input)) for ex in examples) + max_new_tokens
+            + max(c.gamma for c in cells) + 1)
+
+    def fix_capacity(batch: int) -> None:
+        for be in (drafter, verifier):
+            if hasattr(be, "reserve"):
+                be.reserve(batch, need)
+
+    fix_capacity(1)
     widths = {}
     for ex in examples:
         widths.setdefault(bucket(max(len(task.encode(tokenizer, ex.input)) - 1, 64)), ex)
@@ -418,7 +429,9 @@ def warm_up(drafter, verifier, tokenizer, task: Task, examples, cells: list[Cell
         key = (cell.method, cell.gamma, cell.temperature, cell.batch_size)
         if key not in seen:
             seen.add(key)
+            fix_capacity(cell.batch_size)
             run_cell(drafter, verifier, tokenizer, task, probe * cell.batch_size, cell, max_new_tokens)
+    fix_capacity(cells[0].batch_size if cells else 1)
 
 
 def warm_up_grid(drafter, verifier, tokenizer, task: Task, config: SweepConfig, backend: str) -> int:

@@ -97,6 +97,10 @@ class FusedLlamaBackend:
         self.batch = 0
         self.slots = 0
         self.compiled = compile
+        if compile:  # one specialisation per (batch, feed width, cache size): many in a sweep
+            from .static import _raise_recompile_limit
+
+            _raise_recompile_limit(1024)
         self._step_fn = torch.compile(self._step, dynamic=False, fullgraph=True, options=compile_options or None) \
             if compile else self._step
 

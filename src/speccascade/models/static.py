@@ -28,7 +28,7 @@ def _raise_recompile_limit(n: int = 64) -> None:
     # each (backend, width) pair is one specialisation of the same step function
     import torch._dynamo
 
-    for name in ("recompile_limit", "cache_size_limit"):
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, name) and getattr(torch._dynamo.config, name) < n:
             setattr(torch._dynamo.config, name, n)
 
