@@ -224,8 +224,9 @@ def test_tp_error_paths(tmp_path, monkeypatch, capsys):
         check_tp(2, "cpu", "dynamic", "sweep")
     with pytest.raises(SpecCascadeError, match="--tp must be an integer >= 1, got 0"):
         check_tp(0)
-    for backend in ("static", "compiled", "graphs", "fused", "auto"):
-        with pytest.raises(SpecCascadeError, match=f"--tp 2 needs --backend dynamic: the '{backend}' backend cannot"):
+    for backend in ("static", "compiled", "graphs", "seq2seq"):
+        with pytest.raises(SpecCascadeError, match=f"--tp 2 needs --backend dynamic, fused or auto: the '{backend}' "
+                                                   f"backend cannot"):
             check_tp(2, "cpu", backend)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")
@@ -262,7 +263,8 @@ def test_tp_error_paths(tmp_path, monkeypatch, capsys):
                  ["sweep", "--tp", "2", "--methods", "sd", "--examples", "1", "--out", str(tmp_path / "s.jsonl")]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "--tp 2" in err and ("torchrun --nproc-per-node 2" in err or "needs --backend dynamic" in err), err
+        assert "--tp 2" in err and ("torchrun --nproc-per-node 2" in err or "needs --backend dynamic, fused" in err), \
+            err
 
 
 PROMPT = "In the beginning God created the heaven and the earth."
