@@ -1,23 +1,65 @@
 #!/usr/bin/env bash
-# Issue 17 on a machine with >= 2 GPUs (not run yet): the multi-GPU tests, the tensor-parallel speed
-# benchmark (Llama-3.1-8B shape, random weights), and a data-parallel sweep of the tiny pair on every
-# GPU against the same sweep on one (same cells; wall time). Everything lands in DIR.
-#   bash benchmarks/gpu_multigpu_run.sh [DIR]          (default runs/multigpu)
+# Issue 17 on a machine with >= 2 GPUs. Steps (each with its own log in DIR and its own time limit;
+# a step that fails or times out is reported and the next one runs):
+#   fused_tp1 fused_tp2 hf_tp1 hf_tp2   benchmarks/tp_speed.py stages: verifier_only and sd tokens/s at
+#                                       batch 1 and 16, Llama-3.1-8B shape, random weights, bf16; fused =
+#                                       the engine's fast path (sharded fused backend, all-reduces inside
+#                                       the captured block), hf = transformers' tp_plan (the reference)
+#   merge                               the stages into DIR/tp_H200.json (ratios; the target: fused tp2 >
+#                                       fused tp1 at batch 1)
+#   tests                               tests/test_multigpu.py and tests/test_tp_fused.py (the GPU ones run)
+#   sweeps                              a data-parallel sweep of the tiny pair on every GPU vs on one
+#
+#   bash benchmarks/gpu_multigpu_run.sh [DIR] [STEPS]     (default runs/multigpu, every step in the order above)
+#   bash benchmarks/gpu_multigpu_run.sh runs/multigpu "fused_tp1 fused_tp2 merge"   # the headline numbers only
+# Environment: STAGE_TIMEOUT (seconds per tp_speed stage, default 900); TP_SPEED_ARGS (extra arguments to
+# every stage, e.g. "--device cpu --tiny --layers 2 --new-tokens 8 --repeats 1" for a CPU rehearsal).
 set -uo pipefail
 dir="${1:-runs/multigpu}"
+steps="${2:-fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge tests sweeps}"
 mkdir -p "$dir"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-n=$(python -c "import torch; print(torch.cuda.device_count())")
+limit="${STAGE_TIMEOUT:-900}"
+read -r -a extra <<< "${TP_SPEED_ARGS:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$dir/gpu.txt" 2>&1
-python -m pytest tests/test_multigpu.py -x -rA > "$dir/pytest_multigpu.log" 2>&1
-echo "multigpu tests rc=$?"
-torchrun --standalone --nproc-per-node 2 benchmarks/tp_speed.py --out "$dir/tp_H200.json" > "$dir/tp_speed.log" 2>&1
-echo "tp_speed rc=$? (copy $dir/tp_H200.json to results/multigpu/ once checked)"
-grid=(--methods sd,opt,token_v3,token_cascade --temperatures 0 1 --batch-sizes 1 8 --examples 100 --max-new-tokens 64
-      --device cuda --quiet)
-for w in 1 "$n"; do
-  rm -f "$dir/sweep_w$w.jsonl"
+nvidia-smi topo -m >> "$dir/gpu.txt" 2>&1
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())" \
+  >> "$dir/gpu.txt" 2>&1
+
+stage() {  # stage BACKEND TP
+  local name="$1_tp$2" start rc
   start=$(date +%s)
-  python -m speccascade sweep "${grid[@]}" --workers "$w" --out "$dir/sweep_w$w.jsonl" > "$dir/sweep_w$w.log" 2>&1
-  echo "sweep --workers $w rc=$? wall=$(( $(date +%s) - start ))s"
+  timeout --signal=TERM --kill-after=30 "$limit" torchrun --standalone --nproc-per-node "$2" benchmarks/tp_speed.py \
+    --backend "$1" --tp "$2" --out "$dir/$name.json" "${extra[@]}" > "$dir/$name.log" 2>&1
+  rc=$?
+  echo "tp_speed $name rc=$rc wall=$(( $(date +%s) - start ))s (log $dir/$name.log)"
+}
+
+for step in $steps; do
+  case "$step" in
+    fused_tp1) stage fused 1 ;;
+    fused_tp2) stage fused 2 ;;
+    hf_tp1) stage hf 1 ;;
+    hf_tp2) stage hf 2 ;;
+    merge)
+      python benchmarks/tp_speed.py --merge "$dir"/fused_tp1.json "$dir"/fused_tp2.json "$dir"/hf_tp1.json \
+        "$dir"/hf_tp2.json --out "$dir/tp_H200.json" > "$dir/merge.log" 2>&1
+      echo "merge rc=$? (copy $dir/tp_H200.json to results/multigpu/ once checked)"
+      cat "$dir/merge.log" ;;
+    tests)
+      timeout 1200 python -m pytest tests/test_multigpu.py tests/test_tp_fused.py -rA > "$dir/pytest_multigpu.log" 2>&1
+      echo "multigpu tests rc=$?" ;;
+    sweeps)
+      n=$(python -c "import torch; print(torch.cuda.device_count())")
+      grid=(--methods sd,opt,token_v3,token_cascade --temperatures 0 1 --batch-sizes 1 8 --examples 100
+            --max-new-tokens 64 --device cuda --quiet)
+      for w in 1 "$n"; do
+        rm -f "$dir/sweep_w$w.jsonl"
+        start=$(date +%s)
+        timeout 1800 python -m speccascade sweep "${grid[@]}" --workers "$w" --out "$dir/sweep_w$w.jsonl" \
+          > "$dir/sweep_w$w.log" 2>&1
+        echo "sweep --workers $w rc=$? wall=$(( $(date +%s) - start ))s"
+      done ;;
+    *) echo "unknown step $step (steps: fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge tests sweeps)" ;;
+  esac
 done
