@@ -40,7 +40,8 @@ def _ranks(rank, store, out_dir):
     results = {}
     for name, check in (("logits llama", lambda: _check_logits(rank, "llama")),
                         ("logits qwen2", lambda: _check_logits(rank, "qwen2")),
-                        ("generate", lambda: _check_generate(rank, out_dir))):
+                        ("generate", lambda: _check_generate(rank, out_dir)),
+                        ("compiled and captured", _check_compiled_captured)):   # last: it patches torch.compile
         try:
             check()
             results[name] = None
@@ -165,6 +166,57 @@ def _check_generate(rank, out_dir):
     assert ranks[0] == ranks[1]   # every rank drew the same tokens
     if rank == 0:
         (Path(out_dir) / "tokens.json").write_text(json.dumps(got))
+
+
+def _check_compiled_captured():
+    """The GPU path's program on a CPU: the sharded step traced by torch.compile (fullgraph, the
+    all-reduce a functional collective; ``aot_eager``: the graph inductor would compile, without
+    its C++ build) and the block run as replays of a captured program (simulated as in
+    tests/test_fused.py: a replay calls the same step on the same state). Tokens equal --tp 1's."""
+    import speccascade as sc
+    from speccascade import loop, runner
+    from speccascade.models import FusedLlamaBackend
+
+    from tiny_models import tiny_pair
+
+    class SimulatedGraph:   # as tests/test_fused.py's
+        def __init__(self, step, gen, per_replay):
+            self.step, self.gen, self.per_replay = step, gen, per_replay
+
+        def replay(self):
+            for _ in range(self.per_replay):
+                self.step(self.gen)
+
+    real_compile = torch.compile
+    torch.compile = lambda fn, **kw: real_compile(fn, backend="aot_eager", dynamic=False, fullgraph=True)
+    loop._COMPILED.clear()
+    captures = []
+
+    def capture_graph(step, device, per_replay):
+        gen = torch.Generator(device=device)
+        for _ in range(2):
+            step(gen)
+        captures.append(per_replay)
+        return SimulatedGraph(step, gen, per_replay), gen
+
+    runner.can_capture = lambda *bs: all(getattr(b, "capturable", False) for b in bs)
+    runner.capture_graph = capture_graph
+    d, v = tiny_pair(0, noise=0.05, hidden=64)
+    fd, fv1 = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    fv2 = FusedLlamaBackend(v, "verifier", compile=True, tp=2)
+    assert fv2.compiled and fv2._step_fn is not fv2._step
+    for method, temperature in (("sd", 0.0), ("sd", 1.0), ("verifier_only", 1.0)):
+        kw = dict(method=method, gamma=3, temperature=temperature, max_new_tokens=10, seed=5, eos_token_id=[])
+        runner.can_capture = lambda *bs: False
+        one = sc.generate(fd, fv1, PROMPTS, **kw)
+        runner.can_capture = lambda *bs: all(getattr(b, "capturable", False) for b in bs)
+        two = sc.generate(fd, fv2, PROMPTS, **kw)
+        assert two.tokens == one.tokens, (method, temperature)
+    assert captures   # the block ran as replays
+
+
+def test_compiled_and_captured_sharded_block_equals_tp1(two_ranks):
+    _passed(two_ranks, "compiled and captured")
 
 
 def test_sd_and_verifier_only_through_the_sharded_verifier_equal_tp1(two_ranks):
