@@ -4,7 +4,9 @@
 #   fused_tp1 fused_tp2 hf_tp1 hf_tp2   benchmarks/tp_speed.py stages: verifier_only and sd tokens/s at
 #                                       batch 1 and 16, Llama-3.1-8B shape, random weights, bf16; fused =
 #                                       the engine's fast path (sharded fused backend, all-reduces inside
-#                                       the captured block), hf = transformers' tp_plan (the reference)
+#                                       the captured block), hf = transformers' tp_plan (the reference).
+#                                       One launch per batch size (DIR/<stage>_b<batch>.json / .log); a
+#                                       step such as fused_tp2_b1 runs one batch size alone
 #   merge                               the stages into DIR/tp_H200.json (ratios; the target: fused tp2 >
 #                                       fused tp1 at batch 1)
 #   tests                               tests/test_multigpu.py and tests/test_tp_fused.py (the GPU ones run)
@@ -12,38 +14,44 @@
 #
 #   bash benchmarks/gpu_multigpu_run.sh [DIR] [STEPS]     (default runs/multigpu, every step in the order above)
 #   bash benchmarks/gpu_multigpu_run.sh runs/multigpu "fused_tp1 fused_tp2 merge"   # the headline numbers only
-# Environment: STAGE_TIMEOUT (seconds per tp_speed stage, default 900); TP_SPEED_ARGS (extra arguments to
-# every stage, e.g. "--device cpu --tiny --layers 2 --new-tokens 8 --repeats 1" for a CPU rehearsal).
+#   bash benchmarks/gpu_multigpu_run.sh runs/multigpu "fused_tp2_b16 merge"         # one launch (batch 16)
+# Environment: STAGE_TIMEOUT (seconds per tp_speed launch, default 540: one launch fits a 10-minute
+# command), BATCHES (default "1 16"), TP_SPEED_ARGS (extra arguments to every launch, e.g. "--device cpu
+# --tiny --layers 2 --new-tokens 8 --repeats 1" for a CPU rehearsal). NVLink multicast stays off.
 set -uo pipefail
 dir="${1:-runs/multigpu}"
 steps="${2:-fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge tests sweeps}"
 mkdir -p "$dir"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-limit="${STAGE_TIMEOUT:-900}"
+export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}" \
+  NVSHMEM_DISABLE_NVLS="${NVSHMEM_DISABLE_NVLS:-1}"
+limit="${STAGE_TIMEOUT:-540}"
+batches="${BATCHES:-1 16}"
 read -r -a extra <<< "${TP_SPEED_ARGS:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$dir/gpu.txt" 2>&1
 nvidia-smi topo -m >> "$dir/gpu.txt" 2>&1
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())" \
   >> "$dir/gpu.txt" 2>&1
 
-stage() {  # stage BACKEND TP
-  local name="$1_tp$2" start rc
+stage() {  # stage BACKEND TP BATCH
+  local name="$1_tp$2_b$3" start rc
   start=$(date +%s)
   timeout --signal=TERM --kill-after=30 "$limit" torchrun --standalone --nproc-per-node "$2" benchmarks/tp_speed.py \
-    --backend "$1" --tp "$2" --out "$dir/$name.json" "${extra[@]}" > "$dir/$name.log" 2>&1
+    --backend "$1" --tp "$2" --batch-sizes "$3" --out "$dir/$name.json" "${extra[@]}" > "$dir/$name.log" 2>&1
   rc=$?
   echo "tp_speed $name rc=$rc wall=$(( $(date +%s) - start ))s (log $dir/$name.log)"
 }
 
 for step in $steps; do
   case "$step" in
-    fused_tp1) stage fused 1 ;;
-    fused_tp2) stage fused 2 ;;
-    hf_tp1) stage hf 1 ;;
-    hf_tp2) stage hf 2 ;;
+    fused_tp[0-9]*|hf_tp[0-9]*)
+      backend="${step%%_tp*}" rest="${step#*_tp}"
+      tp="${rest%%_b*}"
+      if [[ "$rest" == *_b* ]]; then for_batches="${rest#*_b}"; else for_batches="$batches"; fi
+      for b in $for_batches; do stage "$backend" "$tp" "$b"; done ;;
     merge)
-      python benchmarks/tp_speed.py --merge "$dir"/fused_tp1.json "$dir"/fused_tp2.json "$dir"/hf_tp1.json \
-        "$dir"/hf_tp2.json --out "$dir/tp_H200.json" > "$dir/merge.log" 2>&1
+      python benchmarks/tp_speed.py --merge "$dir"/fused_tp*_b*.json "$dir"/hf_tp*_b*.json \
+        --out "$dir/tp_H200.json" > "$dir/merge.log" 2>&1
       echo "merge rc=$? (copy $dir/tp_H200.json to results/multigpu/ once checked)"
       cat "$dir/merge.log" ;;
     tests)
@@ -60,6 +68,6 @@ for step in $steps; do
           > "$dir/sweep_w$w.log" 2>&1
         echo "sweep --workers $w rc=$? wall=$(( $(date +%s) - start ))s"
       done ;;
-    *) echo "unknown step $step (steps: fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge tests sweeps)" ;;
+    *) echo "unknown step $step (steps: fused_tp1 fused_tp2 hf_tp1 hf_tp2 [each with _b<batch>] merge tests sweeps)" ;;
   esac
 done

@@ -25,7 +25,9 @@ and writes its own JSON; ``--merge`` gathers the stages into one record with the
         --out results/multigpu/tp_H200.json
     # CPU rehearsal of a stage (gloo, float32, tiny shapes): add --device cpu --tiny
 
-(``benchmarks/gpu_multigpu_run.sh`` runs all of it, each stage with its own log and time limit.)
+(``benchmarks/gpu_multigpu_run.sh`` runs all of it, one launch per stage and batch size, each with its own
+log and time limit: ``--batch-sizes 1`` and ``--batch-sizes 16`` separately, so that compiling and
+capturing the 8B shapes of one launch fits a 10-minute command.)
 The drafter (a ~0.3B Llama of the same vocabulary, random weights) is whole on every rank. Random
 weights accept few drafts, so ``sd``'s tokens/s here measures the cost of its calls (the record
 also gives tokens per verifier call), not a speed-up a trained pair would see. EOS is off: every
@@ -215,7 +217,8 @@ def measure_stage(args, rank: int) -> None:
 
     t0 = time.perf_counter()
     d, v, cfg = load_stage(args)
-    record = {"benchmark": "tp_speed", "stage": f"{args.backend} tp={args.tp}", "backend": args.backend,
+    record = {"benchmark": "tp_speed", "stage": f"{args.backend} tp={args.tp} batch={args.batch_sizes}",
+              "backend": args.backend,
               "tp": args.tp, **card(args), "verifier_shape": shapes(args)[0], "drafter_shape": shapes(args)[1],
               "dtype": args.dtype_name, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "gamma": args.gamma, "repeats": args.repeats, "temperature": 0.0, "load_s": time.perf_counter() - t0,

@@ -5,11 +5,14 @@
    only its KV heads.
 2. ``sd`` and ``verifier_only`` through it give ``--tp 1``'s tokens: greedy, and seeded at T = 1
    (the same draws on both ranks).
-3. ``--tp 2 --backend fused`` on the command line (torchrun, gloo) prints ``--tp 1``'s tokens.
-4. Errors: KV heads that do not divide by N; a non-Llama-family verifier with ``--backend fused``.
+3. The GPU path's program: the sharded step under torch.compile (the all-reduce a functional
+   collective, fullgraph) inside a (simulated) captured block gives ``--tp 1``'s tokens.
+4. ``--tp 2 --backend fused`` on the command line (torchrun, gloo) prints ``--tp 1``'s tokens.
+5. Errors: KV heads that do not divide by N; a non-Llama-family verifier with ``--backend fused``.
 
 A sharding mistake (a missing all-reduce, a head block of the wrong rank, a bias added twice)
-changes the logits by far more than the tolerance, so 1 fails on it; 2 and 3 then see other tokens.
+changes the logits by far more than the tolerance, so 1 fails on it; 2 and 4 then see other tokens;
+3 fails without the compiled path's all-reduce.
 """
 
 import json
