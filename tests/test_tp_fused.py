@@ -190,6 +190,7 @@ def _check_compiled_captured():
             for _ in range(self.per_replay):
                 self.step(self.gen)
 
+    real_capture_error_mode = runner.capture_error_mode
     real_compile = torch.compile
     torch.compile = lambda fn, **kw: real_compile(fn, backend="aot_eager", dynamic=False, fullgraph=True)
     loop._COMPILED.clear()
@@ -216,6 +217,8 @@ def _check_compiled_captured():
         two = sc.generate(fd, fv2, PROMPTS, **kw)
         assert two.tokens == one.tokens, (method, temperature)
     assert captures   # the block ran as replays
+    # on CUDA, captured with the NCCL watchdog thread running: only this thread's calls may break it
+    assert real_capture_error_mode() == "thread_local"
 
 
 def test_compiled_and_captured_sharded_block_equals_tp1(two_ranks):
@@ -336,4 +339,7 @@ def test_a_model_sharded_by_transformers_is_not_sharded_again():
     model = tiny_llama(0)
     model._tp_size = 2   # what transformers' from_pretrained(distributed_config=...) leaves
     assert type(make_backend(model, "verifier", "auto")).__name__ == "HFBackend"
+    from speccascade.runner import capture_error_mode
+
+    assert capture_error_mode() == "global"   # one process: torch's default capture checks
 

@@ -286,8 +286,10 @@ class FusedLlamaBackend:
                 for _ in range(2):
                     self._step_fn(*bufs, self.k_cache, self.v_cache, False)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            from ..runner import capture_error_mode
+
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
                 self._step_fn(*bufs, self.k_cache, self.v_cache, False)
             self._prefill_graphs[key] = (graph, bufs)
         graph, (t_buf, p_buf, v_buf) = self._prefill_graphs[key]
