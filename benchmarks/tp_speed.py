@@ -203,9 +203,14 @@ def card(args) -> dict:
     import speccascade
 
     cuda = args.device == "cuda"
+    try:
+        nccl = torch.cuda.nccl.version() if cuda else None
+        nccl = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl
+    except Exception as e:  # noqa: BLE001 - the card is informative
+        nccl = f"unknown ({type(e).__name__})"
     return {"gpu": torch.cuda.get_device_name(0) if cuda else "cpu (rehearsal)",
             "gpus_visible": torch.cuda.device_count() if cuda else 0,
-            "cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+            "cuda": torch.version.cuda, "nccl": nccl,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "speccascade": speccascade.__version__, "python": sys.version.split()[0]}
 
