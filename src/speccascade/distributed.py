@@ -3,12 +3,11 @@ sweeps (``--workers N``, :mod:`.eval.parallel`).
 
 Tensor parallelism
 ------------------
-``--tp N`` (``generate``, ``sweep``, ``serve``) loads the verifier with transformers' tensor
-parallelism (``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))``, the model's
-own ``base_model_tp_plan``) across N processes started by ``torchrun --nproc-per-node N``::
+``--tp N`` (``generate``, ``sweep``, ``serve``) splits the verifier over N processes started by
+``torchrun --nproc-per-node N``, one per GPU::
 
-    torchrun --nproc-per-node 2 -m speccascade generate --tp 2 --device cuda --dtype bfloat16 \\
-        --drafter D --verifier V "prompt"
+    torchrun --nproc-per-node 2 -m speccascade generate --tp 2 --backend fused --device cuda \
+        --dtype bfloat16 --drafter D --verifier V "prompt"
 
 Each rank holds a shard of the verifier and the *whole* drafter, and runs the same decoding loop
 with the same seed (the verifier's logits come out whole on every rank, so every rank draws the
@@ -19,16 +18,20 @@ uses ``cuda:LOCAL_RANK``; on a CPU the ranks talk over gloo (slow: for tests).
 
 Two ways to shard the verifier, by ``--backend``:
 
-* ``fused`` (Llama-family verifiers: llama, qwen2, mistral; the fast path): every rank loads the
+* ``fused`` (Llama-family verifiers: llama, qwen2, mistral; the fast path; :func:`tp_uses_fused`,
+  :func:`mark_tp`): every rank loads the
   *whole* verifier onto its device and :class:`~speccascade.models.fused.FusedLlamaBackend` keeps
   the rank's Megatron-style shard (q/k/v heads and gate/up columns split by rank, o_proj and
   down_proj rows split, one all-reduce after attention and one after the MLP per layer;
   embeddings and LM head whole). The all-reduces run inside the step, so on CUDA the whole
   speculative block, collectives included, is one captured CUDA graph per replay, as at
   ``--tp 1``. The KV-head count and the MLP width must divide by N (an error names the counts).
-  Memory: each rank keeps the whole transformers model (the weight fingerprint of ``sweep``, the
-  embeddings and LM head are read from it) plus its 1/N shard of the layers.
-* ``dynamic``: transformers' own tensor parallelism (the model's ``base_model_tp_plan``), eager;
+  Memory: each rank keeps the whole transformers model on its GPU (the weight fingerprint of
+  ``sweep``, the embeddings and LM head are read from it) plus its 1/N shard of the layers, so the
+  verifier must fit one GPU whole (loading on the CPU and moving only the shard is not done yet).
+* ``dynamic`` (the CLI's default backend; :func:`load_tp_verifier`): transformers' own tensor
+  parallelism (``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))``, the
+  model's ``base_model_tp_plan``), eager;
   any model type that has a plan in the installed transformers. Slow (measured at half of
   ``--tp 1``'s speed on two GPUs); kept as the reference and for non-Llama verifiers.
 * ``auto``: ``fused`` when the verifier's config is Llama-family, else ``dynamic``.
