@@ -19,9 +19,8 @@ uses ``cuda:LOCAL_RANK``; on a CPU the ranks talk over gloo (slow: for tests).
 Two ways to shard the verifier, by ``--backend``:
 
 * ``fused`` (Llama-family verifiers: llama, qwen2, mistral; the fast path; :func:`tp_uses_fused`,
-  :func:`mark_tp`): every rank loads the
-  *whole* verifier onto its device and :class:`~speccascade.models.fused.FusedLlamaBackend` keeps
-  the rank's Megatron-style shard (q/k/v heads and gate/up columns split by rank, o_proj and
+  :func:`mark_tp`): every rank loads the *whole* verifier onto its device and
+  :class:`~speccascade.models.fused.FusedLlamaBackend` keeps the rank's Megatron-style shard (q/k/v heads and gate/up columns split by rank, o_proj and
   down_proj rows split, one all-reduce after attention and one after the MLP per layer;
   embeddings and LM head whole). The all-reduces run inside the step, so on CUDA the whole
   speculative block, collectives included, is one captured CUDA graph per replay, as at
