@@ -20,14 +20,15 @@ Two ways to shard the verifier, by ``--backend``:
 
 * ``fused`` (Llama-family verifiers: llama, qwen2, mistral; the fast path; :func:`tp_uses_fused`,
   :func:`mark_tp`): every rank loads the *whole* verifier onto its device and
-  :class:`~speccascade.models.fused.FusedLlamaBackend` keeps the rank's Megatron-style shard (q/k/v heads and gate/up columns split by rank, o_proj and
-  down_proj rows split, one all-reduce after attention and one after the MLP per layer;
-  embeddings and LM head whole). The all-reduces run inside the step, so on CUDA the whole
-  speculative block, collectives included, is one captured CUDA graph per replay, as at
-  ``--tp 1``. The KV-head count and the MLP width must divide by N (an error names the counts).
-  Memory: each rank keeps the whole transformers model on its GPU (the weight fingerprint of
-  ``sweep``, the embeddings and LM head are read from it) plus its 1/N shard of the layers, so the
-  verifier must fit one GPU whole (loading on the CPU and moving only the shard is not done yet).
+  :class:`~speccascade.models.fused.FusedLlamaBackend` keeps the rank's Megatron-style shard
+  (q/k/v heads and gate/up columns split by rank, o_proj and down_proj rows split, one all-reduce
+  after attention and one after the MLP per layer; embeddings and LM head whole). The all-reduces
+  run inside the step, so on CUDA the whole speculative block, collectives included, is one
+  captured CUDA graph per replay, as at ``--tp 1``. The KV-head count and the MLP width must
+  divide by N (an error names the counts). Memory: each rank keeps the whole transformers model
+  on its GPU (the weight fingerprint of ``sweep``, the embeddings and LM head are read from it)
+  plus its 1/N shard of the layers, so the verifier must fit one GPU whole (loading on the CPU
+  and moving only the shard is not done yet).
 * ``dynamic`` (the CLI's default backend; :func:`load_tp_verifier`): transformers' own tensor
   parallelism (``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))``, the
   model's ``base_model_tp_plan``), eager;

@@ -29,11 +29,13 @@ so GQA groups stay whole; the KV-head count must divide by N) and gate/up column
 outputs are summed by one ``all_reduce`` each per layer (their biases added once, after it).
 Embeddings, norms and the LM head stay whole on every rank, so the logits come out whole on every
 rank and ranks that run the same loop with the same seed draw the same tokens. The KV cache holds
-only the rank's heads. The all-reduce runs on the current stream (NCCL), so it is captured in the
-same CUDA graph as the rest of the step; compiled, it is a functional collective torch.compile
-traces. On a CPU (gloo) nothing is captured: the step runs eagerly (what the CPU tests exercise).
+only the rank's heads. The all-reduce is issued from the current stream (NCCL), so it is captured
+in the same CUDA graph as the rest of the step (the block's, :mod:`speccascade.runner`, and the
+prefill's); compiled, it is a functional collective that torch.compile traces into the step. On a
+CPU (gloo) nothing is captured: the step runs eagerly (what the CPU tests exercise).
 
-Models of another architecture raise :class:`UnsupportedModel`; use the ``graphs`` / ``compiled`` backends for them.
+Models of another architecture raise :class:`UnsupportedModel`; use the ``graphs`` / ``compiled``
+backends for them.
 
 Contract (beyond :mod:`.base`): ``capturable = True`` (``extend`` / ``commit`` make no host read
 and keep no host-side state), ``output_device == device``; ``reserve(batch, length)`` sizes the
