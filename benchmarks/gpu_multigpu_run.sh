@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Issue 17 on a machine with >= 2 GPUs. Steps (each with its own log in DIR and its own time limit;
 # a step that fails or times out is reported and the next one runs):
+#   smoke                               a minute's check that the fused backend's all-reduces compile and
+#                                       capture on 2 GPUs: tp_speed at tiny shapes (2 layers, hidden 256),
+#                                       tp 1 and tp 2, batch 1 (DIR/smoke_tp<N>.json / .log)
 #   fused_tp1 fused_tp2 hf_tp1 hf_tp2   benchmarks/tp_speed.py stages: verifier_only and sd tokens/s at
 #                                       batch 1 and 16, Llama-3.1-8B shape, random weights, bf16; fused =
 #                                       the engine's fast path (sharded fused backend, all-reduces inside
@@ -20,7 +23,7 @@
 # --tiny --layers 2 --new-tokens 8 --repeats 1" for a CPU rehearsal). NVLink multicast stays off.
 set -uo pipefail
 dir="${1:-runs/multigpu}"
-steps="${2:-fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge tests sweeps}"
+steps="${2:-smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge tests sweeps}"
 mkdir -p "$dir"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}" \
@@ -39,11 +42,21 @@ stage() {  # stage BACKEND TP BATCH
   timeout --signal=TERM --kill-after=30 "$limit" torchrun --standalone --nproc-per-node "$2" benchmarks/tp_speed.py \
     --backend "$1" --tp "$2" --batch-sizes "$3" --out "$dir/$name.json" "${extra[@]}" > "$dir/$name.log" 2>&1
   rc=$?
-  echo "tp_speed $name rc=$rc wall=$(( $(date +%s) - start ))s (log $dir/$name.log)"
+  echo "tp_speed $name rc=$rc wall=$(( $(date +%s) - start ))s cells_failed=$(grep -c '"error"' "$dir/$name.log")" \
+    "(log $dir/$name.log)"
 }
 
 for step in $steps; do
   case "$step" in
+    smoke)
+      for t in 1 2; do
+        start=$(date +%s)
+        timeout --signal=TERM --kill-after=30 300 torchrun --standalone --nproc-per-node "$t" benchmarks/tp_speed.py \
+          --backend fused --tp "$t" --tiny --layers 2 --new-tokens 16 --prompt-tokens 16 --repeats 1 --batch-sizes 1 \
+          --out "$dir/smoke_tp$t.json" "${extra[@]}" > "$dir/smoke_tp$t.log" 2>&1
+        echo "smoke tp$t rc=$? wall=$(( $(date +%s) - start ))s cells_failed=$(grep -c '"error"' "$dir/smoke_tp$t.log")" \
+          "(log $dir/smoke_tp$t.log)"
+      done ;;
     fused_tp[0-9]*|hf_tp[0-9]*)
       backend="${step%%_tp*}" rest="${step#*_tp}"
       tp="${rest%%_b*}"
@@ -68,6 +81,7 @@ for step in $steps; do
           > "$dir/sweep_w$w.log" 2>&1
         echo "sweep --workers $w rc=$? wall=$(( $(date +%s) - start ))s"
       done ;;
-    *) echo "unknown step $step (steps: fused_tp1 fused_tp2 hf_tp1 hf_tp2 [each with _b<batch>] merge tests sweeps)" ;;
+    *) echo "unknown step $step (steps: smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 [each with _b<batch>] merge tests" \
+            "sweeps)" ;;
   esac
 done
