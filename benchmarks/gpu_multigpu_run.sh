@@ -1,23 +1,89 @@
 #!/usr/bin/env bash
-# Issue 17 on a machine with >= 2 GPUs (not run yet): the multi-GPU tests, the tensor-parallel speed
-# benchmark (Llama-3.1-8B shape, random weights), and a data-parallel sweep of the tiny pair on every
-# GPU against the same sweep on one (same cells; wall time). Everything lands in DIR.
-#   bash benchmarks/gpu_multigpu_run.sh [DIR]          (default runs/multigpu)
+# Issue 17 on a machine with >= 2 GPUs. Steps (each with its own log in DIR and its own time limit;
+# a step that fails or times out is reported and the next one runs):
+#   smoke                               a minute's check that the fused backend's all-reduces compile and
+#                                       capture on 2 GPUs: tp_speed at tiny shapes (2 layers, hidden 256),
+#                                       tp 1 and tp 2, batch 1 (DIR/smoke_tp<N>.json / .log)
+#   fused_tp1 fused_tp2 hf_tp1 hf_tp2   benchmarks/tp_speed.py stages: verifier_only and sd tokens/s at
+#                                       batch 1 and 16, Llama-3.1-8B shape, random weights, bf16; fused =
+#                                       the engine's fast path (sharded fused backend, all-reduces inside
+#                                       the captured block), hf = transformers' tp_plan (the reference).
+#                                       One launch per batch size (DIR/<stage>_b<batch>.json / .log); a
+#                                       step such as fused_tp2_b1 runs one batch size alone
+#   merge                               the stages into DIR/tp_H200.json (ratios; the target: fused tp2 >
+#                                       fused tp1 at batch 1)
+#   tests                               tests/test_multigpu.py and tests/test_tp_fused.py (the GPU ones run)
+#   sweeps                              a data-parallel sweep of the tiny pair on every GPU vs on one
+#
+#   bash benchmarks/gpu_multigpu_run.sh [DIR] [STEPS]     (default runs/multigpu, every step in the order above)
+#   bash benchmarks/gpu_multigpu_run.sh runs/multigpu "fused_tp1 fused_tp2 merge"   # the headline numbers only
+#   bash benchmarks/gpu_multigpu_run.sh runs/multigpu "fused_tp2_b16 merge"         # one launch (batch 16)
+# Environment: PYTHON (default: python, else python3), STAGE_TIMEOUT (seconds per tp_speed launch,
+# default 540: one launch fits a 10-minute command), BATCHES (default "1 16"), TP_SPEED_ARGS (extra
+# arguments to every launch, e.g. "--device cpu --tiny --layers 2 --new-tokens 8 --repeats 1" for a CPU
+# rehearsal). NVLink multicast stays off.
 set -uo pipefail
 dir="${1:-runs/multigpu}"
+steps="${2:-smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge tests sweeps}"
 mkdir -p "$dir"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-n=$(python -c "import torch; print(torch.cuda.device_count())")
+export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}" \
+  NVSHMEM_DISABLE_NVLS="${NVSHMEM_DISABLE_NVLS:-1}"
+py="${PYTHON:-$(command -v python || command -v python3)}"   # the device image has python3 only
+limit="${STAGE_TIMEOUT:-540}"
+batches="${BATCHES:-1 16}"
+read -r -a extra <<< "${TP_SPEED_ARGS:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$dir/gpu.txt" 2>&1
-python -m pytest tests/test_multigpu.py -x -rA > "$dir/pytest_multigpu.log" 2>&1
-echo "multigpu tests rc=$?"
-torchrun --standalone --nproc-per-node 2 benchmarks/tp_speed.py --out "$dir/tp_H200.json" > "$dir/tp_speed.log" 2>&1
-echo "tp_speed rc=$? (copy $dir/tp_H200.json to results/multigpu/ once checked)"
-grid=(--methods sd,opt,token_v3,token_cascade --temperatures 0 1 --batch-sizes 1 8 --examples 100 --max-new-tokens 64
-      --device cuda --quiet)
-for w in 1 "$n"; do
-  rm -f "$dir/sweep_w$w.jsonl"
+nvidia-smi topo -m >> "$dir/gpu.txt" 2>&1
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())" \
+  >> "$dir/gpu.txt" 2>&1
+
+stage() {  # stage BACKEND TP BATCH
+  local name="$1_tp$2_b$3" start rc
   start=$(date +%s)
-  python -m speccascade sweep "${grid[@]}" --workers "$w" --out "$dir/sweep_w$w.jsonl" > "$dir/sweep_w$w.log" 2>&1
-  echo "sweep --workers $w rc=$? wall=$(( $(date +%s) - start ))s"
+  timeout --signal=TERM --kill-after=30 "$limit" "$py" -m torch.distributed.run --standalone --nproc-per-node "$2" benchmarks/tp_speed.py \
+    --backend "$1" --tp "$2" --batch-sizes "$3" --out "$dir/$name.json" "${extra[@]}" > "$dir/$name.log" 2>&1
+  rc=$?
+  echo "tp_speed $name rc=$rc wall=$(( $(date +%s) - start ))s cells_failed=$(grep -c '"error"' "$dir/$name.log")" \
+    "(log $dir/$name.log)"
+}
+
+for step in $steps; do
+  case "$step" in
+    smoke)
+      for t in 1 2; do
+        start=$(date +%s)
+        timeout --signal=TERM --kill-after=30 300 "$py" -m torch.distributed.run --standalone --nproc-per-node "$t" benchmarks/tp_speed.py \
+          --backend fused --tp "$t" --tiny --layers 2 --new-tokens 16 --prompt-tokens 16 --repeats 1 --batch-sizes 1 \
+          --out "$dir/smoke_tp$t.json" "${extra[@]}" > "$dir/smoke_tp$t.log" 2>&1
+        echo "smoke tp$t rc=$? wall=$(( $(date +%s) - start ))s cells_failed=$(grep -c '"error"' "$dir/smoke_tp$t.log")" \
+          "(log $dir/smoke_tp$t.log)"
+      done ;;
+    fused_tp[0-9]*|hf_tp[0-9]*)
+      backend="${step%%_tp*}" rest="${step#*_tp}"
+      tp="${rest%%_b*}"
+      if [[ "$rest" == *_b* ]]; then for_batches="${rest#*_b}"; else for_batches="$batches"; fi
+      for b in $for_batches; do stage "$backend" "$tp" "$b"; done ;;
+    merge)
+      "$py" benchmarks/tp_speed.py --merge "$dir"/fused_tp*_b*.json "$dir"/hf_tp*_b*.json \
+        --out "$dir/tp_H200.json" > "$dir/merge.log" 2>&1
+      echo "merge rc=$? (copy $dir/tp_H200.json to results/multigpu/ once checked)"
+      cat "$dir/merge.log" ;;
+    tests)
+      timeout 1200 "$py" -m pytest tests/test_multigpu.py tests/test_tp_fused.py -rA > "$dir/pytest_multigpu.log" 2>&1
+      echo "multigpu tests rc=$?" ;;
+    sweeps)
+      n=$("$py" -c "import torch; print(torch.cuda.device_count())")
+      grid=(--methods sd,opt,token_v3,token_cascade --temperatures 0 1 --batch-sizes 1 8 --examples 100
+            --max-new-tokens 64 --device cuda --quiet)
+      for w in 1 "$n"; do
+        rm -f "$dir/sweep_w$w.jsonl"
+        start=$(date +%s)
+        timeout 1800 "$py" -m speccascade sweep "${grid[@]}" --workers "$w" --out "$dir/sweep_w$w.jsonl" \
+          > "$dir/sweep_w$w.log" 2>&1
+        echo "sweep --workers $w rc=$? wall=$(( $(date +%s) - start ))s"
+      done ;;
+    *) echo "unknown step $step (steps: smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 [each with _b<batch>] merge tests" \
+            "sweeps)" ;;
+  esac
 done

@@ -224,8 +224,9 @@ def test_tp_error_paths(tmp_path, monkeypatch, capsys):
         check_tp(2, "cpu", "dynamic", "sweep")
     with pytest.raises(SpecCascadeError, match="--tp must be an integer >= 1, got 0"):
         check_tp(0)
-    for backend in ("static", "compiled", "graphs", "fused", "auto"):
-        with pytest.raises(SpecCascadeError, match=f"--tp 2 needs --backend dynamic: the '{backend}' backend cannot"):
+    for backend in ("static", "compiled", "graphs", "seq2seq"):
+        with pytest.raises(SpecCascadeError, match=f"--tp 2 needs --backend dynamic, fused or auto: the '{backend}' "
+                                                   f"backend cannot"):
             check_tp(2, "cpu", backend)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")
@@ -262,7 +263,8 @@ def test_tp_error_paths(tmp_path, monkeypatch, capsys):
                  ["sweep", "--tp", "2", "--methods", "sd", "--examples", "1", "--out", str(tmp_path / "s.jsonl")]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "--tp 2" in err and ("torchrun --nproc-per-node 2" in err or "needs --backend dynamic" in err), err
+        assert "--tp 2" in err and ("torchrun --nproc-per-node 2" in err or "needs --backend dynamic, fused" in err), \
+            err
 
 
 PROMPT = "In the beginning God created the heaven and the earth."
@@ -365,6 +367,36 @@ def test_tp_speed_benchmark_parses_and_refuses_without_gpus():
     assert no.returncode == 2 and "tp_speed: error: needs 2 CUDA GPUs" in no.stderr
 
 
+def test_tp_speed_merges_stages_into_ratios(tmp_path):
+    """The stage files of benchmarks/tp_speed.py merge into one record: tokens/s, ratios (tp 2 over
+    tp 1, fused over transformers'), the issue's target, and a note for each missing stage or failed
+    cell."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tp_speed", SRC.parent / "benchmarks" / "tp_speed.py")
+    tp_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tp_speed)
+
+    def stage(backend, tp, speeds):
+        rows = [{"backend": backend, "tp": tp, "batch": b, "method": m, "tokens_per_second": x}
+                for (b, m), x in speeds.items()]
+        rows.append({"backend": backend, "tp": tp, "batch": 16, "method": "opt", "error": "RuntimeError: boom"})
+        path = tmp_path / f"{backend}_tp{tp}.json"
+        path.write_text(json.dumps({"stage": f"{backend} tp={tp}", "gpu": "G", "dtype": "bfloat16", "rows": rows}))
+        return path
+
+    paths = [stage("fused", 1, {(1, "sd"): 100.0, (1, "verifier_only"): 50.0}),
+             stage("fused", 2, {(1, "sd"): 180.0, (1, "verifier_only"): 40.0}),
+             stage("hf", 2, {(1, "sd"): 20.0}), tmp_path / "hf_tp1.json"]
+    rec = tp_speed.merge(paths, tmp_path / "out" / "tp.json")
+    assert json.loads((tmp_path / "out" / "tp.json").read_text()) == rec
+    assert rec["ratios"] == {"fused tp2/tp1 sd batch=1": 1.8, "fused tp2/tp1 verifier_only batch=1": 0.8,
+                             "fused/hf tp2 sd batch=1": 9.0}
+    assert rec["target_tp2_faster_than_tp1_at_batch1_fused"] == {"verifier_only": False, "sd": True}
+    assert rec["card"]["gpu"] == "G" and rec["settings"]["dtype"] == "bfloat16"
+    assert sum("boom" in n for n in rec["notes"]) == 3 and any("hf_tp1.json: not read" in n for n in rec["notes"])
+
+
 # --------------------------------------------------------------------------------------------
 # on the device machine (skipped without 2 CUDA GPUs)
 
@@ -379,9 +411,12 @@ needs_2_gpus = pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs")
 
 
 @needs_2_gpus
-def test_gpu_tp2_equals_tp1(tmp_path):
+@pytest.mark.parametrize("backend", ["dynamic", "fused"])
+def test_gpu_tp2_equals_tp1(tmp_path, backend):
+    """Greedy --tp 2 prints --tp 1's tokens (float32): transformers' sharding, and the sharded fused
+    backend with its all-reduces captured in the block's CUDA graphs."""
     common = ["generate", "--device", "cuda", "--temperature", "0", "--max-new-tokens", "16", "--json", "--quiet",
-              PROMPT]
+              "--backend", backend, PROMPT]
     one = subprocess.run([sys.executable, "-m", "speccascade", *common], env=ENV, capture_output=True, text=True,
                          check=False,
                          timeout=300)

@@ -181,7 +181,7 @@ def _check_out_dir(path: Path, flag: str) -> None:
 
 
 def _load_pair(args):
-    from .distributed import check_tp, init_tp, load_tp_verifier
+    from .distributed import check_tp, init_tp, load_tp_verifier, mark_tp, tp_uses_fused
     from .models.loading import (
         TOKENIZER_DIR,
         TOKENIZER_FILES,
@@ -219,12 +219,18 @@ def _load_pair(args):
     hf_logging.disable_progress_bar()
     dtype = getattr(torch, getattr(args, "dtype", "float32"))
     tokenizer = load_tokenizer(tok_path, role=tok_role)  # cheap: fail before the models load
+    # --tp with the fused backend: every rank loads the whole verifier; its backend keeps the rank's shard
+    fused_tp = tp_uses_fused(v_path, tp, getattr(args, "backend", "dynamic"))
     if tp > 1:
         init_tp(args.device)
         dev = check_device(args.device, "drafter and verifier (--device)")
     drafter = load_causal_lm(d_path, device=dev, dtype=dtype, role="drafter")
-    verifier = load_causal_lm(v_path, device=dev, dtype=dtype, role="verifier") if tp == 1 else \
-        load_tp_verifier(v_path, tp, dev, dtype)
+    if tp == 1 or fused_tp:
+        verifier = load_causal_lm(v_path, device=dev, dtype=dtype, role="verifier")
+        if fused_tp:
+            mark_tp(verifier, tp)
+    else:
+        verifier = load_tp_verifier(v_path, tp, dev, dtype)
     return drafter, verifier, tokenizer, (str(d_path), str(v_path))
 
 
@@ -373,7 +379,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights' dtype (bfloat16 on a GPU)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor-parallel verifier over N GPUs: launch with torchrun --nproc-per-node N "
-                        "(docs/scale-out.md; --backend dynamic only)")
+                        "(docs/scale-out.md; --backend fused: our sharded Llama step, captured; dynamic: "
+                        "transformers' sharding; auto: fused for Llama-family verifiers)")
     p.add_argument("--backend", default="dynamic", choices=BACKENDS,
                    help="fused = Llama-family models with the whole speculative block captured as one CUDA "
                         "graph (the GPU fast path; eager on a CPU); auto = fused where it applies; compiled / "

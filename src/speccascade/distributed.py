@@ -3,12 +3,11 @@ sweeps (``--workers N``, :mod:`.eval.parallel`).
 
 Tensor parallelism
 ------------------
-``--tp N`` (``generate``, ``sweep``, ``serve``) loads the verifier with transformers' tensor
-parallelism (``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))``, the model's
-own ``base_model_tp_plan``) across N processes started by ``torchrun --nproc-per-node N``::
+``--tp N`` (``generate``, ``sweep``, ``serve``) splits the verifier over N processes started by
+``torchrun --nproc-per-node N``, one per GPU::
 
-    torchrun --nproc-per-node 2 -m speccascade generate --tp 2 --device cuda --dtype bfloat16 \\
-        --drafter D --verifier V "prompt"
+    torchrun --nproc-per-node 2 -m speccascade generate --tp 2 --backend fused --device cuda \
+        --dtype bfloat16 --drafter D --verifier V "prompt"
 
 Each rank holds a shard of the verifier and the *whole* drafter, and runs the same decoding loop
 with the same seed (the verifier's logits come out whole on every rank, so every rank draws the
@@ -17,11 +16,32 @@ write a scratch copy that is thrown away) or listens for HTTP requests (``serve`
 batch it decodes to the other ranks, which decode it with it). With ``--device cuda`` rank *r*
 uses ``cuda:LOCAL_RANK``; on a CPU the ranks talk over gloo (slow: for tests).
 
-Only the ``dynamic`` backend takes a sharded verifier: the static / compiled / graphs backends
-pre-allocate a cache from the config's full head counts and the fused backend concatenates whole
-weight matrices, neither of which a rank has. Models without a tensor-parallel plan in the
-installed transformers (``config.base_model_tp_plan``) are refused, naming the model type, and so
-are encoder-decoder verifiers (the ``seq2seq`` backend).
+Two ways to shard the verifier, by ``--backend``:
+
+* ``fused`` (Llama-family verifiers: llama, qwen2, mistral; the fast path; :func:`tp_uses_fused`,
+  :func:`mark_tp`): every rank loads the *whole* verifier onto its device and
+  :class:`~speccascade.models.fused.FusedLlamaBackend` keeps the rank's Megatron-style shard
+  (q/k/v heads and gate/up columns split by rank, o_proj and down_proj rows split, one all-reduce
+  after attention and one after the MLP per layer; embeddings and LM head whole). The all-reduces
+  run inside the step, so on CUDA the whole speculative block, collectives included, is one
+  captured CUDA graph per replay, as at ``--tp 1``. The KV-head count and the MLP width must
+  divide by N (an error names the counts). Memory: each rank keeps the whole transformers model
+  on its GPU (the weight fingerprint of ``sweep``, the embeddings and LM head are read from it)
+  plus its 1/N shard of the layers, so the verifier must fit one GPU whole (loading on the CPU
+  and moving only the shard is not done yet).
+* ``dynamic`` (the CLI's default backend; :func:`load_tp_verifier`): transformers' own tensor
+  parallelism (``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))``, the
+  model's ``base_model_tp_plan``), eager;
+  any model type that has a plan in the installed transformers. Slow (measured at half of
+  ``--tp 1``'s speed on two GPUs); kept as the reference and for non-Llama verifiers.
+* ``auto``: ``fused`` when the verifier's config is Llama-family, else ``dynamic``.
+
+The drafter is whole on every rank (its backend as ``--backend`` gives it: fused for a Llama-family
+drafter with ``fused`` / ``auto``). The static / compiled / graphs backends are refused with
+``--tp``: they pre-allocate a cache from the config's full head counts. A non-Llama-family verifier
+with ``--backend fused --tp N`` is refused naming its type; under ``dynamic`` / ``auto``, models
+without a tensor-parallel plan in the installed transformers (``config.base_model_tp_plan``) are
+refused, naming the model type, and so are encoder-decoder verifiers (the ``seq2seq`` backend).
 ``--tp`` and ``--workers`` do not combine (yet).
 """
 
@@ -35,8 +55,9 @@ from pathlib import Path
 from .checks import as_int
 from .errors import DeviceError, SpecCascadeError
 
-#: the backends that take a tensor-parallel (sharded) verifier
-TP_BACKENDS = ("dynamic",)
+#: the backends that take a tensor-parallel (sharded) verifier: transformers' sharding (dynamic) or
+#: the fused backend's own (fused; auto picks fused for a Llama-family verifier, else dynamic)
+TP_BACKENDS = ("dynamic", "fused", "auto")
 
 
 def world() -> tuple[int, int, int]:
@@ -60,10 +81,9 @@ def check_tp(tp, device="cpu", backend: str = "dynamic", command: str = "generat
     if n == 1:
         return 1
     if backend not in TP_BACKENDS:
-        raise SpecCascadeError(f"--tp {n} needs --backend {' or '.join(TP_BACKENDS)}: the {backend!r} backend cannot "
-                               f"take a sharded verifier (static, compiled and graphs size their cache from the full "
-                               f"head counts; fused concatenates whole weight matrices; seq2seq is for "
-                               f"encoder-decoders)")
+        raise SpecCascadeError(f"--tp {n} needs --backend {', '.join(TP_BACKENDS[:-1])} or {TP_BACKENDS[-1]}: the "
+                               f"{backend!r} backend cannot take a sharded verifier (static, compiled and graphs size "
+                               f"their cache from the full head counts; seq2seq is for encoder-decoders)")
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise SpecCascadeError(f"--tp {n} runs one process per GPU: launch with torchrun --nproc-per-node {n} -m "
                                f"speccascade {command} --tp {n} ... (WORLD_SIZE / RANK are not set)")
@@ -118,6 +138,44 @@ def check_tp_plan(path, role: str = "verifier") -> None:
         raise SpecCascadeError(f"--tp: the {role} ({cfg.model_type}, {str(path)!r}) has no tensor-parallel plan in "
                                f"transformers {transformers.__version__} (its config's base_model_tp_plan is empty); "
                                f"run it with --tp 1, or use a model type that has one (llama, mistral, qwen2, ...)")
+
+
+def tp_uses_fused(path, tp: int, backend: str, role: str = "verifier") -> bool:
+    """Whether ``--tp tp --backend backend`` shards the verifier at ``path`` with the fused backend
+    (``fused``; ``auto`` for a Llama-family config), from its config alone (no weights read, no
+    process group needed). Errors: ``fused`` with a model it does not implement (naming the type),
+    head counts or an MLP width that do not divide by ``tp`` (naming them)."""
+    if tp == 1 or backend not in ("fused", "auto"):
+        return False
+    from transformers import AutoConfig
+
+    from .models.fused import check_tp_shape, unsupported_reason
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception:  # noqa: BLE001 - a .gguf file or an unreadable config: the loaders name the problem
+        return False
+    if getattr(cfg, "is_encoder_decoder", False):
+        if backend == "fused":
+            raise SpecCascadeError(f"--tp {tp} --backend fused: the {role} ({cfg.model_type}, {str(path)!r}) is an "
+                                   f"encoder-decoder; the fused backend is for Llama-family causal LMs")
+        return False
+    reason = unsupported_reason(cfg, role)
+    if reason:
+        if backend == "fused":
+            raise SpecCascadeError(f"--tp {tp} --backend fused: {reason} ({str(path)!r}); give --backend dynamic "
+                                   f"(transformers' tensor parallelism) or auto")
+        return False
+    check_tp_shape(cfg, tp, role)
+    return True
+
+
+def mark_tp(model, tp: int):
+    """Mark a whole (unsharded) verifier to be sharded ``tp`` ways by the fused backend
+    (:func:`speccascade.models.make_backend` reads the mark; ``sweep`` records it as the run's
+    ``tp``)."""
+    model.speccascade_tp = int(tp)
+    return model
 
 
 def load_tp_verifier(path, tp: int, device, dtype):

@@ -155,6 +155,16 @@ def capture(step: Callable[[torch.Generator], None], state, device: torch.device
     return Captured(graph=graph, state=state, generator=gen, per_replay=per_replay)
 
 
+def capture_error_mode() -> str:
+    """``torch.cuda.graph``'s ``capture_error_mode``: ``"thread_local"`` under an initialised
+    torch.distributed process group (a tensor-parallel backend's NCCL all-reduces are captured with
+    the step, and the NCCL watchdog thread queries CUDA events meanwhile, which the default
+    ``"global"`` mode would count as an error of this capture), else torch's default ``"global"``."""
+    import torch.distributed as dist
+
+    return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
+
+
 def capture_graph(step: Callable[[torch.Generator], None], device: torch.device, per_replay: int):
     """Warm ``step`` up twice on a side stream (torch.compile compiles, allocations settle), then
     capture ``per_replay`` calls of it as one CUDA graph drawing from a generator registered with
@@ -170,7 +180,7 @@ def capture_graph(step: Callable[[torch.Generator], None], device: torch.device,
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
     graph.register_generator_state(gen)
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
         for _ in range(per_replay):
             step(gen)
     return graph, gen

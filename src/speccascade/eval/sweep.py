@@ -506,7 +506,8 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
                 "task": task.describe(), "examples": len(examples), "examples_sha1": ex_hash,
                 "speccascade": __version__, "torch": torch.__version__, "device": device_name(device),
                 "max_new_tokens": config.max_new_tokens, "backend": backend,
-                "tp": getattr(verifier, "tp_size", None) or 1,  # --tp: the verifier's tensor-parallel degree
+                # --tp: the verifier's tensor-parallel degree (transformers' sharding, or the fused backend's)
+                "tp": getattr(verifier, "tp_size", None) or getattr(verifier, "speccascade_tp", None) or 1,
                 "dtype": str(next(verifier.parameters()).dtype).removeprefix("torch.")}
     check_context(drafter, verifier, tokenizer, task, examples, config)
     d_be, v_be = make_backend(drafter, "drafter", backend), make_backend(verifier, "verifier", backend)

@@ -11,11 +11,15 @@ compiled   ``static.StaticHFBackend``  the same under torch.compile (CUDA graphs
 graphs     ``graphs.GraphHFBackend``   the same, hand-captured CUDA graphs per call (CUDA)
 fused      ``fused.FusedLlamaBackend`` Llama-family models: fused projections, per-row
                                        position-indexed cache, every piece of state on the
-                                       device, so the *whole block* is one CUDA graph
+                                       device, so the *whole block* is one CUDA graph;
+                                       tensor-parallel (``tp=N``: this rank's shard, two
+                                       all-reduces a layer) for a model marked by
+                                       ``speccascade.distributed.mark_tp``
 seq2seq    ``seq2seq.Seq2SeqBackend``  transformers encoder-decoders (T5, mT5, BART, mBART,
                                        Marian, Pegasus): the encoder once, the decoder on a
                                        dynamic cache, eager
 auto       fused where the model is Llama-family, else graphs on CUDA / dynamic on a CPU
+           (dynamic for a model transformers sharded)
 =========  ==========================  =====================================================
 
 An encoder-decoder model (``config.is_encoder_decoder``) always gets the seq2seq backend from
@@ -43,10 +47,14 @@ def _fused(model, name, max_cache_len):
     import torch
 
     device = next(model.parameters()).device
-    return FusedLlamaBackend(model, name, compile=device.type == "cuda" and torch.cuda.is_available())
+    # a verifier marked by speccascade.distributed.mark_tp (--tp N): this rank's shard of it
+    return FusedLlamaBackend(model, name, compile=device.type == "cuda" and torch.cuda.is_available(),
+                             tp=getattr(model, "speccascade_tp", 1))
 
 
 def _auto(model, name, max_cache_len):
+    if (getattr(model, "tp_size", None) or 1) > 1:   # sharded by transformers (--tp, dynamic): only dynamic takes it
+        return HFBackend(model, name)
     try:
         return _fused(model, name, max_cache_len)
     except UnsupportedModel as e:

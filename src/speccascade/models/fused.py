@@ -19,8 +19,23 @@ arithmetic). This backend
   fixed large pre-allocation.
 
 Logits equal the transformers model's to float rounding (tests compare them, ragged batches,
-rollbacks included). Models of another architecture raise :class:`UnsupportedModel`; use the
-``graphs`` / ``compiled`` backends for them.
+rollbacks included).
+
+**Tensor parallelism** (``tp=N`` under an initialised ``torch.distributed`` process group of N
+ranks; issue 17): Megatron-style sharding of the *whole* model's weights, each rank keeping its
+slice. Column-parallel: rank r keeps q/k/v heads ``[r·H/N, (r+1)·H/N)`` (and the matching KV heads,
+so GQA groups stay whole; the KV-head count must divide by N) and gate/up columns ``[r·I/N,
+(r+1)·I/N)``; row-parallel: the matching input columns of o_proj and down_proj, whose partial
+outputs are summed by one ``all_reduce`` each per layer (their biases added once, after it).
+Embeddings, norms and the LM head stay whole on every rank, so the logits come out whole on every
+rank and ranks that run the same loop with the same seed draw the same tokens. The KV cache holds
+only the rank's heads. The all-reduce is issued from the current stream (NCCL), so it is captured
+in the same CUDA graph as the rest of the step (the block's, :mod:`speccascade.runner`, and the
+prefill's); compiled, it is a functional collective that torch.compile traces into the step. On a
+CPU (gloo) nothing is captured: the step runs eagerly (what the CPU tests exercise).
+
+Models of another architecture raise :class:`UnsupportedModel`; use the ``graphs`` / ``compiled``
+backends for them.
 
 Contract (beyond :mod:`.base`): ``capturable = True`` (``extend`` / ``commit`` make no host read
 and keep no host-side state), ``output_device == device``; ``reserve(batch, length)`` sizes the
@@ -30,6 +45,7 @@ cache before ``reset`` and is what ``generate`` calls with the request's longest
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import SpecCascadeError
@@ -40,6 +56,36 @@ SUPPORTED = ("llama", "qwen2", "mistral")
 
 class UnsupportedModel(SpecCascadeError):
     """The model is not of an architecture the fused backend implements."""
+
+
+def unsupported_reason(cfg, name: str = "model") -> str | None:
+    """Why the fused backend cannot run a model of config ``cfg`` (None: it can). Checked from the
+    config alone, so a launcher can decide before any weights load."""
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED:
+        return f"the fused backend implements {', '.join(SUPPORTED)} models; the {name} is {kind}"
+    act = getattr(cfg, "hidden_act", "silu")
+    if act != "silu" or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) \
+            and kind == "mistral":
+        return (f"the fused backend needs silu MLPs and full attention; the {name} has hidden_act={act!r} / "
+                f"sliding_window")
+    return None
+
+
+def check_tp_shape(cfg, tp: int, name: str = "model") -> None:
+    """The head and MLP widths of config ``cfg`` split evenly over ``tp`` ranks (else an error
+    naming the counts)."""
+    if tp == 1:
+        return
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    inter = int(cfg.intermediate_size)
+    if kv % tp:
+        raise SpecCascadeError(f"--tp {tp}: the {name}'s {kv} key/value heads ({heads} query heads) do not divide "
+                               f"by {tp}; each rank keeps whole KV heads: give a --tp that divides {kv}")
+    if inter % tp:
+        raise SpecCascadeError(f"--tp {tp}: the {name}'s MLP width {inter} (intermediate_size) does not divide by "
+                               f"{tp}; give a --tp that divides it")
 
 
 def _capacity(length: int) -> int:
@@ -53,7 +99,10 @@ class FusedLlamaBackend:
     capturable = True
 
     def __init__(self, model: torch.nn.Module, name: str = "model", compile: bool = False,
-                 compile_options: dict | None = None):
+                 compile_options: dict | None = None, tp: int = 1, tp_group=None):
+        """``model``: a whole transformers Llama-family model. ``tp`` > 1: keep this rank's shard
+        (rank ``dist.get_rank(tp_group)`` of ``tp``, the default group if None) and all-reduce over
+        ``tp_group``; the shard lives on ``model``'s device."""
         cfg = getattr(model, "config", None)
         kind = getattr(cfg, "model_type", None)
         if getattr(cfg, "is_encoder_decoder", False):
@@ -63,20 +112,33 @@ class FusedLlamaBackend:
         if kind not in SUPPORTED or not hasattr(model, "model") or not hasattr(model.model, "layers"):
             raise UnsupportedModel(f"the fused backend implements {', '.join(SUPPORTED)} models; the {name} is "
                                    f"{kind or type(model).__name__}: use --backend graphs or compiled")
-        act = getattr(cfg, "hidden_act", "silu")
-        if act != "silu" or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) \
-                and kind == "mistral":
-            raise UnsupportedModel(f"the fused backend needs silu MLPs and full attention; the {name} has "
-                                   f"hidden_act={act!r} / sliding_window: use --backend graphs or compiled")
+        reason = unsupported_reason(cfg, name)
+        if reason:
+            raise UnsupportedModel(f"{reason}: use --backend graphs or compiled")
+        tp = int(tp)
+        if tp > 1:
+            check_tp_shape(cfg, tp, name)
+            if not dist.is_available() or not dist.is_initialized():
+                raise SpecCascadeError(f"a tensor-parallel fused {name} (tp={tp}) needs an initialised "
+                                       f"torch.distributed process group (torchrun; speccascade.distributed.init_tp)")
+            if dist.get_world_size(tp_group) != tp:
+                raise SpecCascadeError(f"tp={tp}, but the process group has {dist.get_world_size(tp_group)} ranks")
+            if any(getattr(p, "full_tensor", None) is not None for p in model.parameters()):
+                raise SpecCascadeError(f"the tensor-parallel fused backend shards the whole {name} itself; it was "
+                                       f"given a model already sharded by transformers (tp_plan): load it whole")
+        self.tp = tp
+        self.tp_group = tp_group
+        self.tp_rank = dist.get_rank(tp_group) if tp > 1 else 0
         self.name = name
         self.device = next(model.parameters()).device
         self.output_device = self.device
         self.dtype = next(model.parameters()).dtype
         inner = model.model
         first = inner.layers[0].self_attn
-        self.n_heads = int(cfg.num_attention_heads)
-        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
-        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        heads = int(cfg.num_attention_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        self.n_heads = heads // tp                                          # this rank's query heads
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or heads) // tp   # and key/value heads
         self.scaling = float(getattr(first, "scaling", self.head_dim ** -0.5))
         self.eps = float(cfg.rms_norm_eps)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
@@ -104,26 +166,39 @@ class FusedLlamaBackend:
         self._step_fn = torch.compile(self._step, dynamic=False, fullgraph=True, options=compile_options or None) \
             if compile else self._step
 
-    @staticmethod
-    def _fuse(layer) -> dict:
+    def _fuse(self, layer) -> dict:
+        """One layer's weights, fused (q/k/v, gate/up) and, with ``tp`` > 1, cut to this rank's shard."""
         att, mlp = layer.self_attn, layer.mlp
+        r, D = self.tp_rank, self.head_dim
 
-        def bias(*mods):
-            bs = [m.bias for m in mods]
-            if all(b is None for b in bs):
-                return None
-            return torch.cat([b if b is not None else torch.zeros(m.weight.shape[0], dtype=m.weight.dtype,
-                                                                  device=m.weight.device) for b, m in zip(bs, mods)])
+        def rows(t, n_per_rank):
+            """Column-parallel: this rank's block of ``n_per_rank`` output rows (a weight or bias)."""
+            return t if self.tp == 1 or t is None else t[r * n_per_rank:(r + 1) * n_per_rank]
 
+        def cols(w, n_per_rank):
+            """Row-parallel: this rank's block of ``n_per_rank`` input columns."""
+            return w if self.tp == 1 else w[:, r * n_per_rank:(r + 1) * n_per_rank].contiguous()
+
+        def cat(pairs):
+            """Concatenated weights (or biases; None when no piece has one) of (module, rows per rank)."""
+            ws = [rows(m.weight, n) for m, n in pairs]
+            bs = [rows(m.bias, n) for m, n in pairs]
+            b = None if all(x is None for x in bs) else torch.cat(
+                [x if x is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+                 for x, w in zip(bs, ws)])
+            return torch.cat(ws).detach(), None if b is None else b.detach()
+
+        inter = mlp.gate_proj.weight.shape[0] // self.tp
+        wqkv, bqkv = cat([(att.q_proj, self.n_heads * D), (att.k_proj, self.n_kv * D), (att.v_proj, self.n_kv * D)])
+        w13, b13 = cat([(mlp.gate_proj, inter), (mlp.up_proj, inter)])
         return {
             "in_norm": layer.input_layernorm.weight.detach(),
-            "wqkv": torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach(),
-            "bqkv": bias(att.q_proj, att.k_proj, att.v_proj),
-            "wo": att.o_proj.weight.detach(), "bo": None if att.o_proj.bias is None else att.o_proj.bias.detach(),
+            "wqkv": wqkv, "bqkv": bqkv,
+            "wo": cols(att.o_proj.weight, self.n_heads * D).detach(),
+            "bo": None if att.o_proj.bias is None else att.o_proj.bias.detach(),
             "post_norm": layer.post_attention_layernorm.weight.detach(),
-            "w13": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-            "b13": bias(mlp.gate_proj, mlp.up_proj),
-            "w2": mlp.down_proj.weight.detach(),
+            "w13": w13, "b13": b13,
+            "w2": cols(mlp.down_proj.weight, inter).detach(),
             "b2": None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
         }
 
@@ -217,8 +292,10 @@ class FusedLlamaBackend:
                 for _ in range(2):
                     self._step_fn(*bufs, self.k_cache, self.v_cache, False)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            from ..runner import capture_error_mode
+
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
                 self._step_fn(*bufs, self.k_cache, self.v_cache, False)
             self._prefill_graphs[key] = (graph, bufs)
         graph, (t_buf, p_buf, v_buf) = self._prefill_graphs[key]
@@ -234,6 +311,20 @@ class FusedLlamaBackend:
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def _row_parallel(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``x @ w.T + b``; with ``tp`` > 1 ``x`` and ``w`` are this rank's columns: the partial
+        products of all ranks are summed (one all-reduce), then the bias is added once."""
+        if self.tp == 1:
+            return F.linear(x, w, b)
+        y = F.linear(x, w)
+        if self.compiled:   # a functional collective: torch.compile traces it (and a CUDA graph captures it)
+            from torch.distributed import _functional_collectives as funcol
+
+            y = funcol.all_reduce(y, "sum", self.tp_group if self.tp_group is not None else dist.group.WORLD)
+        else:               # on the current stream: captured with the step on CUDA, eager over gloo
+            dist.all_reduce(y, group=self.tp_group)
+        return y if b is None else y + b
 
     def _step(self, tokens, positions, valid, k_cache, v_cache, logits: bool = True) -> torch.Tensor | None:
         """Logits of ``tokens  # [B, w]`` at ``positions  # [B, w]``; writes their K/V into slot =
@@ -268,10 +359,10 @@ class FusedLlamaBackend:
             att = torch.softmax(scores + bias, -1).to(self.dtype)
             o = torch.matmul(att, vals)                                                # [B, Hkv, G, w, D]
             o = o.permute(0, 3, 1, 2, 4).reshape(B, w, H * D)
-            h = h + F.linear(o, L["wo"], L["bo"])
+            h = h + self._row_parallel(o, L["wo"], L["bo"])
             x = self._rms(h, L["post_norm"])
             gate, up = F.linear(x, L["w13"], L["b13"]).chunk(2, -1)
-            h = h + F.linear(F.silu(gate) * up, L["w2"], L["b2"])
+            h = h + self._row_parallel(F.silu(gate) * up, L["w2"], L["b2"])
         if not logits:
             return None
         h = self._rms(h, self.final_norm)
