@@ -1,4 +1,5 @@
-"""Train a decoder-only translation model (a ``transformers`` Llama) on the Bible EN->ES pairs.
+"""Train a translation model on the Bible EN->ES pairs: a decoder-only ``transformers`` Llama
+(``arch="llama"``) or an encoder-decoder T5 (``arch="t5"``, T5 v1.1-style).
 
 It reports progress (tqdm: train and validation loss), and at the end the greedy BLEU / chrF of the
 best checkpoint on 200 validation pairs. The result is an ordinary Hugging Face checkpoint
@@ -8,7 +9,17 @@ The loss is on the Spanish side only. The best checkpoint by validation loss is 
 at each evaluation, so an interrupted run keeps what it had (early stopping against memorising
 the 30k training pairs).
 
+Both architectures share the data, the loop, the schedule, the evaluation and the checkpoints;
+they differ in how the model is built and how a batch is laid out (:data:`ARCHS`):
+
+* llama: one sequence ``<s>{english}<2es>{spanish}</s>``, the loss on the Spanish tokens;
+* t5: the encoder reads ``<s>{english}<2es>`` (the prompt the Bible task gives every model, so
+  that evaluation, ``generate``, ``serve`` and ``distill`` feed a T5 exactly what it was trained
+  on), the decoder starts from ``<pad>`` (T5's ``decoder_start_token_id``, id 0 of the shared
+  tokenizer) and is trained to emit ``{spanish}</s>``.
+
     speccascade train --preset tiny --role verifier --out models/tiny/verifier --device cuda
+    speccascade train --arch t5 --role both --out runs/t5 --device cuda
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -36,8 +48,19 @@ class Shape:
 
 
 @dataclass(frozen=True)
+class T5Shape:
+    """An encoder-decoder's shape (T5 v1.1-style: gated-GELU feed-forward of width ``d_ff``,
+    pre-norm RMS layer norms, relative position biases, heads of ``d_model // heads``)."""
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    heads: int
+    d_ff: int
+
+
+@dataclass(frozen=True)
 class Recipe:
-    shape: Shape
+    shape: Shape | T5Shape
     epochs: float
     lr: float
     batch_size: int = 128
@@ -46,6 +69,10 @@ class Recipe:
     dropout: float = 0.0          # on the embeddings and on each attention / MLP output (before the residual add)
     label_smoothing: float = 0.0
     max_minutes: float = 9.0
+
+    @property
+    def arch(self) -> str:
+        return "t5" if isinstance(self.shape, T5Shape) else "llama"
 
 
 PRESETS: dict[str, dict[str, Recipe]] = {
@@ -77,7 +104,26 @@ PRESETS: dict[str, dict[str, Recipe]] = {
         "verifier": Recipe(Shape(576, 30, 9, 3, 1536), epochs=30, lr=6e-4, attention_dropout=0.1, dropout=0.3,
                            label_smoothing=0.1, max_minutes=10.0),
     },
+    # an encoder-decoder pair (T5 v1.1-style, tied embeddings; not yet trained): a scaled-down
+    # T5-small drafter (2+2 layers of 256, 5.9M) and a 6+6-layer verifier of T5-small's width
+    # (512, 51M). Dropout 0.1 everywhere (T5's dropout_rate: attention weights, residual branches,
+    # feed-forward hidden) and label smoothing 0.1 like the base pair. The per-token decode cost is
+    # the decoders' (2 x 256 against 6 x 512 with cross-attention): about 12x apart in FLOPs.
+    "t5": {
+        "drafter": Recipe(T5Shape(256, 2, 2, 4, 768), epochs=12, lr=2e-3, dropout=0.1, label_smoothing=0.1,
+                          max_minutes=5.0),
+        "verifier": Recipe(T5Shape(512, 6, 6, 8, 1536), epochs=30, lr=1e-3, dropout=0.1, label_smoothing=0.1,
+                           max_minutes=8.0),
+    },
+    # a T5 pair small enough for CPU smoke runs (tests, the GPU script's rehearsal); not a measured pair
+    "t5_tiny": {
+        "drafter": Recipe(T5Shape(64, 1, 1, 2, 128), epochs=1, lr=3e-3, max_minutes=1.0),
+        "verifier": Recipe(T5Shape(128, 2, 2, 4, 256), epochs=1, lr=2e-3, dropout=0.1, label_smoothing=0.1,
+                           max_minutes=1.0),
+    },
 }
+#: the preset each architecture trains when none is named
+DEFAULT_PRESETS = {"llama": "tiny", "t5": "t5"}
 MAX_POSITIONS = 512
 MAX_PAIR_TOKENS = 320
 
@@ -90,7 +136,13 @@ def optimizer_step(loss: torch.Tensor, model, opt, sched, clip: float = 1.0) -> 
     sched.step()
 
 
-def build_model(shape: Shape, vocab_size: int, attention_dropout: float = 0.0):
+def build_model(shape: Shape | T5Shape, vocab_size: int, attention_dropout: float = 0.0, dropout: float = 0.0):
+    """A randomly initialised model of ``shape`` (a Llama for :class:`Shape`, a T5 for
+    :class:`T5Shape`) with the shared tokenizer's special tokens."""
+    return (build_t5 if isinstance(shape, T5Shape) else build_llama)(shape, vocab_size, attention_dropout, dropout)
+
+
+def build_llama(shape: Shape, vocab_size: int, attention_dropout: float = 0.0, dropout: float = 0.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .tokenizer import BOS, EOS
@@ -100,7 +152,35 @@ def build_model(shape: Shape, vocab_size: int, attention_dropout: float = 0.0):
                       num_key_value_heads=shape.kv_heads, max_position_embeddings=MAX_POSITIONS,
                       tie_word_embeddings=True, attention_dropout=attention_dropout,
                       bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-    return LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)
+    add_dropout(model, dropout)
+    return model
+
+
+def build_t5(shape: T5Shape, vocab_size: int, attention_dropout: float = 0.0, dropout: float = 0.0):
+    """A T5 v1.1-style encoder-decoder. T5 has one dropout rate (attention weights, residual
+    branches, feed-forward hidden): ``dropout``; a separate ``attention_dropout`` is refused. The
+    output head is tied to the shared embedding (with T5's d_model ** -0.5 scaling of the decoder
+    output): transformers 5 always ties T5's head, and with one 8k vocabulary for both languages
+    and 30k pairs, tying also spares the parameters, as the Llama presets do. The decoder starts
+    from ``<pad>``, as T5 does."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from .tokenizer import BOS, EOS
+
+    if attention_dropout:
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError("T5 has a single dropout rate (Recipe.dropout); leave attention_dropout at 0")
+    if shape.d_model % shape.heads:
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError(f"T5 shape: d_model {shape.d_model} is not a multiple of heads {shape.heads}")
+    cfg = T5Config(vocab_size=vocab_size, d_model=shape.d_model, d_kv=shape.d_model // shape.heads, d_ff=shape.d_ff,
+                   num_layers=shape.encoder_layers, num_decoder_layers=shape.decoder_layers, num_heads=shape.heads,
+                   feed_forward_proj="gated-gelu", dropout_rate=dropout, tie_word_embeddings=True,
+                   bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, decoder_start_token_id=PAD)
+    return T5ForConditionalGeneration(cfg)
 
 
 def add_dropout(model, p: float) -> None:
@@ -129,30 +209,69 @@ def encode_pairs(tokenizer, pairs: list[dict]) -> list[tuple[list[int], int]]:
     return out
 
 
-def collate(batch: list[tuple[list[int], int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(batch: list[tuple[list[int], int]], device) -> tuple[dict, torch.Tensor]:
+    """A decoder-only batch: (model inputs, targets aligned with the logits: the next token where
+    it is Spanish, -100 elsewhere)."""
     L = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), L), PAD, dtype=torch.long)
-    labels = torch.full((len(batch), L), -100, dtype=torch.long)
+    targets = torch.full((len(batch), L), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), L), dtype=torch.long)
     for i, (seq, n_src) in enumerate(batch):
         ids[i, :len(seq)] = torch.tensor(seq)
-        labels[i, n_src:len(seq)] = torch.tensor(seq[n_src:])  # loss on the Spanish side only
+        targets[i, n_src - 1:len(seq) - 1] = torch.tensor(seq[n_src:])  # loss on the Spanish side only
         mask[i, :len(seq)] = 1
-    return ids.to(device), labels.to(device), mask.to(device)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, targets.to(device)
+
+
+def collate_seq2seq(batch: list[tuple[list[int], int]], device) -> tuple[dict, torch.Tensor]:
+    """An encoder-decoder batch: the prompt to the encoder (right-padded, masked), the decoder fed
+    ``<pad>`` (its start token) then the Spanish shifted right; targets: the Spanish + ``</s>``,
+    -100 on padding. The decoder is causal, so its right padding needs no mask."""
+    S = max(n_src for _, n_src in batch)
+    T = max(len(seq) - n_src for seq, n_src in batch)
+    src = torch.full((len(batch), S), PAD, dtype=torch.long)
+    mask = torch.zeros((len(batch), S), dtype=torch.long)
+    dec = torch.full((len(batch), T), PAD, dtype=torch.long)
+    targets = torch.full((len(batch), T), -100, dtype=torch.long)
+    for i, (seq, n_src) in enumerate(batch):
+        tgt = seq[n_src:]
+        src[i, :n_src] = torch.tensor(seq[:n_src])
+        mask[i, :n_src] = 1
+        dec[i, 1:len(tgt)] = torch.tensor(tgt[:-1])   # dec[i, 0] = PAD, the decoder start token
+        targets[i, :len(tgt)] = torch.tensor(tgt)
+    return ({"input_ids": src.to(device), "attention_mask": mask.to(device), "decoder_input_ids": dec.to(device)},
+            targets.to(device))
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What differs between architectures: the model builder and the batch layout."""
+    name: str
+    build: Callable
+    collate: Callable
+
+
+ARCHS = {"llama": Arch("llama", build_llama, collate), "t5": Arch("t5", build_t5, collate_seq2seq)}
+
+
+def token_loss(model, inputs: dict, targets: torch.Tensor, device: torch.device, label_smoothing: float = 0.0,
+               reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the model's logits against ``targets`` (-100: not scored); bf16 autocast on CUDA."""
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(**inputs).logits
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=-100, label_smoothing=label_smoothing, reduction=reduction)
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, device, batch_size=128) -> float:
+def evaluate_loss(model, data, device, batch_size=128, collate_fn=collate) -> float:
+    """Mean per-token cross-entropy (no label smoothing) over ``data``."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        ids, labels, mask = collate(data[i:i + batch_size], device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-        total += float(loss)
-        count += int((labels[:, 1:] != -100).sum())
+        inputs, targets = collate_fn(data[i:i + batch_size], device)
+        total += float(token_loss(model, inputs, targets, device, reduction="sum"))
+        count += int((targets != -100).sum())
     model.train()
     return total / max(count, 1)
 
@@ -168,36 +287,66 @@ def ensure_tokenizer(path: Path, vocab_size: int = 8000):
     return tok
 
 
-def check_train_args(preset: str, role: str, epochs: float | None = None, max_minutes: float | None = None) -> None:
-    """A preset that has ``role``, and a positive epoch count and time budget (None: the recipe's)."""
+def resolve_preset(preset: str | None = None, arch: str | None = None) -> str:
+    """The preset to train: ``preset``, or the default one of ``arch`` (llama: tiny, t5: t5), or
+    tiny. An unknown preset or architecture, or a preset of another architecture than ``arch``, is
+    an error."""
+    from ..errors import SpecCascadeError
+
+    if arch is not None and arch not in ARCHS:
+        raise SpecCascadeError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if preset is None:
+        return DEFAULT_PRESETS[arch or "llama"]
+    if preset not in PRESETS:
+        raise SpecCascadeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    have = preset_arch(preset)
+    if arch is not None and arch != have:
+        others = [name for name in PRESETS if preset_arch(name) == arch]
+        raise SpecCascadeError(f"preset {preset!r} is a {have} preset, not {arch}; with --arch {arch} use "
+                               f"--preset {' or '.join(others)}")
+    return preset
+
+
+def preset_arch(preset: str) -> str:
+    """The architecture of a preset's recipes (one per preset: a pair shares its architecture)."""
+    return next(iter(PRESETS[preset].values())).arch
+
+
+def check_train_args(preset: str | None, role: str, epochs: float | None = None, max_minutes: float | None = None,
+                     arch: str | None = None) -> str:
+    """A preset (see :func:`resolve_preset`) that has ``role``, and a positive epoch count and time
+    budget (None: the recipe's). Returns the preset's name."""
     from ..checks import as_real
     from ..errors import SpecCascadeError
 
-    if preset not in PRESETS:
-        raise SpecCascadeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    preset = resolve_preset(preset, arch)
     if role not in PRESETS[preset]:
         raise SpecCascadeError(f"preset {preset!r} has no {role} recipe (it has: {', '.join(PRESETS[preset])}); "
                                f"use --role {' or '.join(PRESETS[preset])}")
     for name, v in (("--epochs", epochs), ("--minutes", max_minutes)):
         if v is not None and as_real(name, v) <= 0:
             raise SpecCascadeError(f"{name} must be > 0, got {v}")
+    return preset
 
 
-def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = "cpu", seed: int = 0,
+def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device: str = "cpu", seed: int = 0,
           epochs: float | None = None, max_minutes: float | None = None, progress: bool = True,
-          bleu_pairs: int = 200, train_file: Path | None = None) -> dict:
+          bleu_pairs: int = 200, train_file: Path | None = None, arch: str | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
     ``train_file``: JSONL rows ``{"en", "es"}`` to train on instead of the training split (e.g. a
-    verifier's own translations, :mod:`.distill`); validation stays on the validation split."""
+    verifier's own translations, :mod:`.distill`); validation stays on the validation split.
+    ``arch``: "llama" or "t5"; None: the preset's (a preset of another architecture is an error;
+    ``preset=None``: the architecture's default preset)."""
     from tqdm.auto import tqdm
 
     from ..models.loading import check_device
 
-    check_train_args(preset, role, epochs, max_minutes)
+    preset = check_train_args(preset, role, epochs, max_minutes, arch)
     check_device(device, f"{role} to train")
     recipe = PRESETS[preset][role]
+    layout = ARCHS[recipe.arch]
     epochs = recipe.epochs if epochs is None else epochs
     max_minutes = recipe.max_minutes if max_minutes is None else max_minutes
     dev = torch.device(device)
@@ -211,8 +360,7 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     else:
         train_data = encode_pairs(tokenizer, load_split("train"))
     val_data = encode_pairs(tokenizer, load_split("validation"))
-    model = build_model(recipe.shape, len(tokenizer), recipe.attention_dropout).to(dev)
-    add_dropout(model, recipe.dropout)
+    model = layout.build(recipe.shape, len(tokenizer), recipe.attention_dropout, recipe.dropout).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -231,7 +379,8 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
         from ..errors import SpecCascadeError
 
         raise SpecCascadeError(f"cannot create the output folder {str(out)!r}: {e.strerror or e}") from None
-    log = {"preset": preset, "role": role, "params": n_params, "recipe": asdict(recipe), "epochs": epochs,
+    log = {"preset": preset, "role": role, "arch": recipe.arch, "params": n_params, "recipe": asdict(recipe),
+           "epochs": epochs,
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "seed": seed,
            "train_pairs": len(train_data), "validation_pairs": len(val_data), "evals": [],
            "train_file": None if train_file is None else str(train_file)}
@@ -245,17 +394,13 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
             rng.shuffle(order)
         batch = [train_data[i] for i in order[:recipe.batch_size]]
         order = order[recipe.batch_size:]
-        ids, labels, mask = collate(batch, dev)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100,
-                                                 label_smoothing=recipe.label_smoothing)
+        inputs, targets = layout.collate(batch, dev)
+        loss = token_loss(model, inputs, targets, dev, recipe.label_smoothing)
         optimizer_step(loss, model, opt, sched)
         step += 1
         bar.update(1)
         if step % eval_every == 0 or step == total_steps:
-            val = evaluate_loss(model, val_data, dev)
+            val = evaluate_loss(model, val_data, dev, collate_fn=layout.collate)
             log["evals"].append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
                                  "val_loss": val, "seconds": time.perf_counter() - start})
             bar.set_postfix(train=f"{loss.item():.3f}", val=f"{val:.3f}")
@@ -275,19 +420,18 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     if bleu_pairs:
         log["validation_bleu"] = validation_bleu(out, dev, bleu_pairs)
         bleu = log["validation_bleu"]["bleu"]
-        bar.write(f"validation BLEU (greedy, {bleu_pairs} pairs, best checkpoint): {bleu:.2f}")
+        bar.write(f"validation BLEU (greedy, {log['validation_bleu']['pairs']} pairs, best checkpoint): {bleu:.2f}")
     (out / "training.json").write_text(json.dumps(log, indent=2))
     return log
 
 
 def validation_bleu(checkpoint: Path, device: torch.device, n_pairs: int = 200) -> dict:
     """Greedy BLEU / chrF of the saved (best) checkpoint on the first ``n_pairs`` validation pairs."""
-    from transformers import AutoModelForCausalLM
-
     from ..eval.tasks import score_pairs, translate_pairs
+    from ..models.loading import load_causal_lm
     from .tokenizer import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).to(device).eval()
+    model = load_causal_lm(checkpoint, device=device, dtype=torch.float32)  # a causal LM or an encoder-decoder
     pairs = load_split("validation")[:n_pairs]
     hyps, _ = translate_pairs(model, model, load_tokenizer(checkpoint), pairs, method="verifier_only", temperature=0.0,
                               batch_size=100)
