@@ -108,7 +108,8 @@ PRESETS: dict[str, dict[str, Recipe]] = {
     # T5-small drafter (2+2 layers of 256, 5.9M) and a 6+6-layer verifier of T5-small's width
     # (512, 51M). Dropout 0.1 everywhere (T5's dropout_rate: attention weights, residual branches,
     # feed-forward hidden) and label smoothing 0.1 like the base pair. The per-token decode cost is
-    # the decoders' (2 x 256 against 6 x 512 with cross-attention): about 12x apart in FLOPs.
+    # the decoders' (2 x 256 against 6 x 512 with cross-attention): about 12x apart in FLOPs, 4.8x
+    # in time on one (busy) CPU thread (`benchmarks/pair_latency.py --preset-shapes t5`).
     "t5": {
         "drafter": Recipe(T5Shape(256, 2, 2, 4, 768), epochs=12, lr=2e-3, dropout=0.1, label_smoothing=0.1,
                           max_minutes=5.0),
