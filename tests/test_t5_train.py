@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from tiny_seq2seq import tiny_seq2seq
 
 import speccascade as sc
 import speccascade.train.trainer as trainer
@@ -20,8 +21,10 @@ from speccascade.cli import main
 from speccascade.data.bible import load_split
 from speccascade.data.prompt import EOS, PAD, encode_prompt, encode_target
 from speccascade.errors import SpecCascadeError
-from speccascade.eval.agreement import teacher_forced_agreement
+from speccascade.eval.agreement import _scored_probs, teacher_forced_agreement
 from speccascade.models.loading import TOKENIZER_DIR, load_causal_lm, load_tokenizer
+
+from tiny_models import tiny_llama, tiny_pair
 
 SPLITS = {"train": load_split("train")[:40], "validation": load_split("validation")[:16]}
 
@@ -98,8 +101,6 @@ def test_teacher_forced_agreement_of_an_encoder_decoder_pair(t5_pair):
     # the first scored position: the verifier's distribution after the decoder start token
     src, start = seqs[0]
     logits = verifier(input_ids=torch.tensor([src[:start]]), decoder_input_ids=torch.tensor([[PAD]])).logits[0, 0]
-    from speccascade.eval.agreement import _scored_probs
-
     assert torch.allclose(_scored_probs(verifier, seqs[:1], "cpu", True)[0], torch.softmax(logits.float(), -1))
 
 
@@ -153,3 +154,17 @@ def test_cli_arch_errors(tmp_path, capsys):
     assert len(lines) == 1 and "argument --arch: invalid choice: 'gpt2'" in lines[0]
     assert "llama" in lines[0] and "t5" in lines[0]
     assert not (tmp_path / "t").exists()
+
+
+def test_teacher_forced_agreement_of_a_decoder_only_pair_is_unchanged():
+    """The decoder-only path: the logits at t - 1 score token t; two kinds of model are refused."""
+    d, v = tiny_pair(0)
+    seqs = [([5, 6, 7, 8, 9], 3), ([5, 6, 10], 1)]
+    same = teacher_forced_agreement(v, v, seqs)
+    assert same["sd_acceptance_T1"] == pytest.approx(1.0) and same["positions"] == 4
+    logits = v(input_ids=torch.tensor([seqs[0][0]])).logits[0]
+    assert torch.allclose(_scored_probs(v, seqs[:1], "cpu", False), torch.softmax(logits[2:4].float(), -1))
+    assert teacher_forced_agreement(d, v, seqs)["sd_acceptance_T1"] == pytest.approx(
+        teacher_forced_agreement(d, v, seqs, 1)["sd_acceptance_T1"], abs=1e-6)
+    with pytest.raises(SpecCascadeError, match="two decoder-only or two encoder-decoder models"):
+        teacher_forced_agreement(tiny_llama(0), tiny_seq2seq("t5"), seqs)
