@@ -167,15 +167,12 @@ def build_t5(shape: T5Shape, vocab_size: int, attention_dropout: float = 0.0, dr
     from ``<pad>``, as T5 does."""
     from transformers import T5Config, T5ForConditionalGeneration
 
+    from ..errors import SpecCascadeError
     from .tokenizer import BOS, EOS
 
     if attention_dropout:
-        from ..errors import SpecCascadeError
-
         raise SpecCascadeError("T5 has a single dropout rate (Recipe.dropout); leave attention_dropout at 0")
     if shape.d_model % shape.heads:
-        from ..errors import SpecCascadeError
-
         raise SpecCascadeError(f"T5 shape: d_model {shape.d_model} is not a multiple of heads {shape.heads}")
     cfg = T5Config(vocab_size=vocab_size, d_model=shape.d_model, d_kv=shape.d_model // shape.heads, d_ff=shape.d_ff,
                    num_layers=shape.encoder_layers, num_decoder_layers=shape.decoder_layers, num_heads=shape.heads,
@@ -381,8 +378,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
 
         raise SpecCascadeError(f"cannot create the output folder {str(out)!r}: {e.strerror or e}") from None
     log = {"preset": preset, "role": role, "arch": recipe.arch, "params": n_params, "recipe": asdict(recipe),
-           "epochs": epochs,
-           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "seed": seed,
+           "epochs": epochs, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "seed": seed,
            "train_pairs": len(train_data), "validation_pairs": len(val_data), "evals": [],
            "train_file": None if train_file is None else str(train_file)}
     best, start, step = math.inf, time.perf_counter(), 0
