@@ -11,7 +11,7 @@
 # the pair's shapes (torch's compile caches are on disk, shared by the later sweep's workers; the
 # warm-up is stopped when the sweep starts).
 # Each stage logs to DIR/<stage>.log and its start / end / rc to DIR/stages.log; a failed stage
-# does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (5.5),
+# does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (9),
 # DRAFTER_MINUTES (2), DISTILL_BATCH (512), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
 # METHODS (all), SKIP_TESTS (0), BACKEND (fused: the sweep's), TEST_PAIRS (1000). `distill` decodes batches
 # of 512 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
@@ -21,7 +21,7 @@
 set -uo pipefail
 dir="${1:-runs/deep}"
 DEVICE="${DEVICE:-cuda}"; GPUS="${GPUS:-2}"; PRESET="${PRESET:-deep}"; METHODS="${METHODS:-all}"
-VERIFIER_MINUTES="${VERIFIER_MINUTES:-5.5}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-2}"
+VERIFIER_MINUTES="${VERIFIER_MINUTES:-9}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-2}"
 DISTILL_BATCH="${DISTILL_BATCH:-512}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
 BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"

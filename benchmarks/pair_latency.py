@@ -26,12 +26,13 @@ import speccascade as sc
 from speccascade.data.bible import load_split
 from speccascade.data.prompt import EOS, encode_prompt
 from speccascade.eval.tasks import translate_pairs
-from speccascade.models import HFBackend
+from speccascade.models import HFBackend, make_backend
 from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 
 
 def step_ms(model, ctx: list[int], n: int = 30) -> float:
-    be = HFBackend(model, "m")
+    """An encoder-decoder's step: one decoder token with ``ctx`` as its encoder input."""
+    be = make_backend(model, "m")  # a causal LM's HFBackend, an encoder-decoder's Seq2SeqBackend
     x = torch.tensor([ctx])
     be.reset(x, torch.ones_like(x))
     tok, times = x[:, -1:], []
@@ -58,7 +59,7 @@ def main() -> None:
 
         lat = {}
         for role, recipe in PRESETS[args.preset_shapes].items():
-            model = build_model(recipe.shape, 8000).eval()
+            model = build_model(recipe.shape, 8000).eval()  # a Llama or a T5 (preset t5)
             runs = [step_ms(model, list(range(4, 44))) for _ in range(args.repeats)]
             lat[role] = {"median_ms": statistics.median(runs), "runs_ms": runs,
                          "params": sum(p.numel() for p in model.parameters())}

@@ -4,6 +4,7 @@ Run from the repository root (default paths are relative to it), with the packag
 ``pip install -e ".[eval]"`` (or ``scripts/setup.sh``). For example:
 
     python benchmarks/train_pair.py --preset tiny --out runs/tiny --device cuda
+    python benchmarks/train_pair.py --arch t5 --out runs/t5 --device cuda     # the T5 pair (preset t5)
 
 ``--roles ""`` evaluates a pair trained earlier (``OUT/drafter``, ``OUT/verifier``).
 Writes ``OUT/drafter``, ``OUT/verifier`` (Hugging Face checkpoints) and ``OUT/pair.json``: the
@@ -32,17 +33,20 @@ import torch
 
 import speccascade
 from speccascade.data.bible import load_split
+from speccascade.errors import SpecCascadeError
 from speccascade.eval.agreement import teacher_forced_agreement
 from speccascade.eval.metrics import signatures
 from speccascade.eval.tasks import score_pairs, translate_pairs
 from speccascade.models.loading import TOKENIZER_DIR as TOKENIZER
+from speccascade.models.loading import load_causal_lm
 from speccascade.train.tokenizer import encode_prompt, encode_target, load_tokenizer
-from speccascade.train.trainer import train
+from speccascade.train.trainer import ARCHS, preset_arch, resolve_preset, train
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default=None, help="default: the architecture's (llama: tiny, t5: t5)")
+    ap.add_argument("--arch", default=None, choices=list(ARCHS), help="default: the preset's (llama for tiny)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--roles", default="drafter,verifier", help="which to train ('' = evaluate trained ones)")
@@ -54,11 +58,16 @@ def main() -> None:
                     help="train the drafter on these rows (e.g. `speccascade distill` output) instead of the split")
     args = ap.parse_args()
     try:
+        args.preset = resolve_preset(args.preset, args.arch)
+    except SpecCascadeError as e:
+        ap.error(str(e))
+    try:
         sigs = signatures()
     except ImportError:
         sigs = None
-    record = {"preset": args.preset, "torch": torch.__version__, "python": platform.python_version(),
-              "speccascade": speccascade.__version__, "device": args.device, "metrics": sigs,
+    record = {"preset": args.preset, "arch": preset_arch(args.preset), "torch": torch.__version__,
+              "python": platform.python_version(), "speccascade": speccascade.__version__, "device": args.device,
+              "metrics": sigs,
               "card": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
               "training": {}, "test": {}}
     for role in ("drafter", "verifier"):
@@ -69,10 +78,8 @@ def main() -> None:
                                          epochs=args.epochs, max_minutes=args.minutes, progress=False,
                                          train_file=args.drafter_train_file if role == "drafter" else None)
         print(role, {k: record["training"][role][k] for k in ("params", "steps", "train_seconds", "best")}, flush=True)
-    from transformers import AutoModelForCausalLM
-
     tok = load_tokenizer(TOKENIZER)
-    models = {r: AutoModelForCausalLM.from_pretrained(str(args.out / r), dtype=torch.float32).to(args.device).eval()
+    models = {r: load_causal_lm(args.out / r, device=args.device, dtype=torch.float32, role=r)  # or an encoder-decoder
               for r in ("drafter", "verifier")}
     test = load_split("test")[: args.test_pairs]
     for role, model in models.items():

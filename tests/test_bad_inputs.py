@@ -401,6 +401,11 @@ def cli_cases(bad_dirs, tmp):
         (["train", "--device", "cuda", "--out", str(tmp / "t")], "device 'cuda' for the model to train"),
         (["train", "--tokenizer", b["missing"], "--out", str(tmp / "t")], "is not a folder"),
         (["train", "--out", str(tmp / "plain")], "--out '" + str(tmp / "plain") + "' is a file; give a folder"),
+        (["train", "--arch", "gpt2", "--out", str(tmp / "t")], "argument --arch: invalid choice: 'gpt2'"),
+        (["train", "--arch", "t5", "--preset", "deep", "--out", str(tmp / "t")],
+         "preset 'deep' is a llama preset, not t5; with --arch t5 use --preset t5 or t5_tiny"),
+        (["train", "--preset", "t5", "--role", "drafter", "--epochs", "0", "--out", str(tmp / "t")],
+         "--epochs must be > 0, got 0.0"),
     ]
 
 

@@ -137,7 +137,7 @@ def _train(args) -> int:
     if args.teacher is not None and args.role == "both":
         raise SpecCascadeError("--teacher distils one model from a trained one: give --role drafter")
     for role in roles:
-        check_train_args(args.preset, role, args.epochs, args.minutes)
+        preset = check_train_args(args.preset, role, args.epochs, args.minutes, args.arch)
     check_device(args.device, "model to train")
     if args.tokenizer is not None and not args.tokenizer.is_dir():
         raise SpecCascadeError(f"--tokenizer {str(args.tokenizer)!r} is not a folder (give the folder that holds "
@@ -146,10 +146,11 @@ def _train(args) -> int:
     _check_out_dir(args.out, "--out")
     for role in roles:
         out = args.out / role if args.role == "both" else args.out
-        log = train(args.preset, role, out, Path(tok_dir), device=args.device, seed=args.seed,
+        log = train(preset, role, out, Path(tok_dir), device=args.device, seed=args.seed,
                     epochs=args.epochs, max_minutes=args.minutes, train_file=args.train_file,
                     teacher=args.teacher, distill_weight=args.distill_weight)
-        print(json.dumps({k: log.get(k) for k in ("preset", "role", "params", "steps", "train_seconds", "best")}))
+        print(json.dumps({k: log.get(k) for k in ("preset", "arch", "role", "params", "steps", "train_seconds",
+                                                  "best")}))
     return 0
 
 
@@ -477,8 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "C verifier steps and a block call of B verifier steps (default 1)")
     r.set_defaults(fn=_report)
 
+    from .train.trainer import ARCHS, DEFAULT_PRESETS, PRESETS
+
     t = sub.add_parser("train", help="train a preset's drafter and/or verifier on the Bible EN->ES pairs")
-    t.add_argument("--preset", default="tiny", choices=["tiny", "base", "base_deep", "base_wide", "deep"])
+    t.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="the recipes (default: the architecture's, " + ", ".join(
+                       f"{a}: {p}" for a, p in DEFAULT_PRESETS.items()) + ")")
+    t.add_argument("--arch", default=None, choices=list(ARCHS),
+                   help="llama (decoder-only; the default) or t5 (encoder-decoder); default: the preset's")
     t.add_argument("--role", default="both", choices=["drafter", "verifier", "both"])
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: the shipped one)")

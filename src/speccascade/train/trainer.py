@@ -1,4 +1,5 @@
-"""Train a decoder-only translation model (a ``transformers`` Llama) on the Bible EN->ES pairs.
+"""Train a translation model on the Bible EN->ES pairs: a decoder-only ``transformers`` Llama
+(``arch="llama"``) or an encoder-decoder T5 (``arch="t5"``, T5 v1.1-style).
 
 It reports progress (tqdm: train and validation loss), and at the end the greedy BLEU / chrF of the
 best checkpoint on 200 validation pairs. The result is an ordinary Hugging Face checkpoint
@@ -8,16 +9,26 @@ The loss is on the Spanish side only. The best checkpoint by validation loss is 
 at each evaluation, so an interrupted run keeps what it had (early stopping against memorising
 the 30k training pairs).
 
+Both architectures share the data, the loop, the schedule, the evaluation and the checkpoints;
+they differ in how the model is built and how a batch is laid out (:data:`ARCHS`):
+
+* llama: one sequence ``<s>{english}<2es>{spanish}</s>``, the loss on the Spanish tokens;
+* t5: the encoder reads ``<s>{english}<2es>`` (the prompt the Bible task gives every model, so
+  that evaluation, ``generate``, ``serve`` and ``distill`` feed a T5 exactly what it was trained
+  on), the decoder starts from ``<pad>`` (T5's ``decoder_start_token_id``, id 0 of the shared
+  tokenizer) and is trained to emit ``{spanish}</s>``.
+
 Batches are drawn from length buckets (pairs of similar length together, the batches in seeded
 random order), so little of a batch is padding. A time budget (``max_minutes``) plans the run's
-length from the throughput of its first steps: the cosine schedule then ends within the budget,
-and ``training.json`` logs the planned step count, so ``--epochs`` reproduces the run exactly.
-With a ``teacher`` (a trained verifier sharing the tokenizer), a drafter is trained on the
-teacher's distribution as well as on the targets (logit distillation; the loss mixes
+length from the throughput of steps 50-150 (evaluations excluded): the cosine schedule then ends
+within the budget, and ``training.json`` logs the planned step count, so ``--epochs`` reproduces
+the run. With a ``teacher`` (a trained verifier sharing the tokenizer), a drafter is trained on
+the teacher's distribution as well as on the targets (logit distillation; the loss mixes
 KL(p_teacher || q) at T = 1 with the cross-entropy): the acceptance of a draft is
 1 - D_TV(p, q), so matching p, not only its argmax, is what a drafter is for.
 
     speccascade train --preset tiny --role verifier --out models/tiny/verifier --device cuda
+    speccascade train --arch t5 --role both --out runs/t5 --device cuda
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,8 +57,19 @@ class Shape:
 
 
 @dataclass(frozen=True)
+class T5Shape:
+    """An encoder-decoder's shape (T5 v1.1-style: gated-GELU feed-forward of width ``d_ff``,
+    pre-norm RMS layer norms, relative position biases, heads of ``d_model // heads``)."""
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    heads: int
+    d_ff: int
+
+
+@dataclass(frozen=True)
 class Recipe:
-    shape: Shape
+    shape: Shape | T5Shape
     epochs: float
     lr: float
     batch_size: int = 128
@@ -56,6 +79,10 @@ class Recipe:
     label_smoothing: float = 0.0
     max_minutes: float = 9.0
     distill_weight: float = 0.0   # with a teacher: weight of KL(p_teacher || q) against the cross-entropy
+
+    @property
+    def arch(self) -> str:
+        return "t5" if isinstance(self.shape, T5Shape) else "llama"
 
 
 PRESETS: dict[str, dict[str, Recipe]] = {
@@ -82,13 +109,35 @@ PRESETS: dict[str, dict[str, Recipe]] = {
     # 30 layers x 576, GQA 9/3 heads; 111M parameters with this vocabulary), regularised like base,
     # and a 1-layer drafter meant to be trained on the verifier's own translations
     # (`speccascade distill`, then `train --train-file`), so that it learns the verifier, not the task
+    # On an H200 the verifier trains at ~7 steps/s (~33 s an epoch); 3.8 epochs reached only 7.1 test
+    # BLEU (results/deep_pair/run1): it needs the base verifier's ~15 epochs, hence 16 in 9 minutes.
     "deep": {
         "drafter": Recipe(Shape(384, 1, 6, 2, 1024), epochs=12, lr=2e-3, label_smoothing=0.0, max_minutes=5.0,
                           distill_weight=0.7),
-        "verifier": Recipe(Shape(576, 30, 9, 3, 1536), epochs=20, lr=6e-4, attention_dropout=0.1, dropout=0.3,
-                           label_smoothing=0.1, max_minutes=10.0),
+        "verifier": Recipe(Shape(576, 30, 9, 3, 1536), epochs=16, lr=6e-4, attention_dropout=0.1, dropout=0.3,
+                           label_smoothing=0.1, max_minutes=9.0),
+    },
+    # an encoder-decoder pair (T5 v1.1-style, tied embeddings; not yet trained): a scaled-down
+    # T5-small drafter (2+2 layers of 256, 5.9M) and a 6+6-layer verifier of T5-small's width
+    # (512, 51M). Dropout 0.1 everywhere (T5's dropout_rate: attention weights, residual branches,
+    # feed-forward hidden) and label smoothing 0.1 like the base pair. The per-token decode cost is
+    # the decoders' (2 x 256 against 6 x 512 with cross-attention): about 12x apart in FLOPs, 4.8x
+    # in time on one (busy) CPU thread (`benchmarks/pair_latency.py --preset-shapes t5`).
+    "t5": {
+        "drafter": Recipe(T5Shape(256, 2, 2, 4, 768), epochs=12, lr=2e-3, dropout=0.1, label_smoothing=0.1,
+                          max_minutes=5.0),
+        "verifier": Recipe(T5Shape(512, 6, 6, 8, 1536), epochs=30, lr=1e-3, dropout=0.1, label_smoothing=0.1,
+                           max_minutes=8.0),
+    },
+    # a T5 pair small enough for CPU smoke runs (tests, the GPU script's rehearsal); not a measured pair
+    "t5_tiny": {
+        "drafter": Recipe(T5Shape(64, 1, 1, 2, 128), epochs=1, lr=3e-3, max_minutes=1.0),
+        "verifier": Recipe(T5Shape(128, 2, 2, 4, 256), epochs=1, lr=2e-3, dropout=0.1, label_smoothing=0.1,
+                           max_minutes=1.0),
     },
 }
+#: the preset each architecture trains when none is named
+DEFAULT_PRESETS = {"llama": "tiny", "t5": "t5"}
 MAX_POSITIONS = 512
 #: the steps whose throughput plans a time-budgeted run (the first ones warm up; evaluations in the
 #: window are not counted as training time). Measured on an H200 beside a compiling process on the
@@ -105,7 +154,13 @@ def optimizer_step(loss: torch.Tensor, model, opt, sched, clip: float = 1.0) -> 
     sched.step()
 
 
-def build_model(shape: Shape, vocab_size: int, attention_dropout: float = 0.0):
+def build_model(shape: Shape | T5Shape, vocab_size: int, attention_dropout: float = 0.0, dropout: float = 0.0):
+    """A randomly initialised model of ``shape`` (a Llama for :class:`Shape`, a T5 for
+    :class:`T5Shape`) with the shared tokenizer's special tokens."""
+    return (build_t5 if isinstance(shape, T5Shape) else build_llama)(shape, vocab_size, attention_dropout, dropout)
+
+
+def build_llama(shape: Shape, vocab_size: int, attention_dropout: float = 0.0, dropout: float = 0.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .tokenizer import BOS, EOS
@@ -115,7 +170,32 @@ def build_model(shape: Shape, vocab_size: int, attention_dropout: float = 0.0):
                       num_key_value_heads=shape.kv_heads, max_position_embeddings=MAX_POSITIONS,
                       tie_word_embeddings=True, attention_dropout=attention_dropout,
                       bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-    return LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)
+    add_dropout(model, dropout)
+    return model
+
+
+def build_t5(shape: T5Shape, vocab_size: int, attention_dropout: float = 0.0, dropout: float = 0.0):
+    """A T5 v1.1-style encoder-decoder. T5 has one dropout rate (attention weights, residual
+    branches, feed-forward hidden): ``dropout``; a separate ``attention_dropout`` is refused. The
+    output head is tied to the shared embedding (with T5's d_model ** -0.5 scaling of the decoder
+    output): transformers 5 always ties T5's head, and with one 8k vocabulary for both languages
+    and 30k pairs, tying also spares the parameters, as the Llama presets do. The decoder starts
+    from ``<pad>``, as T5 does."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from ..errors import SpecCascadeError
+    from .tokenizer import BOS, EOS
+
+    if attention_dropout:
+        raise SpecCascadeError("T5 has a single dropout rate (Recipe.dropout); leave attention_dropout at 0")
+    if shape.d_model % shape.heads:
+        raise SpecCascadeError(f"T5 shape: d_model {shape.d_model} is not a multiple of heads {shape.heads}")
+    cfg = T5Config(vocab_size=vocab_size, d_model=shape.d_model, d_kv=shape.d_model // shape.heads, d_ff=shape.d_ff,
+                   num_layers=shape.encoder_layers, num_decoder_layers=shape.decoder_layers, num_heads=shape.heads,
+                   feed_forward_proj="gated-gelu", dropout_rate=dropout, tie_word_embeddings=True,
+                   bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, decoder_start_token_id=PAD)
+    return T5ForConditionalGeneration(cfg)
 
 
 def add_dropout(model, p: float) -> None:
@@ -157,24 +237,22 @@ def length_batches(lengths: list[int], batch_size: int, rng: random.Random, pool
     return batches
 
 
-def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over target positions of KL(p || q), p = softmax(teacher), q = softmax(student), T = 1
-    (logits at t - 1 predict token t; ``labels`` -100 outside the target side)."""
-    keep = labels[:, 1:] != -100
-    log_q = torch.log_softmax(logits[:, :-1][keep].float(), -1)
-    log_p = torch.log_softmax(teacher_logits[:, :-1][keep].float(), -1)
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over scored positions (``targets`` != -100, aligned with the logits) of KL(p || q),
+    p = softmax(teacher), q = softmax(student), T = 1."""
+    keep = targets != -100
+    log_q = torch.log_softmax(logits[keep].float(), -1)
+    log_p = torch.log_softmax(teacher_logits[keep].float(), -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 def load_teacher(path: Path, vocab_size: int, device: torch.device):
     """A trained checkpoint to distil from, frozen; it must share the tokenizer (same vocabulary)."""
-    from transformers import AutoModelForCausalLM
-
     from ..errors import SpecCascadeError
-    from ..models.loading import check_model_path
+    from ..models.loading import check_model_path, load_causal_lm
 
     check_model_path(str(path), "--teacher")
-    teacher = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+    teacher = load_causal_lm(path, device=str(device), dtype=torch.float32).eval()
     if teacher.config.vocab_size != vocab_size:
         raise SpecCascadeError(f"the teacher {str(path)!r} has a vocabulary of {teacher.config.vocab_size}, the "
                                f"tokenizer {vocab_size}: distil from a model trained with the same tokenizer")
@@ -182,30 +260,78 @@ def load_teacher(path: Path, vocab_size: int, device: torch.device):
     return teacher
 
 
-def collate(batch: list[tuple[list[int], int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(batch: list[tuple[list[int], int]], device) -> tuple[dict, torch.Tensor]:
+    """A decoder-only batch: (model inputs, targets aligned with the logits: the next token where
+    it is Spanish, -100 elsewhere)."""
     L = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), L), PAD, dtype=torch.long)
-    labels = torch.full((len(batch), L), -100, dtype=torch.long)
+    targets = torch.full((len(batch), L), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), L), dtype=torch.long)
     for i, (seq, n_src) in enumerate(batch):
         ids[i, :len(seq)] = torch.tensor(seq)
-        labels[i, n_src:len(seq)] = torch.tensor(seq[n_src:])  # loss on the Spanish side only
+        targets[i, n_src - 1:len(seq) - 1] = torch.tensor(seq[n_src:])  # loss on the Spanish side only
         mask[i, :len(seq)] = 1
-    return ids.to(device), labels.to(device), mask.to(device)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, targets.to(device)
+
+
+def collate_seq2seq(batch: list[tuple[list[int], int]], device) -> tuple[dict, torch.Tensor]:
+    """An encoder-decoder batch: the prompt to the encoder (right-padded, masked), the decoder fed
+    ``<pad>`` (its start token) then the Spanish shifted right; targets: the Spanish + ``</s>``,
+    -100 on padding. The decoder is causal, so its right padding needs no mask."""
+    S = max(n_src for _, n_src in batch)
+    T = max(len(seq) - n_src for seq, n_src in batch)
+    src = torch.full((len(batch), S), PAD, dtype=torch.long)
+    mask = torch.zeros((len(batch), S), dtype=torch.long)
+    dec = torch.full((len(batch), T), PAD, dtype=torch.long)
+    targets = torch.full((len(batch), T), -100, dtype=torch.long)
+    for i, (seq, n_src) in enumerate(batch):
+        tgt = seq[n_src:]
+        src[i, :n_src] = torch.tensor(seq[:n_src])
+        mask[i, :n_src] = 1
+        dec[i, 1:len(tgt)] = torch.tensor(tgt[:-1])   # dec[i, 0] = PAD, the decoder start token
+        targets[i, :len(tgt)] = torch.tensor(tgt)
+    return ({"input_ids": src.to(device), "attention_mask": mask.to(device), "decoder_input_ids": dec.to(device)},
+            targets.to(device))
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What differs between architectures: the model builder and the batch layout."""
+    name: str
+    build: Callable
+    collate: Callable
+
+
+ARCHS = {"llama": Arch("llama", build_llama, collate), "t5": Arch("t5", build_t5, collate_seq2seq)}
+
+
+def model_logits(model, inputs: dict, device: torch.device) -> torch.Tensor:
+    """The model's logits for a batch (bf16 autocast on CUDA)."""
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(**inputs).logits
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=-100, label_smoothing=label_smoothing, reduction=reduction)
+
+
+def token_loss(model, inputs: dict, targets: torch.Tensor, device: torch.device, label_smoothing: float = 0.0,
+               reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the model's logits against ``targets`` (-100: not scored); bf16 autocast on CUDA."""
+    return cross_entropy(model_logits(model, inputs, device), targets, label_smoothing, reduction)
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, device, batch_size=128) -> float:
+def evaluate_loss(model, data, device, batch_size=128, collate_fn=collate) -> float:
+    """Mean per-token cross-entropy (no label smoothing) over ``data``."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        ids, labels, mask = collate(data[i:i + batch_size], device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-        total += float(loss)
-        count += int((labels[:, 1:] != -100).sum())
+        inputs, targets = collate_fn(data[i:i + batch_size], device)
+        total += float(token_loss(model, inputs, targets, device, reduction="sum"))
+        count += int((targets != -100).sum())
     model.train()
     return total / max(count, 1)
 
@@ -221,40 +347,70 @@ def ensure_tokenizer(path: Path, vocab_size: int = 8000):
     return tok
 
 
-def check_train_args(preset: str, role: str, epochs: float | None = None, max_minutes: float | None = None) -> None:
-    """A preset that has ``role``, and a positive epoch count and time budget (None: the recipe's)."""
+def resolve_preset(preset: str | None = None, arch: str | None = None) -> str:
+    """The preset to train: ``preset``, or the default one of ``arch`` (llama: tiny, t5: t5), or
+    tiny. An unknown preset or architecture, or a preset of another architecture than ``arch``, is
+    an error."""
+    from ..errors import SpecCascadeError
+
+    if arch is not None and arch not in ARCHS:
+        raise SpecCascadeError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if preset is None:
+        return DEFAULT_PRESETS[arch or "llama"]
+    if preset not in PRESETS:
+        raise SpecCascadeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    have = preset_arch(preset)
+    if arch is not None and arch != have:
+        others = [name for name in PRESETS if preset_arch(name) == arch]
+        raise SpecCascadeError(f"preset {preset!r} is a {have} preset, not {arch}; with --arch {arch} use "
+                               f"--preset {' or '.join(others)}")
+    return preset
+
+
+def preset_arch(preset: str) -> str:
+    """The architecture of a preset's recipes (one per preset: a pair shares its architecture)."""
+    return next(iter(PRESETS[preset].values())).arch
+
+
+def check_train_args(preset: str | None, role: str, epochs: float | None = None, max_minutes: float | None = None,
+                     arch: str | None = None) -> str:
+    """A preset (see :func:`resolve_preset`) that has ``role``, and a positive epoch count and time
+    budget (None: the recipe's). Returns the preset's name."""
     from ..checks import as_real
     from ..errors import SpecCascadeError
 
-    if preset not in PRESETS:
-        raise SpecCascadeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    preset = resolve_preset(preset, arch)
     if role not in PRESETS[preset]:
         raise SpecCascadeError(f"preset {preset!r} has no {role} recipe (it has: {', '.join(PRESETS[preset])}); "
                                f"use --role {' or '.join(PRESETS[preset])}")
     for name, v in (("--epochs", epochs), ("--minutes", max_minutes)):
         if v is not None and as_real(name, v) <= 0:
             raise SpecCascadeError(f"{name} must be > 0, got {v}")
+    return preset
 
 
-def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = "cpu", seed: int = 0,
+def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device: str = "cpu", seed: int = 0,
           epochs: float | None = None, max_minutes: float | None = None, progress: bool = True,
-          bleu_pairs: int = 200, train_file: Path | None = None, teacher: Path | None = None,
-          distill_weight: float | None = None, validation_pairs: int | None = None) -> dict:
+          bleu_pairs: int = 200, train_file: Path | None = None, arch: str | None = None,
+          teacher: Path | None = None, distill_weight: float | None = None,
+          validation_pairs: int | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
     ``train_file``: JSONL rows ``{"en", "es"}`` to train on instead of the training split (e.g. a
     verifier's own translations, :mod:`.distill`); validation stays on the validation split.
-    ``validation_pairs``: validate on only the first N validation pairs (smoke runs).
-    ``teacher``: a checkpoint to distil from (``distill_weight``, default the recipe's or 0.5, of
-    the loss is KL(p_teacher || q); validation loss stays the plain cross-entropy)."""
+    ``arch``: "llama" or "t5"; None: the preset's (a preset of another architecture is an error;
+    ``preset=None``: the architecture's default preset). ``validation_pairs``: validate on the first N
+    validation pairs only (smoke runs). ``teacher``: a checkpoint to distil from (``distill_weight``,
+    default the recipe's or 0.5, of the loss is KL(p_teacher || q); validation stays plain cross-entropy)."""
     from tqdm.auto import tqdm
 
     from ..models.loading import check_device
 
-    check_train_args(preset, role, epochs, max_minutes)
+    preset = check_train_args(preset, role, epochs, max_minutes, arch)
     check_device(device, f"{role} to train")
     recipe = PRESETS[preset][role]
+    layout = ARCHS[recipe.arch]
     if distill_weight is None:
         distill_weight = (recipe.distill_weight or 0.5) if teacher is not None else 0.0
     if teacher is None and distill_weight:
@@ -278,8 +434,7 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     else:
         train_data = encode_pairs(tokenizer, load_split("train"))
     val_data = encode_pairs(tokenizer, load_split("validation")[:validation_pairs])
-    model = build_model(recipe.shape, len(tokenizer), recipe.attention_dropout).to(dev)
-    add_dropout(model, recipe.dropout)
+    model = layout.build(recipe.shape, len(tokenizer), recipe.attention_dropout, recipe.dropout).to(dev)
     teacher_model = load_teacher(teacher, len(tokenizer), dev) if teacher is not None else None
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -290,7 +445,7 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     steps_per_epoch = math.ceil(len(train_data) / recipe.batch_size)
     total_steps = max(1, round(epochs * steps_per_epoch))
     warmup = min(200, total_steps // 10 + 1)
-    plan = {"total": total_steps}  # lowered once the first steps' throughput is known (the time budget)
+    plan = {"total": total_steps}  # lowered once the throughput is known (the time budget)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / plan["total"]))))
     eval_every = max(1, steps_per_epoch // 2) if epochs <= 12 else steps_per_epoch
@@ -300,8 +455,8 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
         from ..errors import SpecCascadeError
 
         raise SpecCascadeError(f"cannot create the output folder {str(out)!r}: {e.strerror or e}") from None
-    log = {"preset": preset, "role": role, "params": n_params, "recipe": asdict(recipe), "epochs": epochs,
-           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "seed": seed,
+    log = {"preset": preset, "role": role, "arch": recipe.arch, "params": n_params, "recipe": asdict(recipe),
+           "epochs": epochs, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "seed": seed,
            "train_pairs": len(train_data), "validation_pairs": len(val_data), "evals": [],
            "train_file": None if train_file is None else str(train_file),
            "teacher": None if teacher is None else str(teacher), "distill_weight": distill_weight,
@@ -316,18 +471,13 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     while step < plan["total"] and (time.perf_counter() - start) < max_minutes * 60:
         if not batches:
             batches = length_batches(lengths, recipe.batch_size, rng)
-        batch = [train_data[i] for i in batches.pop()]
-        ids, labels, mask = collate(batch, dev)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            if teacher_model is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher_model(input_ids=ids, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100,
-                                                 label_smoothing=recipe.label_smoothing)
+        inputs, targets = layout.collate([train_data[i] for i in batches.pop()], dev)
+        logits = model_logits(model, inputs, dev)
+        loss = cross_entropy(logits, targets, recipe.label_smoothing)
         if teacher_model is not None:
-            loss = (1 - distill_weight) * loss + distill_weight * distill_loss(logits, teacher_logits, labels)
+            with torch.no_grad():
+                teacher_logits = model_logits(teacher_model, inputs, dev)
+            loss = (1 - distill_weight) * loss + distill_weight * distill_loss(logits, teacher_logits, targets)
         optimizer_step(loss, model, opt, sched)
         step += 1
         bar.update(1)
@@ -352,7 +502,7 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
                                     f"{fit / steps_per_epoch!r} reproduces it)")
         if step % eval_every == 0 or step == plan["total"]:
             eval_start = time.perf_counter()
-            val = evaluate_loss(model, val_data, dev)
+            val = evaluate_loss(model, val_data, dev, collate_fn=layout.collate)
             log["evals"].append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
                                  "val_loss": val, "seconds": time.perf_counter() - start})
             bar.set_postfix(train=f"{loss.item():.3f}", val=f"{val:.3f}")
@@ -373,19 +523,18 @@ def train(preset: str, role: str, out: Path, tokenizer_dir: Path, device: str = 
     if bleu_pairs:
         log["validation_bleu"] = validation_bleu(out, dev, bleu_pairs)
         bleu = log["validation_bleu"]["bleu"]
-        bar.write(f"validation BLEU (greedy, {bleu_pairs} pairs, best checkpoint): {bleu:.2f}")
+        bar.write(f"validation BLEU (greedy, {log['validation_bleu']['pairs']} pairs, best checkpoint): {bleu:.2f}")
     (out / "training.json").write_text(json.dumps(log, indent=2))
     return log
 
 
 def validation_bleu(checkpoint: Path, device: torch.device, n_pairs: int = 200) -> dict:
     """Greedy BLEU / chrF of the saved (best) checkpoint on the first ``n_pairs`` validation pairs."""
-    from transformers import AutoModelForCausalLM
-
     from ..eval.tasks import score_pairs, translate_pairs
+    from ..models.loading import load_causal_lm
     from .tokenizer import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).to(device).eval()
+    model = load_causal_lm(checkpoint, device=device, dtype=torch.float32)  # a causal LM or an encoder-decoder
     pairs = load_split("validation")[:n_pairs]
     hyps, _ = translate_pairs(model, model, load_tokenizer(checkpoint), pairs, method="verifier_only", temperature=0.0,
                               batch_size=100)
