@@ -74,21 +74,7 @@ def copy_bandwidth() -> float:
 
 def graph_seconds(fn, reps: int = 50) -> float:
     """Seconds per call of ``fn`` captured as a CUDA graph and replayed ``reps`` times back to back."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    sync()
-    t = time.perf_counter()
-    for _ in range(reps):
-        g.replay()
-    sync()
-    return (time.perf_counter() - t) / reps
+    return runner.replay_seconds(fn, torch.device("cuda"), reps)
 
 
 def decode_rate(d, v, prompts, method, T, alpha=None, gamma=5, max_new=128, eos=2) -> dict:

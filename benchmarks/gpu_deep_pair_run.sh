@@ -12,9 +12,9 @@
 # warm-up is stopped when the sweep starts).
 # Each stage logs to DIR/<stage>.log and its start / end / rc to DIR/stages.log; a failed stage
 # does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (9),
-# DRAFTER_MINUTES (2), DISTILL_BATCH (512), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
+# DRAFTER_MINUTES (2), DISTILL_BATCH (1024), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
 # METHODS (all), SKIP_TESTS (0), BACKEND (fused: the sweep's), TEST_PAIRS (1000). `distill` decodes batches
-# of 512 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
+# of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
 # A CPU rehearsal of the plumbing:
 #   DEVICE=cpu PRESET=tiny VERIFIER_MINUTES=0.2 DRAFTER_MINUTES=0.2 DISTILL_LIMIT=16 EXAMPLES=2 TEST_PAIRS=10 \
 #     METHODS=verifier_only,sd,token_v3,opt SKIP_TESTS=1 BACKEND=dynamic bash benchmarks/gpu_deep_pair_run.sh runs/rehearsal
@@ -22,7 +22,7 @@ set -uo pipefail
 dir="${1:-runs/deep}"
 DEVICE="${DEVICE:-cuda}"; GPUS="${GPUS:-2}"; PRESET="${PRESET:-deep}"; METHODS="${METHODS:-all}"
 VERIFIER_MINUTES="${VERIFIER_MINUTES:-9}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-2}"
-DISTILL_BATCH="${DISTILL_BATCH:-512}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
+DISTILL_BATCH="${DISTILL_BATCH:-1024}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
 BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

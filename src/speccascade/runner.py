@@ -23,6 +23,7 @@ already ignored (every row is done) and whose counters are masked on the device.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -163,6 +164,27 @@ def capture_error_mode() -> str:
     import torch.distributed as dist
 
     return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
+
+
+def replay_seconds(fn: Callable[[], None], device: torch.device, reps: int = 50) -> float:
+    """Seconds per call of ``fn`` captured as one CUDA graph and replayed ``reps`` times back to
+    back (after a warm-up call on a side stream): what a call costs inside a captured program.
+    ``fn`` must leave the state it reads as it found it, or tolerate ``reps`` repeats."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / reps
 
 
 def capture_graph(step: Callable[[torch.Generator], None], device: torch.device, per_replay: int):
