@@ -13,7 +13,7 @@
 # Each stage logs to DIR/<stage>.log and its start / end / rc to DIR/stages.log; a failed stage
 # does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (9),
 # DRAFTER_MINUTES (2), DISTILL_BATCH (1024), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
-# METHODS (all), SKIP_TESTS (0), BACKEND (fused: the sweep's), TEST_PAIRS (1000). `distill` decodes batches
+# METHODS (all), SKIP_TESTS (0), BACKEND (fused: the sweep's), TEST_PAIRS (1000), WARM_PROCS (3). `distill` decodes batches
 # of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
 # A CPU rehearsal of the plumbing:
 #   DEVICE=cpu PRESET=tiny VERIFIER_MINUTES=0.2 DRAFTER_MINUTES=0.2 DISTILL_LIMIT=16 EXAMPLES=2 TEST_PAIRS=10 \
@@ -23,7 +23,7 @@ dir="${1:-runs/deep}"
 DEVICE="${DEVICE:-cuda}"; GPUS="${GPUS:-2}"; PRESET="${PRESET:-deep}"; METHODS="${METHODS:-all}"
 VERIFIER_MINUTES="${VERIFIER_MINUTES:-9}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-2}"
 DISTILL_BATCH="${DISTILL_BATCH:-1024}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
-BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"
+BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"; WARM_PROCS="${WARM_PROCS:-3}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 sc() { python -m speccascade "$@"; }
@@ -79,8 +79,21 @@ for role in ("drafter", "verifier"):
 print("random pair of", preset, "shapes written")
 EOF
   [ -f "$dir/stop_side" ] && return 0
-  stage warm_up sc sweep --drafter "$dir/random/drafter" --verifier "$dir/random/verifier" --methods "$METHODS" \
-    --alphas "$(alphas_for "$ALPHAS")" "${seq_opt[@]}" "${grid[@]}" --warm-up-only --out "$dir/unused.jsonl"
+  # compiling is mostly CPU work: WARM_PROCS processes share the GPU, each warming a share of the methods
+  local all i group pids=()
+  all=$([ "$METHODS" = all ] && python -c "from speccascade.registry import METHODS; print(','.join(METHODS))" \
+        || echo "$METHODS")
+  IFS=',' read -ra names <<< "$all"
+  for ((i = 0; i < WARM_PROCS; i++)); do
+    group=""; for ((j = i; j < ${#names[@]}; j += WARM_PROCS)); do group+="${group:+,}${names[j]}"; done
+    [ -z "$group" ] && continue
+    local opt=(); [[ ",$group," == *",seq_cascade,"* ]] && opt=(--option seq_cascade.length_normalized=true)
+    (METHODS="$group"; stage "warm_up$i" sc sweep --drafter "$dir/random/drafter" --verifier "$dir/random/verifier" \
+      --methods "$group" --alphas "$(alphas_for "$ALPHAS")" "${opt[@]}" "${grid[@]}" --warm-up-only \
+      --out "$dir/unused.jsonl") &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
 }
 if [ "$GPUS" -ge 2 ]; then
   (export CUDA_VISIBLE_DEVICES=1; side) &
@@ -107,6 +120,7 @@ fi
 pair_rc=$?
 if [ -n "${side_pid:-}" ]; then  # the sweep needs both GPUs: stop the warm-up if it still runs
   touch "$dir/stop_side"; pkill -f -- "--warm-up-only" 2>/dev/null; wait "$side_pid"
+  echo "$(date -u +%FT%TZ) side chain stopped (warm-ups that had not ended were cut)" >> "$dir/stages.log"
 fi
 [ $pair_rc -ne 0 ] && { echo "the pair failed (rc=$pair_rc): no sweep" >> "$dir/stages.log"; exit $pair_rc; }
 
