@@ -368,7 +368,7 @@ def pca_embedding(hidden: int) -> torch.Tensor:
 
 def distill_train(out: Path, epochs: float, minutes: float, hidden: int = 128, layers: int = 2,
                   intermediate: int = 768, lr: float = 3e-3, batch_tokens: int = 4096, soft_weight: float = 0.5,
-                  seed: int = 0, init: Path | None = None) -> None:
+                  seed: int = 0, init: Path | None = None, dest: Path | None = None) -> None:
     """Train the drafter on the verifier's answers (``teacher`` step) on one CPU thread: a 2-layer Llama
     with SmolLM2's tokenizer, embedding initialised from a PCA of SmolLM2's, loss at every answer
     position = ``soft_weight`` x cross-entropy to the verifier's top-k distribution (renormalised) +
@@ -494,7 +494,7 @@ def distill_train(out: Path, epochs: float, minutes: float, hidden: int = 128, l
                 break
     log["steps"], log["train_seconds"] = step, time.perf_counter() - start
     log["final"] = evaluate()
-    dest = out / "drafter_distilled"
+    dest = dest or out / "drafter_distilled"
     dest.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(str(dest), safe_serialization=True)
     (dest / "training.json").write_text(json.dumps(log, indent=2))
@@ -552,17 +552,22 @@ def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new:
     drafter = load_causal_lm(drafter_dir, role="drafter")
     held = read_prompts(out, "heldout")[:n_prompts]
     prompts = [chat_ids(tok, p["text"]) for p in held]
-    methods = (("verifier_only", None), ("sd", None), ("token_v3", 0.5), ("opt", 0.5), ("diff", 0.0))
+    methods = (("verifier_only", None), ("sd", None), ("token_v3", 0.5), ("opt", 0.5), ("opt", 0.1), ("diff", 0.0),
+               ("diff", -0.2))
+
+    def key(m, alpha):
+        return m if alpha is None else f"{m}_alpha={alpha:g}"
+
     sc.generate(drafter, verifier, [prompts[0]], method="sd", gamma=gamma, max_new_tokens=8)  # warm-up
-    runs = {T: {m: [] for m, _ in methods} for T in (0.0, 1.0)}
+    runs = {T: {key(m, a): [] for m, a in methods} for T in (0.0, 1.0)}
     for T in (0.0, 1.0):
         for i, ids in enumerate(prompts):
             for m, alpha in methods:
                 o = sc.generate(drafter, verifier, [ids], method=m, alpha=alpha, gamma=gamma, temperature=T,
                                 max_new_tokens=max_new, seed=i)
-                runs[T][m].append({"tokens": o.tokens[0], "stats": o.stats})
-            print(f"T={T} prompt {i}: " + " ".join(f"{m} {runs[T][m][-1]['stats'].wall_time_s:.2f}s"
-                                                   for m, _ in methods), flush=True)
+                runs[T][key(m, alpha)].append({"tokens": o.tokens[0], "stats": o.stats})
+            print(f"T={T} prompt {i}: " + " ".join(f"{k} {v[-1]['stats'].wall_time_s:.2f}s"
+                                                   for k, v in runs[T].items()), flush=True)
     greedy = [r["tokens"] for r in runs[0.0]["verifier_only"]]
     refs = [tok.decode(t, skip_special_tokens=True) for t in greedy]
     results = {}
@@ -571,7 +576,7 @@ def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new:
         base_tps = sum(r["stats"].emitted for r in base) / sum(r["stats"].wall_time_s for r in base)
         rows = {}
         for m, alpha in methods:
-            rs = runs[T][m]
+            rs = runs[T][key(m, alpha)]
             emitted, wall = sum(r["stats"].emitted for r in rs), sum(r["stats"].wall_time_s for r in rs)
             hyps = [tok.decode(r["tokens"], skip_special_tokens=True) for r in rs]
             per_prompt = [(r["stats"].emitted / r["stats"].wall_time_s) / (b["stats"].emitted / b["stats"].wall_time_s)
@@ -579,13 +584,14 @@ def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new:
             drafted, accepted = sum(r["stats"].drafted for r in rs), sum(r["stats"].accepted for r in rs)
             blocks = sum(r["stats"].blocks for r in rs)
             gained = sum(r["stats"].accepted + r["stats"].recovered + r["stats"].bonus for r in rs)
-            rows[m] = {"alpha": alpha, "wall_time_s_total": wall, "tokens": emitted, "tokens_per_s": emitted / wall,
-                       "speedup": (emitted / wall) / base_tps,
-                       "speedup_median_per_prompt": statistics.median(per_prompt),
-                       "acceptance_rate": accepted / drafted if drafted else None,
-                       "tokens_per_verifier_call": gained / blocks if blocks else None,
-                       "chrF_to_verifier_greedy": sacrebleu.corpus_chrf(hyps, [refs]).score,
-                       "exact_match_to_verifier_greedy": sum(r["tokens"] == g for r, g in zip(rs, greedy)) / len(rs)}
+            rows[key(m, alpha)] = {
+                "method": m, "alpha": alpha, "wall_time_s_total": wall, "tokens": emitted,
+                "tokens_per_s": emitted / wall, "speedup": (emitted / wall) / base_tps,
+                "speedup_median_per_prompt": statistics.median(per_prompt),
+                "acceptance_rate": accepted / drafted if drafted else None,
+                "tokens_per_verifier_call": gained / blocks if blocks else None,
+                "chrF_to_verifier_greedy": sacrebleu.corpus_chrf(hyps, [refs]).score,
+                "exact_match_to_verifier_greedy": sum(r["tokens"] == g for r, g in zip(rs, greedy)) / len(rs)}
         results[f"T{int(T)}"] = rows
     # teacher-forced acceptance on the verifier's greedy answers of the held-out prompts
     seqs = [(p + g, len(p)) for p, g in zip(prompts, greedy) if g]
@@ -595,8 +601,9 @@ def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new:
                                                           batch_size=4)
         tf["baseline_drafter"]["path"] = str(baseline_dir)
     ctx = prompts[0] + greedy[0][:16]
-    lat = {"drafter_step_ms": step_ms(drafter, ctx), "verifier_step_ms": step_ms(verifier, ctx),
-           f"verifier_block_{gamma + 1}_ms": step_ms(verifier, ctx, gamma + 1)}
+    lat = {"drafter_step_ms": step_ms(drafter, ctx), "verifier_step_ms": step_ms(verifier, ctx)}
+    for g in range(1, 6):
+        lat[f"verifier_block_{g + 1}_ms"] = step_ms(verifier, ctx, g + 1)
     c = lat["drafter_step_ms"] / lat["verifier_step_ms"]
     block = lat[f"verifier_block_{gamma + 1}_ms"] / lat["verifier_step_ms"]
     a0, a1 = tf["drafter"]["top1_agreement"], tf["drafter"]["sd_acceptance_T1"]
@@ -613,6 +620,10 @@ def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new:
            "cost_ratio_c": c, "verifier_block_over_step": block,
            "predicted_sd_speedup": {"T0": predicted_speedup(a0, gamma, c, block),
                                     "T1": predicted_speedup(a1, gamma, c, block)},
+           "predicted_sd_T0_speedup_by_gamma": {
+               g: predicted_speedup(a0, g, c, lat[f"verifier_block_{g + 1}_ms"] / lat["verifier_step_ms"])
+               for g in range(1, 6)},
+           "measured_over_predicted_sd_T0": results["T0"]["sd"]["speedup"] / predicted_speedup(a0, gamma, c, block),
            "latency": lat, "teacher_forced": tf, "results": results,
            "note": "speed-up = (tokens/s of the method) / (tokens/s of verifier_only), totals over the held-out "
                    "prompts, each generated alone (batch 1); chrF / exact match against verifier_only at T=0; "
@@ -643,10 +654,12 @@ def main() -> None:
     ap.add_argument("--record", type=Path, default=Path("results/smollm2/measure.json"))
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--init", type=Path, default=Path("models/smollm2_drafter"),
                     help="distill: warm-start from this drafter (same shape); 'pca' starts fresh from a PCA of "
                          "SmolLM2's embedding")
-    ap.add_argument("--drafter", type=Path, default=None, help="speedup: the drafter (default OUT/drafter_distilled)")
+    ap.add_argument("--drafter", type=Path, default=None,
+                    help="distill: where to save it; speedup: the drafter to time (default OUT/drafter_distilled)")
     ap.add_argument("--baseline", type=Path, default=Path("models/smollm2_drafter"),
                     help="speedup: the drafter to compare against (teacher-forced acceptance)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -656,7 +669,8 @@ def main() -> None:
      "measure": lambda: measure(args.out, args.record, args.prompts),
      "prompts": lambda: build_prompts(args.out),
      "teacher": lambda: teacher(args.out, args.minutes),
-     "distill": lambda: distill_train(args.out, args.epochs, args.minutes, init=args.init),
+     "distill": lambda: distill_train(args.out, args.epochs, args.minutes, lr=args.lr, init=args.init,
+                                     dest=args.drafter),
      "speedup": lambda: speedup(args.out, args.record, args.drafter or args.out / "drafter_distilled", args.prompts,
                                 args.max_new_tokens, args.gamma, args.baseline)}[args.step]()
 
