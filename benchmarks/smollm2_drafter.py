@@ -25,6 +25,8 @@ from ``--init`` (the prose drafter) or, with ``--init pca``, from a PCA of SmolL
 ``speedup`` times ``verifier_only``, ``sd``, ``token_v3``, ``opt`` and ``diff`` on held-out prompts
 (batch 1, T = 0 and T = 1), scores quality against the verifier's own greedy answer (chrF, exact
 match), and records the teacher-forced acceptance and the per-call latencies (c, block cost).
+The exact commands behind models/smollm2_drafter and results/smollm2/cpu_speedup.json (two teacher
+runs, two distillation stages) are in docs/smollm2.md.
 
 The earlier prose drafter (next-token loss on Austen + KJV text, on a GPU):
 
