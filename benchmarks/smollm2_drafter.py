@@ -8,8 +8,8 @@ Distilled drafter and the CPU speed-up record (issue #12):
 
     python benchmarks/smollm2_drafter.py prompts --out runs/smol       # instruction prompts, train / held-out
     python benchmarks/smollm2_drafter.py teacher --out runs/smol --minutes 45   # the verifier's answers (resumable)
-    python benchmarks/smollm2_drafter.py distill --out runs/smol --epochs 4 --minutes 25   # train the drafter
-    python benchmarks/smollm2_drafter.py speedup --out runs/smol --prompts 12 --max-new-tokens 48 --gamma 3 \
+    python benchmarks/smollm2_drafter.py distill --out runs/smol --epochs 3 --minutes 22   # train the drafter
+    python benchmarks/smollm2_drafter.py speedup --out runs/smol --prompts 12 --max-new-tokens 48 --gamma 2 \
         --record results/smollm2/cpu_speedup.json                      # or --drafter models/smollm2_drafter
 
 ``prompts`` writes user turns built from text that ships offline: Austen passages (summarise,
@@ -25,6 +25,8 @@ from ``--init`` (the prose drafter) or, with ``--init pca``, from a PCA of SmolL
 ``speedup`` times ``verifier_only``, ``sd``, ``token_v3``, ``opt`` and ``diff`` on held-out prompts
 (batch 1, T = 0 and T = 1), scores quality against the verifier's own greedy answer (chrF, exact
 match), and records the teacher-forced acceptance and the per-call latencies (c, block cost).
+The exact commands behind models/smollm2_drafter and results/smollm2/cpu_speedup.json (two teacher
+runs, two distillation stages) are in docs/smollm2.md.
 The exact commands behind models/smollm2_drafter and results/smollm2/cpu_speedup.json (two teacher
 runs, two distillation stages) are in docs/smollm2.md.
 
