@@ -27,8 +27,6 @@ from ``--init`` (the prose drafter) or, with ``--init pca``, from a PCA of SmolL
 match), and records the teacher-forced acceptance and the per-call latencies (c, block cost).
 The exact commands behind models/smollm2_drafter and results/smollm2/cpu_speedup.json (two teacher
 runs, two distillation stages) are in docs/smollm2.md.
-The exact commands behind models/smollm2_drafter and results/smollm2/cpu_speedup.json (two teacher
-runs, two distillation stages) are in docs/smollm2.md.
 
 The earlier prose drafter (next-token loss on Austen + KJV text, on a GPU):
 
