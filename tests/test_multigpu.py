@@ -80,9 +80,18 @@ def test_assign_covers_every_cell_once_balanced_and_deterministic():
     shares = assign(grid, 3, 8, 16)
     assert sorted(c.key for s in shares for c in s) == sorted(c.key for c in grid)
     assert assign(grid, 3, 8, 16) == shares
-    # a worker's load counts the baselines it runs for its groups
+    # cells that share a compiled program (only alpha differs) stay on one worker
+    def program(c):
+        return c.method, c.gamma, c.temperature, c.batch_size, c.options
+
+    owner = {}
+    for w, s in enumerate(shares):
+        for c in s:
+            assert owner.setdefault(program(c), w) == w, c.key
+    # a worker's load counts the baselines it runs for its groups; balanced to within one program
     loads = [sum(cell_cost(c, 8, 16) for c in worker_cells(s, grid)) for s in shares]
-    assert max(loads) - min(loads) <= max(cell_cost(c, 8, 16) for c in grid)
+    biggest = max(sum(cell_cost(c, 8, 16) for c in grid if program(c) == p) for p in owner)
+    assert max(loads) - min(loads) <= biggest
     # cost model: a speculative cell costs less per token than verifier_only, a drafter cell least;
     # a batch of 4 is cheaper than 4 single rows
     sd, base, small = (Cell(m, None, 5, 0.0, 0, 1) for m in ("sd", "verifier_only", "drafter_only"))
