@@ -26,7 +26,7 @@ from ``--init`` (the prose drafter) or, with ``--init pca``, from a PCA of SmolL
 (batch 1, T = 0 and T = 1), scores quality against the verifier's own greedy answer (chrF, exact
 match), and records the teacher-forced acceptance and the per-call latencies (c, block cost).
 The exact commands behind models/smollm2_drafter and results/smollm2/cpu_speedup.json (two teacher
-runs, two distillation stages) are in docs/smollm2.md.
+runs, three distillation stages) are in docs/smollm2.md.
 
 The earlier prose drafter (next-token loss on Austen + KJV text, on a GPU):
 
@@ -549,6 +549,7 @@ def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new:
     from speccascade.models.loading import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(1)
+    load_start = os.getloadavg()[0]
     tok = load_tokenizer(gguf_path())
     verifier = load_causal_lm(gguf_path(), role="verifier")
     drafter = load_causal_lm(drafter_dir, role="drafter")
@@ -629,7 +630,9 @@ def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new:
            "latency": lat, "teacher_forced": tf, "results": results,
            "note": "speed-up = (tokens/s of the method) / (tokens/s of verifier_only), totals over the held-out "
                    "prompts, each generated alone (batch 1); chrF / exact match against verifier_only at T=0; "
-                   "the machine's 2 cores were shared with other jobs while this ran"}
+                   "loadavg_1min is the machine's 1-minute load average when the run started and when the "
+                   "timing ended (a value above 1 means other jobs shared the cores)",
+           "loadavg_1min": {"start": load_start, "end": os.getloadavg()[0]}}
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(rec, indent=2))
     print(json.dumps({k: v for k, v in rec.items() if k != "results"}, indent=2))
