@@ -89,8 +89,7 @@ EOF
     [ -z "$group" ] && continue
     local opt=(); [[ ",$group," == *",seq_cascade,"* ]] && opt=(--option seq_cascade.length_normalized=true)
     (METHODS="$group"; stage "warm_up$i" sc sweep --drafter "$dir/random/drafter" --verifier "$dir/random/verifier" \
-      --methods "$group" --alphas "$(alphas_for "$ALPHAS")" "${opt[@]}" "${grid[@]}" --warm-up-only \
-      --out "$dir/unused.jsonl") &
+      --methods "$group" --alphas "$(alphas_for "$ALPHAS")" "${opt[@]}" "${grid[@]}" --warm-up-only) &
     pids+=($!)
   done
   wait "${pids[@]}"

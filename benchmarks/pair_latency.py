@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -28,20 +27,13 @@ from speccascade.data.prompt import EOS, encode_prompt
 from speccascade.eval.tasks import translate_pairs
 from speccascade.models import HFBackend, make_backend
 from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
+from speccascade.models.timing import call_seconds
 
 
 def step_ms(model, ctx: list[int], n: int = 30) -> float:
-    """An encoder-decoder's step: one decoder token with ``ctx`` as its encoder input."""
-    be = make_backend(model, "m")  # a causal LM's HFBackend, an encoder-decoder's Seq2SeqBackend
-    x = torch.tensor([ctx])
-    be.reset(x, torch.ones_like(x))
-    tok, times = x[:, -1:], []
-    for _ in range(n + 5):
-        t = time.perf_counter()
-        be.extend(tok)
-        be.commit(torch.tensor([1]))
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times[5:])
+    """One token's step after ``ctx`` (an encoder-decoder: one decoder token with ``ctx`` as its
+    encoder input), in ms."""
+    return 1000 * call_seconds(make_backend(model, "m"), ctx, 1, n)
 
 
 def main() -> None:

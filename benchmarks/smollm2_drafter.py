@@ -116,22 +116,6 @@ def train(out: Path, minutes: float) -> None:
     print({k: log[k] for k in ("params", "steps", "train_seconds", "final_val_loss")})
 
 
-def per_token_ms(model, ids, n=30) -> float:
-    from speccascade.models import HFBackend
-
-    be = HFBackend(model, "m")
-    x = torch.tensor([ids])
-    be.reset(x, torch.ones_like(x))
-    tok = x[:, -1:]
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        be.extend(tok)
-        be.commit(torch.tensor([1]))
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times[5:])
-
-
 def measure(out: Path, record: Path, n_prompts: int) -> None:
     import speccascade as sc
     from speccascade.eval.agreement import teacher_forced_agreement
@@ -145,7 +129,7 @@ def measure(out: Path, record: Path, n_prompts: int) -> None:
     seqs = [(held[i:i + 128].tolist(), 1) for i in range(0, 128 * 40, 128)]
     agree = teacher_forced_agreement(drafter, verifier, seqs, batch_size=8)
     ctx = held[:64].tolist()
-    lat = {"drafter_ms": per_token_ms(drafter, ctx), "verifier_ms": per_token_ms(verifier, ctx)}
+    lat = {"drafter_ms": step_ms(drafter, ctx, n=30), "verifier_ms": step_ms(verifier, ctx, n=30)}
     lat["cost_ratio_verifier_over_drafter"] = lat["verifier_ms"] / lat["drafter_ms"]
     prompts = [held[i:i + 32].tolist() for i in range(0, 200 * n_prompts, 200)][:n_prompts]
     runs = {}
@@ -505,21 +489,11 @@ def distill_train(out: Path, epochs: float, minutes: float, hidden: int = 128, l
 
 
 def step_ms(model, ctx: list[int], width: int = 1, n: int = 25) -> float:
-    """Median time of one cached call of ``model`` on ``width`` new tokens after ``ctx`` (the
-    backend's extend + commit of one token, so the cache grows by one per call), warm-up excluded."""
+    """Median time of one cached call of ``model`` on ``width`` new tokens after ``ctx``, in ms."""
     from speccascade.models import HFBackend
+    from speccascade.models.timing import call_seconds
 
-    be = HFBackend(model, "m")
-    x = torch.tensor([ctx])
-    be.reset(x, torch.ones_like(x))
-    block = torch.tensor([ctx[-width:]])
-    times = []
-    for _ in range(n + 5):
-        t = time.perf_counter()
-        be.extend(block)
-        be.commit(torch.tensor([1]))
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times[5:])
+    return 1000 * call_seconds(HFBackend(model, "m"), ctx, width, n)
 
 
 def predicted_speedup(a: float, gamma: int, c: float, block: float) -> float:

@@ -306,13 +306,15 @@ def test_sweep_warm_up_only_meets_every_cell_shape_and_writes_nothing(tmp_path, 
     out = tmp_path / "s.jsonl"
     args = ["sweep", "--methods", "sd,token_v3", "--alphas", "token_v3=0.2,0.8", "--gammas", "2", "3",
             "--temperatures", "0", "1", "--examples", "2", "--max-new-tokens", "4", "--quiet", "--out", str(out)]
-    assert main(args + ["--warm-up-only"]) == 0
+    assert main([a for a in args if a not in ("--out", str(out))] + ["--warm-up-only"]) == 0   # no --out needed
     assert "warmed up the shapes of 14 cells" in capsys.readouterr().out
     assert sorted(set(seen)) == sorted({(m, g, t) for m in ("sd", "token_v3") for g in (2, 3) for t in (0.0, 1.0)}
                                        | {("verifier_only", 2, t) for t in (0.0, 1.0)})
     assert len(seen) == len(set(seen)) and not out.exists()
     assert main(args + ["--warm-up-only", "--workers", "2"]) == 2
     assert "--warm-up-only runs in one process" in capsys.readouterr().err
+    assert main([a for a in args if a not in ("--out", str(out))]) == 2
+    assert "sweep needs --out" in capsys.readouterr().err
 
 
 def test_latency_model_counts_one_prefill_per_model_per_example():

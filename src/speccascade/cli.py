@@ -329,6 +329,8 @@ def _sweep(args) -> int:
         n = warm_up_grid(drafter, verifier, tok, task, cfg, args.backend)
         print(f"warmed up the shapes of {n} cells (nothing timed or written)")
         return 0
+    if args.out is None:
+        raise SpecCascadeError("sweep needs --out FILE.jsonl (the records are appended there)")
     check_out_file(args.out)
     if args.workers != 1 or args.tp != 1:
         from .distributed import sweep_scaled_out
@@ -457,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     s.add_argument("--examples", type=int, default=200, help="examples of the task (>= 1; default 200)")
     s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--out", type=Path, required=True, help="JSONL file (appended to; resumed)")
+    s.add_argument("--out", type=Path, default=None, help="JSONL file (appended to; resumed); required "
+                   "unless --warm-up-only")
     _model_args(s)
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
     s.add_argument("--workers", type=int, default=1, metavar="N",
@@ -465,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --threads threads), merged into --out (docs/scale-out.md)")
     s.add_argument("--warm-up-only", action="store_true",
                    help="compile and capture every shape of the grid, then exit (fills torch's compile caches "
-                        "for a later sweep of models of the same shapes); --out is not written")
+                        "for a later sweep of models of the same shapes); writes nothing")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_sweep)
 

@@ -353,51 +353,28 @@ def same_model(a: str | None, b: str | None) -> bool:
 
 
 def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int = 20) -> dict:
-    """Median wall time of one drafter step (1 token), one verifier step (1 token) and one verifier
-    block call (gamma + 1 tokens) on a cached prefix, and of each model's pre-fill of ``prompt``:
-    the per-call costs of the latency model. ``drafter`` / ``verifier`` are backends. Calls of a
-    backend the loops capture (the fused backend on a GPU) are timed as graph replays, the way the
-    loops run them (timed as plain calls they cost 5-10x more: run 1 of the deep pair measured a
-    verifier step at 8.7 ms called; the fast-path benchmark replays a step of the same 30-layer
-    shape in 1.35 ms)."""
-    def sync(be):
-        if be.device.type == "cuda":
-            torch.cuda.synchronize(be.device)
-
-    def timed(be, k):
-        x = torch.tensor([prompt])
-        be.reset(x, torch.ones_like(x))
-        if runner.can_capture(be):   # the loops replay captured graphs: time the call as one
-            feed = x[:, -1:].expand(1, k).contiguous().to(be.device)
-            zero = torch.zeros(1, dtype=torch.long, device=be.device)
-
-            def call():
-                be.extend(feed)
-                be.commit(zero)     # rolled back: every replay sees the same cache
-
-            return runner.replay_seconds(call, be.device, repeats)
-        times = []
-        for _ in range(repeats + 3):
-            t = time.perf_counter()
-            be.extend(x[:, -1:].expand(1, k).contiguous())
-            be.commit(torch.tensor([0]))
-            sync(be)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times[3:])
+    """The per-call costs of the latency model (:func:`..models.timing.call_seconds`: graph
+    replays where the loops capture the calls): one drafter step (1 token), one verifier step
+    (1 token) and one verifier block call (gamma + 1 tokens) on a cached prefix, and each model's
+    pre-fill of ``prompt`` (median wall time). ``drafter`` / ``verifier`` are backends."""
+    from ..models.timing import call_seconds
 
     def prefill(be):
         x = torch.tensor([prompt])
         times = []
         for _ in range(max(repeats // 4, 3) + 2):
-            sync(be)
+            if be.device.type == "cuda":
+                torch.cuda.synchronize(be.device)
             t = time.perf_counter()
             be.reset(x, torch.ones_like(x))
-            sync(be)
+            if be.device.type == "cuda":
+                torch.cuda.synchronize(be.device)
             times.append(time.perf_counter() - t)
         return statistics.median(times[2:])
 
-    return {"drafter_step_s": timed(drafter, 1), "verifier_step_s": timed(verifier, 1),
-            "verifier_block_s": timed(verifier, gamma + 1), "gamma": gamma,
+    return {"drafter_step_s": call_seconds(drafter, prompt, 1, repeats),
+            "verifier_step_s": call_seconds(verifier, prompt, 1, repeats),
+            "verifier_block_s": call_seconds(verifier, prompt, gamma + 1, repeats), "gamma": gamma,
             "drafter_prefill_s": prefill(drafter), "verifier_prefill_s": prefill(verifier),
             "prefill_prompt_tokens": len(prompt),
             "timing": "graph replays" if runner.can_capture(drafter, verifier) else "calls"}

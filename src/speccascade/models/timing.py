@@ -1,12 +1,42 @@
-"""A backend wrapper that times the model calls, for measuring the share of a decode spent outside
-the two models' forward passes (benchmarks only: it synchronises the device around every call,
-which the loop itself never does per token)."""
+"""Timing model calls: the cost of one call (:func:`call_seconds`, the latency model's per-call
+costs and the benchmarks' per-token latencies), and a backend wrapper that times the calls of a
+decode, for measuring the share spent outside the two models' forward passes (benchmarks only: it
+synchronises the device around every call, which the loop itself never does per token)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
+
+
+def call_seconds(backend, prompt: list[int], width: int = 1, repeats: int = 20) -> float:
+    """Median seconds of one call of ``backend`` on ``width`` new tokens after ``prompt`` (extend,
+    then a commit of none, so every call sees the same cache), warm-up excluded. A backend the
+    loops capture (the fused backend on a GPU) is timed as graph replays, the way the loops run
+    it: timed as plain calls its steps cost 5-10x more."""
+    from .. import runner
+
+    x = torch.tensor([prompt])
+    backend.reset(x, torch.ones_like(x))
+    feed = x[:, -1:].expand(1, width).contiguous().to(backend.device)
+    none = torch.zeros(1, dtype=torch.long, device=backend.device)
+
+    def call():
+        backend.extend(feed)
+        backend.commit(none)
+
+    if runner.can_capture(backend):
+        return runner.replay_seconds(call, backend.device, repeats)
+    times = []
+    for _ in range(repeats + 3):
+        t = time.perf_counter()
+        call()
+        if backend.device.type == "cuda":
+            torch.cuda.synchronize(backend.device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[3:])
 
 
 class TimedBackend:

@@ -395,7 +395,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
           teacher: Path | None = None, distill_weight: float | None = None,
           validation_pairs: int | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
-    loss). However short the budget, a usable checkpoint is saved: when no evaluation fell inside
+    loss). However short the budget, one step runs and a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
     ``train_file``: JSONL rows ``{"en", "es"}`` to train on instead of the training split (e.g. a
     verifier's own translations, :mod:`.distill`); validation stays on the validation split.
@@ -468,7 +468,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     batches: list[list[int]] = []
     probe = PROBE_STEPS
     eval_seconds = 0.0   # time spent evaluating and saving checkpoints (not training)
-    while step < plan["total"] and (time.perf_counter() - start) < max_minutes * 60:
+    while step < plan["total"] and (step == 0 or (time.perf_counter() - start) < max_minutes * 60):  # >= 1 step
         if not batches:
             batches = length_batches(lengths, recipe.batch_size, rng)
         inputs, targets = layout.collate([train_data[i] for i in batches.pop()], dev)
