@@ -1,5 +1,8 @@
 """Helpers shared by several test modules (test modules import from here, never from each other)."""
 
+import signal
+import time
+
 import numpy as np
 from scipy.stats import chisquare
 
@@ -52,3 +55,19 @@ def check_static_matches_dynamic(compile: bool, device: str = "cpu", factory=Non
         dyn = sc.generate(d, v, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw).tokens
         out = sc.generate(sd_, sv, prompts, method=method, temperature=1, max_new_tokens=16, seed=3, **kw)
         assert out.tokens == dyn
+
+
+def kill_after_cells(proc, out, n: int, timeout: float) -> None:
+    """SIGKILL the sweep process ``proc`` once its file ``out`` holds ``n`` cell records (it must
+    still be running then). The file may not exist yet, or come and go while the sweep starts."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if sum('"type": "cell"' in line for line in out.read_text().splitlines()) >= n:
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,7 @@ from speccascade.eval.tasks import get_task
 from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 from speccascade.sampling import SamplingConfig
 
+from helpers import kill_after_cells
 from tiny_models import tiny_pair
 
 SRC = Path(sc.__file__).resolve().parents[1]
@@ -527,14 +526,7 @@ def test_a_sweep_killed_mid_run_resumes_with_every_cell_once(shipped, tmp_path):
             "--examples", "3", "--max-new-tokens", "24", "--quiet", "--out", str(out)]
     proc = subprocess.Popen(args, env=os.environ | {"PYTHONPATH": str(SRC)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and sum(1 for line in out.read_text().splitlines() if '"type": "cell"' in line) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_cells(proc, out, 2, timeout=60)
     # whatever the kill left (possibly half a line), the rerun completes the grid: every cell once
     cfg = SweepConfig(methods=["sd", "chow", "diff"], alphas={"chow": [0.2, 0.8], "diff": [0.0]}, n_examples=3,
                       max_new_tokens=24)

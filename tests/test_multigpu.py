@@ -25,6 +25,8 @@ from speccascade.eval.parallel import (
 from speccascade.eval.sweep import Cell, SweepConfig, read_records, run_sweep
 from speccascade.eval.tasks import get_task
 
+from helpers import kill_after_cells
+
 SRC = Path(__file__).resolve().parent.parent / "src"
 ENV = os.environ | {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
 LOAD = {"drafter": None, "verifier": None, "tokenizer": None, "pair": "tiny", "device": "cpu", "dtype": "float32"}
@@ -166,14 +168,7 @@ def test_a_killed_parallel_sweep_resumes_with_every_cell_once(reference, tmp_pat
             "opt=0,1;token_cascade=0.5", "--temperatures", "0", "1", "--examples", "2", "--max-new-tokens", "12",
             "--workers", "2", "--quiet", "--out", str(out)]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and sum('"type": "cell"' in line for line in out.read_text().splitlines()) >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGKILL)  # the parent; its workers die with it (PR_SET_PDEATHSIG)
-    proc.wait()
+    kill_after_cells(proc, out, 1, timeout=90)  # the parent; its workers die with it (PR_SET_PDEATHSIG)
     done_before = [r["key"] for r in read_records(out) if r["type"] == "cell"]
     assert 1 <= len(done_before) < len(cfg.cells())
     records = run_parallel_sweep(LOAD, TASK, cfg, out, workers=2, progress=False)

@@ -251,14 +251,16 @@ def check_out_file(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SweepFileError(f"cannot create the folder of --out {str(path)!r}: {e.strerror or e}") from None
-    existed = path.exists()
-    try:
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise SweepFileError(f"cannot write --out {str(path)!r}: {e.strerror or e}") from None
-    if not existed:
-        path.unlink()
+    # A missing file is not created here (a reader polling for it would see it come and go):
+    # its folder must take new files instead.
+    if path.exists():
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise SweepFileError(f"cannot write --out {str(path)!r}: {e.strerror or e}") from None
+    elif not os.access(path.parent, os.W_OK | os.X_OK):
+        raise SweepFileError(f"cannot write --out {str(path)!r}: its folder {str(path.parent)!r} is not writable")
 
 
 class _Locked:
