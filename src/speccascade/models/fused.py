@@ -18,6 +18,14 @@ arithmetic). This backend
 * attends over the cache length of the request (a power of two >= the longest sequence), not a
   fixed large pre-allocation.
 
+**Compiled per region** (``compile=True``, on a GPU): the prologue (embeddings, rotary tables,
+attention bias), *one* decoder layer and the head are compiled, and the step calls the layer's
+compiled code once per layer with that layer's weights and cache as inputs. A 30-layer model so
+compiles a one-layer program per (batch, feed width, cache size), not a 30-layer one: compiling the
+whole model took minutes per specialisation on an H200, and a sweep meets dozens
+(``benchmarks/compile_time.py`` measures both). The host calls ~L + 2 compiled functions per step,
+which costs nothing per token where the loops replay the step as a CUDA graph (:mod:`..runner`).
+
 Logits equal the transformers model's to float rounding (tests compare them, ragged batches,
 rollbacks included).
 
@@ -159,12 +167,19 @@ class FusedLlamaBackend:
         self.batch = 0
         self.slots = 0
         self.compiled = compile
+        # Compiled per region (see the module's docstring): the prologue, *one* decoder layer and the
+        # head are compiled; the step calls the layer's compiled code once per layer, with that
+        # layer's weights and cache as inputs.
+        self._prologue_fn, self._layer_fn, self._head_fn = self._prologue, self._layer, self._head
         if compile:  # one specialisation per (batch, feed width, cache size): many in a sweep
             from .static import _raise_recompile_limit
 
             _raise_recompile_limit(1024)
-        self._step_fn = torch.compile(self._step, dynamic=False, fullgraph=True, options=compile_options or None) \
-            if compile else self._step
+            opts = dict(dynamic=False, fullgraph=True, options=compile_options or None)
+            self._prologue_fn = torch.compile(self._prologue, **opts)
+            self._layer_fn = torch.compile(self._layer, **opts)
+            self._head_fn = torch.compile(self._head, **opts)
+        self._step_fn = self._step
 
     def _fuse(self, layer) -> dict:
         """One layer's weights, fused (q/k/v, gate/up) and, with ``tp`` > 1, cut to this rank's shard."""
@@ -330,12 +345,17 @@ class FusedLlamaBackend:
         """Logits of ``tokens  # [B, w]`` at ``positions  # [B, w]``; writes their K/V into slot =
         position (the trash slot where not ``valid`` or past the capacity).  # -> [B, w, V] float32
         (``logits=False``: only the K/V, for a prompt)"""
+        h, cos, sin, bias, rows, slots = self._prologue_fn(tokens, positions, valid)
+        for i, L in enumerate(self.layers):
+            h = self._layer_fn(h, L, cos, sin, bias, rows, slots, k_cache[i], v_cache[i])
+        return self._head_fn(h) if logits else None
+
+    def _prologue(self, tokens, positions, valid):
+        """What every layer shares: the embeddings ``h``, the rotary tables, the attention bias
+        (each query sees its own row's slots up to its own position) and where the new K/V go."""
         B, w = tokens.shape
-        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        G = H // Hkv
         slots = torch.where(valid & (positions < self.slots), positions, self.slots)   # [B, w]
         rows = torch.arange(B, device=tokens.device).unsqueeze(1).expand(B, w)
-        # which cache slots each query sees: its own row's positions up to its own
         seen = self.ar[: self.slots + 1].view(1, 1, -1) <= positions.unsqueeze(-1)      # [B, w, S+1]
         seen[..., self.slots] = False
         bias = torch.where(seen, 0.0, float("-inf")).view(B, 1, 1, w, -1)            # [B, 1, 1, w, S+1]
@@ -343,30 +363,35 @@ class FusedLlamaBackend:
         emb = torch.cat([freqs, freqs], -1)
         cos = (emb.cos() * self.rope_scale).to(self.dtype).unsqueeze(2)               # [B, w, 1, D]
         sin = (emb.sin() * self.rope_scale).to(self.dtype).unsqueeze(2)
-        h = F.embedding(tokens, self.embed)                                           # [B, w, hidden]
-        for i, L in enumerate(self.layers):
-            x = self._rms(h, L["in_norm"])
-            qkv = F.linear(x, L["wqkv"], L["bqkv"])
-            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
-            q = _rope(q.view(B, w, H, D), cos, sin)
-            k = _rope(k.view(B, w, Hkv, D), cos, sin)
-            k_cache[i, rows, slots] = k
-            v_cache[i, rows, slots] = v.view(B, w, Hkv, D)
-            keys = k_cache[i].permute(0, 2, 3, 1).unsqueeze(2)                         # [B, Hkv, 1, D, S+1]
-            vals = v_cache[i].transpose(1, 2).unsqueeze(2)                             # [B, Hkv, 1, S+1, D]
-            qg = q.view(B, w, Hkv, G, D).permute(0, 2, 3, 1, 4)                        # [B, Hkv, G, w, D]
-            scores = torch.matmul(qg, keys).float() * self.scaling                     # [B, Hkv, G, w, S+1]
-            att = torch.softmax(scores + bias, -1).to(self.dtype)
-            o = torch.matmul(att, vals)                                                # [B, Hkv, G, w, D]
-            o = o.permute(0, 3, 1, 2, 4).reshape(B, w, H * D)
-            h = h + self._row_parallel(o, L["wo"], L["bo"])
-            x = self._rms(h, L["post_norm"])
-            gate, up = F.linear(x, L["w13"], L["b13"]).chunk(2, -1)
-            h = h + self._row_parallel(F.silu(gate) * up, L["w2"], L["b2"])
-        if not logits:
-            return None
-        h = self._rms(h, self.final_norm)
-        return F.linear(h, self.lm_head, self.lm_head_bias).float()
+        return F.embedding(tokens, self.embed), cos, sin, bias, rows, slots          # h: [B, w, hidden]
+
+    def _layer(self, h, L: dict, cos, sin, bias, rows, slots, k_cache, v_cache) -> torch.Tensor:
+        """One decoder layer: ``L`` its fused weights, ``k_cache`` / ``v_cache  # [B, S+1, Hkv, D]``
+        its cache, written at ``slots`` in place."""
+        B, w = h.shape[:2]
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        G = H // Hkv
+        x = self._rms(h, L["in_norm"])
+        qkv = F.linear(x, L["wqkv"], L["bqkv"])
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
+        q = _rope(q.view(B, w, H, D), cos, sin)
+        k = _rope(k.view(B, w, Hkv, D), cos, sin)
+        k_cache[rows, slots] = k
+        v_cache[rows, slots] = v.view(B, w, Hkv, D)
+        keys = k_cache.permute(0, 2, 3, 1).unsqueeze(2)                                # [B, Hkv, 1, D, S+1]
+        vals = v_cache.transpose(1, 2).unsqueeze(2)                                    # [B, Hkv, 1, S+1, D]
+        qg = q.view(B, w, Hkv, G, D).permute(0, 2, 3, 1, 4)                            # [B, Hkv, G, w, D]
+        scores = torch.matmul(qg, keys).float() * self.scaling                         # [B, Hkv, G, w, S+1]
+        att = torch.softmax(scores + bias, -1).to(self.dtype)
+        o = torch.matmul(att, vals)                                                    # [B, Hkv, G, w, D]
+        o = o.permute(0, 3, 1, 2, 4).reshape(B, w, H * D)
+        h = h + self._row_parallel(o, L["wo"], L["bo"])
+        x = self._rms(h, L["post_norm"])
+        gate, up = F.linear(x, L["w13"], L["b13"]).chunk(2, -1)
+        return h + self._row_parallel(F.silu(gate) * up, L["w2"], L["b2"])
+
+    def _head(self, h) -> torch.Tensor:
+        return F.linear(self._rms(h, self.final_norm), self.lm_head, self.lm_head_bias).float()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
