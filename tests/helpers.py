@@ -4,9 +4,11 @@ import signal
 import time
 
 import numpy as np
+import torch
 from scipy.stats import chisquare
 
 import speccascade as sc
+from speccascade import runner
 from speccascade.models import StaticHFBackend
 
 from tiny_models import tiny_pair
@@ -71,3 +73,55 @@ def kill_after_cells(proc, out, n: int, timeout: float) -> None:
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+# -- CUDA-graph capture simulated on the CPU ---------------------------------------------------
+# On a GPU a captured program replays kernels and runs no Python; here a "replay" calls the same
+# Python again on the same state, inside runner.program() as a real replay's calls would be.
+
+
+class SimulatedGraph:
+    """A captured program of the runner (``runner.capture_graph``): a replay calls the same step
+    function on the same state."""
+
+    def __init__(self, step, gen, per_replay):
+        self.step, self.gen, self.per_replay = step, gen, per_replay
+
+    def replay(self):
+        with runner.program():
+            for _ in range(self.per_replay):
+                self.step(self.gen)
+
+
+def simulated_capture_graph(record: list):
+    """A stand-in for ``runner.capture_graph`` that appends each capture's ``per_replay`` to ``record``."""
+    def capture_graph(step, device, per_replay):
+        gen = torch.Generator(device=device)
+        with runner.program():
+            for _ in range(2):  # the warm-up runs the step on the live state, as on a GPU
+                step(gen)
+        record.append(per_replay)
+        return SimulatedGraph(step, gen, per_replay), gen
+
+    return capture_graph
+
+
+class SimulatedCalls(list):
+    """Graphs of single calls (``runner.capture_call``, e.g. the fused backend's host-driven
+    calls): the list holds the captured functions; ``replays`` counts replays of all of them."""
+
+    replays = 0
+
+    def capture_call(self, fn, device, warm_ups=1):
+        with runner.program():
+            for _ in range(warm_ups + 1):   # the warm-ups, then the "capture" (a graph records; this runs)
+                fn()
+        self.append(fn)
+        calls = self
+
+        class Graph:
+            def replay(self):
+                calls.replays += 1
+                fn()
+
+        return Graph()

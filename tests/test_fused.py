@@ -19,6 +19,7 @@ from speccascade import runner
 from speccascade.errors import SpecCascadeError
 from speccascade.models import FusedLlamaBackend, UnsupportedModel, make_backend
 
+from helpers import SimulatedCalls, simulated_capture_graph
 from tiny_models import tiny_pair
 
 
@@ -66,31 +67,22 @@ def test_greedy_sd_equals_verifier_only_and_transformers_generate():
     assert sd == alone == hf
 
 
-class SimulatedGraph:
-    """A captured program on the CPU: a replay calls the same step function on the same state."""
-
-    def __init__(self, step, gen, per_replay):
-        self.step, self.gen, self.per_replay = step, gen, per_replay
-
-    def replay(self):
-        for _ in range(self.per_replay):
-            self.step(self.gen)
-
-
 @pytest.fixture
 def simulated_capture(monkeypatch):
     calls = []
-
-    def capture_graph(step, device, per_replay):
-        gen = torch.Generator(device=device)
-        for _ in range(2):  # the warm-up runs the step on the live state, as on a GPU
-            step(gen)
-        calls.append(per_replay)
-        return SimulatedGraph(step, gen, per_replay), gen
-
     monkeypatch.setattr(runner, "can_capture", lambda *bs: all(getattr(b, "capturable", False) for b in bs))
-    monkeypatch.setattr(runner, "capture_graph", capture_graph)
+    monkeypatch.setattr(runner, "capture_graph", simulated_capture_graph(calls))
+    monkeypatch.setattr(runner, "capture_call", SimulatedCalls().capture_call)
     return calls
+
+
+@pytest.fixture
+def simulated_calls(simulated_capture, monkeypatch):
+    calls = SimulatedCalls()
+    monkeypatch.setattr(runner, "capture_call", calls.capture_call)
+    return calls
+
+
 
 
 @pytest.mark.parametrize("per_replay", [1, 3])
@@ -113,6 +105,40 @@ def test_captured_path_bookkeeping_matches_eager(simulated_capture, monkeypatch,
             assert (s.accepted, s.rejected, s.blocks, s.drafter_calls, s.verifier_calls, s.emitted) == \
                 (r.accepted, r.rejected, r.blocks, r.drafter_calls, r.verifier_calls, r.emitted)
     assert simulated_capture == [per_replay, per_replay]  # one capture per method, reused by later calls
+
+
+def test_host_driven_calls_replay_graphs_of_the_step(simulated_capture, simulated_calls):
+    """The compiled fused backend's host-driven calls (the pre-fill, and every model call of the
+    sequential methods that read the host per token) replay a graph of the step captured per
+    (batch, width, logits); calls inside the runner's own programs do not. Same tokens and
+    counters as the eager backends, over ragged prompts and calls that reuse earlier graphs."""
+    d, v = tiny_pair(0, noise=0.3)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    fd.compiled = fv.compiled = True
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    cases = [("token_cascade", 0.5), ("bild", 1.0), ("oracle_diff", 0.0), ("sd", None), ("verifier_only", None),
+             ("token_cascade", 0.5), ("seq_cascade", 0.5)]   # seq_cascade re-sizes the verifier's batch: last
+    new_graphs, replays = [], []
+    for method, alpha in cases:
+        kw = dict(method=method, alpha=alpha, gamma=3, temperature=1.0, max_new_tokens=12, eos_token_id=[])
+        ref = sc.generate(d, v, prompts, generator=torch.Generator().manual_seed(3), **kw)
+        before, replayed = len(simulated_calls), simulated_calls.replays
+        out = sc.generate(fd, fv, prompts, generator=torch.Generator().manual_seed(3), **kw)
+        new_graphs.append(len(simulated_calls) - before)
+        replays.append(simulated_calls.replays - replayed)
+        assert out.tokens == ref.tokens, method
+        s, r = out.stats, ref.stats
+        assert (s.drafter_calls, s.verifier_calls, s.deferred, s.emitted) == \
+            (r.drafter_calls, r.verifier_calls, r.deferred, r.emitted), method
+    # token_cascade: graphs of the two pre-fills, the drafter's width 1 and the verifier's catch-up
+    # widths; the second token_cascade run reuses them all. Every model call of the sequential
+    # methods is a replay (one per call, plus a pre-fill per model), but sd's and verifier_only's
+    # steps are the runner's programs: they replay the pre-fills only and capture nothing new (this
+    # fails if the fused backend replays its own graphs inside the runner's programs).
+    assert new_graphs[0] >= 4 and new_graphs[3] == new_graphs[4] == new_graphs[5] == 0
+    for i in (0, 1, 2, 5, 6):
+        assert replays[i] > 12, cases[i]   # at least a replay per token
+    assert replays[3] <= 4 and replays[4] <= 2   # pre-fills only (again after the runner's warm-up)
 
 
 def test_new_alpha_reuses_the_captured_block(simulated_capture):

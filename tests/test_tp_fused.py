@@ -175,20 +175,13 @@ def _check_compiled_captured():
     """The GPU path's program on a CPU: the sharded step traced by torch.compile (fullgraph, the
     all-reduce a functional collective; ``aot_eager``: the graph inductor would compile, without
     its C++ build) and the block run as replays of a captured program (simulated as in
-    tests/test_fused.py: a replay calls the same step on the same state). Tokens equal --tp 1's."""
+    tests/helpers.py: a replay calls the same step on the same state). Tokens equal --tp 1's."""
     import speccascade as sc
     from speccascade import loop, runner
     from speccascade.models import FusedLlamaBackend
 
+    from helpers import SimulatedCalls, simulated_capture_graph
     from tiny_models import tiny_pair
-
-    class SimulatedGraph:   # as tests/test_fused.py's
-        def __init__(self, step, gen, per_replay):
-            self.step, self.gen, self.per_replay = step, gen, per_replay
-
-        def replay(self):
-            for _ in range(self.per_replay):
-                self.step(self.gen)
 
     real_capture_error_mode = runner.capture_error_mode
     real_compile = torch.compile
@@ -196,19 +189,13 @@ def _check_compiled_captured():
     loop._COMPILED.clear()
     captures = []
 
-    def capture_graph(step, device, per_replay):
-        gen = torch.Generator(device=device)
-        for _ in range(2):
-            step(gen)
-        captures.append(per_replay)
-        return SimulatedGraph(step, gen, per_replay), gen
-
     runner.can_capture = lambda *bs: all(getattr(b, "capturable", False) for b in bs)
-    runner.capture_graph = capture_graph
+    runner.capture_graph = simulated_capture_graph(captures)
+    runner.capture_call = SimulatedCalls().capture_call
     d, v = tiny_pair(0, noise=0.05, hidden=64)
     fd, fv1 = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
     fv2 = FusedLlamaBackend(v, "verifier", compile=True, tp=2)
-    assert fv2.compiled and fv2._step_fn is not fv2._step
+    assert fv2.compiled and fv2._layer_fn is not fv2._layer
     for method, temperature in (("sd", 0.0), ("sd", 1.0), ("verifier_only", 1.0)):
         kw = dict(method=method, gamma=3, temperature=temperature, max_new_tokens=10, seed=5, eos_token_id=[])
         runner.can_capture = lambda *bs: False

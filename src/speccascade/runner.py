@@ -23,6 +23,7 @@ already ignored (every row is done) and whose counters are masked on the device.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -166,18 +167,49 @@ def capture_error_mode() -> str:
     return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
 
 
+_in_program = 0   # > 0 while a program is being warmed up or captured (see in_program)
+
+
+def in_program() -> bool:
+    """True while :func:`capture_graph` / :func:`capture_call` warm up or capture a program: a
+    backend that replays graphs of its own calls (the fused backend's host-driven calls) then
+    calls its step directly, to be captured into the caller's program."""
+    return _in_program > 0
+
+
+@contextlib.contextmanager
+def program():
+    """The extent of a program's warm-up and capture (:func:`in_program` is True inside)."""
+    global _in_program
+    _in_program += 1
+    try:
+        yield
+    finally:
+        _in_program -= 1
+
+
+def capture_call(fn: Callable[[], None], device: torch.device, warm_ups: int = 1):
+    """``fn`` (a function of device tensors at fixed addresses) run ``warm_ups`` times on a side
+    stream (torch.compile compiles, allocations settle), then captured as one CUDA graph, which
+    is returned: ``graph.replay()`` runs it again. (Tests replace this function to run on a CPU.)"""
+    with program():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warm_ups):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
+            fn()
+    return graph
+
+
 def replay_seconds(fn: Callable[[], None], device: torch.device, reps: int = 50) -> float:
     """Seconds per call of ``fn`` captured as one CUDA graph and replayed ``reps`` times back to
     back (after a warm-up call on a side stream): what a call costs inside a captured program.
     ``fn`` must leave the state it reads as it found it, or tolerate ``reps`` repeats."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
-        fn()
+    graph = capture_call(fn, device)
     graph.replay()
     torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -193,18 +225,19 @@ def capture_graph(step: Callable[[torch.Generator], None], device: torch.device,
     it. Returns the graph and that generator. (Tests replace this function to run on a CPU.)"""
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step(gen)
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    graph.register_generator_state(gen)
-    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
-        for _ in range(per_replay):
-            step(gen)
+    with program():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(gen)
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(gen)
+        with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
+            for _ in range(per_replay):
+                step(gen)
     return graph, gen
 
 

@@ -235,7 +235,7 @@ class FusedLlamaBackend:
         self.ar = torch.arange(slots + 1, device=self.device)
         self.batch, self.slots = batch, slots
         self.generation = getattr(self, "generation", 0) + 1   # captured graphs hold the old tensors
-        self._prefill_graphs = {}
+        self._graphs = {}
 
     @torch.no_grad()
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -250,8 +250,10 @@ class FusedLlamaBackend:
         if L > 1:   # cache all prompt tokens but the last; left padding goes to the trash slot
             valid = mask[:, :-1].bool()
             positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-            if self.compiled and self.device.type == "cuda":
-                self._prefill_replay(input_ids[:, :-1], positions, valid)
+            if self._replays():   # the prompt left-padded to a width of 64, 128, 256, ... (padding: trash slot)
+                pad = _capacity(L - 1) - (L - 1)
+                self._replay(F.pad(input_ids[:, :-1], (pad, 0)), F.pad(positions, (pad, 0)),
+                             F.pad(valid, (pad, 0)), logits=False)
             else:
                 self._step(input_ids[:, :-1], positions, valid, self.k_cache, self.v_cache, False)
             self.n_pos.copy_(valid.sum(1))
@@ -288,40 +290,46 @@ class FusedLlamaBackend:
     # -- the step ------------------------------------------------------------------------------
 
     def _forward(self, tokens, positions, valid) -> torch.Tensor:
-        return self._step_fn(tokens, positions, valid if valid is not None else positions >= 0,
-                             self.k_cache, self.v_cache)
+        valid = valid if valid is not None else positions >= 0
+        if self._replays():   # a host-driven call (a sequential method's step): one graph launch
+            return self._replay(tokens, positions, valid, logits=True).clone()   # the next replay overwrites it
+        return self._step_fn(tokens, positions, valid, self.k_cache, self.v_cache)
 
-    def _prefill_replay(self, tokens, positions, valid) -> None:
-        """The prompt's K/V written by a replay of a CUDA graph captured per (batch, width), the
-        prompt left-padded to a width of 64, 128, 256, ... (padding goes to the trash slot)."""
-        B, L = tokens.shape
-        width = _capacity(L)
-        key = (B, width, self.generation)
-        if key not in self._prefill_graphs:
-            bufs = (torch.zeros(B, width, dtype=torch.long, device=self.device),
-                    torch.zeros(B, width, dtype=torch.long, device=self.device),
-                    torch.zeros(B, width, dtype=torch.bool, device=self.device))   # all padding: writes only trash
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step_fn(*bufs, self.k_cache, self.v_cache, False)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            from ..runner import capture_error_mode
+    def _replays(self) -> bool:
+        """Whether this call replays a CUDA graph of the step: compiled on CUDA, and not itself
+        being warmed up or captured into a caller's program (the speculative block, a token of
+        single-model decoding: :mod:`speccascade.runner`), which then calls the step directly.
+        Host-driven calls (the prompt's pre-fill, the sequential methods that read the host per
+        token: token_cascade, BiLD, the oracle) would otherwise launch every kernel of every layer
+        from the host, ~L + 2 compiled calls a step."""
+        from .. import runner
 
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
-                self._step_fn(*bufs, self.k_cache, self.v_cache, False)
-            self._prefill_graphs[key] = (graph, bufs)
-        graph, (t_buf, p_buf, v_buf) = self._prefill_graphs[key]
-        pad = width - L
-        t_buf[:, :pad].zero_()
-        p_buf[:, :pad].zero_()
-        v_buf[:, :pad].zero_()
-        t_buf[:, pad:].copy_(tokens)
-        p_buf[:, pad:].copy_(positions)
-        v_buf[:, pad:].copy_(valid)
+        return self.compiled and runner.can_capture(self) and not runner.in_program()
+
+    def _replay(self, tokens, positions, valid, logits: bool):
+        """The step on these inputs as a replay of a CUDA graph captured once per (batch, width,
+        ``logits``) and cache generation; returns the graph's output buffer (None: ``logits=False``)."""
+        from .. import runner
+
+        B, w = tokens.shape
+        key = (B, w, logits, self.generation)
+        if key not in self._graphs:
+            bufs = (torch.zeros(B, w, dtype=torch.long, device=self.device),
+                    torch.zeros(B, w, dtype=torch.long, device=self.device),
+                    torch.zeros(B, w, dtype=torch.bool, device=self.device))   # all padding: writes only trash
+            result = torch.empty(B, w, self.vocab_size, device=self.device) if logits else None
+
+            def call():
+                y = self._step_fn(*bufs, self.k_cache, self.v_cache, logits)
+                if logits:
+                    result.copy_(y)
+
+            self._graphs[key] = (runner.capture_call(call, self.device, warm_ups=2), bufs, result)
+        graph, bufs, result = self._graphs[key]
+        for buf, x in zip(bufs, (tokens, positions, valid)):
+            buf.copy_(x)
         graph.replay()
+        return result
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         xf = x.float()
