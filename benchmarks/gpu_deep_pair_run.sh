@@ -2,17 +2,18 @@
 # Issue 12 on a machine with two GPUs: train the deep pair, then Table 2 in wall-clock.
 #   bash benchmarks/gpu_deep_pair_run.sh [DIR]        (default runs/deep; everything lands in DIR)
 #
-# GPU 0, in order: the 30-layer verifier (`train --preset deep`), its own translations of the
-# training sources (`distill`, greedy and T = 1), the 1-layer drafter trained on them with the
-# verifier as teacher (`train --train-file --teacher`), the pair's test-set record (pair.json),
-# then the sweep on both GPUs (`sweep --workers 2`): every method at gamma = 5, T = 0 and 1, 500
-# test examples, batch 1, fused backend; then gamma = 3 and 8 for sd, token_v3 and opt.
-# GPU 1 meanwhile: the GPU tests on this engine, then `sweep --warm-up-only` on random weights of
-# the pair's shapes (torch's compile caches are on disk, shared by the later sweep's workers; the
-# warm-up is stopped when the sweep starts).
+# First, on every GPU: the 30-layer verifier (`train --preset deep`), data-parallel under torchrun.
+# Then GPU 0, in order: the verifier's own translations of the training sources (`distill`, greedy
+# and T = 1), the 1-layer drafter trained on them with the verifier as teacher (`train --train-file
+# --teacher`), the pair's test-set record (pair.json), then the sweep on both GPUs (`sweep --workers
+# 2`): every method at gamma = 5, T = 0 and 1, 500 test examples, batch 1, fused backend; then
+# gamma = 3 and 8 for sd, token_v3 and opt.
+# GPU 1 meanwhile (after the verifier): the GPU tests on this engine, then `sweep --warm-up-only`
+# on random weights of the pair's shapes (torch's compile caches are on disk, shared by the later
+# sweep's workers; the warm-up is stopped when the sweep starts).
 # Each stage logs to DIR/<stage>.log and its start / end / rc to DIR/stages.log; a failed stage
-# does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (9),
-# DRAFTER_MINUTES (2), DISTILL_BATCH (1024), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
+# does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (6),
+# VERIFIER_GPUS (GPUS: data-parallel ranks for the verifier), DRAFTER_MINUTES (2), DISTILL_BATCH (1024), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
 # METHODS (all), SKIP_TESTS (0), BACKEND (fused: the sweep's), TEST_PAIRS (1000), WARM_PROCS (3). `distill` decodes batches
 # of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
 # A CPU rehearsal of the plumbing:
@@ -21,7 +22,7 @@
 set -uo pipefail
 dir="${1:-runs/deep}"
 DEVICE="${DEVICE:-cuda}"; GPUS="${GPUS:-2}"; PRESET="${PRESET:-deep}"; METHODS="${METHODS:-all}"
-VERIFIER_MINUTES="${VERIFIER_MINUTES:-9}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-2}"
+VERIFIER_MINUTES="${VERIFIER_MINUTES:-6}"; VERIFIER_GPUS="${VERIFIER_GPUS:-$GPUS}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-2}"
 DISTILL_BATCH="${DISTILL_BATCH:-1024}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
 BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"; WARM_PROCS="${WARM_PROCS:-3}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"
@@ -94,6 +95,12 @@ EOF
   done
   wait "${pids[@]}"
 }
+# every GPU: the verifier, data-parallel (one rank per GPU; the recipe's batch shared among them)
+if [ "$VERIFIER_GPUS" -ge 2 ]; then
+  stage train_verifier python -m torch.distributed.run --standalone --nproc-per-node "$VERIFIER_GPUS" \
+      -m speccascade train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
+      --minutes "$VERIFIER_MINUTES" || { echo "the verifier failed: no pair" >> "$dir/stages.log"; exit 1; }
+fi
 if [ "$GPUS" -ge 2 ]; then
   (export CUDA_VISIBLE_DEVICES=1; side) &
   side_pid=$!

@@ -146,6 +146,71 @@ def pair():
     return load_causal_lm(d), load_causal_lm(v), load_tokenizer(TOKENIZER_DIR)
 
 
+def _dropped(refs, share, seed):
+    """Each reference with about ``share`` of its words dropped (a noisy system's output)."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(w for w in r.split() if rng.random() >= share) for r in refs]
+
+
+REFS = [p["es"] for p in __import__("speccascade.data.bible", fromlist=["load_split"]).load_split("test")[:300]]
+
+
+def test_sentence_stats_sum_to_the_corpus_bleu_of_any_subset():
+    from speccascade.eval.metrics import bleu_from_stats, bleu_sentence_stats
+
+    hyps = _dropped(REFS, 0.3, 0)
+    stats = bleu_sentence_stats(hyps, REFS)
+    assert len(stats) == len(REFS) and all(len(row) == 10 for row in stats)
+    for subset in (range(300), range(0, 300, 7), [5, 5, 17, 40, 40, 40]):   # with repeats, as a bootstrap draws
+        total = [sum(stats[i][k] for i in subset) for k in range(10)]
+        want = METRICS["bleu"]([hyps[i] for i in subset], [REFS[i] for i in subset])
+        assert bleu_from_stats(total) == pytest.approx(want, abs=1e-9)
+
+
+def test_paired_bootstrap_separates_a_worse_system_from_noise():
+    from speccascade.eval.metrics import bleu_sentence_stats, paired_bootstrap
+
+    base = bleu_sentence_stats(_dropped(REFS, 0.2, 0), REFS)
+    same = paired_bootstrap("bleu", base, base)
+    assert same == {"delta": 0.0, "ci95": [0.0, 0.0]}
+    # the same kind of system, other noise: its interval reaches 0 (not significantly different)
+    other = paired_bootstrap("bleu", bleu_sentence_stats(_dropped(REFS, 0.2, 1), REFS), base)
+    assert other["ci95"][0] < 0 < other["ci95"][1] and other["ci95"][0] <= other["delta"] <= other["ci95"][1]
+    # a clearly worse system: the whole interval is below 0
+    worse = paired_bootstrap("bleu", bleu_sentence_stats(_dropped(REFS, 0.6, 2), REFS), base)
+    assert worse["ci95"][1] < 0 and worse["delta"] < -10
+    # the same seed, the same draws: a report is reproducible
+    assert paired_bootstrap("bleu", bleu_sentence_stats(_dropped(REFS, 0.2, 1), REFS), base) == other
+
+
+def test_table2_within_noise_takes_the_fastest_point_not_significantly_below_the_verifier():
+    from speccascade.eval.metrics import bleu_sentence_stats
+
+    def cell(method, alpha, lat, hyps):
+        return rec(method, alpha, lat, METRICS["bleu"](hyps, REFS)) | {
+            "quality_stats": {"bleu": bleu_sentence_stats(hyps, REFS)}}
+
+    verifier = _dropped(REFS, 0.2, 0)
+    lossless = _dropped(REFS, 0.2, 2)   # the verifier's kind of output, 1.05 BLEU below it by chance
+    assert METRICS["bleu"](lossless, REFS) < METRICS["bleu"](verifier, REFS)
+    records = [cell("verifier_only", None, 1.0, verifier), cell("sd", None, 0.6, lossless),
+               cell("opt", 1.0, 0.3, _dropped(REFS, 0.6, 5)), cell("opt", 0.0, 0.5, _dropped(REFS, 0.2, 3)),
+               rec("chow", 0.5, 0.4, 30.0)]   # a cell without per-example statistics
+    s = summarize(records, "bleu")["T=1 gamma=5 batch=1"]["methods"]
+    assert s["sd"]["speedup_at_verifier_quality"] is None   # the strict summary misses it
+    assert s["sd"]["speedup_within_noise"] == pytest.approx(1 / 0.6)
+    assert s["sd"]["within_noise_point"]["ci95"][1] >= 0 > s["sd"]["within_noise_point"]["delta"]
+    # opt's fastest point is far worse: its match is the slower one
+    assert s["opt"]["speedup_within_noise"] == pytest.approx(1 / 0.5)
+    assert s["opt"]["within_noise_point"]["alpha"] == 0.0
+    assert s["chow"]["speedup_within_noise"] is None   # no statistics: no test
+    from speccascade.eval.report import format_table
+
+    assert "speed-up within noise" in format_table(summarize(records, "bleu"))
+
+
 def test_sweep_resumes_without_repeating_or_losing_cells(pair, tmp_path):
     drafter, verifier, tok = pair
     task = get_task("bible_en_es")
@@ -172,6 +237,7 @@ def test_sweep_resumes_without_repeating_or_losing_cells(pair, tmp_path):
     assert first[0]["relative_latency"] == 1.0 and all(r["relative_latency"] > 0 for r in first)
     assert all(set(r["signature"]) >= {"drafter", "verifier", "task", "method", "alpha", "gamma", "temperature",
                                        "seed", "speccascade", "device"} for r in first)
+    assert all(len(r["quality_stats"]["bleu"]) == 3 for r in first)   # per-example, for the paired bootstrap
     # a third run has nothing left to do
     assert len(run_sweep(drafter, verifier, tok, task, cfg, out, progress=False)) == len(records)
 

@@ -531,7 +531,8 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
             latency = stats.wall_time_s
             rec = {"type": "cell", "key": cell.key, "method": cell.method, "alpha": cell.alpha, "gamma": cell.gamma,
                    "temperature": cell.temperature, "seed": cell.seed, "batch_size": cell.batch_size,
-                   "options": dict(cell.options), "quality": quality, "latency_s": latency,
+                   "options": dict(cell.options), "quality": quality,
+                   "quality_stats": task.sentence_stats(hyps, refs), "latency_s": latency,
                    "relative_latency": latency / base["latency_s"] if base else 1.0,
                    "rejection_rate": stats.rejection_rate, "stats": stats.to_dict(),
                    "signature": base_sig | {"method": cell.method, "alpha": cell.alpha, "gamma": cell.gamma,

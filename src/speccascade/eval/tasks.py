@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..data import prompt as bible_prompt
 from ..errors import SpecCascadeError
-from .metrics import METRICS
+from .metrics import METRICS, SENTENCE_STATS
 
 
 @dataclass
@@ -54,6 +54,11 @@ class Task:
 
     def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
         return {m: METRICS[m](hyps, refs) for m in self.metrics}
+
+    def sentence_stats(self, hyps: list[str], refs: list[str]) -> dict[str, list[list[int]]]:
+        """Per-example statistics of the task's corpus metrics that have them (BLEU): what a paired
+        bootstrap of two cells' qualities needs (:func:`.metrics.paired_bootstrap`)."""
+        return {m: SENTENCE_STATS[m][0](hyps, refs) for m in self.metrics if m in SENTENCE_STATS}
 
     def describe(self) -> str:
         return self.name

@@ -402,9 +402,17 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     ``arch``: "llama" or "t5"; None: the preset's (a preset of another architecture is an error;
     ``preset=None``: the architecture's default preset). ``validation_pairs``: validate on the first N
     validation pairs only (smoke runs). ``teacher``: a checkpoint to distil from (``distill_weight``,
-    default the recipe's or 0.5, of the loss is KL(p_teacher || q); validation stays plain cross-entropy)."""
+    default the recipe's or 0.5, of the loss is KL(p_teacher || q); validation stays plain cross-entropy).
+
+    **Data-parallel** under ``torchrun --nproc-per-node N`` (PyTorch's DistributedDataParallel, NCCL
+    on GPUs, gloo on a CPU): every rank draws the same batches and takes its 1/N share of each
+    batch's sequences, so the recipe's batch, learning rate and schedule are unchanged; each
+    rank's loss is scaled by its share of the batch's scored tokens, so the averaged gradient is
+    the whole batch's (the same steps as one process, to float rounding). Rank 0 decides when the
+    time budget ends, evaluates, saves and writes the log."""
     from tqdm.auto import tqdm
 
+    from ..distributed import world
     from ..models.loading import check_device
 
     preset = check_train_args(preset, role, epochs, max_minutes, arch)
@@ -424,6 +432,16 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     epochs = recipe.epochs if epochs is None else epochs
     max_minutes = recipe.max_minutes if max_minutes is None else max_minutes
     dev = torch.device(device)
+    rank, local, n_ranks = world()
+    if n_ranks > 1:
+        import torch.distributed as dist
+
+        from ..distributed import init_tp
+
+        init_tp(device)   # nccl on CUDA (this rank's GPU), gloo on a CPU
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local)
+    lead = rank == 0   # evaluates, saves, logs
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = ensure_tokenizer(tokenizer_dir)
@@ -436,6 +454,10 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     val_data = encode_pairs(tokenizer, load_split("validation")[:validation_pairs])
     model = layout.build(recipe.shape, len(tokenizer), recipe.attention_dropout, recipe.dropout).to(dev)
     teacher_model = load_teacher(teacher, len(tokenizer), dev) if teacher is not None else None
+    net = model   # what the training steps call: the model, or its DistributedDataParallel wrapper
+    if n_ranks > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if dev.type == "cuda" else None)
+        torch.manual_seed(seed + 1000 * rank)   # each rank its own dropout masks
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -450,7 +472,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / plan["total"]))))
     eval_every = max(1, steps_per_epoch // 2) if epochs <= 12 else steps_per_epoch
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if lead:
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         from ..errors import SpecCascadeError
 
@@ -460,24 +483,36 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
            "train_pairs": len(train_data), "validation_pairs": len(val_data), "evals": [],
            "train_file": None if train_file is None else str(train_file),
            "teacher": None if teacher is None else str(teacher), "distill_weight": distill_weight,
-           "planned_steps": total_steps, "planned_epochs": epochs}
+           "planned_steps": total_steps, "planned_epochs": epochs, "ranks": n_ranks}
     best, start, step = math.inf, time.perf_counter(), 0
-    bar = tqdm(total=total_steps, desc=f"train {preset}/{role}", disable=not progress)
+    bar = tqdm(total=total_steps, desc=f"train {preset}/{role}", disable=not progress or not lead)
     model.train()
     lengths = [len(ids) for ids, _ in train_data]
     batches: list[list[int]] = []
     probe = PROBE_STEPS
     eval_seconds = 0.0   # time spent evaluating and saving checkpoints (not training)
-    while step < plan["total"] and (step == 0 or (time.perf_counter() - start) < max_minutes * 60):  # >= 1 step
+    rank_tokens = torch.zeros((), dtype=torch.long, device=dev)   # scored tokens this rank trained on
+    while step < plan["total"]:
+        if step > 0 and _agree(lead and (time.perf_counter() - start) >= max_minutes * 60, n_ranks, dev):
+            break   # the time budget (rank 0's clock); at least one step runs
         if not batches:
             batches = length_batches(lengths, recipe.batch_size, rng)
-        inputs, targets = layout.collate([train_data[i] for i in batches.pop()], dev)
-        logits = model_logits(model, inputs, dev)
+        batch = batches.pop()
+        if len(batch) < n_ranks:
+            continue   # (data-parallel: a remnant batch too small to share; every rank skips it)
+        inputs, targets = layout.collate([train_data[i] for i in batch[rank::n_ranks]], dev)
+        logits = model_logits(net, inputs, dev)
         loss = cross_entropy(logits, targets, recipe.label_smoothing)
         if teacher_model is not None:
             with torch.no_grad():
                 teacher_logits = model_logits(teacher_model, inputs, dev)
             loss = (1 - distill_weight) * loss + distill_weight * distill_loss(logits, teacher_logits, targets)
+        scored = (targets != -100).sum()
+        rank_tokens += scored
+        if n_ranks > 1:   # this rank's mean times its share of the batch's scored tokens (times N: DDP averages)
+            total = scored.float().clone()
+            dist.all_reduce(total)
+            loss = loss * (n_ranks * scored / total)
         optimizer_step(loss, model, opt, sched)
         step += 1
         bar.update(1)
@@ -492,6 +527,10 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
             fit = step + int(rate * left)
             every = max(1, min(eval_every, (fit - step) // 12 or 1))
             fit = step + int(left / (1 / rate + per_eval / every))
+            if n_ranks > 1:   # rank 0's plan for every rank
+                agreed = [fit, every]
+                dist.broadcast_object_list(agreed, src=0)
+                fit, every = agreed
             if fit < plan["total"]:
                 plan["total"] = fit
                 eval_every = every
@@ -500,7 +539,9 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
                 log["plan_note"] = (f"the time budget ({max_minutes:g} min at {rate:.1f} steps/s) fits {fit} of "
                                     f"{total_steps} steps; the schedule ends there (--epochs "
                                     f"{fit / steps_per_epoch!r} reproduces it)")
-        if step % eval_every == 0 or step == plan["total"]:
+        if (step % eval_every == 0 or step == plan["total"]) and not lead:
+            dist.barrier()   # while rank 0 evaluates and saves
+        elif step % eval_every == 0 or step == plan["total"]:
             eval_start = time.perf_counter()
             val = evaluate_loss(model, val_data, dev, collate_fn=layout.collate)
             log["evals"].append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
@@ -512,20 +553,36 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
                 log["best"] = log["evals"][-1]
             (out / "training.json").write_text(json.dumps(log, indent=2))
             eval_seconds += time.perf_counter() - eval_start
+            if n_ranks > 1:
+                dist.barrier()
     bar.close()
+    log["steps"] = step
+    log["train_seconds"] = time.perf_counter() - start
+    log["rank_tokens"] = int(rank_tokens)
+    if not lead:
+        return log
     if "best" not in log:  # the budget ended before the first evaluation: save what there is (unevaluated)
         save_checkpoint(model, tokenizer, out)
         log["best"] = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item() if step else None,
                        "val_loss": None, "seconds": time.perf_counter() - start,
                        "note": "the time budget ended before the first evaluation: the last weights, not evaluated"}
-    log["steps"] = step
-    log["train_seconds"] = time.perf_counter() - start
     if bleu_pairs:
         log["validation_bleu"] = validation_bleu(out, dev, bleu_pairs)
         bleu = log["validation_bleu"]["bleu"]
         bar.write(f"validation BLEU (greedy, {log['validation_bleu']['pairs']} pairs, best checkpoint): {bleu:.2f}")
     (out / "training.json").write_text(json.dumps(log, indent=2))
     return log
+
+
+def _agree(flag: bool, n_ranks: int, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (data-parallel training: all stop at the same step)."""
+    if n_ranks == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def validation_bleu(checkpoint: Path, device: torch.device, n_pairs: int = 200) -> dict:
