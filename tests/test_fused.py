@@ -6,7 +6,8 @@
    function, on other state.
 3. The captured path's bookkeeping (a captured program reused across calls: state copied in, the
    caches re-filled, the generator carried over) with the CUDA capture replaced by a simulation
-   that replays the same step function; its output equals the eager path's.
+   that replays the same step function (the ``simulated_capture`` fixture of conftest.py); its
+   output equals the eager path's.
 4. Capacity is settled before decoding: the issue's failing case (prompt 3, 40 new tokens,
    gamma 5) runs, and a static cache too small for a request is refused up front.
 """
@@ -64,33 +65,6 @@ def test_greedy_sd_equals_verifier_only_and_transformers_generate():
     hf = v.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, min_new_tokens=20,
                     eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert sd == alone == hf
-
-
-class SimulatedGraph:
-    """A captured program on the CPU: a replay calls the same step function on the same state."""
-
-    def __init__(self, step, gen, per_replay):
-        self.step, self.gen, self.per_replay = step, gen, per_replay
-
-    def replay(self):
-        for _ in range(self.per_replay):
-            self.step(self.gen)
-
-
-@pytest.fixture
-def simulated_capture(monkeypatch):
-    calls = []
-
-    def capture_graph(step, device, per_replay):
-        gen = torch.Generator(device=device)
-        for _ in range(2):  # the warm-up runs the step on the live state, as on a GPU
-            step(gen)
-        calls.append(per_replay)
-        return SimulatedGraph(step, gen, per_replay), gen
-
-    monkeypatch.setattr(runner, "can_capture", lambda *bs: all(getattr(b, "capturable", False) for b in bs))
-    monkeypatch.setattr(runner, "capture_graph", capture_graph)
-    return calls
 
 
 @pytest.mark.parametrize("per_replay", [1, 3])
