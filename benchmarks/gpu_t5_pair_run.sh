@@ -3,7 +3,9 @@
 # verifier), measure it on the test split (DIR/pair.json), sweep every method at T = 0 and T = 1 on
 # 500 test examples, and report. Everything lands in DIR: the checkpoints (DIR/drafter, DIR/verifier),
 # pair.json, sweep.jsonl, report/, one log per step and run.log (each step's command, exit status and
-# seconds). An encoder-decoder takes the seq2seq backend (dynamic cache, eager): --backend auto gives it.
+# seconds). The sweep runs the fused T5 backend (models/fused_t5.py: the encoder once per request, our
+# compiled decoder step, the whole speculative block one CUDA graph); BACKEND=seq2seq runs the eager
+# seq2seq backend instead (hours at eager speed). On a CPU the fused backend runs eagerly.
 #   bash benchmarks/gpu_t5_pair_run.sh [DIR]            (default runs/t5_pair)
 # It runs longer than one short device call (training alone is up to 5 + 8 minutes): start it with
 #   scripts/detached.sh start runs/t5_detached bash benchmarks/gpu_t5_pair_run.sh runs/t5_pair
@@ -12,6 +14,7 @@
 # Settings (environment; the defaults are the GPU run's):
 #   PRESET=t5  DEVICE=cuda  DTYPE=bfloat16  EPOCHS= MINUTES= (the preset's)  TEST_PAIRS=1000
 #   EXAMPLES=500  TEMPERATURES="0 1"  METHODS=all  MAX_NEW_TOKENS=128  WORKERS=1 (one sweep worker per GPU)
+#   BACKEND=fused (or seq2seq, auto)
 #   SWEEP_ARGS= (more sweep arguments, e.g. "--alphas ...")
 # CPU rehearsal (about 12 minutes on two busy cores, most of it the two trainings and their BLEU):
 #   PRESET=t5_tiny DEVICE=cpu DTYPE=float32 MINUTES=0.5 TEST_PAIRS=8 EXAMPLES=3 MAX_NEW_TOKENS=16 \
@@ -58,7 +61,7 @@ EOF
 # shellcheck disable=SC2206
 sweep=(python -m speccascade sweep --drafter "$dir/drafter" --verifier "$dir/verifier" --methods "${METHODS:-all}"
        --temperatures ${TEMPERATURES:-0 1} --examples "${EXAMPLES:-500}" --max-new-tokens "${MAX_NEW_TOKENS:-128}"
-       --device "$device" --dtype "$dtype" --backend auto --workers "${WORKERS:-1}" --out "$dir/sweep.jsonl"
+       --device "$device" --dtype "$dtype" --backend "${BACKEND:-fused}" --workers "${WORKERS:-1}" --out "$dir/sweep.jsonl"
        --quiet ${SWEEP_ARGS:-})
 step sweep "${sweep[@]}" || { echo "sweep failed: see $dir/sweep.log"; exit 1; }
 step report python -m speccascade report "$dir/sweep.jsonl" --out "$dir/report" \

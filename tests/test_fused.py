@@ -6,7 +6,8 @@
    function, on other state.
 3. The captured path's bookkeeping (a captured program reused across calls: state copied in, the
    caches re-filled, the generator carried over) with the CUDA capture replaced by a simulation
-   that replays the same step function; its output equals the eager path's.
+   that replays the same step function (the ``simulated_capture`` fixture of conftest.py); its
+   output equals the eager path's.
 4. Capacity is settled before decoding: the issue's failing case (prompt 3, 40 new tokens,
    gamma 5) runs, and a static cache too small for a request is refused up front.
 """
@@ -19,7 +20,6 @@ from speccascade import runner
 from speccascade.errors import SpecCascadeError
 from speccascade.models import FusedLlamaBackend, UnsupportedModel, make_backend
 
-from helpers import SimulatedCalls, simulated_capture_graph
 from tiny_models import tiny_pair
 
 
@@ -65,24 +65,6 @@ def test_greedy_sd_equals_verifier_only_and_transformers_generate():
     hf = v.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, min_new_tokens=20,
                     eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert sd == alone == hf
-
-
-@pytest.fixture
-def simulated_capture(monkeypatch):
-    calls = []
-    monkeypatch.setattr(runner, "can_capture", lambda *bs: all(getattr(b, "capturable", False) for b in bs))
-    monkeypatch.setattr(runner, "capture_graph", simulated_capture_graph(calls))
-    monkeypatch.setattr(runner, "capture_call", SimulatedCalls().capture_call)
-    return calls
-
-
-@pytest.fixture
-def simulated_calls(simulated_capture, monkeypatch):
-    calls = SimulatedCalls()
-    monkeypatch.setattr(runner, "capture_call", calls.capture_call)
-    return calls
-
-
 
 
 @pytest.mark.parametrize("per_replay", [1, 3])

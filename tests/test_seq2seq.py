@@ -276,7 +276,7 @@ def test_empty_encoder_input_is_refused():
         sc.generate(d, v, torch.tensor([[5, 6, 7]]), attention_mask=torch.tensor([[1, 0, 1]]), method="sd")
 
 
-@pytest.mark.parametrize("kind", ["fused", "graphs", "compiled", "static"])
+@pytest.mark.parametrize("kind", ["graphs", "compiled", "static"])
 def test_fast_paths_refuse_encoder_decoders(kind):
     with pytest.raises(SpecCascadeError, match=f"the {kind} backend is for decoder-only.*encoder-decoder.*seq2seq"):
         make_backend(tiny_seq2seq("t5"), "drafter", kind)

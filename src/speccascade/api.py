@@ -363,7 +363,9 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
     hook = None if streamer is None else BlockHook(streamer, ids.shape[0])
     hooked = {} if hook is None else {"streamer": hook}
     for model in (d, v):   # caches are sized (fused) or checked (static) before decoding starts
-        if hasattr(model, "reserve"):
+        if hasattr(model, "reserve") and seq2seq:   # the decoder's tokens (start + new + a block); the source
+            model.reserve(ids.shape[0], 1 + max_new_tokens + gamma + 1, source_length=ids.shape[1])
+        elif hasattr(model, "reserve"):
             model.reserve(ids.shape[0], ids.shape[1] + max_new_tokens + gamma + 1)
         if hasattr(model, "check_capacity") and (spec.kind == "speculative" or spec.name.endswith("_only")):
             model.check_capacity(ids.shape[1], max_new_tokens, gamma if spec.kind == "speculative" else None)

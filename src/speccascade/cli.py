@@ -385,8 +385,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "(docs/scale-out.md; --backend fused: our sharded Llama step, captured; dynamic: "
                         "transformers' sharding; auto: fused for Llama-family verifiers)")
     p.add_argument("--backend", default="dynamic", choices=BACKENDS,
-                   help="fused = Llama-family models with the whole speculative block captured as one CUDA "
-                        "graph (the GPU fast path; eager on a CPU); auto = fused where it applies; compiled / "
+                   help="fused = Llama-family and T5 models with the whole speculative block captured as one "
+                        "CUDA graph (the GPU fast path; eager on a CPU); auto = fused where it applies (T5: on "
+                        "CUDA; other encoder-decoders: seq2seq); compiled / "
                         "graphs = transformers' static cache with per-call CUDA graphs. The GPU paths compile "
                         "and capture first, so they pay off over long or repeated generation")
 

@@ -158,7 +158,7 @@ def tp_uses_fused(path, tp: int, backend: str, role: str = "verifier") -> bool:
     if getattr(cfg, "is_encoder_decoder", False):
         if backend == "fused":
             raise SpecCascadeError(f"--tp {tp} --backend fused: the {role} ({cfg.model_type}, {str(path)!r}) is an "
-                                   f"encoder-decoder; the fused backend is for Llama-family causal LMs")
+                                   f"encoder-decoder; the tensor-parallel fused backend is for Llama-family causal LMs")
         return False
     reason = unsupported_reason(cfg, role)
     if reason:

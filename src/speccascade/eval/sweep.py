@@ -392,17 +392,21 @@ def run_cell(drafter, verifier, tokenizer, task: Task, examples, cell: Cell,
 def warm_up(drafter, verifier, tokenizer, task: Task, examples, cells: list[Cell], max_new_tokens: int) -> None:
     """Compile and capture every shape the cells will meet before anything is timed: each method
     (first alpha, each gamma and temperature) on one example of each padded prompt width, outputs
-    discarded. Backends that size their cache per request (``reserve``) are first sized for the
-    longest request of the sweep, so no timed cell meets a new cache size (which would recompile
-    the model step and re-capture every graph inside the timing)."""
+    discarded. Backends that size their cache per request (``reserve``; the fused T5 backend also
+    its cross-attention buffers, for the longest source) are first sized for the longest request of
+    the sweep, so no timed cell meets a new cache size (which would recompile the model step and
+    re-capture every graph inside the timing)."""
     from ..models import bucket
 
-    need = (max(len(task.encode(tokenizer, ex.input)) for ex in examples) + max_new_tokens
-            + max(c.gamma for c in cells) + 1)
+    longest = max(len(task.encode(tokenizer, ex.input)) for ex in examples)
+    need = longest + max_new_tokens + max(c.gamma for c in cells) + 1
 
     def fix_capacity(batch: int) -> None:
         for be in (drafter, verifier):
-            if hasattr(be, "reserve"):
+            if hasattr(be, "reserve") and getattr(be, "encoder_decoder", False):
+                # the fused T5 backend: decoder tokens (start + new + a block) and the longest source
+                be.reserve(batch, 1 + max_new_tokens + max(c.gamma for c in cells) + 1, source_length=longest)
+            elif hasattr(be, "reserve"):
                 be.reserve(batch, need)
 
     fix_capacity(1)

@@ -15,16 +15,23 @@ fused      ``fused.FusedLlamaBackend`` Llama-family models: fused projections, p
                                        tensor-parallel (``tp=N``: this rank's shard, two
                                        all-reduces a layer) for a model marked by
                                        ``speccascade.distributed.mark_tp``
+fused      ``fused_t5.FusedT5Backend`` T5 (``T5ForConditionalGeneration``): transformers'
+                                       encoder once per request, cross-attention K/V
+                                       precomputed, our decoder step on the same per-row
+                                       position-indexed cache, so the whole block is one
+                                       CUDA graph (compiled on CUDA, eager on a CPU)
 seq2seq    ``seq2seq.Seq2SeqBackend``  transformers encoder-decoders (T5, mT5, BART, mBART,
                                        Marian, Pegasus): the encoder once, the decoder on a
                                        dynamic cache, eager
-auto       fused where the model is Llama-family, else graphs on CUDA / dynamic on a CPU
-           (dynamic for a model transformers sharded)
+auto       causal LMs: fused where the model is Llama-family, else graphs on CUDA / dynamic on a
+           CPU (dynamic for a model transformers sharded); encoder-decoders: fused for T5 on
+           CUDA, else seq2seq (so a CPU run is unchanged)
 =========  ==========================  =====================================================
 
-An encoder-decoder model (``config.is_encoder_decoder``) always gets the seq2seq backend from
-``dynamic``, ``auto`` or ``seq2seq``; the GPU fast paths (``static``, ``compiled``, ``graphs``,
-``fused``) are for decoder-only models and refuse it.
+An encoder-decoder model (``config.is_encoder_decoder``) gets the seq2seq backend from
+``dynamic``, ``auto`` (but T5 on CUDA) or ``seq2seq``, and the fused T5 backend from ``fused`` (a
+T5; other encoder-decoders are refused, naming ``--backend seq2seq``); the other GPU fast paths
+(``static``, ``compiled``, ``graphs``) are for decoder-only models and refuse it.
 
 ``base.Backend`` states the contract the decoding loops rely on; ``as_backend`` turns a model (or
 a backend) into a backend.
@@ -38,6 +45,7 @@ from ..errors import SpecCascadeError
 from .base import Backend, as_backend, is_encoder_decoder
 from .dynamic import HFBackend
 from .fused import FusedLlamaBackend, UnsupportedModel
+from .fused_t5 import FusedT5Backend
 from .graphs import GraphHFBackend
 from .seq2seq import Seq2SeqBackend
 from .static import StaticHFBackend, bucket
@@ -50,6 +58,30 @@ def _fused(model, name, max_cache_len):
     # a verifier marked by speccascade.distributed.mark_tp (--tp N): this rank's shard of it
     return FusedLlamaBackend(model, name, compile=device.type == "cuda" and torch.cuda.is_available(),
                              tp=getattr(model, "speccascade_tp", 1))
+
+
+def _on_cuda(model) -> bool:
+    import torch
+
+    return next(model.parameters()).device.type == "cuda" and torch.cuda.is_available()
+
+
+def _fused_t5(model, name, max_cache_len):
+    """``fused`` for an encoder-decoder: :class:`FusedT5Backend` for a T5 (compiled on CUDA), else an
+    error naming the model type and ``--backend seq2seq``."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind != "t5":
+        raise SpecCascadeError(f"the fused backend implements T5 among encoder-decoders; the {name} is "
+                               f"{kind or 'unknown'} ({type(model).__name__}): use --backend seq2seq (or auto)")
+    return FusedT5Backend(model, name, compile=_on_cuda(model))
+
+
+def _auto_seq2seq(model, name, max_cache_len):
+    """``auto`` for an encoder-decoder: the fused T5 backend for a T5 on CUDA, else seq2seq (so a
+    CPU run is what it always was)."""
+    if getattr(model.config, "model_type", None) == "t5" and _on_cuda(model):
+        return _fused_t5(model, name, max_cache_len)
+    return Seq2SeqBackend(model, name)
 
 
 def _auto(model, name, max_cache_len):
@@ -75,8 +107,14 @@ BACKENDS = {
     "seq2seq": lambda model, name, max_cache_len: Seq2SeqBackend(model, name),
 }
 
-#: the backends an encoder-decoder model can take (each gives the seq2seq backend)
-SEQ2SEQ_KINDS = ("dynamic", "auto", "seq2seq")
+#: the backends an encoder-decoder model can take, and what each gives it
+SEQ2SEQ_FACTORIES = {
+    "dynamic": BACKENDS["seq2seq"],
+    "auto": _auto_seq2seq,
+    "seq2seq": BACKENDS["seq2seq"],
+    "fused": _fused_t5,
+}
+SEQ2SEQ_KINDS = tuple(SEQ2SEQ_FACTORIES)
 
 
 def make_backend(model, name: str, kind: str = "dynamic", max_cache_len: int = 2048) -> Backend:
@@ -84,20 +122,20 @@ def make_backend(model, name: str, kind: str = "dynamic", max_cache_len: int = 2
     (the fused backend sizes its cache per request instead)."""
     if kind not in BACKENDS:
         raise SpecCascadeError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
-    if is_encoder_decoder(model) and not isinstance(model, Seq2SeqBackend):
+    if is_encoder_decoder(model) and not isinstance(model, (Seq2SeqBackend, FusedT5Backend)):
         if kind not in SEQ2SEQ_KINDS:
             raise SpecCascadeError(
                 f"the {kind} backend is for decoder-only (causal) models; the {name} "
                 f"({type(model).__name__}) is an encoder-decoder model, which runs on the seq2seq backend "
-                f"(dynamic cache, eager): use backend 'dynamic', 'auto' or 'seq2seq' (the GPU fast paths "
-                f"static / compiled / graphs / fused do not apply to encoder-decoders)")
-        kind = "seq2seq"
+                f"(dynamic cache, eager): use backend 'dynamic', 'auto' or 'seq2seq', or 'fused' for a T5 (the "
+                f"GPU fast paths static / compiled / graphs do not apply to encoder-decoders)")
+        return SEQ2SEQ_FACTORIES[kind](model, name, max_cache_len)
     elif kind == "seq2seq":
         raise SpecCascadeError(f"the seq2seq backend is for encoder-decoder models (config.is_encoder_decoder); "
                                f"the {name} ({type(model).__name__}) is not one: use backend 'dynamic' or 'auto'")
     return BACKENDS[kind](model, name, max_cache_len)
 
 
-__all__ = ["BACKENDS", "Backend", "FusedLlamaBackend", "GraphHFBackend", "HFBackend", "SEQ2SEQ_KINDS",
+__all__ = ["BACKENDS", "Backend", "FusedLlamaBackend", "FusedT5Backend", "GraphHFBackend", "HFBackend", "SEQ2SEQ_KINDS",
            "Seq2SeqBackend", "StaticHFBackend", "UnsupportedModel", "as_backend", "bucket", "is_encoder_decoder",
            "make_backend"]

@@ -26,7 +26,9 @@ Contract (B rows, each with its own length):
 * Capacity: ``max_positions`` bounds prompt + new tokens + one block (``generate`` checks it before
   decoding). A backend with a fixed-size cache also has ``reserve(batch, length)``, which
   ``generate`` calls first with the longest sequence the request can reach, so a decode that
-  passed validation never runs out of cache.
+  passed validation never runs out of cache. An encoder-decoder's ``reserve(batch, length,
+  source_length=...)`` (:mod:`.fused_t5`) counts decoder tokens in ``length`` (start token + new
+  tokens + one block) and sizes its cross-attention buffers for ``source_length`` encoder tokens.
 * ``capturable = True`` (optional) promises that ``extend`` and ``commit`` make no host read and
   keep no host-side state: the loop around them can then be captured as one CUDA graph
   (:mod:`speccascade.runner`). Such a backend also carries ``generation``, bumped whenever its

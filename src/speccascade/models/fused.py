@@ -96,15 +96,176 @@ def check_tp_shape(cfg, tp: int, name: str = "model") -> None:
                                f"{tp}; give a --tp that divides it")
 
 
-def _capacity(length: int) -> int:
-    """Cache slots for sequences up to ``length`` tokens: a power of two >= 64."""
-    return max(64, 1 << (max(length, 1) - 1).bit_length())
+def _capacity(length: int, minimum: int = 64) -> int:
+    """Cache slots for sequences up to ``length`` tokens: a power of two >= ``minimum`` (64)."""
+    return max(minimum, 1 << (max(length, 1) - 1).bit_length())
 
 
-class FusedLlamaBackend:
-    """A Llama-family causal LM with fused projections and a per-row position-indexed cache."""
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMS norm (no mean subtraction, no bias), the mean square in float32: ``w * x / rms(x)``, the
+    normalised ``x`` cast to ``dtype`` (``x``'s own if None) before the scale. Llama's RMSNorm casts
+    to the input's dtype; T5's ``T5LayerNorm`` to the weight's where that is half precision."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype if dtype is None else dtype)
+
+
+class PositionIndexedCache:
+    """What the fused backends share: the per-row, position-indexed self-attention KV cache and its
+    bookkeeping, every piece of it on the device (see the module's docstring), and the compilation
+    of a step per region.
+
+    * ``reserve(batch, length)`` allocates ``k_cache`` / ``v_cache  # [layers, B, S+1, Hkv, D]``
+      (S = :func:`_capacity` of ``length``, at least ``min_slots``; slot S is the trash slot that takes the writes of
+      padding), the per-row counts ``n_pos`` (tokens cached, tentative ones included) and
+      ``n_committed``, and bumps ``generation``;
+    * ``extend`` places a feed at each row's next positions (a ragged feed's padding is not
+      ``valid`` and goes to the trash slot); ``commit`` lowers ``n_pos`` to the kept count: a
+      rollback copies nothing, the next feed overwrites the dropped slots;
+    * :meth:`_cache_slots` gives a step where its K/V go and which slots each query sees.
+
+    A subclass sets ``name``, ``device``, ``dtype``, ``eps``, ``n_layers``, ``n_kv``, ``head_dim``
+    and ``max_positions``, defines ``_prologue`` / ``_layer`` / ``_head`` and ``_step(tokens,
+    positions, valid, k_cache, v_cache)  # -> logits [B, w, V] float32``, and calls
+    :meth:`_compile_regions` from its constructor.
+    """
 
     capturable = True
+    batch = 0
+    slots = 0
+    min_slots = 64   # the smallest cache (a power of two above it otherwise)
+
+    def _compile_regions(self, compile: bool, compile_options: dict | None) -> None:
+        """Compiled per region (see the module's docstring): the prologue, *one* layer and the head
+        are compiled; the step calls the layer's compiled code once per layer, with that layer's
+        weights and cache as inputs. ``compile=False``: the same functions, eager."""
+        self.compiled = compile
+        self._prologue_fn, self._layer_fn, self._head_fn = self._prologue, self._layer, self._head
+        if compile:  # one specialisation per (batch, feed width, cache size): many in a sweep
+            from .static import _raise_recompile_limit
+
+            _raise_recompile_limit(1024)
+            opts = dict(dynamic=False, fullgraph=True, options=compile_options or None)
+            self._prologue_fn = torch.compile(self._prologue, **opts)
+            self._layer_fn = torch.compile(self._layer, **opts)
+            self._head_fn = torch.compile(self._head, **opts)
+        self._step_fn = self._step
+
+    def _allocated(self) -> None:
+        """Called when new cache tensors are allocated (``generation`` bumped): drop the graphs
+        that hold the old ones. A subclass that keeps more calls this too."""
+        self._graphs = {}
+
+    # -- the Backend interface (but reset) -------------------------------------------------------
+
+    def reserve(self, batch: int, length: int) -> None:
+        """Make room for ``batch`` rows of up to ``length`` tokens each (prompt, new tokens and a
+        block's tentative ones). Keeps the cache (and so captured graphs) when it already fits."""
+        slots = _capacity(length, self.min_slots)
+        if self.batch == batch and self.slots >= slots:
+            return
+        if self.max_positions and length > self.max_positions:
+            raise SpecCascadeError(f"{length} positions exceed the {self.name}'s context of {self.max_positions}")
+        shape = (self.n_layers, batch, slots + 1, self.n_kv, self.head_dim)   # the last slot is a trash slot
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.n_pos = torch.zeros(batch, dtype=torch.long, device=self.device)        # real tokens cached per row
+        self.n_committed = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.ar = torch.arange(slots + 1, device=self.device)
+        self.batch, self.slots = batch, slots
+        self.generation = getattr(self, "generation", 0) + 1   # captured graphs hold the old tensors
+        self._allocated()
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = tokens.to(self.device)
+        B, k = tokens.shape
+        # compiled: ragged feeds (token_cascade / BiLD, given `lengths`) pad up to a few widths, so they
+        # meet a few compiled shapes; full feeds (the block's 1 and gamma + 1) keep their own width
+        width = bucket(k) if self.compiled and lengths is not None else k
+        if width > k:
+            tokens = F.pad(tokens, (0, width - k))
+            if lengths is None:
+                lengths = torch.full((B,), k, dtype=torch.long, device=self.device)
+        offsets = self.ar[:width].unsqueeze(0)                                        # [1, width]
+        positions = self.n_pos.unsqueeze(1) + offsets                                 # [B, width]
+        if lengths is None:
+            valid = None
+            self.n_pos.add_(k)
+        else:
+            lengths = lengths.to(self.device)
+            valid = offsets < lengths.unsqueeze(1)                                    # [B, width]
+            self.n_pos.add_(lengths)
+        return self._forward(tokens, positions, valid)[:, :k]
+
+    @torch.no_grad()
+    def commit(self, n_keep: torch.Tensor) -> None:
+        fed = self.n_pos - self.n_committed
+        self.n_pos.copy_(self.n_committed + torch.minimum(n_keep.to(self.device), fed))
+        self.n_committed.copy_(self.n_pos)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _forward(self, tokens, positions, valid) -> torch.Tensor:
+        valid = valid if valid is not None else positions >= 0
+        if self._replays():   # a host-driven call (a sequential method's step): one graph launch
+            return self._replay(tokens, positions, valid, logits=True).clone()   # the next replay overwrites it
+        return self._step_fn(tokens, positions, valid, self.k_cache, self.v_cache)
+
+    def _replays(self) -> bool:
+        """Whether this call replays a CUDA graph of the step: compiled on CUDA, and not itself
+        being warmed up or captured into a caller's program (the speculative block, a token of
+        single-model decoding: :mod:`speccascade.runner`), which then calls the step directly.
+        Host-driven calls (a prompt's pre-fill, the sequential methods that read the host per
+        token: token_cascade, BiLD, the oracle) would otherwise launch every kernel of every layer
+        from the host, ~L + 2 compiled calls a step."""
+        from .. import runner
+
+        return self.compiled and runner.can_capture(self) and not runner.in_program()
+
+    def _replay(self, tokens, positions, valid, logits: bool = True):
+        """The step on these inputs as a replay of a CUDA graph captured once per (batch, width,
+        ``logits``) and cache generation; returns the graph's output buffer (None: ``logits=False``,
+        the K/V only: a pre-fill)."""
+        from .. import runner
+
+        B, w = tokens.shape
+        key = (B, w, logits, self.generation)
+        if key not in self._graphs:
+            bufs = (torch.zeros(B, w, dtype=torch.long, device=self.device),
+                    torch.zeros(B, w, dtype=torch.long, device=self.device),
+                    torch.zeros(B, w, dtype=torch.bool, device=self.device))   # all padding: writes only trash
+            result = torch.empty(B, w, self.vocab_size, device=self.device) if logits else None
+
+            def call():
+                if logits:
+                    result.copy_(self._step_fn(*bufs, self.k_cache, self.v_cache))
+                else:
+                    self._step_fn(*bufs, self.k_cache, self.v_cache, False)
+
+            self._graphs[key] = (runner.capture_call(call, self.device, warm_ups=2), bufs, result)
+        graph, bufs, result = self._graphs[key]
+        for buf, x in zip(bufs, (tokens, positions, valid)):
+            buf.copy_(x)
+        graph.replay()
+        return result
+
+    def _cache_slots(self, positions, valid):
+        """Where a feed's K/V go and what its queries see: ``rows``, ``slots  # [B, w]`` (slot =
+        position; the trash slot where not ``valid`` or past the capacity) and ``seen  # [B, w, S+1]``
+        (each query sees its own row's slots up to its own position, never the trash slot)."""
+        B, w = positions.shape
+        slots = torch.where(valid & (positions < self.slots), positions, self.slots)   # [B, w]
+        rows = torch.arange(B, device=positions.device).unsqueeze(1).expand(B, w)
+        seen = self.ar[: self.slots + 1].view(1, 1, -1) <= positions.unsqueeze(-1)      # [B, w, S+1]
+        seen[..., self.slots] = False
+        return rows, slots, seen
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, w, self.eps)
+
+
+class FusedLlamaBackend(PositionIndexedCache):
+    """A Llama-family causal LM with fused projections and a per-row position-indexed cache."""
 
     def __init__(self, model: torch.nn.Module, name: str = "model", compile: bool = False,
                  compile_options: dict | None = None, tp: int = 1, tp_group=None):
@@ -164,22 +325,7 @@ class FusedLlamaBackend:
             self.layers = [self._fuse(layer) for layer in inner.layers]
         self.vocab_size = int(self.lm_head.shape[0])
         self.n_layers = len(self.layers)
-        self.batch = 0
-        self.slots = 0
-        self.compiled = compile
-        # Compiled per region (see the module's docstring): the prologue, *one* decoder layer and the
-        # head are compiled; the step calls the layer's compiled code once per layer, with that
-        # layer's weights and cache as inputs.
-        self._prologue_fn, self._layer_fn, self._head_fn = self._prologue, self._layer, self._head
-        if compile:  # one specialisation per (batch, feed width, cache size): many in a sweep
-            from .static import _raise_recompile_limit
-
-            _raise_recompile_limit(1024)
-            opts = dict(dynamic=False, fullgraph=True, options=compile_options or None)
-            self._prologue_fn = torch.compile(self._prologue, **opts)
-            self._layer_fn = torch.compile(self._layer, **opts)
-            self._head_fn = torch.compile(self._head, **opts)
-        self._step_fn = self._step
+        self._compile_regions(compile, compile_options)
 
     def _fuse(self, layer) -> dict:
         """One layer's weights, fused (q/k/v, gate/up) and, with ``tp`` > 1, cut to this rank's shard."""
@@ -217,25 +363,7 @@ class FusedLlamaBackend:
             "b2": None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
         }
 
-    # -- the Backend interface -----------------------------------------------------------------
-
-    def reserve(self, batch: int, length: int) -> None:
-        """Make room for ``batch`` rows of up to ``length`` tokens each (prompt, new tokens and a
-        block's tentative ones). Keeps the cache (and so captured graphs) when it already fits."""
-        slots = _capacity(length)
-        if self.batch == batch and self.slots >= slots:
-            return
-        if self.max_positions and length > self.max_positions:
-            raise SpecCascadeError(f"{length} positions exceed the {self.name}'s context of {self.max_positions}")
-        shape = (self.n_layers, batch, slots + 1, self.n_kv, self.head_dim)   # the last slot is a trash slot
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.n_pos = torch.zeros(batch, dtype=torch.long, device=self.device)        # real tokens cached per row
-        self.n_committed = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.ar = torch.arange(slots + 1, device=self.device)
-        self.batch, self.slots = batch, slots
-        self.generation = getattr(self, "generation", 0) + 1   # captured graphs hold the old tensors
-        self._graphs = {}
+    # -- the Backend interface (reserve, extend, commit: PositionIndexedCache) ----------------------
 
     @torch.no_grad()
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -259,81 +387,7 @@ class FusedLlamaBackend:
             self.n_pos.copy_(valid.sum(1))
             self.n_committed.copy_(self.n_pos)
 
-    @torch.no_grad()
-    def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = tokens.to(self.device)
-        B, k = tokens.shape
-        # compiled: ragged feeds (token_cascade / BiLD, given `lengths`) pad up to a few widths, so they
-        # meet a few compiled shapes; full feeds (the block's 1 and gamma + 1) keep their own width
-        width = bucket(k) if self.compiled and lengths is not None else k
-        if width > k:
-            tokens = F.pad(tokens, (0, width - k))
-            if lengths is None:
-                lengths = torch.full((B,), k, dtype=torch.long, device=self.device)
-        offsets = self.ar[:width].unsqueeze(0)                                        # [1, width]
-        positions = self.n_pos.unsqueeze(1) + offsets                                 # [B, width]
-        if lengths is None:
-            valid = None
-            self.n_pos.add_(k)
-        else:
-            lengths = lengths.to(self.device)
-            valid = offsets < lengths.unsqueeze(1)                                    # [B, width]
-            self.n_pos.add_(lengths)
-        return self._forward(tokens, positions, valid)[:, :k]
-
-    @torch.no_grad()
-    def commit(self, n_keep: torch.Tensor) -> None:
-        fed = self.n_pos - self.n_committed
-        self.n_pos.copy_(self.n_committed + torch.minimum(n_keep.to(self.device), fed))
-        self.n_committed.copy_(self.n_pos)
-
     # -- the step ------------------------------------------------------------------------------
-
-    def _forward(self, tokens, positions, valid) -> torch.Tensor:
-        valid = valid if valid is not None else positions >= 0
-        if self._replays():   # a host-driven call (a sequential method's step): one graph launch
-            return self._replay(tokens, positions, valid, logits=True).clone()   # the next replay overwrites it
-        return self._step_fn(tokens, positions, valid, self.k_cache, self.v_cache)
-
-    def _replays(self) -> bool:
-        """Whether this call replays a CUDA graph of the step: compiled on CUDA, and not itself
-        being warmed up or captured into a caller's program (the speculative block, a token of
-        single-model decoding: :mod:`speccascade.runner`), which then calls the step directly.
-        Host-driven calls (the prompt's pre-fill, the sequential methods that read the host per
-        token: token_cascade, BiLD, the oracle) would otherwise launch every kernel of every layer
-        from the host, ~L + 2 compiled calls a step."""
-        from .. import runner
-
-        return self.compiled and runner.can_capture(self) and not runner.in_program()
-
-    def _replay(self, tokens, positions, valid, logits: bool):
-        """The step on these inputs as a replay of a CUDA graph captured once per (batch, width,
-        ``logits``) and cache generation; returns the graph's output buffer (None: ``logits=False``)."""
-        from .. import runner
-
-        B, w = tokens.shape
-        key = (B, w, logits, self.generation)
-        if key not in self._graphs:
-            bufs = (torch.zeros(B, w, dtype=torch.long, device=self.device),
-                    torch.zeros(B, w, dtype=torch.long, device=self.device),
-                    torch.zeros(B, w, dtype=torch.bool, device=self.device))   # all padding: writes only trash
-            result = torch.empty(B, w, self.vocab_size, device=self.device) if logits else None
-
-            def call():
-                y = self._step_fn(*bufs, self.k_cache, self.v_cache, logits)
-                if logits:
-                    result.copy_(y)
-
-            self._graphs[key] = (runner.capture_call(call, self.device, warm_ups=2), bufs, result)
-        graph, bufs, result = self._graphs[key]
-        for buf, x in zip(bufs, (tokens, positions, valid)):
-            buf.copy_(x)
-        graph.replay()
-        return result
-
-    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     def _row_parallel(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """``x @ w.T + b``; with ``tp`` > 1 ``x`` and ``w`` are this rank's columns: the partial
@@ -362,10 +416,7 @@ class FusedLlamaBackend:
         """What every layer shares: the embeddings ``h``, the rotary tables, the attention bias
         (each query sees its own row's slots up to its own position) and where the new K/V go."""
         B, w = tokens.shape
-        slots = torch.where(valid & (positions < self.slots), positions, self.slots)   # [B, w]
-        rows = torch.arange(B, device=tokens.device).unsqueeze(1).expand(B, w)
-        seen = self.ar[: self.slots + 1].view(1, 1, -1) <= positions.unsqueeze(-1)      # [B, w, S+1]
-        seen[..., self.slots] = False
+        rows, slots, seen = self._cache_slots(positions, valid)
         bias = torch.where(seen, 0.0, float("-inf")).view(B, 1, 1, w, -1)            # [B, 1, 1, w, S+1]
         freqs = positions.unsqueeze(-1).float() * self.inv_freq                       # [B, w, D/2]
         emb = torch.cat([freqs, freqs], -1)

@@ -47,13 +47,7 @@ class Seq2SeqBackend:
         self.device = next(model.parameters()).device
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self.source_vocab_size = int(emb.num_embeddings) if emb is not None else self.vocab_size  # the encoder's ids
-        gen = getattr(model, "generation_config", None)
-        start = getattr(gen, "decoder_start_token_id", None)
-        start = getattr(cfg, "decoder_start_token_id", None) if start is None else start
-        if start is None:
-            raise SpecCascadeError(f"the {name} ({type(model).__name__}) declares no decoder_start_token_id in its "
-                                   f"config or generation config; set model.config.decoder_start_token_id")
-        self.decoder_start_token_id = int(start if isinstance(start, int) else start[0])
+        self.decoder_start_token_id = decoder_start_token_id(model, name)
         decoder = model.get_decoder()
         self._positions_module = getattr(decoder, "embed_positions", None)
         if self._positions_module is not None:
@@ -85,14 +79,7 @@ class Seq2SeqBackend:
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         from transformers import EncoderDecoderCache
 
-        ids = input_ids.to(self.device)
-        mask = attention_mask.to(self.device).bool()
-        if ids.dim() != 2 or ids.shape[1] == 0 or bool((mask.sum(1) == 0).any()):
-            raise SpecCascadeError(f"empty encoder input for the {self.name}: every row needs at least one source "
-                                   f"token (an encoder-decoder model decodes from its encoder's output)")
-        order = torch.argsort((~mask).long(), dim=1, stable=True)  # real tokens first, in order
-        width = int(mask.sum(1).max())
-        ids, mask = ids.gather(1, order)[:, :width], mask.gather(1, order)[:, :width]
+        ids, mask = pack_source(input_ids.to(self.device), attention_mask.to(self.device), self.name)
         self.encoder_mask = mask.long()
         self.encoder_outputs = self.model.get_encoder()(input_ids=ids, attention_mask=self.encoder_mask,
                                                         return_dict=True)
@@ -152,6 +139,31 @@ class Seq2SeqBackend:
             if holder is not None:
                 holder._speccascade_positions = None
         return out.logits
+
+
+def decoder_start_token_id(model, name: str) -> int:
+    """The token every decoder row starts from: the generation config's ``decoder_start_token_id``,
+    else the config's (an error naming ``name`` where neither declares one)."""
+    gen = getattr(model, "generation_config", None)
+    start = getattr(gen, "decoder_start_token_id", None)
+    start = getattr(model.config, "decoder_start_token_id", None) if start is None else start
+    if start is None:
+        raise SpecCascadeError(f"the {name} ({type(model).__name__}) declares no decoder_start_token_id in its "
+                               f"config or generation config; set model.config.decoder_start_token_id")
+    return int(start if isinstance(start, int) else start[0])
+
+
+def pack_source(ids: torch.Tensor, mask: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An encoder batch (any padding) with each row's tokens packed to the left, in order, cut to
+    the longest row: ``(ids, mask)  # [B, width], bool mask``. Exact for every encoder (a row's real
+    tokens keep their order and relative positions). An empty row is an error naming ``name``."""
+    mask = mask.bool()
+    if ids.dim() != 2 or ids.shape[1] == 0 or bool((mask.sum(1) == 0).any()):
+        raise SpecCascadeError(f"empty encoder input for the {name}: every row needs at least one source "
+                               f"token (an encoder-decoder model decodes from its encoder's output)")
+    order = torch.argsort((~mask).long(), dim=1, stable=True)  # real tokens first, in order
+    width = int(mask.sum(1).max())
+    return ids.gather(1, order)[:, :width], mask.gather(1, order)[:, :width]
 
 
 def _dynamic_cache(config):
