@@ -141,3 +141,43 @@ def test_captured_greedy_sd_equals_verifier_and_transformers_on_gpu(compile):
     a = sc.generate(fd, fv, prompts, method="token_v3", alpha=0.5, temperature=1, max_new_tokens=24, seed=7)
     b = sc.generate(fd, fv, prompts, method="token_v3", alpha=0.5, temperature=1, max_new_tokens=24, seed=7)
     assert a.tokens == b.tokens and a.stats.accepted == b.stats.accepted
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_host_driven_methods_replay_graphs_of_the_fused_step_on_gpu(compile):
+    """fp32: the sequential methods that read the host per token (token_cascade, BiLD, the oracle,
+    seq_cascade) on a compiled fused pair replay a CUDA graph of the step per model call (and the
+    pre-fills): greedy and seeded outputs equal the dynamic backend's."""
+    d, v, fd, fv = fused_pair(seed=0, noise=0.3, vocab=48, compile=compile)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
+    for method, alpha in (("token_cascade", 0.5), ("bild", 1.0), ("oracle_diff", 0.0), ("seq_cascade", 0.5)):
+        for temperature in (0.0, 1.0):
+            kw = dict(method=method, alpha=alpha, temperature=temperature, max_new_tokens=16, seed=3, eos_token_id=[])
+            ref, out = sc.generate(d, v, prompts, **kw), sc.generate(fd, fv, prompts, **kw)
+            assert out.tokens == ref.tokens, (method, temperature)
+            assert out.stats.verifier_calls == ref.stats.verifier_calls, (method, temperature)
+    assert bool(fv._graphs) == compile   # compiled: host-driven calls were graph replays
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_t5_on_gpu(compile):
+    """fp32: the fused T5 pair (compiled per region, the block captured) gives transformers' greedy
+    generate through greedy sd, and the eager seq2seq backend's seeded samples (captured sd and
+    token_v3, host-driven token_cascade), batched with sources of different lengths."""
+    from tiny_seq2seq import tiny_seq2seq_pair
+
+    from speccascade import runner
+    from speccascade.models.fused_t5 import FusedT5Backend
+
+    d, v = (m.to("cuda") for m in tiny_seq2seq_pair("t5", noise=0.1, feed_forward_proj="gated-gelu"))
+    fd, fv = FusedT5Backend(d, "drafter", compile=compile), FusedT5Backend(v, "verifier", compile=compile)
+    srcs = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
+    greedy = sc.generate(fd, fv, srcs, method="sd", gamma=3, temperature=0, max_new_tokens=16, eos_token_id=[]).tokens
+    for src, got in zip(srcs, greedy):
+        hf = v.generate(torch.tensor([src], device="cuda"), do_sample=False, max_new_tokens=16, min_new_tokens=16,
+                        eos_token_id=None)[0, 1:].tolist()
+        assert got == hf
+    for method, alpha in (("sd", None), ("token_v3", 0.5), ("token_cascade", 0.5)):
+        kw = dict(method=method, alpha=alpha, gamma=3, temperature=1.0, max_new_tokens=16, seed=5, eos_token_id=[])
+        assert sc.generate(fd, fv, srcs, **kw).tokens == sc.generate(d, v, srcs, **kw).tokens, method
+    assert runner.graph_cache(fv), "the block was not captured"
