@@ -8,9 +8,9 @@
 # --teacher`), the pair's test-set record (pair.json), then the sweep on both GPUs (`sweep --workers
 # 2`): every method at gamma = 5, T = 0 and 1, 500 test examples, batch 1, fused backend; then
 # gamma = 3 and 8 for sd, token_v3 and opt.
-# GPU 1 meanwhile (after the verifier): the GPU tests on this engine, then `sweep --warm-up-only`
-# on random weights of the pair's shapes (torch's compile caches are on disk, shared by the later
-# sweep's workers; the warm-up is stopped when the sweep starts).
+# GPU 1 meanwhile: from the start, `sweep --warm-up-only` on random weights of the pair's shapes
+# (torch's compile caches are on disk, shared by the later sweep's workers; the warm-up is stopped
+# when the sweep starts), and after the verifier the GPU tests on this engine.
 # Each stage logs to DIR/<stage>.log and its start / end / rc to DIR/stages.log; a failed stage
 # does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (6),
 # VERIFIER_GPUS (GPUS: data-parallel ranks for the verifier), DRAFTER_MINUTES (2), DISTILL_BATCH (1024), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
@@ -60,11 +60,10 @@ seq_opt=(); if [ "$METHODS" = all ] || [[ ",$METHODS," == *",seq_cascade,"* ]]; 
 grid=(--temperatures 0 1 --examples "$EXAMPLES" --max-new-tokens 128 --device "$DEVICE" --backend "$BACKEND" --quiet)
 [ "$DEVICE" = cuda ] && grid+=(--dtype bfloat16)
 
-# GPU 1: the GPU tests, then warm the compile caches on random weights of the pair's shapes
-side() {
-  if [ "$SKIP_TESTS" != 1 ]; then
-    stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider
-  fi
+# GPU 1, from the start: warm the compile caches on random weights of the pair's shapes (compiling
+# is CPU work, and the verifier's training leaves the CPUs idle; 4 compile threads a process)
+warm() {
+  export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-4}"
   stage random_pair python - "$dir/random" "$PRESET" <<'EOF'
 import sys
 from pathlib import Path
@@ -95,14 +94,19 @@ EOF
   done
   wait "${pids[@]}"
 }
+if [ "$GPUS" -ge 2 ]; then
+  (export CUDA_VISIBLE_DEVICES=1; warm) &
+  warm_pid=$!
+fi
 # every GPU: the verifier, data-parallel (one rank per GPU; the recipe's batch shared among them)
 if [ "$VERIFIER_GPUS" -ge 2 ]; then
   stage train_verifier python -m torch.distributed.run --standalone --nproc-per-node "$VERIFIER_GPUS" \
       -m speccascade train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
       --minutes "$VERIFIER_MINUTES" || { echo "the verifier failed: no pair" >> "$dir/stages.log"; exit 1; }
 fi
-if [ "$GPUS" -ge 2 ]; then
-  (export CUDA_VISIBLE_DEVICES=1; side) &
+# GPU 1 (GPU 0 with one GPU, before the pair): the GPU tests on this engine
+if [ "$SKIP_TESTS" != 1 ] && [ "$GPUS" -ge 2 ]; then
+  (export CUDA_VISIBLE_DEVICES=1; stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider) &
   side_pid=$!
 elif [ "$SKIP_TESTS" != 1 ]; then
   stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider
@@ -124,10 +128,11 @@ fi
       --test-pairs "$TEST_PAIRS"
 )
 pair_rc=$?
-if [ -n "${side_pid:-}" ]; then  # the sweep needs both GPUs: stop the warm-up if it still runs
-  touch "$dir/stop_side"; pkill -f -- "--warm-up-only" 2>/dev/null; wait "$side_pid"
-  echo "$(date -u +%FT%TZ) side chain stopped (warm-ups that had not ended were cut)" >> "$dir/stages.log"
+if [ -n "${warm_pid:-}" ]; then  # the sweep needs both GPUs: stop the warm-up if it still runs
+  touch "$dir/stop_side"; pkill -f -- "--warm-up-only" 2>/dev/null; wait "$warm_pid"
+  echo "$(date -u +%FT%TZ) warm-up stopped (warm-ups that had not ended were cut)" >> "$dir/stages.log"
 fi
+[ -n "${side_pid:-}" ] && wait "$side_pid"   # the GPU tests
 [ $pair_rc -ne 0 ] && { echo "the pair failed (rc=$pair_rc): no sweep" >> "$dir/stages.log"; exit $pair_rc; }
 
 pair=(--drafter "$dir/drafter" --verifier "$dir/verifier")

@@ -493,8 +493,9 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     eval_seconds = 0.0   # time spent evaluating and saving checkpoints (not training)
     rank_tokens = torch.zeros((), dtype=torch.long, device=dev)   # scored tokens this rank trained on
     while step < plan["total"]:
-        if step > 0 and _agree(lead and (time.perf_counter() - start) >= max_minutes * 60, n_ranks, dev):
-            break   # the time budget (rank 0's clock); at least one step runs
+        if step > 0 and (n_ranks == 1 or step % 8 == 0) and \
+                _agree(lead and (time.perf_counter() - start) >= max_minutes * 60, n_ranks, dev):
+            break   # the time budget (rank 0's clock, asked every 8 steps across ranks); at least one step runs
         if not batches:
             batches = length_batches(lengths, recipe.batch_size, rng)
         batch = batches.pop()
