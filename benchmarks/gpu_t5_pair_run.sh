@@ -13,7 +13,8 @@
 # pair is not retrained when DIR/pair.json exists; delete it to retrain).
 # Settings (environment; the defaults are the GPU run's):
 #   PRESET=t5  DEVICE=cuda  DTYPE=bfloat16  EPOCHS= MINUTES= (the preset's)  TEST_PAIRS=1000
-#   EXAMPLES=500  TEMPERATURES="0 1"  METHODS=all  MAX_NEW_TOKENS=128  WORKERS=1 (one sweep worker per GPU)
+#   EXAMPLES=500  TEMPERATURES="0 1"  METHODS=all  MAX_NEW_TOKENS=128  WORKERS=GPUS (one sweep worker per GPU)
+#   GPUS=1 (2: the drafter and the verifier train at once, one GPU each, and the sweep has 2 workers)
 #   BACKEND=fused (or seq2seq, auto)
 #   SWEEP_ARGS= (more sweep arguments, e.g. "--alphas ...")
 # CPU rehearsal (about 12 minutes on two busy cores, most of it the two trainings and their BLEU):
@@ -44,11 +45,23 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 git -C "$root" rev-parse HEAD >> "$dir/versions.txt" 2>/dev/null
 
 if [ ! -f "$dir/pair.json" ]; then
-  train=(python "$root/benchmarks/train_pair.py" --arch t5 --preset "$preset" --out "$dir" --device "$device"
-         --test-pairs "${TEST_PAIRS:-1000}")
-  [ -n "${EPOCHS:-}" ] && train+=(--epochs "$EPOCHS")
-  [ -n "${MINUTES:-}" ] && train+=(--minutes "$MINUTES")
-  step train_pair "${train[@]}" || { echo "training failed: see $dir/train_pair.log"; exit 1; }
+  budget=(); [ -n "${EPOCHS:-}" ] && budget+=(--epochs "$EPOCHS"); [ -n "${MINUTES:-}" ] && budget+=(--minutes "$MINUTES")
+  if [ "${GPUS:-1}" -ge 2 ]; then   # the two models do not depend on each other: one GPU each, at once
+    for r in 0 1; do
+      role=$([ $r = 0 ] && echo drafter || echo verifier)
+      (export CUDA_VISIBLE_DEVICES=$r; step "train_$role" python -m speccascade train --arch t5 --preset "$preset" \
+         --role "$role" --out "$dir/$role" --device "$device" "${budget[@]}") &
+    done
+    wait || true
+    [ -f "$dir/drafter/training.json" ] && [ -f "$dir/verifier/training.json" ] \
+      || { echo "training failed: see $dir/train_*.log"; exit 1; }
+    roles=""
+  else
+    roles="drafter,verifier"
+  fi
+  step train_pair python "$root/benchmarks/train_pair.py" --arch t5 --preset "$preset" --out "$dir" --device "$device" \
+       --test-pairs "${TEST_PAIRS:-1000}" --roles "$roles" "${budget[@]}" \
+    || { echo "training failed: see $dir/train_pair.log"; exit 1; }
 fi
 python - "$dir/pair.json" <<'EOF' | tee -a "$dir/run.log"
 import json, sys
@@ -61,7 +74,7 @@ EOF
 # shellcheck disable=SC2206
 sweep=(python -m speccascade sweep --drafter "$dir/drafter" --verifier "$dir/verifier" --methods "${METHODS:-all}"
        --temperatures ${TEMPERATURES:-0 1} --examples "${EXAMPLES:-500}" --max-new-tokens "${MAX_NEW_TOKENS:-128}"
-       --device "$device" --dtype "$dtype" --backend "${BACKEND:-fused}" --workers "${WORKERS:-1}" --out "$dir/sweep.jsonl"
+       --device "$device" --dtype "$dtype" --backend "${BACKEND:-fused}" --workers "${WORKERS:-${GPUS:-1}}" --out "$dir/sweep.jsonl"
        --quiet ${SWEEP_ARGS:-})
 step sweep "${sweep[@]}" || { echo "sweep failed: see $dir/sweep.log"; exit 1; }
 step report python -m speccascade report "$dir/sweep.jsonl" --out "$dir/report" \

@@ -125,3 +125,23 @@ class SimulatedCalls(list):
                 fn()
 
         return Graph()
+
+
+def seq2seq_loop_law_pvalue(drafter, verifier, name, alpha, src, lq, lp, start_token: int, n_rows: int,
+                            n_tokens: int, gamma: int) -> float:
+    """Chi-square p-value of ``n_rows`` decodes of the encoder input ``src`` through the loop
+    (``drafter`` / ``verifier``: encoder-decoder models or backends) against the law of Algorithm 4
+    enumerated from the decoders' logits ``lq`` / ``lp`` (prefix -> logits), decoding from
+    ``start_token``."""
+    from reference import algorithm4_law, reference_rule, sampling_dist, softmax
+
+    out = sc.generate(drafter, verifier, torch.tensor([src] * n_rows), method=name, alpha=alpha, gamma=gamma,
+                      max_new_tokens=n_tokens, seed=0, temperature=1.0, eos_token_id=[])
+    spec = sc.METHODS[name]
+    law = algorithm4_law(lambda pre: sampling_dist(lq(pre)), lambda pre: sampling_dist(lp(pre)),
+                         lambda q, p, pre: reference_rule(name, q, p, softmax(lq(pre)), softmax(lp(pre)), alpha)[0],
+                         (lambda q, p, pi: p) if spec.bonus_from_verifier else (lambda q, p, pi: pi),
+                         gamma=gamma, prompt=[start_token], n=n_tokens)
+    assert abs(sum(law.values()) - 1) < 1e-9
+    assert all(len(t) == n_tokens for t in out.tokens)
+    return chi2_pvalue(empirical(out.tokens), law, n_rows)

@@ -29,6 +29,7 @@ import speccascade as sc
 from speccascade.errors import SpecCascadeError
 from speccascade.models import FusedT5Backend, Seq2SeqBackend, UnsupportedModel, make_backend
 
+from helpers import seq2seq_loop_law_pvalue
 from reference import algorithm4_law, reference_rule, sampling_dist, softmax
 
 VARIANTS = {"relu-tied": {}, "gated-tied": {"feed_forward_proj": "gated-gelu"},
@@ -145,17 +146,9 @@ def law_pair():
 @pytest.mark.parametrize("name", LAW_METHODS)
 def test_loop_law_matches_algorithm4(name, law_pair):
     d, v, src, lq, lp = law_pair
-    alpha = ALPHA[name]
     fd, fv = FusedT5Backend(d, "drafter"), FusedT5Backend(v, "verifier")
-    out = sc.generate(fd, fv, torch.tensor([src] * N_ROWS), method=name, alpha=alpha, gamma=GAMMA,
-                      max_new_tokens=N_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
-    spec = sc.METHODS[name]
-    law = algorithm4_law(lambda pre: sampling_dist(lq(pre)), lambda pre: sampling_dist(lp(pre)),
-                         lambda q, p, pre: reference_rule(name, q, p, softmax(lq(pre)), softmax(lp(pre)), alpha)[0],
-                         (lambda q, p, pi: p) if spec.bonus_from_verifier else (lambda q, p, pi: pi),
-                         gamma=GAMMA, prompt=[v.config.decoder_start_token_id], n=N_TOKENS)
-    assert all(len(t) == N_TOKENS for t in out.tokens)
-    assert chi2_pvalue(empirical(out.tokens), law, N_ROWS) > LEVEL
+    assert seq2seq_loop_law_pvalue(fd, fv, name, ALPHA[name], src, lq, lp, v.config.decoder_start_token_id, N_ROWS,
+                                   N_TOKENS, GAMMA) > LEVEL
 
 
 def test_captured_law(simulated_capture, law_pair):

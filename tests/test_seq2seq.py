@@ -22,7 +22,8 @@ import speccascade as sc
 from speccascade.errors import SpecCascadeError
 from speccascade.models import Seq2SeqBackend, make_backend
 
-from reference import algorithm4_law, reference_rule, sampling_dist, sequential_law, softmax
+from helpers import seq2seq_loop_law_pvalue
+from reference import reference_rule, sampling_dist, sequential_law, softmax
 
 N_ROWS, N_TOKENS, LEVEL, GAMMA = 20_000, 3, 1e-3, 2
 SOURCES = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
@@ -117,17 +118,8 @@ def decoder_logits(model, src):
 @pytest.mark.parametrize("kind,name", [("t5", m) for m in ALPHA] + [("bart", m) for m in BART_METHODS])
 def test_loop_law_matches_algorithm4(kind, name, law_pairs):
     d, v, src, lq, lp = law_pair(law_pairs, kind)
-    alpha = ALPHA[name]
-    out = sc.generate(d, v, torch.tensor([src] * N_ROWS), method=name, alpha=alpha, gamma=GAMMA,
-                      max_new_tokens=N_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
-    spec = sc.METHODS[name]
-    law = algorithm4_law(lambda pre: sampling_dist(lq(pre)), lambda pre: sampling_dist(lp(pre)),
-                         lambda q, p, pre: reference_rule(name, q, p, softmax(lq(pre)), softmax(lp(pre)), alpha)[0],
-                         (lambda q, p, pi: p) if spec.bonus_from_verifier else (lambda q, p, pi: pi),
-                         gamma=GAMMA, prompt=[v.config.decoder_start_token_id], n=N_TOKENS)
-    assert abs(sum(law.values()) - 1) < 1e-9
-    assert all(len(t) == N_TOKENS for t in out.tokens)
-    assert chi2_pvalue(empirical(out.tokens), law, N_ROWS) > LEVEL
+    assert seq2seq_loop_law_pvalue(d, v, name, ALPHA[name], src, lq, lp, v.config.decoder_start_token_id, N_ROWS,
+                                   N_TOKENS, GAMMA) > LEVEL
 
 
 @pytest.mark.parametrize("name,alpha,extra", [("oracle_diff", 0.05, {}),
