@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from speccascade.data.bible import N_TEST, N_VALIDATION, TEST_BOOKS, extract_pairs, load_split, make_splits
+from speccascade.data.bible import (
+    N_TEST,
+    N_VALIDATION,
+    TEST_BOOKS,
+    extract_pairs,
+    load_split,
+    make_splits,
+    second_source,
+)
 from speccascade.data.prompt import EOS, SEP, decode, encode_prompt, encode_target
 from speccascade.data.sword import clean_osis, label_slots, read_slots
 from speccascade.models.loading import TOKENIZER_DIR, load_tokenizer
@@ -81,6 +89,40 @@ def test_rebuild_from_debian_packages_matches_shipped_splits():
         assert splits[name] == load_split(name)
 
 
+def test_words_joined_by_a_dropped_note_keep_their_space():
+    raw = '<w lemma="a">God</w><note placement="foot">1:1 a note</note><w lemma="b">created</w>, <w>it</w>.'
+    assert clean_osis(raw) == "God created, it."
+
+
+def test_second_source_takes_each_training_verse_by_id_and_leaves_out_shifted_ones(tmp_path):
+    train = [{"id": f"Gen.1.{v}", "book": "Gen", "en": en, "es": f"es {v}"} for v, en in enumerate(
+        ["In the beginning God created the heaven and the earth.",
+         "And the earth was without form, and void; and darkness was upon the face of the deep.",
+         "And God said, Let there be light: and there was light.",
+         "And God saw the light, that it was good: and God divided the light from the darkness."], start=1)]
+    other = ["In the beginning, God created the heavens and the earth.",
+             "God said, “Let there be light,” and there was light.",   # verses 2 and 3 in each other's slots
+             "The earth was formless and empty. Darkness was on the surface of the deep.",
+             "God saw the light, and saw that it was good. God divided the light from the darkness."]
+    base = tmp_path / "modules" / "texts" / "ztext" / "engWEB2015eb"
+    write_ztext(base, "ot", [['<div osisID="Gen" type="book"/>', '<chapter n="1" osisID="Gen.1"/>', *other]])
+    write_ztext(base, "nt", [])
+    rows = second_source(train, tmp_path)
+    assert rows == [{"id": "Gen.1.1", "en": other[0]}, {"id": "Gen.1.4", "en": other[3]}]
+
+
+def test_shipped_second_source_pairs_training_verses_only():
+    train = {p["id"]: p for p in load_split("train")}
+    web = load_split("train_web")
+    assert len(web) > 29_000
+    held = {p["id"] for name in ("validation", "test") for p in load_split(name)}
+    for p in web:
+        base = p["id"].removesuffix("@web")
+        assert p["id"].endswith("@web") and base in train and base not in held
+        assert p["es"] == train[base]["es"] and p["book"] == train[base]["book"] and p["en"] and "<" not in p["en"]
+    assert sum(p["en"] != train[p["id"].removesuffix("@web")]["en"] for p in web) > 0.95 * len(web)
+
+
 def test_tokenizer_round_trip_and_prompt_format():
     tok = load_tokenizer(TOKENIZER_DIR)
     assert len(tok) == 8000
@@ -131,3 +173,22 @@ def math_finite(x):
     import math
 
     return math.isfinite(x)
+
+
+def test_trainer_trains_on_the_sources_it_is_given(tmp_path, monkeypatch):
+    import speccascade.train.trainer as trainer
+    from speccascade.errors import SpecCascadeError
+
+    splits = {"train": load_split("train")[:30], "train_web": load_split("train_web")[:20],
+              "validation": load_split("validation")[:8]}
+    monkeypatch.setattr(trainer, "load_split", lambda name: splits[name])
+    kw = dict(epochs=0.05, progress=False, bleu_pairs=0)
+    log = trainer.train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, sources=("kjv", "web"), **kw)
+    assert log["train_pairs"] == 50 and log["sources"] == ["kjv", "web"]
+    assert trainer.train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, **kw)["train_pairs"] == 30   # tiny: kjv
+    assert trainer.PRESETS["deep"]["verifier"].sources == ("kjv", "web")
+    with pytest.raises(SpecCascadeError, match="choose one or more of kjv, web"):
+        trainer.train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, sources=("nrsv",), **kw)
+    with pytest.raises(SpecCascadeError, match="give one"):
+        trainer.train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, sources=("kjv",),
+                      train_file=tmp_path / "pairs.jsonl", **kw)

@@ -148,6 +148,7 @@ def _train(args) -> int:
         out = args.out / role if args.role == "both" else args.out
         log = train(preset, role, out, Path(tok_dir), device=args.device, seed=args.seed,
                     epochs=args.epochs, max_minutes=args.minutes, train_file=args.train_file,
+                    sources=None if args.sources is None else tuple(x.strip() for x in args.sources.split(",")),
                     teacher=args.teacher, distill_weight=args.distill_weight)
         print(json.dumps({k: log.get(k) for k in ("preset", "arch", "role", "params", "steps", "train_seconds",
                                                   "best")}))
@@ -499,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=float, default=None, help="wall-clock cap per model")
     t.add_argument("--train-file", type=Path, default=None,
                    help="JSONL rows {en, es} to train on instead of the training split (`speccascade distill`)")
+    t.add_argument("--sources", default=None,
+                   help="English sides of the training verses, comma-separated: kjv (King James), web (World "
+                        "English Bible); default: the preset's (deep's verifier: kjv,web)")
     t.add_argument("--teacher", type=Path, default=None,
                    help="a trained verifier to distil from (same tokenizer): the loss adds KL(p_teacher || q)")
     t.add_argument("--distill-weight", type=float, default=None,

@@ -82,8 +82,12 @@ _TAG = re.compile(r"<[^>]+>")
 _SPACE = re.compile(r"\s+")
 
 
+_JOINED_WORDS = re.compile(r"</w>(?=<w\b)")
+
+
 def clean_osis(raw: str) -> str:
     text = _DROP_ELEMENTS.sub("", raw)
+    text = _JOINED_WORDS.sub("</w> ", text)   # two words whose separator was a dropped note (WEB)
     text = _TAG.sub("", text)
     text = html.unescape(text).replace("¶", " ")
     text = _SPACE.sub(" ", text).strip()

@@ -79,11 +79,15 @@ class Recipe:
     label_smoothing: float = 0.0
     max_minutes: float = 9.0
     distill_weight: float = 0.0   # with a teacher: weight of KL(p_teacher || q) against the cross-entropy
+    sources: tuple[str, ...] = ("kjv",)   # English sides of the training verses: "kjv" and/or "web" (SOURCES)
 
     @property
     def arch(self) -> str:
         return "t5" if isinstance(self.shape, T5Shape) else "llama"
 
+
+#: training sources: the name a recipe or ``--sources`` gives -> the shipped split (data/bible.py)
+SOURCES = {"kjv": "train", "web": "train_web"}
 
 PRESETS: dict[str, dict[str, Recipe]] = {
     # the embedded default pair: >= 10x per-token decode cost apart on one CPU thread, <= 40 MB together (fp16)
@@ -110,12 +114,14 @@ PRESETS: dict[str, dict[str, Recipe]] = {
     # and a 1-layer drafter meant to be trained on the verifier's own translations
     # (`speccascade distill`, then `train --train-file`), so that it learns the verifier, not the task
     # On an H200 the verifier trains at ~7 steps/s (~33 s an epoch); 3.8 epochs reached only 7.1 test
-    # BLEU (results/deep_pair/run1): it needs the base verifier's ~15 epochs, hence 16 in 9 minutes.
+    # BLEU (results/deep_pair/run1): it needs the base verifier's ~15 epochs' worth of steps, hence 8
+    # epochs over both English sources of the training verses (KJV and the World English Bible: twice
+    # the pairs, the same Spanish), which a 111M model over-fits less than 16 passes over one.
     "deep": {
         "drafter": Recipe(Shape(384, 1, 6, 2, 1024), epochs=12, lr=2e-3, label_smoothing=0.0, max_minutes=5.0,
                           distill_weight=0.7),
-        "verifier": Recipe(Shape(576, 30, 9, 3, 1536), epochs=16, lr=6e-4, attention_dropout=0.1, dropout=0.3,
-                           label_smoothing=0.1, max_minutes=9.0),
+        "verifier": Recipe(Shape(576, 30, 9, 3, 1536), epochs=8, lr=6e-4, attention_dropout=0.1, dropout=0.3,
+                           label_smoothing=0.1, max_minutes=9.0, sources=("kjv", "web")),
     },
     # an encoder-decoder pair (T5 v1.1-style, tied embeddings; not yet trained): a scaled-down
     # T5-small drafter (2+2 layers of 256, 5.9M) and a 6+6-layer verifier of T5-small's width
@@ -393,14 +399,16 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
           epochs: float | None = None, max_minutes: float | None = None, progress: bool = True,
           bleu_pairs: int = 200, train_file: Path | None = None, arch: str | None = None,
           teacher: Path | None = None, distill_weight: float | None = None,
-          validation_pairs: int | None = None) -> dict:
+          validation_pairs: int | None = None, sources: tuple[str, ...] | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, one step runs and a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
     ``train_file``: JSONL rows ``{"en", "es"}`` to train on instead of the training split (e.g. a
     verifier's own translations, :mod:`.distill`); validation stays on the validation split.
     ``arch``: "llama" or "t5"; None: the preset's (a preset of another architecture is an error;
-    ``preset=None``: the architecture's default preset). ``validation_pairs``: validate on the first N
+    ``preset=None``: the architecture's default preset). ``sources``: the English sides of the
+    training verses to train on (:data:`SOURCES`; default the recipe's, e.g. ``("kjv", "web")``: each
+    verse twice, from two translations). ``validation_pairs``: validate on the first N
     validation pairs only (smoke runs). ``teacher``: a checkpoint to distil from (``distill_weight``,
     default the recipe's or 0.5, of the loss is KL(p_teacher || q); validation stays plain cross-entropy).
 
@@ -431,6 +439,17 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         raise SpecCascadeError(f"--distill-weight must be in [0, 1], got {distill_weight}")
     epochs = recipe.epochs if epochs is None else epochs
     max_minutes = recipe.max_minutes if max_minutes is None else max_minutes
+    if sources is not None and train_file is not None:
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError("--sources picks the shipped training splits; --train-file replaces them: give one")
+    sources = recipe.sources if sources is None else tuple(sources)
+    unknown = [x for x in sources if x not in SOURCES]
+    if unknown or not sources:
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError(f"--sources {','.join(sources)!r}: choose one or more of {', '.join(SOURCES)} "
+                               f"(comma-separated), e.g. --sources kjv,web")
     dev = torch.device(device)
     rank, local, n_ranks = world()
     if n_ranks > 1:
@@ -450,7 +469,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
 
         train_data = encode_pairs(tokenizer, read_pairs(train_file))
     else:
-        train_data = encode_pairs(tokenizer, load_split("train"))
+        train_data = encode_pairs(tokenizer, [p for src in sources for p in load_split(SOURCES[src])])
     val_data = encode_pairs(tokenizer, load_split("validation")[:validation_pairs])
     model = layout.build(recipe.shape, len(tokenizer), recipe.attention_dropout, recipe.dropout).to(dev)
     teacher_model = load_teacher(teacher, len(tokenizer), dev) if teacher is not None else None
@@ -482,6 +501,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
            "epochs": epochs, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "seed": seed,
            "train_pairs": len(train_data), "validation_pairs": len(val_data), "evals": [],
            "train_file": None if train_file is None else str(train_file),
+           "sources": None if train_file is not None else list(sources),
            "teacher": None if teacher is None else str(teacher), "distill_weight": distill_weight,
            "planned_steps": total_steps, "planned_epochs": epochs, "ranks": n_ranks}
     best, start, step = math.inf, time.perf_counter(), 0
