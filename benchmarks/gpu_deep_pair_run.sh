@@ -12,7 +12,7 @@
 # (torch's compile caches are on disk, shared by the later sweep's workers; the warm-up is stopped
 # when the sweep starts), and after the verifier the GPU tests on this engine.
 # Each stage logs to DIR/<stage>.log and its start / end / rc to DIR/stages.log; a failed stage
-# does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (6),
+# does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (7),
 # VERIFIER_GPUS (GPUS: data-parallel ranks for the verifier), DRAFTER_MINUTES (2), DISTILL_BATCH (1024), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
 # METHODS (all), SKIP_TESTS (0), BACKEND (fused: the sweep's), TEST_PAIRS (1000), WARM_PROCS (3). `distill` decodes batches
 # of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
@@ -22,7 +22,7 @@
 set -uo pipefail
 dir="${1:-runs/deep}"
 DEVICE="${DEVICE:-cuda}"; GPUS="${GPUS:-2}"; PRESET="${PRESET:-deep}"; METHODS="${METHODS:-all}"
-VERIFIER_MINUTES="${VERIFIER_MINUTES:-6}"; VERIFIER_GPUS="${VERIFIER_GPUS:-$GPUS}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-2}"
+VERIFIER_MINUTES="${VERIFIER_MINUTES:-7}"; VERIFIER_GPUS="${VERIFIER_GPUS:-$GPUS}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-2}"
 DISTILL_BATCH="${DISTILL_BATCH:-1024}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
 BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"; WARM_PROCS="${WARM_PROCS:-3}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"
