@@ -102,7 +102,8 @@ fi
 if [ "$VERIFIER_GPUS" -ge 2 ]; then
   stage train_verifier python -m torch.distributed.run --standalone --nproc-per-node "$VERIFIER_GPUS" \
       -m speccascade train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
-      --minutes "$VERIFIER_MINUTES" || { echo "the verifier failed: no pair" >> "$dir/stages.log"; exit 1; }
+      --minutes "$VERIFIER_MINUTES" \
+    || echo "$(date -u +%FT%TZ) the data-parallel verifier failed: GPU 0 trains it alone" >> "$dir/stages.log"
 fi
 # GPU 1 (GPU 0 with one GPU, before the pair): the GPU tests on this engine
 if [ "$SKIP_TESTS" != 1 ] && [ "$GPUS" -ge 2 ]; then
