@@ -13,6 +13,11 @@ from speccascade.models import StaticHFBackend
 
 from tiny_models import tiny_pair
 
+#: the law tests' alpha for each speculative method (a value where its rule both defers and accepts)
+ALPHA = {"sd": None, "lossy": 0.4, "lossy_tuned": 0.4, "bild_star": 1.2, "chow": 0.35, "diff": 0.05,
+         "opt": 0.5, "chow_log": 0.9, "diff_log": 0.0, "opt_log": 0.3, "token_v1": 0.0, "token_v2": 0.1,
+         "token_v3": 0.5}
+
 
 def empirical(tokens):
     """Counts of each generated row (a tuple of tokens)."""

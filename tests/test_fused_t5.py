@@ -21,15 +21,23 @@ The CUDA-graph capture and the inductor (GPU) compile of this backend are not ex
 
 import pytest
 import torch
-from test_loop_law import ALPHA, chi2_pvalue, empirical
-from test_seq2seq import GAMMA, LAW_MODELS, LEVEL, N_TOKENS, SOURCES, decoder_logits, hf_greedy
-from tiny_seq2seq import tiny_seq2seq, tiny_seq2seq_pair
+from tiny_seq2seq import (
+    GAMMA,
+    LEVEL,
+    N_ROWS,
+    N_TOKENS,
+    SOURCES,
+    hf_greedy,
+    law_models,
+    tiny_seq2seq,
+    tiny_seq2seq_pair,
+)
 
 import speccascade as sc
 from speccascade.errors import SpecCascadeError
 from speccascade.models import FusedT5Backend, Seq2SeqBackend, UnsupportedModel, make_backend
 
-from helpers import seq2seq_loop_law_pvalue
+from helpers import ALPHA, chi2_pvalue, empirical, seq2seq_loop_law_pvalue
 from reference import algorithm4_law, reference_rule, sampling_dist, softmax
 
 VARIANTS = {"relu-tied": {}, "gated-tied": {"feed_forward_proj": "gated-gelu"},
@@ -129,18 +137,12 @@ def test_greedy_sd_equals_verifier_generate():
 
 # -- 3. the law, and the captured path -------------------------------------------------------------
 
-N_ROWS = 20_000
 LAW_METHODS = ["sd", "lossy", "opt", "token_v3"]   # targets p, a lossy mix, a deferral rule, token-level
 
 
 @pytest.fixture(scope="module")
 def law_pair():
-    vocab, options, src = LAW_MODELS["t5"]
-    d, v = tiny_seq2seq_pair("t5", seed=1, vocab=vocab, **options)
-    with torch.no_grad():   # make the decoder's relative positions matter (a misplaced token changes the law)
-        for m in (d, v):
-            m.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.mul_(12.0)
-    return d, v, src, decoder_logits(d, src), decoder_logits(v, src)
+    return law_models("t5")
 
 
 @pytest.mark.parametrize("name", LAW_METHODS)

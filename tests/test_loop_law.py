@@ -14,7 +14,7 @@ from scipy.stats import chisquare
 
 import speccascade as sc
 
-from helpers import chi2_pvalue, empirical
+from helpers import ALPHA, chi2_pvalue, empirical
 from reference import algorithm4_law, lossy_law, reference_rule, sampling_dist, sequential_law, softmax
 from tables import TableBackend, make_table, prefix_hash
 
@@ -23,9 +23,6 @@ PROMPT = [1, 2]
 N_ROWS = 20_000
 N_TOKENS = 3
 LEVEL = 1e-3
-ALPHA = {"sd": None, "lossy": 0.4, "lossy_tuned": 0.4, "bild_star": 1.2, "chow": 0.35, "diff": 0.05,
-         "opt": 0.5, "chow_log": 0.9, "diff_log": 0.0, "opt_log": 0.3, "token_v1": 0.0, "token_v2": 0.1,
-         "token_v3": 0.5}
 SPECULATIVE = list(ALPHA)
 Q_TABLE, P_TABLE = make_table(11, V), make_table(12, V)
 

@@ -15,18 +15,24 @@ import json
 
 import pytest
 import torch
-from test_loop_law import ALPHA, chi2_pvalue, empirical
-from tiny_seq2seq import tiny_seq2seq, tiny_seq2seq_pair
+from tiny_seq2seq import (
+    GAMMA,
+    LEVEL,
+    N_ROWS,
+    N_TOKENS,
+    SOURCES,
+    hf_greedy,
+    law_models,
+    tiny_seq2seq,
+    tiny_seq2seq_pair,
+)
 
 import speccascade as sc
 from speccascade.errors import SpecCascadeError
 from speccascade.models import Seq2SeqBackend, make_backend
 
-from helpers import seq2seq_loop_law_pvalue
+from helpers import ALPHA, chi2_pvalue, empirical, seq2seq_loop_law_pvalue
 from reference import reference_rule, sampling_dist, sequential_law, softmax
-
-N_ROWS, N_TOKENS, LEVEL, GAMMA = 20_000, 3, 1e-3, 2
-SOURCES = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
 
 # -- 1. the cache ----------------------------------------------------------------------------------
 
@@ -77,10 +83,6 @@ def test_ragged_extend_commit_matches_fresh_forward(kind, padding):
 
 # -- 2. the law ------------------------------------------------------------------------------------
 
-LAW_MODELS = {  # kind -> (vocab, model options, encoder input)
-    "t5": (5, dict(hidden=16, heads=2, noise=0.3), [3, 4, 2]),
-    "bart": (6, dict(hidden=16, heads=2, init_std=0.5, noise=0.3), [0, 3, 4, 5, 2]),
-}
 BART_METHODS = ["sd", "lossy_tuned", "bild_star", "opt", "token_v3"]  # a subset: one core's time
 
 
@@ -91,28 +93,8 @@ def law_pairs():
 
 def law_pair(cache, kind):
     if kind not in cache:
-        vocab, options, src = LAW_MODELS[kind]
-        d, v = tiny_seq2seq_pair(kind, seed=1, vocab=vocab, **options)
-        if kind == "t5":  # make the decoder's relative positions matter (a misplaced token changes the law)
-            with torch.no_grad():
-                for m in (d, v):
-                    m.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.mul_(12.0)
-        cache[kind] = (d, v, src, decoder_logits(d, src), decoder_logits(v, src))
+        cache[kind] = law_models(kind)
     return cache[kind]
-
-
-def decoder_logits(model, src):
-    """Fresh next-token logits after a decoder prefix, the encoder input fixed (memoised)."""
-    memo = {}
-
-    def at(prefix):
-        key = tuple(prefix)
-        if key not in memo:
-            with torch.no_grad():
-                memo[key] = model(input_ids=torch.tensor([src]), decoder_input_ids=torch.tensor([list(prefix)])
-                                  ).logits[0, -1].double().numpy()
-        return memo[key]
-    return at
 
 
 @pytest.mark.parametrize("kind,name", [("t5", m) for m in ALPHA] + [("bart", m) for m in BART_METHODS])
@@ -136,13 +118,6 @@ def test_sequential_cascade_law(name, alpha, extra, law_pairs):
 
 
 # -- 3. greedy -------------------------------------------------------------------------------------
-
-
-def hf_greedy(model, src, n):
-    out = model.generate(torch.tensor([src]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                         eos_token_id=None, num_beams=1)
-    assert out[0, 0].item() == model.config.decoder_start_token_id
-    return out[0, 1:].tolist()
 
 
 @pytest.mark.parametrize("kind", ["t5", "bart", "marian"])
