@@ -64,6 +64,10 @@ grid=(--temperatures 0 1 --examples "$EXAMPLES" --max-new-tokens 128 --device "$
 # is CPU work, and the verifier's training leaves the CPUs idle; 4 compile threads a process)
 warm() {
   export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-4}"
+  # first a smoke test of the compiled fused paths the sweep uses (a minute; read it in the first call's
+  # output: a fix made then reaches the stages that start later, as each device call re-sends the tree)
+  [ "$SKIP_TESTS" != 1 ] && stage gpu_smoke python -m pytest tests/test_gpu.py -x -q -p no:cacheprovider \
+      -k "captured_greedy or host_driven or fused_t5"
   stage random_pair python - "$dir/random" "$PRESET" <<'EOF'
 import sys
 from pathlib import Path
