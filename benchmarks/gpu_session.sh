@@ -7,7 +7,8 @@
 # runs/NAME and runs/NAME_job, without weights, compressed data or the random warm-up pair, into
 # $OUT/NAME.tgz (the device tool brings $OUT back), so whatever the session's end cuts, the last
 # call's files are here. Issue the next call at once: an idle machine is given back after 30 s.
-# Example (issue 12): start deep 560 bash benchmarks/gpu_deep_pair_run.sh runs/deep; then wait deep 590, ...
+# Example (issue 12): start deep 150 bash benchmarks/gpu_deep_pair_run.sh runs/deep (its GPU smoke test is
+# in the tarball by then), then wait deep 590 until it has ended.
 set -uo pipefail
 verb="${1:?start|wait}"; name="${2:?NAME}"; secs="${3:?SECONDS}"; shift 3
 job="runs/${name}_job"
@@ -18,6 +19,7 @@ case "$verb" in
 esac
 scripts/detached.sh wait "$job" "$secs"
 status=$?
+[ -f "runs/$name/stages.log" ] && { echo "-- runs/$name/stages.log"; tail -n 30 "runs/$name/stages.log"; }
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/$name.tgz" --exclude='*.safetensors' --exclude='*.jsonl.gz' --exclude='*.bin' \
     --exclude="runs/$name/random" "runs/$name" "$job" 2>/dev/null
