@@ -54,6 +54,25 @@ def test_fused_backend_gives_the_dynamic_backends_tokens(name, alpha, extra):
             ref.stats.to_dict() | {"wall_time_s": 0, "tokens_per_second": 0}
 
 
+def test_only_what_the_backend_keeps_moves_to_its_device():
+    """``device=``: the backend's tensors are copied there (tied embeddings and head stay one
+    tensor), the model stays where it is: under --tp the whole verifier stays on the host while each
+    rank's GPU holds its shard. On the model's own device nothing is copied."""
+    from speccascade.distributed import mark_tp
+
+    _, v = tiny_pair(0, noise=0.05)
+    v.lm_head.weight = v.model.embed_tokens.weight   # tied, as most small LMs are
+    fv = FusedLlamaBackend(v, "verifier", device="meta")
+    kept = [fv.embed, fv.final_norm, fv.lm_head, fv.inv_freq] + [t for layer in fv.layers
+                                                                  for t in layer.values() if t is not None]
+    assert fv.device.type == "meta" and all(t.device.type == "meta" for t in kept)
+    assert all(p.device.type == "cpu" for p in v.parameters())
+    assert fv.embed is fv.lm_head   # one copy of the tied matrix
+    same = FusedLlamaBackend(v, "verifier", device="cpu")
+    assert same.embed.data_ptr() == v.get_input_embeddings().weight.data_ptr()
+    assert make_backend(mark_tp(v, 1, "meta"), "verifier", "fused").device.type == "meta"
+
+
 def test_greedy_sd_equals_verifier_only_and_transformers_generate():
     d, v = tiny_pair(1, noise=0.3)
     fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")

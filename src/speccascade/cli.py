@@ -227,10 +227,10 @@ def _load_pair(args):
         init_tp(args.device)
         dev = check_device(args.device, "drafter and verifier (--device)")
     drafter = load_causal_lm(d_path, device=dev, dtype=dtype, role="drafter")
-    if tp == 1 or fused_tp:
+    if fused_tp:   # the whole verifier on the host; each rank's backend copies its shard to its device
+        verifier = mark_tp(load_causal_lm(v_path, device="cpu", dtype=dtype, role="verifier"), tp, dev)
+    elif tp == 1:
         verifier = load_causal_lm(v_path, device=dev, dtype=dtype, role="verifier")
-        if fused_tp:
-            mark_tp(verifier, tp)
     else:
         verifier = load_tp_verifier(v_path, tp, dev, dtype)
     return drafter, verifier, tokenizer, (str(d_path), str(v_path))

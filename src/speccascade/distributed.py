@@ -25,10 +25,10 @@ Two ways to shard the verifier, by ``--backend``:
   after attention and one after the MLP per layer; embeddings and LM head whole). The all-reduces
   run inside the step, so on CUDA the whole speculative block, collectives included, is one
   captured CUDA graph per replay, as at ``--tp 1``. The KV-head count and the MLP width must
-  divide by N (an error names the counts). Memory: each rank keeps the whole transformers model
-  on its GPU (the weight fingerprint of ``sweep``, the embeddings and LM head are read from it)
-  plus its 1/N shard of the layers, so the verifier must fit one GPU whole (loading on the CPU
-  and moving only the shard is not done yet).
+  divide by N (an error names the counts). Memory: each rank loads the whole transformers model
+  on the *host* (``sweep`` reads its weight fingerprint there) and its backend copies only what it
+  keeps to the rank's GPU: its 1/N shard of the layers, and the embeddings, norms and LM head whole;
+  so the layers need not fit one GPU (the host needs the whole model once per rank).
 * ``dynamic`` (the CLI's default backend; :func:`load_tp_verifier`): transformers' own tensor
   parallelism (``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))``, the
   model's ``base_model_tp_plan``), eager;
@@ -170,11 +170,14 @@ def tp_uses_fused(path, tp: int, backend: str, role: str = "verifier") -> bool:
     return True
 
 
-def mark_tp(model, tp: int):
+def mark_tp(model, tp: int, device=None):
     """Mark a whole (unsharded) verifier to be sharded ``tp`` ways by the fused backend
     (:func:`speccascade.models.make_backend` reads the mark; ``sweep`` records it as the run's
-    ``tp``)."""
+    ``tp``), the shard placed on ``device`` (default: the model's own; the CLI loads the whole
+    verifier on the host and gives each rank's GPU)."""
     model.speccascade_tp = int(tp)
+    if device is not None:
+        model.speccascade_device = device
     return model
 
 

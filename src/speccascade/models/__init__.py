@@ -54,10 +54,11 @@ from .static import StaticHFBackend, bucket
 def _fused(model, name, max_cache_len):
     import torch
 
-    device = next(model.parameters()).device
-    # a verifier marked by speccascade.distributed.mark_tp (--tp N): this rank's shard of it
+    # a verifier marked by speccascade.distributed.mark_tp (--tp N): this rank's shard of it, on the
+    # rank's device (the whole model may stay on the host)
+    device = torch.device(getattr(model, "speccascade_device", None) or next(model.parameters()).device)
     return FusedLlamaBackend(model, name, compile=device.type == "cuda" and torch.cuda.is_available(),
-                             tp=getattr(model, "speccascade_tp", 1))
+                             tp=getattr(model, "speccascade_tp", 1), device=device)
 
 
 def _on_cuda(model) -> bool:

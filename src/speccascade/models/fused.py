@@ -268,10 +268,12 @@ class FusedLlamaBackend(PositionIndexedCache):
     """A Llama-family causal LM with fused projections and a per-row position-indexed cache."""
 
     def __init__(self, model: torch.nn.Module, name: str = "model", compile: bool = False,
-                 compile_options: dict | None = None, tp: int = 1, tp_group=None):
+                 compile_options: dict | None = None, tp: int = 1, tp_group=None, device=None):
         """``model``: a whole transformers Llama-family model. ``tp`` > 1: keep this rank's shard
         (rank ``dist.get_rank(tp_group)`` of ``tp``, the default group if None) and all-reduce over
-        ``tp_group``; the shard lives on ``model``'s device."""
+        ``tp_group``. ``device``: where the backend's weights and cache live (default: ``model``'s);
+        only what the backend keeps is copied there (with ``tp`` > 1, the shard), so a verifier too
+        large for one GPU can be loaded whole on the host and sharded onto the GPUs."""
         cfg = getattr(model, "config", None)
         kind = getattr(cfg, "model_type", None)
         if getattr(cfg, "is_encoder_decoder", False):
@@ -323,9 +325,29 @@ class FusedLlamaBackend(PositionIndexedCache):
             self.lm_head = head.weight.detach()
             self.lm_head_bias = None if getattr(head, "bias", None) is None else head.bias.detach()
             self.layers = [self._fuse(layer) for layer in inner.layers]
+        if device is not None and torch.device(device) != self.device:
+            self._move_to(torch.device(device))
         self.vocab_size = int(self.lm_head.shape[0])
         self.n_layers = len(self.layers)
         self._compile_regions(compile, compile_options)
+
+    def _move_to(self, device: torch.device) -> None:
+        """Copy every tensor the backend keeps to ``device``, once each (tied embeddings and head
+        stay one tensor)."""
+        moved: dict = {}
+
+        def to(t):
+            if t is None:
+                return None
+            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+            if key not in moved:
+                moved[key] = t.to(device)
+            return moved[key]
+
+        self.embed, self.final_norm, self.lm_head = to(self.embed), to(self.final_norm), to(self.lm_head)
+        self.lm_head_bias, self.inv_freq = to(self.lm_head_bias), to(self.inv_freq)
+        self.layers = [{k: to(v) for k, v in layer.items()} for layer in self.layers]
+        self.device = self.output_device = self.embed.device
 
     def _fuse(self, layer) -> dict:
         """One layer's weights, fused (q/k/v, gate/up) and, with ``tp`` > 1, cut to this rank's shard."""
