@@ -6,8 +6,8 @@
 # Then GPU 0, in order: the verifier's own translations of the training sources (`distill`, greedy
 # and T = 1), the 1-layer drafter trained on them with the verifier as teacher (`train --train-file
 # --teacher`), the pair's test-set record (pair.json), then the sweep on both GPUs (`sweep --workers
-# 2`): every method at gamma = 5, T = 0 and 1, 500 test examples, batch 1, fused backend; then
-# gamma = 3 and 8 for sd, token_v3 and opt.
+# 2`): every method at gamma = 5, T = 0 and 1, 500 test examples, batch 1, fused backend (Table 2's
+# methods first, then the others); then gamma = 3 and 8 for sd, token_v3 and opt.
 # GPU 1 meanwhile: from the start, `sweep --warm-up-only` on random weights of the pair's shapes
 # (torch's compile caches are on disk, shared by the later sweep's workers; the warm-up is stopped
 # when the sweep starts), and after the verifier the GPU tests on this engine.
@@ -55,8 +55,6 @@ alphas_for() {  # keep only the grids of the swept methods
   done
   echo "$out"
 }
-seq_opt=(); if [ "$METHODS" = all ] || [[ ",$METHODS," == *",seq_cascade,"* ]]; then
-  seq_opt=(--option seq_cascade.length_normalized=true); fi
 grid=(--temperatures 0 1 --examples "$EXAMPLES" --max-new-tokens 128 --device "$DEVICE" --backend "$BACKEND" --quiet)
 [ "$DEVICE" = cuda ] && grid+=(--dtype bfloat16)
 
@@ -141,8 +139,20 @@ fi
 [ $pair_rc -ne 0 ] && { echo "the pair failed (rc=$pair_rc): no sweep" >> "$dir/stages.log"; exit $pair_rc; }
 
 pair=(--drafter "$dir/drafter" --verifier "$dir/verifier")
-stage sweep sc sweep "${pair[@]}" --methods "$METHODS" --alphas "$(alphas_for "$ALPHAS")" "${seq_opt[@]}" \
-    "${grid[@]}" --gammas 5 --workers "$GPUS" --out "$dir/sweep.jsonl"
+# with every method: Table 2's methods first (the session's end may cut a sweep; cells land as they
+# finish), then the rest into the same file (each worker re-times its own verifier_only for them)
+FIRST="verifier_only,drafter_only,sd,lossy,lossy_tuned,bild_star,chow,diff,opt,token_v3"
+if [ "$METHODS" = all ]; then
+  rest=$(python -c "from speccascade.registry import METHODS; f='$FIRST'.split(','); print(','.join(m for m in METHODS if m not in f))")
+  parts=(sweep "$FIRST" sweep_rest "$rest")
+else
+  parts=(sweep "$METHODS")
+fi
+for ((k = 0; k < ${#parts[@]}; k += 2)); do
+  ms="${parts[k + 1]}"; opt=(); [[ ",$ms," == *",seq_cascade,"* ]] && opt=(--option seq_cascade.length_normalized=true)
+  stage "${parts[k]}" sc sweep "${pair[@]}" --methods "$ms" --alphas "$(METHODS=$ms alphas_for "$ALPHAS")" "${opt[@]}" \
+      "${grid[@]}" --gammas 5 --workers "$GPUS" --out "$dir/sweep.jsonl"
+done
 gm="sd,token_v3,opt"; [ "$METHODS" = all ] || gm="$(echo "$gm" | tr , '\n' | grep -xF -f <(echo "$METHODS" | tr , '\n') | paste -sd,)"
 [ -n "$gm" ] && stage sweep_gammas sc sweep "${pair[@]}" --methods "$gm" --alphas "$(METHODS=$gm alphas_for "$GAMMA_ALPHAS")" \
     "${grid[@]}" --gammas 3 8 --workers "$GPUS" --out "$dir/sweep.jsonl"
