@@ -71,16 +71,20 @@ def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: Sa
     B = input_ids.shape[0]
     per_replay = runner.TOKENS_PER_REPLAY
     req = (role, cfg, max_new_tokens, eos_token_id if not isinstance(eos_token_id, list) else tuple(eos_token_id))
-    capturable = runner.can_capture(backend) and not log_scores
-    key = ("single", B, per_replay, req, backend.generation) if capturable else None
+    capturable = runner.can_capture(backend)
+    key = ("single", B, per_replay, req, log_scores, backend.generation) if capturable else None
     captured = runner.graph_cache(backend).get(key) if capturable else None
     state = captured.state if captured else \
         DecodeState(B, DecodeRequest(None, None, 1, cfg, max_new_tokens, eos_token_id), 1, 0, device, models=1)
-    score = torch.zeros(B, dtype=torch.float64, device=device) if log_scores else None
+    if log_scores and captured is None:   # the scores live with the state (a captured program writes them)
+        state.score = torch.zeros(B, dtype=torch.float64, device=device)
+    score = state.score if log_scores else None
 
     def start() -> None:
         backend.reset(input_ids, attention_mask)
         state.start(first_pending(backend, input_ids), None)
+        if score is not None:
+            score.zero_()
 
     compiled = capturable and bool(getattr(backend, "compiled", False))
 
@@ -106,7 +110,7 @@ def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: Sa
     stats.emitted += sum(len(t) for t in tokens)
     if role == "verifier":
         stats.deferred += sum(len(t) for t in tokens)
-    return (tokens, score) if log_scores else tokens
+    return (tokens, score.clone()) if log_scores else tokens   # (a captured program's buffer: copied)
 
 
 @register("verifier_only", kind="sequential", title="Large model alone", paper="baseline")
