@@ -17,7 +17,7 @@ from . import baselines, rules  # noqa: F401  (register the sequential and the s
 from .checks import as_bool, as_int
 from .errors import DeviceError, SpecCascadeError
 from .loop import DecodeRequest, speculative_decode
-from .models.base import Backend, as_backend
+from .models.base import Backend, as_backend, reserve_request
 from .registry import METHODS, get_method
 from .sampling import SamplingConfig
 from .stats import Stats
@@ -363,10 +363,7 @@ def generate(drafter, verifier, input_ids, *, method: str = DEFAULTS.method, alp
     hook = None if streamer is None else BlockHook(streamer, ids.shape[0])
     hooked = {} if hook is None else {"streamer": hook}
     for model in (d, v):   # caches are sized (fused) or checked (static) before decoding starts
-        if hasattr(model, "reserve") and seq2seq:   # the decoder's tokens (start + new + a block); the source
-            model.reserve(ids.shape[0], 1 + max_new_tokens + gamma + 1, source_length=ids.shape[1])
-        elif hasattr(model, "reserve"):
-            model.reserve(ids.shape[0], ids.shape[1] + max_new_tokens + gamma + 1)
+        reserve_request(model, ids.shape[0], ids.shape[1], max_new_tokens, gamma)
         if hasattr(model, "check_capacity") and (spec.kind == "speculative" or spec.name.endswith("_only")):
             model.check_capacity(ids.shape[1], max_new_tokens, gamma if spec.kind == "speculative" else None)
 

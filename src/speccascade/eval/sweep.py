@@ -397,17 +397,13 @@ def warm_up(drafter, verifier, tokenizer, task: Task, examples, cells: list[Cell
     the sweep, so no timed cell meets a new cache size (which would recompile the model step and
     re-capture every graph inside the timing)."""
     from ..models import bucket
+    from ..models.base import reserve_request
 
     longest = max(len(task.encode(tokenizer, ex.input)) for ex in examples)
-    need = longest + max_new_tokens + max(c.gamma for c in cells) + 1
 
     def fix_capacity(batch: int) -> None:
         for be in (drafter, verifier):
-            if hasattr(be, "reserve") and getattr(be, "encoder_decoder", False):
-                # the fused T5 backend: decoder tokens (start + new + a block) and the longest source
-                be.reserve(batch, 1 + max_new_tokens + max(c.gamma for c in cells) + 1, source_length=longest)
-            elif hasattr(be, "reserve"):
-                be.reserve(batch, need)
+            reserve_request(be, batch, longest, max_new_tokens, max(c.gamma for c in cells))
 
     fix_capacity(1)
     widths = {}

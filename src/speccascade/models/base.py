@@ -72,6 +72,19 @@ def is_encoder_decoder(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def reserve_request(backend, batch: int, input_len: int, max_new_tokens: int, gamma: int) -> None:
+    """Size ``backend``'s per-request cache, where it has one (``reserve``), for the longest
+    sequence a request can reach: ``input_len`` prompt tokens + new tokens + one block; for an
+    encoder-decoder, the decoder's start token + new tokens + one block, and ``input_len`` encoder
+    tokens for its cross-attention buffers."""
+    if not hasattr(backend, "reserve"):
+        return
+    if getattr(backend, "encoder_decoder", False):
+        backend.reserve(batch, 1 + max_new_tokens + gamma + 1, source_length=input_len)
+    else:
+        backend.reserve(batch, input_len + max_new_tokens + gamma + 1)
+
+
 def prefill_calls(backend, input_ids: torch.Tensor) -> int:
     """Pre-fill passes ``reset`` makes: the encoder's (always) or the prompt's (if longer than one token)."""
     return 1 if getattr(backend, "encoder_decoder", False) or input_ids.shape[1] > 1 else 0
