@@ -123,6 +123,13 @@ def test_shipped_second_source_pairs_training_verses_only():
     assert sum(p["en"] != train[p["id"].removesuffix("@web")]["en"] for p in web) > 0.95 * len(web)
 
 
+@pytest.mark.skipif(not Path("/usr/share/sword/modules/texts/ztext/engWEB2015eb").exists(),
+                    reason="Debian's sword-text-web is not installed")
+def test_rebuild_second_source_from_debian_package_matches_shipped():
+    shipped = {p["id"].removesuffix("@web"): p["en"] for p in load_split("train_web")}
+    assert {r["id"]: r["en"] for r in second_source(load_split("train"))} == shipped
+
+
 def test_tokenizer_round_trip_and_prompt_format():
     tok = load_tokenizer(TOKENIZER_DIR)
     assert len(tok) == 8000
