@@ -590,6 +590,27 @@ def test_report_cli_and_a_torn_tail(tmp_path, capsys):
     assert rc == 2 and "--out '" + str(tmp_path / "plain") + "' is a file; give a folder for the report" in err
 
 
+def test_report_reads_a_gzipped_sweep_file_and_the_sweep_refuses_to_append_to_one(tmp_path, capsys):
+    import gzip
+
+    from speccascade.eval.sweep import SweepFileError, check_out_file
+
+    lines = json.dumps(cell()) + "\n" + json.dumps(cell("sd", relative_latency=0.5)) + "\n"
+    gz = tmp_path / "s.jsonl.gz"
+    gz.write_bytes(gzip.compress(lines.encode()))
+    rc, out, err = run_cli(capsys, "report", str(gz), "--out", str(tmp_path / "rep"))
+    assert rc == 0 and "| sd | 2.00× |" in out
+    with pytest.raises(SweepFileError, match="is gzip-compressed; a sweep appends plain JSON lines"):
+        check_out_file(gz)
+    disguised = tmp_path / "s.jsonl"  # compressed content under a plain name
+    disguised.write_bytes(gzip.compress(lines.encode()))
+    with pytest.raises(SweepFileError, match="is gzip-compressed"):
+        check_out_file(disguised)
+    gz.write_bytes(gzip.compress(lines.encode())[:-12])  # cut short
+    rc, out, err = run_cli(capsys, "report", str(gz), "--out", str(tmp_path / "rep2"))
+    assert rc == 2 and "is a damaged gzip file" in err
+
+
 # --------------------------------------------------------------------------------------------
 # train, the stats line, `methods`, and no traceback from the real command line
 

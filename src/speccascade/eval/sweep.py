@@ -19,6 +19,7 @@ latency model (:mod:`.report`).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
 import json
@@ -165,6 +166,7 @@ class SweepConfig:
 #: under other settings would be reused as if computed under these (models are compared separately).
 SETTINGS = ("task", "examples", "examples_sha1", "max_new_tokens", "backend", "dtype", "device", "tp")
 RECORD_TYPES = ("cell", "costs")
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def read_records(path: Path, *, notes: list | None = None) -> list[dict]:
@@ -172,13 +174,20 @@ def read_records(path: Path, *, notes: list | None = None) -> list[dict]:
     end, not valid JSON) is skipped (``notes`` gets a line saying so); anything else that is not a
     sweep record is a :class:`SweepFileError` naming the line: a binary file, a damaged line in
     the middle, JSON that is not a ``{"type": "cell" | "costs", ...}`` object. A missing file has
-    no records."""
+    no records. A gzip-compressed file (a committed record, ``sweep.jsonl.gz``) is read as its
+    contents."""
     path = Path(path)
     if not path.exists():
         return []
     if path.is_dir():
         raise SweepFileError(f"{str(path)!r} is a folder, not a sweep file (.jsonl)")
     data = path.read_bytes()
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise SweepFileError(f"{str(path)!r} is a damaged gzip file ({e}); decompress what is left with "
+                                 f"`zcat` or use the uncompressed sweep file") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -247,6 +256,9 @@ def check_out_file(path: Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise SweepFileError(f"--out {str(path)!r} is a folder; give a file path such as runs/sweep.jsonl")
+    if path.suffix == ".gz" or (path.is_file() and path.open("rb").read(2) == GZIP_MAGIC):
+        raise SweepFileError(f"--out {str(path)!r} is gzip-compressed; a sweep appends plain JSON lines: "
+                             f"`gunzip` it (its cells are then kept) or give a .jsonl path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
