@@ -108,6 +108,30 @@ def test_captured_path_bookkeeping_matches_eager(simulated_capture, monkeypatch,
     assert simulated_capture == [per_replay, per_replay]  # one capture per method, reused by later calls
 
 
+@pytest.mark.parametrize("lag", [False, True])
+def test_a_captured_run_leaves_the_generator_where_the_eager_run_does(simulated_capture, monkeypatch, lag):
+    """With the flags read one step late (as on a GPU), the step queued past the end draws random
+    numbers whose output is dropped; the caller's generator must be put back before them, on the
+    captured path as on the eager one, so a method that runs two programs in turn (seq_cascade's
+    verifier pass after the drafter's) or a caller's next request draws what it would have drawn.
+    (On the GPU, seq_cascade's re-decoded rows came out shifted by a token before the fix.)"""
+    from speccascade.loop import StepSync
+
+    monkeypatch.setattr(StepSync, "lagged", lag)
+    d, v = tiny_pair(0, noise=0.3)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
+    for method, alpha in (("sd", None), ("verifier_only", None), ("seq_cascade", 0.5)):
+        kw = dict(method=method, alpha=alpha, gamma=3, temperature=1.0, max_new_tokens=12, eos_token_id=[])
+        g_eager, g_graph = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        ref = sc.generate(d, v, prompts, generator=g_eager, **kw)
+        out = sc.generate(fd, fv, prompts, generator=g_graph, **kw)
+        assert out.tokens == ref.tokens, method
+        assert torch.equal(g_graph.get_state(), g_eager.get_state()), method
+    if method == "seq_cascade":
+        assert ref.stats.deferred > 0   # the verifier's pass ran: it draws after the drafter's
+
+
 def test_host_driven_calls_replay_graphs_of_the_step(simulated_capture, simulated_calls):
     """The compiled fused backend's host-driven calls (the pre-fill, and every model call of the
     sequential methods that read the host per token) replay a graph of the step captured per

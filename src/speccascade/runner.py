@@ -255,6 +255,9 @@ def run_steps(step: Callable[[torch.Generator], None], state, sync: StepSync,
                 return
     if generator is not None:
         captured.generator.set_state(generator.get_state())
+        # the flags are read a step late: the sync puts the program's generator back before the
+        # draws of a step run past the end (as it does the caller's on the eager path)
+        sync.generator = captured.generator
     while True:
         captured.graph.replay()
         captured.replays += 1
