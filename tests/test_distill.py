@@ -3,8 +3,10 @@ drafter's training set; tiny scale, the shipped pair."""
 
 import gzip
 import json
+import math
 
 import pytest
+import torch
 
 from speccascade.cli import main
 from speccascade.errors import SpecCascadeError
@@ -151,3 +153,38 @@ def test_bad_distillation_settings_are_clear_errors(tmp_path):
                  str(tmp_path / "x")]) == 2
     assert main(["train", "--preset", "tiny", "--role", "drafter", "--teacher", str(tmp_path / "nope"), "--out",
                  str(tmp_path / "x"), "--epochs", "0.01"]) == 2
+
+
+def test_rounded_batch_widths_change_no_loss_and_overrides_are_recorded(tmp_path):
+    """The GPU trainer rounds batch widths up (SHAPE_MULTIPLE): the extra right padding is masked, not
+    scored and unseen by the real tokens, so the loss is the same (this fails if padding were scored or
+    seen). ``batch_size`` / ``lr`` replace the recipe's and the log says so; bad ones are clear errors."""
+    from speccascade.data.bible import load_split
+    from speccascade.train.trainer import collate, encode_pairs, token_loss
+
+    _, v_dir = embedded_pair_dirs("tiny")
+    tok = load_tokenizer(TOKENIZER_DIR)
+    model = load_causal_lm(v_dir).float().eval()
+    rows = encode_pairs(tok, load_split("validation")[:5])
+    cpu = torch.device("cpu")
+    losses = []
+    for multiple in (1, 16, 64):
+        inputs, targets = collate(rows, cpu, multiple)
+        assert inputs["input_ids"].shape[1] % multiple == 0
+        with torch.no_grad():
+            losses.append(float(token_loss(model, inputs, targets, cpu)))
+    assert max(losses) - min(losses) < 1e-5, losses
+    inputs, targets = collate(rows, cpu, 64)
+    targets[0, -1] = 5   # a scored padding position moves the loss: the check above can fail
+    with torch.no_grad():
+        assert abs(float(token_loss(model, inputs, targets, cpu)) - losses[0]) > 1e-4
+
+    log = train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.01, progress=False, bleu_pairs=0,
+                validation_pairs=4, batch_size=16, lr=1e-4)
+    assert log["recipe"]["batch_size"] == 16 and log["recipe"]["lr"] == 1e-4
+    assert log["planned_steps"] == round(0.01 * math.ceil(log["train_pairs"] / 16))
+    for kw, name in ((dict(batch_size=0), "--batch-size"), (dict(lr=-1.0), "--lr")):
+        with pytest.raises(SpecCascadeError, match=f"{name} must be > 0"):
+            train("tiny", "drafter", tmp_path / "e", TOKENIZER_DIR, epochs=0.01, progress=False, bleu_pairs=0, **kw)
+    assert main(["train", "--preset", "tiny", "--role", "drafter", "--out", str(tmp_path / "x"), "--epochs", "0.01",
+                 "--batch-size", "0"]) == 2

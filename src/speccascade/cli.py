@@ -149,7 +149,8 @@ def _train(args) -> int:
         log = train(preset, role, out, Path(tok_dir), device=args.device, seed=args.seed,
                     epochs=args.epochs, max_minutes=args.minutes, train_file=args.train_file,
                     sources=None if args.sources is None else tuple(x.strip() for x in args.sources.split(",")),
-                    teacher=args.teacher, distill_weight=args.distill_weight)
+                    teacher=args.teacher, distill_weight=args.distill_weight, batch_size=args.batch_size,
+                    lr=args.lr)
         print(json.dumps({k: log.get(k) for k in ("preset", "arch", "role", "params", "steps", "train_seconds",
                                                   "best")}))
     return 0
@@ -507,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a trained verifier to distil from (same tokenizer): the loss adds KL(p_teacher || q)")
     t.add_argument("--distill-weight", type=float, default=None,
                    help="weight of the distillation term in [0, 1] (default: the recipe's, else 0.5)")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per optimisation step, over all data-parallel ranks (default: the recipe's)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     t.set_defaults(fn=_train)
 
     x = sub.add_parser("distill", help="write a verifier's own translations of the training sources (for a drafter)")

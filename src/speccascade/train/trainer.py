@@ -37,7 +37,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -146,9 +146,15 @@ PRESETS: dict[str, dict[str, Recipe]] = {
 DEFAULT_PRESETS = {"llama": "tiny", "t5": "t5"}
 MAX_POSITIONS = 512
 #: the steps whose throughput plans a time-budgeted run (the first ones warm up; evaluations in the
-#: window are not counted as training time). Measured on an H200 beside a compiling process on the
-#: other GPU, steps 10-40 ran at 3.0 steps/s against 6-8 later: a plan made that early used half the budget.
-PROBE_STEPS = (50, 150)
+#: window are not counted as training time). Measured on an H200: beside a compiling process on the
+#: other GPU, steps 10-40 ran at 3.0 steps/s against 6-8 later; a 1-layer drafter (below) was still
+#: speeding up at step 150. A plan made that early leaves much of the budget unused.
+PROBE_STEPS = (300, 500)
+#: batch widths are rounded up to this on a GPU: a few shapes instead of one per padded length (each new
+#: shape is slow the first time: kernel selection), so a run reaches its steady rate sooner. In the deep
+#: pair's run 2 (2 x H200, widths not rounded) the drafter ran at 6.5 steps/s at step 70, 11 at step 180
+#: and 18 from step 400 on, and its plan, made from steps 50-150 at 7.5 steps/s, used 74 s of its 120.
+SHAPE_MULTIPLE = 16
 MAX_PAIR_TOKENS = 320
 
 
@@ -266,10 +272,15 @@ def load_teacher(path: Path, vocab_size: int, device: torch.device):
     return teacher
 
 
-def collate(batch: list[tuple[list[int], int]], device) -> tuple[dict, torch.Tensor]:
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def collate(batch: list[tuple[list[int], int]], device, multiple: int = 1) -> tuple[dict, torch.Tensor]:
     """A decoder-only batch: (model inputs, targets aligned with the logits: the next token where
-    it is Spanish, -100 elsewhere)."""
-    L = max(len(ids) for ids, _ in batch)
+    it is Spanish, -100 elsewhere). The width is rounded up to ``multiple`` (right padding: masked,
+    not scored, unseen by the real tokens of a causal model)."""
+    L = _round_up(max(len(ids) for ids, _ in batch), multiple)
     ids = torch.full((len(batch), L), PAD, dtype=torch.long)
     targets = torch.full((len(batch), L), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), L), dtype=torch.long)
@@ -280,12 +291,13 @@ def collate(batch: list[tuple[list[int], int]], device) -> tuple[dict, torch.Ten
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, targets.to(device)
 
 
-def collate_seq2seq(batch: list[tuple[list[int], int]], device) -> tuple[dict, torch.Tensor]:
+def collate_seq2seq(batch: list[tuple[list[int], int]], device, multiple: int = 1) -> tuple[dict, torch.Tensor]:
     """An encoder-decoder batch: the prompt to the encoder (right-padded, masked), the decoder fed
     ``<pad>`` (its start token) then the Spanish shifted right; targets: the Spanish + ``</s>``,
-    -100 on padding. The decoder is causal, so its right padding needs no mask."""
-    S = max(n_src for _, n_src in batch)
-    T = max(len(seq) - n_src for seq, n_src in batch)
+    -100 on padding. The decoder is causal, so its right padding needs no mask. Both widths are
+    rounded up to ``multiple``."""
+    S = _round_up(max(n_src for _, n_src in batch), multiple)
+    T = _round_up(max(len(seq) - n_src for seq, n_src in batch), multiple)
     src = torch.full((len(batch), S), PAD, dtype=torch.long)
     mask = torch.zeros((len(batch), S), dtype=torch.long)
     dec = torch.full((len(batch), T), PAD, dtype=torch.long)
@@ -399,7 +411,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
           epochs: float | None = None, max_minutes: float | None = None, progress: bool = True,
           bleu_pairs: int = 200, train_file: Path | None = None, arch: str | None = None,
           teacher: Path | None = None, distill_weight: float | None = None,
-          validation_pairs: int | None = None, sources: tuple[str, ...] | None = None) -> dict:
+          validation_pairs: int | None = None, sources: tuple[str, ...] | None = None,
+          batch_size: int | None = None, lr: float | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, one step runs and a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
@@ -411,6 +424,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     verse twice, from two translations). ``validation_pairs``: validate on the first N
     validation pairs only (smoke runs). ``teacher``: a checkpoint to distil from (``distill_weight``,
     default the recipe's or 0.5, of the loss is KL(p_teacher || q); validation stays plain cross-entropy).
+    ``batch_size`` / ``lr``: replace the recipe's (sequences per optimisation step, over all ranks; peak
+    learning rate); the log's ``recipe`` holds what was used.
 
     **Data-parallel** under ``torchrun --nproc-per-node N`` (PyTorch's DistributedDataParallel, NCCL
     on GPUs, gloo on a CPU): every rank draws the same batches and takes its 1/N share of each
@@ -426,6 +441,13 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     preset = check_train_args(preset, role, epochs, max_minutes, arch)
     check_device(device, f"{role} to train")
     recipe = PRESETS[preset][role]
+    for name, value in (("--batch-size", batch_size), ("--lr", lr)):
+        if value is not None and not value > 0:
+            from ..errors import SpecCascadeError
+
+            raise SpecCascadeError(f"{name} must be > 0, got {value}")
+    recipe = replace(recipe, batch_size=recipe.batch_size if batch_size is None else int(batch_size),
+                     lr=recipe.lr if lr is None else float(lr))
     layout = ARCHS[recipe.arch]
     if distill_weight is None:
         distill_weight = (recipe.distill_weight or 0.5) if teacher is not None else 0.0
@@ -521,7 +543,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         batch = batches.pop()
         if len(batch) < n_ranks:
             continue   # (data-parallel: a remnant batch too small to share; every rank skips it)
-        inputs, targets = layout.collate([train_data[i] for i in batch[rank::n_ranks]], dev)
+        inputs, targets = layout.collate([train_data[i] for i in batch[rank::n_ranks]], dev,
+                                         SHAPE_MULTIPLE if dev.type == "cuda" else 1)
         logits = model_logits(net, inputs, dev)
         loss = cross_entropy(logits, targets, recipe.label_smoothing)
         if teacher_model is not None:
