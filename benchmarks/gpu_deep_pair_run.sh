@@ -2,29 +2,36 @@
 # Issue 12 on a machine with two GPUs: train the deep pair, then Table 2 in wall-clock.
 #   bash benchmarks/gpu_deep_pair_run.sh [DIR]        (default runs/deep; everything lands in DIR)
 #
-# First, on every GPU: the 30-layer verifier (`train --preset deep`), data-parallel under torchrun.
-# Then GPU 0, in order: the verifier's own translations of the training sources (`distill`, greedy
-# and T = 1), the 1-layer drafter trained on them with the verifier as teacher (`train --train-file
-# --teacher`), the pair's test-set record (pair.json), then the sweep on both GPUs (`sweep --workers
-# 2`): every method at gamma = 5, T = 0 and 1, 500 test examples, batch 1, fused backend (Table 2's
-# methods first, then the others); then gamma = 3 and 8 for sd, token_v3 and opt.
-# GPU 1 meanwhile: from the start, `sweep --warm-up-only` on random weights of the pair's shapes
-# (torch's compile caches are on disk, shared by the later sweep's workers; the warm-up is stopped
-# when the sweep starts), and after the verifier the GPU tests on this engine.
+# First, on every GPU: the 30-layer verifier (`train --preset deep`), data-parallel under torchrun
+# (a batch of VERIFIER_BATCH sequences a step over the ranks: the step is overhead-bound, so each rank
+# takes a full recipe batch). Then the verifier's own translations of the training sources (`distill`:
+# greedy on GPU 0, T = 1 on GPU 1), the 1-layer drafter trained on them with the verifier as teacher
+# (`train --train-file --teacher`, GPU 0) and the pair's test-set record (pair.json), while GPU 1 runs
+# the GPU tests; then the sweep on both GPUs (`sweep --workers 2`): every method at gamma = 5, T = 0
+# and 1, 500 test examples, batch 1, fused backend, float32 (greedy sd then equals the verifier's own
+# greedy output; in bfloat16, run 2's sd differed from it on 40 of 500 examples: rounding near-ties);
+# Table 2's methods first, then the others; then gamma = 3 and 8 for sd, token_v3 and opt.
+# GPU 1 first runs a smoke test of the compiled paths (read it in the first device call's output).
+# WARM_PROCS > 0 adds `sweep --warm-up-only` processes on random weights of the pair's shapes (torch's
+# on-disk compile caches; the fused step is compiled per layer region, so the sweep's own compile
+# took ~30 s in run 2 and the default is 0).
 # Each stage logs to DIR/<stage>.log and its start / end / rc to DIR/stages.log; a failed stage
-# does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (7),
-# VERIFIER_GPUS (GPUS: data-parallel ranks for the verifier), DRAFTER_MINUTES (2), DISTILL_BATCH (1024), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
-# METHODS (all), SKIP_TESTS (0), BACKEND (fused: the sweep's), TEST_PAIRS (1000), WARM_PROCS (3). `distill` decodes batches
-# of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
+# does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (7.5),
+# VERIFIER_GPUS (GPUS: data-parallel ranks for the verifier), VERIFIER_BATCH (128 a rank), VERIFIER_LR (8e-4) and
+# VERIFIER_EPOCHS (12; the time budget trims it) with 2 ranks (one rank: the recipe's), DRAFTER_MINUTES (3), DISTILL_BATCH (1024), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
+# METHODS (all), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (float32), TEST_PAIRS (1000), WARM_PROCS (0).
+# `distill` decodes batches of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
 # A CPU rehearsal of the plumbing:
 #   DEVICE=cpu PRESET=tiny VERIFIER_MINUTES=0.2 DRAFTER_MINUTES=0.2 DISTILL_LIMIT=16 EXAMPLES=2 TEST_PAIRS=10 \
 #     METHODS=verifier_only,sd,token_v3,opt SKIP_TESTS=1 BACKEND=dynamic bash benchmarks/gpu_deep_pair_run.sh runs/rehearsal
 set -uo pipefail
 dir="${1:-runs/deep}"
 DEVICE="${DEVICE:-cuda}"; GPUS="${GPUS:-2}"; PRESET="${PRESET:-deep}"; METHODS="${METHODS:-all}"
-VERIFIER_MINUTES="${VERIFIER_MINUTES:-7}"; VERIFIER_GPUS="${VERIFIER_GPUS:-$GPUS}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-2}"
+VERIFIER_MINUTES="${VERIFIER_MINUTES:-7.5}"; VERIFIER_GPUS="${VERIFIER_GPUS:-$GPUS}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-3}"
+VERIFIER_BATCH="${VERIFIER_BATCH:-128}"; VERIFIER_LR="${VERIFIER_LR:-8e-4}"; VERIFIER_EPOCHS="${VERIFIER_EPOCHS:-12}"
 DISTILL_BATCH="${DISTILL_BATCH:-1024}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
-BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"; WARM_PROCS="${WARM_PROCS:-3}"
+BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"; WARM_PROCS="${WARM_PROCS:-0}"
+SWEEP_DTYPE="${SWEEP_DTYPE:-float32}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 sc() { python -m speccascade "$@"; }
@@ -56,7 +63,7 @@ alphas_for() {  # keep only the grids of the swept methods
   echo "$out"
 }
 grid=(--temperatures 0 1 --examples "$EXAMPLES" --max-new-tokens 128 --device "$DEVICE" --backend "$BACKEND" --quiet)
-[ "$DEVICE" = cuda ] && grid+=(--dtype bfloat16)
+[ "$DEVICE" = cuda ] && grid+=(--dtype "$SWEEP_DTYPE")
 
 # GPU 1, from the start: warm the compile caches on random weights of the pair's shapes (compiling
 # is CPU work, and the verifier's training leaves the CPUs idle; 4 compile threads a process)
@@ -66,6 +73,7 @@ warm() {
   # output: a fix made then reaches the stages that start later, as each device call re-sends the tree)
   [ "$SKIP_TESTS" != 1 ] && stage gpu_smoke python -m pytest tests/test_gpu.py -x -q -p no:cacheprovider \
       -k "captured_greedy or host_driven or fused_t5"
+  [ "$WARM_PROCS" -gt 0 ] || return 0
   stage random_pair python - "$dir/random" "$PRESET" <<'EOF'
 import sys
 from pathlib import Path
@@ -100,14 +108,37 @@ if [ "$GPUS" -ge 2 ]; then
   (export CUDA_VISIBLE_DEVICES=1; warm) &
   warm_pid=$!
 fi
-# every GPU: the verifier, data-parallel (one rank per GPU; the recipe's batch shared among them)
+# every GPU: the verifier, data-parallel (one rank per GPU, each a VERIFIER_BATCH-sequence share of a step)
 if [ "$VERIFIER_GPUS" -ge 2 ]; then
   stage train_verifier python -m torch.distributed.run --standalone --nproc-per-node "$VERIFIER_GPUS" \
       -m speccascade train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
-      --minutes "$VERIFIER_MINUTES" \
+      --minutes "$VERIFIER_MINUTES" --batch-size $((VERIFIER_BATCH * VERIFIER_GPUS)) --lr "$VERIFIER_LR" \
+      --epochs "$VERIFIER_EPOCHS" \
     || echo "$(date -u +%FT%TZ) the data-parallel verifier failed: GPU 0 trains it alone" >> "$dir/stages.log"
 fi
-# GPU 1 (GPU 0 with one GPU, before the pair): the GPU tests on this engine
+limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
+distill_at() {  # distill_at GPU TEMPERATURE...: the verifier's translations at these temperatures
+  local gpu="$1"; shift
+  (export CUDA_VISIBLE_DEVICES="$gpu"; [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+   stage "distill_T${*// /_}" sc distill --verifier "$dir/verifier" --out "$dir/distill_T${*// /_}.jsonl.gz" \
+       --temperatures "$@" --batch-size "$DISTILL_BATCH" --device "$DEVICE" "${limit[@]}" --quiet \
+       $([ "$DEVICE" = cuda ] && echo --dtype bfloat16))
+}
+# GPU 0: the verifier alone if it is not trained yet; then its translations (T = 1 on GPU 1 meanwhile)
+(
+  export CUDA_VISIBLE_DEVICES=0
+  [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+  stage train_verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
+      --minutes "$VERIFIER_MINUTES"
+) && if [ "$GPUS" -ge 2 ]; then
+  distill_at 1 1 & t1_pid=$!
+  distill_at 0 0; rc0=$?
+  wait "$t1_pid" && [ $rc0 -eq 0 ]
+else
+  distill_at 0 0 1
+fi && stage distill bash -c "cat $dir/distill_T*.jsonl.gz > $dir/distill.jsonl.gz"
+distill_rc=$?
+# GPU 1 (GPU 0 with one GPU, before the drafter): the GPU tests on this engine
 if [ "$SKIP_TESTS" != 1 ] && [ "$GPUS" -ge 2 ]; then
   (export CUDA_VISIBLE_DEVICES=1; stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider) &
   side_pid=$!
@@ -115,16 +146,10 @@ elif [ "$SKIP_TESTS" != 1 ]; then
   stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider
 fi
 
-# GPU 0: the pair
-(
+# GPU 0: the drafter and the pair's record
+[ $distill_rc -eq 0 ] && (
   export CUDA_VISIBLE_DEVICES=0
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
-  limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
-  stage train_verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
-      --minutes "$VERIFIER_MINUTES" &&
-  stage distill sc distill --verifier "$dir/verifier" --out "$dir/distill.jsonl.gz" --temperatures 0 1 \
-      --batch-size "$DISTILL_BATCH" --device "$DEVICE" "${limit[@]}" --quiet \
-      $([ "$DEVICE" = cuda ] && echo --dtype bfloat16) &&
   stage train_drafter sc train --preset "$PRESET" --role drafter --out "$dir/drafter" --device "$DEVICE" \
       --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" &&
   stage pair python benchmarks/train_pair.py --preset "$PRESET" --roles "" --out "$dir" --device "$DEVICE" \
