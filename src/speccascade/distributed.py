@@ -47,6 +47,7 @@ refused, naming the model type, and so are encoder-decoder verifiers (the ``seq2
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -120,8 +121,16 @@ def init_tp(device="cpu") -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", rank=r, world_size=size,
                                 device_id=torch.device("cuda", local) if cuda else None)
+        atexit.register(_shutdown)   # at a normal exit (else NCCL warns of leaked resources)
     if r != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_tp_plan(path, role: str = "verifier") -> None:
