@@ -168,3 +168,23 @@ def test_teacher_forced_agreement_of_a_decoder_only_pair_is_unchanged():
         teacher_forced_agreement(d, v, seqs, 1)["sd_acceptance_T1"], abs=1e-6)
     with pytest.raises(SpecCascadeError, match="two decoder-only or two encoder-decoder models"):
         teacher_forced_agreement(tiny_llama(0), tiny_seq2seq("t5"), seqs)
+
+
+def test_rounded_batch_widths_change_no_t5_loss():
+    """The GPU trainer rounds both widths of an encoder-decoder batch up (SHAPE_MULTIPLE): the extra
+    encoder padding is masked and the extra decoder padding (causal, after the targets) is not
+    scored, so the loss is the same; a scored padding position changes it (the check can fail)."""
+    torch.manual_seed(0)
+    model = trainer.build_t5(trainer.PRESETS["t5_tiny"]["verifier"].shape, 64).eval()
+    seqs = [([1, 10, 11, 12, 3, 20, 21, 22, 2], 5), ([1, 12, 3, 22, 2], 3), ([1, 13, 14, 3, 23, 24, 25, 26, 2], 4)]
+    cpu = torch.device("cpu")
+    losses = []
+    for multiple in (1, 16):
+        inputs, targets = trainer.collate_seq2seq(seqs, cpu, multiple)
+        assert inputs["input_ids"].shape[1] % multiple == 0 and inputs["decoder_input_ids"].shape[1] % multiple == 0
+        with torch.no_grad():
+            losses.append(float(trainer.token_loss(model, inputs, targets, cpu)))
+    assert abs(losses[0] - losses[1]) < 1e-5, losses
+    targets[1, -1] = 7
+    with torch.no_grad():
+        assert abs(float(trainer.token_loss(model, inputs, targets, cpu)) - losses[0]) > 1e-4
