@@ -10,7 +10,7 @@
 # the GPU tests; then the sweep on both GPUs (`sweep --workers 2`): every method at gamma = 5, T = 0
 # and 1, 500 test examples, batch 1, fused backend, float32 (greedy sd then equals the verifier's own
 # greedy output; in bfloat16, run 2's sd differed from it on 40 of 500 examples: rounding near-ties);
-# Table 2's methods first, then the others; then gamma = 3 and 8 for sd, token_v3 and opt.
+# Table 2's methods first, then gamma = 3 and 8 for sd, diff and opt_log, then the other methods.
 # GPU 1 first runs a smoke test of the compiled paths (read it in the first device call's output).
 # WARM_PROCS > 0 adds `sweep --warm-up-only` processes on random weights of the pair's shapes (torch's
 # on-disk compile caches; the fused step is compiled per layer region, so the sweep's own compile
@@ -49,11 +49,15 @@ stage() {  # stage NAME CMD... : run, log, record rc; a stage that ended well in
 git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true
 
 # The sweep's grid: every method, 3-4 alphas each, from the SD end to the drafter end of its rule.
-ALPHAS="lossy=0.2,0.5,0.8;lossy_tuned=0.2,0.5,0.8;bild_star=1,3,8;chow=0.2,0.6,0.9;diff=-0.2,0,0.1,0.3"
-ALPHAS+=";opt=-1,0,0.5,2;chow_log=0.5,2,5;diff_log=-1,0.5,2;opt_log=-1,1,10;token_v1=-0.2,0.1,0.5"
-ALPHAS+=";token_v2=-0.2,0.1,0.3;token_v3=0.2,0.4,0.6,0.9;token_cascade=0.2,0.6,0.9"
-ALPHAS+=";seq_cascade=0.3,0.6,0.9;oracle_diff=-0.2,0.1,0.4;bild=1,2,4"
-GAMMA_ALPHAS="token_v3=0.2,0.6;opt=0,2"
+# Denser where run 2's curves crossed the verifier's quality (diff, opt, opt_log between the SD end
+# and alpha 0; lossy below 0.2, where it never reached the verifier at T = 1).
+ALPHAS="lossy=0.05,0.2,0.5,0.8;lossy_tuned=0.05,0.2,0.5,0.8;bild_star=1,3,8;chow=0.2,0.6,0.9"
+ALPHAS+=";diff=-0.5,-0.2,-0.1,0,0.1,0.3;opt=-1,-0.3,0,0.5,2;chow_log=0.5,2,5;diff_log=-1,0.5,2"
+ALPHAS+=";opt_log=-1,0,1,10;token_v1=-0.2,0.1,0.5;token_v2=-0.2,0.1,0.3;token_v3=0.2,0.4,0.6,0.9"
+ALPHAS+=";token_cascade=0.2,0.6,0.9;seq_cascade=0.3,0.6,0.9;oracle_diff=-0.2,0.1,0.4;bild=1,2,4"
+# gamma 3 and 8: sd and run 2's two best cascades at T = 1 (opt_log 1.89x, diff 1.82x), at the
+# alphas around their crossing of the verifier's quality
+GAMMA_ALPHAS="diff=-0.2,0;opt_log=-1,0"
 alphas_for() {  # keep only the grids of the swept methods
   local out="" m; IFS=';' read -ra parts <<< "$1"
   for part in "${parts[@]}"; do
@@ -166,19 +170,22 @@ fi
 pair=(--drafter "$dir/drafter" --verifier "$dir/verifier")
 # with every method: Table 2's methods first (the session's end may cut a sweep; cells land as they
 # finish), then the rest into the same file (each worker re-times its own verifier_only for them)
-FIRST="verifier_only,drafter_only,sd,lossy,lossy_tuned,bild_star,chow,diff,opt,token_v3"
+FIRST="verifier_only,drafter_only,sd,lossy,lossy_tuned,bild_star,chow,diff,opt,opt_log,token_v3"
 if [ "$METHODS" = all ]; then
   rest=$(python -c "from speccascade.registry import METHODS; f='$FIRST'.split(','); print(','.join(m for m in METHODS if m not in f))")
   parts=(sweep "$FIRST" sweep_rest "$rest")
 else
   parts=(sweep "$METHODS")
 fi
-for ((k = 0; k < ${#parts[@]}; k += 2)); do
-  ms="${parts[k + 1]}"; opt=(); [[ ",$ms," == *",seq_cascade,"* ]] && opt=(--option seq_cascade.length_normalized=true)
-  stage "${parts[k]}" sc sweep "${pair[@]}" --methods "$ms" --alphas "$(METHODS=$ms alphas_for "$ALPHAS")" "${opt[@]}" \
+sweep_part() {  # sweep_part STAGE METHODS: gamma 5 cells of these methods into the sweep file
+  local ms="$2" opt=(); [[ ",$ms," == *",seq_cascade,"* ]] && opt=(--option seq_cascade.length_normalized=true)
+  stage "$1" sc sweep "${pair[@]}" --methods "$ms" --alphas "$(METHODS=$ms alphas_for "$ALPHAS")" "${opt[@]}" \
       "${grid[@]}" --gammas 5 --workers "$GPUS" --out "$dir/sweep.jsonl"
-done
-gm="sd,token_v3,opt"; [ "$METHODS" = all ] || gm="$(echo "$gm" | tr , '\n' | grep -xF -f <(echo "$METHODS" | tr , '\n') | paste -sd,)"
+}
+sweep_part "${parts[0]}" "${parts[1]}"
+# then gamma 3 and 8 (the issue's block-size cells), then the other methods: the session's end cuts the last
+gm="sd,diff,opt_log"; [ "$METHODS" = all ] || gm="$(echo "$gm" | tr , '\n' | grep -xF -f <(echo "$METHODS" | tr , '\n') | paste -sd,)"
 [ -n "$gm" ] && stage sweep_gammas sc sweep "${pair[@]}" --methods "$gm" --alphas "$(METHODS=$gm alphas_for "$GAMMA_ALPHAS")" \
     "${grid[@]}" --gammas 3 8 --workers "$GPUS" --out "$dir/sweep.jsonl"
+[ ${#parts[@]} -gt 2 ] && sweep_part "${parts[2]}" "${parts[3]}"
 echo "$(date -u +%FT%TZ) all done" >> "$dir/stages.log"
