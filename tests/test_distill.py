@@ -188,3 +188,36 @@ def test_rounded_batch_widths_change_no_loss_and_overrides_are_recorded(tmp_path
             train("tiny", "drafter", tmp_path / "e", TOKENIZER_DIR, epochs=0.01, progress=False, bleu_pairs=0, **kw)
     assert main(["train", "--preset", "tiny", "--role", "drafter", "--out", str(tmp_path / "x"), "--epochs", "0.01",
                  "--batch-size", "0"]) == 2
+
+
+def test_init_from_starts_a_drafter_with_the_verifiers_embeddings_and_first_layer(tmp_path):
+    """``--init-from``: a 1-layer drafter as wide as the verifier starts as the verifier cut after its
+    first layer (same embeddings, tied head, final norm, layer 0): its logits equal that truncated
+    verifier's. Another width, or an encoder-decoder, is a clear error naming the difference."""
+    from speccascade.train.trainer import PRESETS, build_model, init_from_model
+
+    _, v_dir = embedded_pair_dirs("tiny")
+    verifier = load_causal_lm(v_dir).float().eval()
+    torch.manual_seed(0)
+    drafter = build_model(PRESETS["deep"]["drafter"].shape, verifier.config.vocab_size).eval()
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    before = drafter(input_ids=ids).logits
+    copied = init_from_model(drafter, v_dir)
+    assert "model.embed_tokens.weight" in copied and "model.norm.weight" in copied
+    assert any(k.startswith("model.layers.0.") for k in copied) and not any(".layers.1." in k for k in copied)
+    verifier.model.layers = verifier.model.layers[:1]   # the verifier cut after its first layer
+    with torch.no_grad():
+        after, cut = drafter(input_ids=ids).logits, verifier(input_ids=ids).logits
+    assert torch.allclose(after, cut, atol=1e-5) and not torch.allclose(before, cut, atol=1e-2)
+
+    narrow = build_model(PRESETS["tiny"]["drafter"].shape, verifier.config.vocab_size)
+    with pytest.raises(SpecCascadeError, match="hidden_size 64 vs 384"):
+        init_from_model(narrow, v_dir)
+    t5 = build_model(PRESETS["t5_tiny"]["drafter"].shape, verifier.config.vocab_size)
+    with pytest.raises(SpecCascadeError, match="not a T5"):
+        init_from_model(t5, v_dir)
+    with pytest.raises(SpecCascadeError):
+        init_from_model(drafter, tmp_path / "missing")
+    log = train("deep", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.001, progress=False, bleu_pairs=0,
+                validation_pairs=4, init_from=v_dir)
+    assert log["init_from"] == str(v_dir)

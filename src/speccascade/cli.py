@@ -150,7 +150,7 @@ def _train(args) -> int:
                     epochs=args.epochs, max_minutes=args.minutes, train_file=args.train_file,
                     sources=None if args.sources is None else tuple(x.strip() for x in args.sources.split(",")),
                     teacher=args.teacher, distill_weight=args.distill_weight, batch_size=args.batch_size,
-                    lr=args.lr)
+                    lr=args.lr, init_from=args.init_from)
         print(json.dumps({k: log.get(k) for k in ("preset", "arch", "role", "params", "steps", "train_seconds",
                                                   "best")}))
     return 0
@@ -511,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None,
                    help="sequences per optimisation step, over all data-parallel ranks (default: the recipe's)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    t.add_argument("--init-from", type=Path, default=None,
+                   help="a trained model as wide as this one (e.g. the verifier, for a drafter): its embeddings, "
+                        "final norm and first layers start this model")
     t.set_defaults(fn=_train)
 
     x = sub.add_parser("distill", help="write a verifier's own translations of the training sources (for a drafter)")

@@ -258,6 +258,42 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: to
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
+def init_from_model(model, path: Path) -> list[str]:
+    """Copy a trained decoder-only model's token embeddings (tied to the output head), final norm
+    and first ``len(model.model.layers)`` decoder layers into ``model`` (a drafter as wide as
+    that model, e.g. a 1-layer drafter of a 30-layer verifier), so that distillation starts from
+    the verifier's own vocabulary and first layer instead of random weights. Returns the copied
+    parameter names; a model of another width, head layout or vocabulary is a clear error."""
+    from ..errors import SpecCascadeError
+    from ..models.base import is_encoder_decoder
+    from ..models.loading import check_model_path, load_causal_lm
+
+    check_model_path(str(path), "--init-from")
+    if is_encoder_decoder(model):
+        raise SpecCascadeError("--init-from starts a decoder-only model (--arch llama); not a T5")
+    source = load_causal_lm(path, dtype=torch.float32)
+    if is_encoder_decoder(source):
+        raise SpecCascadeError(f"--init-from {str(path)!r} is an encoder-decoder; give a decoder-only model")
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    mine, theirs = ({k: getattr(m.config, k) for k in keys} for m in (model, source))
+    if mine != theirs:
+        diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in keys if mine[k] != theirs[k])
+        raise SpecCascadeError(f"--init-from {str(path)!r}: its shape differs from this model's ({diff}); it must "
+                               f"be as wide as the model trained here (only the number of layers may differ)")
+    n = len(model.model.layers)
+    if len(source.model.layers) < n:
+        raise SpecCascadeError(f"--init-from {str(path)!r} has {len(source.model.layers)} layers; this model has {n}")
+    theirs = source.state_dict()
+    copied = [k for k in model.state_dict()
+              if k.startswith(("model.embed_tokens.", "model.norm.", "lm_head."))
+              or any(k.startswith(f"model.layers.{i}.") for i in range(n))]
+    with torch.no_grad():
+        mine = model.state_dict()
+        for k in copied:
+            mine[k].copy_(theirs[k])
+    return copied
+
+
 def load_teacher(path: Path, vocab_size: int, device: torch.device):
     """A trained checkpoint to distil from, frozen; it must share the tokenizer (same vocabulary)."""
     from ..errors import SpecCascadeError
@@ -412,7 +448,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
           bleu_pairs: int = 200, train_file: Path | None = None, arch: str | None = None,
           teacher: Path | None = None, distill_weight: float | None = None,
           validation_pairs: int | None = None, sources: tuple[str, ...] | None = None,
-          batch_size: int | None = None, lr: float | None = None) -> dict:
+          batch_size: int | None = None, lr: float | None = None, init_from: Path | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, one step runs and a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
@@ -425,7 +461,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     validation pairs only (smoke runs). ``teacher``: a checkpoint to distil from (``distill_weight``,
     default the recipe's or 0.5, of the loss is KL(p_teacher || q); validation stays plain cross-entropy).
     ``batch_size`` / ``lr``: replace the recipe's (sequences per optimisation step, over all ranks; peak
-    learning rate); the log's ``recipe`` holds what was used.
+    learning rate); the log's ``recipe`` holds what was used. ``init_from``: a trained model of the
+    same width whose embeddings, final norm and first layers start this one (:func:`init_from_model`).
 
     **Data-parallel** under ``torchrun --nproc-per-node N`` (PyTorch's DistributedDataParallel, NCCL
     on GPUs, gloo on a CPU): every rank draws the same batches and takes its 1/N share of each
@@ -494,6 +531,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         train_data = encode_pairs(tokenizer, [p for src in sources for p in load_split(SOURCES[src])])
     val_data = encode_pairs(tokenizer, load_split("validation")[:validation_pairs])
     model = layout.build(recipe.shape, len(tokenizer), recipe.attention_dropout, recipe.dropout).to(dev)
+    if init_from is not None:
+        init_from_model(model, init_from)
     teacher_model = load_teacher(teacher, len(tokenizer), dev) if teacher is not None else None
     net = model   # what the training steps call: the model, or its DistributedDataParallel wrapper
     if n_ranks > 1:
@@ -525,6 +564,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
            "train_file": None if train_file is None else str(train_file),
            "sources": None if train_file is not None else list(sources),
            "teacher": None if teacher is None else str(teacher), "distill_weight": distill_weight,
+           "init_from": None if init_from is None else str(init_from),
            "planned_steps": total_steps, "planned_epochs": epochs, "ranks": n_ranks}
     best, start, step = math.inf, time.perf_counter(), 0
     bar = tqdm(total=total_steps, desc=f"train {preset}/{role}", disable=not progress or not lead)
