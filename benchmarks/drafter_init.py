@@ -10,13 +10,15 @@ sources: top-1 agreement and SD acceptance E[sum min(p, q)] at T = 1. Run from t
 
     python benchmarks/drafter_init.py --verifier DIR --out runs/drafter_init --record F.json
 
-By default the verifier is the shipped tiny pair's (8 x 384) and the drafter the deep preset's
-(1 x 384): the same width, and small enough for a CPU (pinned to one thread there).
+The drafter has one layer of the verifier's width (heads, intermediate size) and otherwise
+``--preset``'s drafter recipe (learning rate, distillation weight, ...). By default the verifier is
+the shipped tiny pair's (8 x 384), small enough for a CPU (pinned to one thread there).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -31,13 +33,13 @@ from speccascade.eval.tasks import translate_pairs
 from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm
 from speccascade.train.distill import distill
 from speccascade.train.tokenizer import encode_prompt, encode_target, load_tokenizer
-from speccascade.train.trainer import train
+from speccascade.train.trainer import PRESETS, Shape, train
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--verifier", type=Path, default=None, help="default: the shipped tiny verifier")
-    ap.add_argument("--preset", default="deep", help="whose drafter recipe (it must be as wide as the verifier)")
+    ap.add_argument("--preset", default="deep", help="whose drafter recipe (its shape: 1 layer of the verifier's)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--record", type=Path, default=None)
     ap.add_argument("--train-sources", type=int, default=3000)
@@ -50,6 +52,9 @@ def main() -> None:
     v_dir = args.verifier or embedded_pair_dirs("tiny")[1]
     tok = load_tokenizer(TOKENIZER_DIR)
     verifier = load_causal_lm(v_dir, device=args.device, dtype=torch.float32).eval()
+    c = verifier.config
+    shape = Shape(c.hidden_size, 1, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
+    PRESETS["drafter_init"] = {"drafter": dataclasses.replace(PRESETS[args.preset]["drafter"], shape=shape)}
     rows = args.out / "distill.jsonl.gz"
     start = time.perf_counter()
     if not rows.exists():
@@ -65,13 +70,14 @@ def main() -> None:
         src = encode_prompt(tok, p["en"])
         seqs.append((src + encode_target(tok, h), len(src)))
 
-    record = {"verifier": str(v_dir), "preset": args.preset, "train_sources": args.train_sources,
+    record = {"verifier": str(v_dir), "recipe_of": args.preset, "drafter_shape": dataclasses.asdict(shape),
+              "train_sources": args.train_sources,
               "eval_sources": args.eval_sources, "epochs": args.epochs, "device": args.device,
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "speccascade": speccascade.__version__, "distill_seconds": distill_s,
               "runs": {}}
     for name, init in (("random_start", None), ("init_from_verifier", v_dir)):
-        log = train(args.preset, "drafter", args.out / name, TOKENIZER_DIR, device=args.device, epochs=args.epochs,
+        log = train("drafter_init", "drafter", args.out / name, TOKENIZER_DIR, device=args.device, epochs=args.epochs,
                     max_minutes=600, progress=False, bleu_pairs=0, train_file=rows, teacher=v_dir, init_from=init,
                     validation_pairs=200)
         drafter = load_causal_lm(args.out / name, device=args.device, dtype=torch.float32).eval()

@@ -5,8 +5,9 @@
 # First, on every GPU: the 30-layer verifier (`train --preset deep`), data-parallel under torchrun
 # (a batch of VERIFIER_BATCH sequences a step over the ranks: the step is overhead-bound, so each rank
 # takes a full recipe batch). Then the verifier's own translations of the training sources (`distill`:
-# greedy on GPU 0, T = 1 on GPU 1), the 1-layer drafter trained on them with the verifier as teacher
-# (`train --train-file --teacher`, GPU 0) and the pair's test-set record (pair.json), while GPU 1 runs
+# greedy on GPU 0, T = 1 on GPU 1), the 1-layer drafter trained on them with the verifier as teacher,
+# started from the verifier's embeddings and first layer (`train --train-file --teacher --init-from`,
+# GPU 0; DRAFTER_INIT=0: from random weights) and the pair's test-set record (pair.json), while GPU 1 runs
 # the GPU tests; then the sweep on both GPUs (`sweep --workers 2`): every method at gamma = 5, T = 0
 # and 1, 500 test examples, batch 1, fused backend, float32 (greedy sd then equals the verifier's own
 # greedy output; in bfloat16, run 2's sd differed from it on 40 of 500 examples: rounding near-ties);
@@ -31,7 +32,7 @@ VERIFIER_MINUTES="${VERIFIER_MINUTES:-7.5}"; VERIFIER_GPUS="${VERIFIER_GPUS:-$GP
 VERIFIER_BATCH="${VERIFIER_BATCH:-128}"; VERIFIER_LR="${VERIFIER_LR:-8e-4}"; VERIFIER_EPOCHS="${VERIFIER_EPOCHS:-12}"
 DISTILL_BATCH="${DISTILL_BATCH:-1024}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
 BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"; WARM_PROCS="${WARM_PROCS:-0}"
-SWEEP_DTYPE="${SWEEP_DTYPE:-float32}"
+SWEEP_DTYPE="${SWEEP_DTYPE:-float32}"; DRAFTER_INIT="${DRAFTER_INIT:-$([ "$PRESET" = deep ] && echo 1 || echo 0)}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 sc() { python -m speccascade "$@"; }
@@ -155,7 +156,8 @@ fi
   export CUDA_VISIBLE_DEVICES=0
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
   stage train_drafter sc train --preset "$PRESET" --role drafter --out "$dir/drafter" --device "$DEVICE" \
-      --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" &&
+      --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" \
+      $([ "$DRAFTER_INIT" = 1 ] && echo --init-from "$dir/verifier") &&
   stage pair python benchmarks/train_pair.py --preset "$PRESET" --roles "" --out "$dir" --device "$DEVICE" \
       --test-pairs "$TEST_PAIRS"
 )

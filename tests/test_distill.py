@@ -194,12 +194,13 @@ def test_init_from_starts_a_drafter_with_the_verifiers_embeddings_and_first_laye
     """``--init-from``: a 1-layer drafter as wide as the verifier starts as the verifier cut after its
     first layer (same embeddings, tied head, final norm, layer 0): its logits equal that truncated
     verifier's. Another width, or an encoder-decoder, is a clear error naming the difference."""
-    from speccascade.train.trainer import PRESETS, build_model, init_from_model
+    from speccascade.train.tokenizer import load_tokenizer as tokenizer_of
+    from speccascade.train.trainer import PRESETS, Shape, build_model, init_from_model, save_checkpoint
 
     _, v_dir = embedded_pair_dirs("tiny")
     verifier = load_causal_lm(v_dir).float().eval()
     torch.manual_seed(0)
-    drafter = build_model(PRESETS["deep"]["drafter"].shape, verifier.config.vocab_size).eval()
+    drafter = build_model(Shape(384, 1, 6, 2, 1024), verifier.config.vocab_size).eval()   # the tiny verifier's width
     ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
     before = drafter(input_ids=ids).logits
     copied = init_from_model(drafter, v_dir)
@@ -218,6 +219,13 @@ def test_init_from_starts_a_drafter_with_the_verifiers_embeddings_and_first_laye
         init_from_model(t5, v_dir)
     with pytest.raises(SpecCascadeError):
         init_from_model(drafter, tmp_path / "missing")
+    # the deep drafter is as wide as the deep verifier, not the tiny one
+    with pytest.raises(SpecCascadeError, match="hidden_size 576 vs 384"):
+        train("deep", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.001, progress=False, bleu_pairs=0,
+              init_from=v_dir)
+    wide = tmp_path / "wide"   # a 2-layer model of the deep verifier's width
+    save_checkpoint(build_model(Shape(576, 2, 9, 3, 1536), verifier.config.vocab_size), tokenizer_of(TOKENIZER_DIR),
+                    wide)
     log = train("deep", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.001, progress=False, bleu_pairs=0,
-                validation_pairs=4, init_from=v_dir)
-    assert log["init_from"] == str(v_dir)
+                validation_pairs=4, init_from=wide)
+    assert log["init_from"] == str(wide)
