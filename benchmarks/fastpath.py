@@ -46,6 +46,7 @@ from speccascade import runner
 from speccascade.models import FusedLlamaBackend, make_backend
 from speccascade.sampling import SamplingConfig, draw, sampling_probs
 from speccascade.stats import Stats
+from speccascade.train.trainer import copy_first_layers
 
 DTYPE = torch.bfloat16
 
@@ -213,8 +214,7 @@ def deep_pair(scale: float, layers: int = 30, hidden: int = 576, heads: int = 9,
             layer.self_attn.o_proj.weight.mul_(scale)
             layer.mlp.down_proj.weight.mul_(scale)
     d = LlamaForCausalLM(mk(1)).eval()
-    d.load_state_dict({k: t for k, t in v.state_dict().items() if not k.startswith("model.layers.")
-                       or k.startswith("model.layers.0.")}, strict=False)
+    copy_first_layers(d, v)
     return d.to("cuda", DTYPE), v.to("cuda", DTYPE)
 
 

@@ -251,12 +251,17 @@ def repair_tail(path: Path) -> str | None:
             f"its cell is recomputed")
 
 
+def _head(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
 def check_out_file(path: Path) -> None:
     """A sweep file that can be written (created if missing): a clear error otherwise."""
     path = Path(path)
     if path.is_dir():
         raise SweepFileError(f"--out {str(path)!r} is a folder; give a file path such as runs/sweep.jsonl")
-    if path.suffix == ".gz" or (path.is_file() and path.open("rb").read(2) == GZIP_MAGIC):
+    if path.suffix == ".gz" or (path.is_file() and _head(path, 2) == GZIP_MAGIC):
         raise SweepFileError(f"--out {str(path)!r} is gzip-compressed; a sweep appends plain JSON lines: "
                              f"`gunzip` it (its cells are then kept) or give a .jsonl path")
     try:

@@ -263,31 +263,27 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: to
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def init_from_model(model, path: Path) -> list[str]:
-    """Copy a trained decoder-only model's token embeddings (tied to the output head), final norm
-    and first ``len(model.model.layers)`` decoder layers into ``model`` (a drafter as wide as
-    that model, e.g. a 1-layer drafter of a 30-layer verifier), so that distillation starts from
-    the verifier's own vocabulary and first layer instead of random weights. Returns the copied
-    parameter names; a model of another width, head layout or vocabulary is a clear error."""
+def copy_first_layers(model, source) -> list[str]:
+    """Copy ``source``'s token embeddings (tied to the output head), final norm and first
+    ``len(model.model.layers)`` decoder layers into ``model``: a decoder-only model as wide as
+    ``source`` (e.g. a 1-layer drafter of a 30-layer verifier) that then starts as ``source`` cut
+    after those layers. Returns the copied parameter names; another width, head layout or
+    vocabulary, or an encoder-decoder, is a clear error."""
     from ..errors import SpecCascadeError
     from ..models.base import is_encoder_decoder
-    from ..models.loading import check_model_path, load_causal_lm
 
-    check_model_path(str(path), "--init-from")
-    if is_encoder_decoder(model):
-        raise SpecCascadeError("--init-from starts a decoder-only model (--arch llama); not a T5")
-    source = load_causal_lm(path, dtype=torch.float32)
-    if is_encoder_decoder(source):
-        raise SpecCascadeError(f"--init-from {str(path)!r} is an encoder-decoder; give a decoder-only model")
+    if is_encoder_decoder(model) or is_encoder_decoder(source):
+        raise SpecCascadeError("--init-from copies a decoder-only model's layers into a decoder-only model "
+                               "(--arch llama), not a T5")
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
     mine, theirs = ({k: getattr(m.config, k) for k in keys} for m in (model, source))
     if mine != theirs:
         diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in keys if mine[k] != theirs[k])
-        raise SpecCascadeError(f"--init-from {str(path)!r}: its shape differs from this model's ({diff}); it must "
-                               f"be as wide as the model trained here (only the number of layers may differ)")
+        raise SpecCascadeError(f"--init-from: the model's shape differs from this one's ({diff}); it must be as "
+                               f"wide as the model trained here (only the number of layers may differ)")
     n = len(model.model.layers)
     if len(source.model.layers) < n:
-        raise SpecCascadeError(f"--init-from {str(path)!r} has {len(source.model.layers)} layers; this model has {n}")
+        raise SpecCascadeError(f"--init-from: the model has {len(source.model.layers)} layers; this one has {n}")
     theirs = source.state_dict()
     copied = [k for k in model.state_dict()
               if k.startswith(("model.embed_tokens.", "model.norm.", "lm_head."))
@@ -297,6 +293,20 @@ def init_from_model(model, path: Path) -> list[str]:
         for k in copied:
             mine[k].copy_(theirs[k])
     return copied
+
+
+def init_from_model(model, path: Path) -> list[str]:
+    """:func:`copy_first_layers` from the trained checkpoint at ``path`` (``train --init-from``), so
+    that distillation starts from the verifier's own vocabulary and first layer."""
+    from ..errors import SpecCascadeError
+    from ..models.base import is_encoder_decoder
+    from ..models.loading import check_model_path, load_causal_lm
+
+    check_model_path(str(path), "--init-from")
+    if is_encoder_decoder(model):
+        raise SpecCascadeError("--init-from copies a decoder-only model's layers into a decoder-only model "
+                               "(--arch llama), not a T5")
+    return copy_first_layers(model, load_causal_lm(path, dtype=torch.float32))
 
 
 def load_teacher(path: Path, vocab_size: int, device: torch.device):
