@@ -141,6 +141,48 @@ def test_the_time_budget_plans_the_schedule(tmp_path, monkeypatch):
     assert "reproduces it" in log["plan_note"]
 
 
+def _nan_loss_at(monkeypatch, steps):
+    """Make the training loss NaN at these (1-based) optimisation steps; evaluation is untouched."""
+    import speccascade.train.trainer as trainer
+
+    real, calls = trainer.cross_entropy, [0]
+
+    def cross_entropy(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if not torch.is_grad_enabled():   # evaluate_loss runs under no_grad
+            return loss
+        calls[0] += 1
+        return loss * float("nan") if steps(calls[0]) else loss
+
+    monkeypatch.setattr(trainer, "cross_entropy", cross_entropy)
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
+    """Two NaN losses mid-run: those steps leave the weights alone, so the run ends finite (without
+    the guard the NaN gradient reaches every weight and the final validation loss is NaN)."""
+    _nan_loss_at(monkeypatch, lambda k: k in (2, 3))
+    log = train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.03, progress=False, bleu_pairs=0,
+                validation_pairs=4)
+    assert log["steps"] == 7 and log["skipped_steps"] == 2 and "diverged" not in log
+    assert math.isfinite(log["evals"][-1]["val_loss"]) and log["best"]["step"] == 7
+    weights = load_causal_lm(tmp_path / "d", dtype=torch.float32).state_dict().values()
+    assert all(bool(torch.isfinite(w).all()) for w in weights)
+
+
+def test_a_diverged_run_stops_and_says_so(tmp_path, monkeypatch):
+    import speccascade.train.trainer as trainer
+
+    _nan_loss_at(monkeypatch, lambda k: k >= 3)
+    log = train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.3, progress=False, bleu_pairs=0,
+                validation_pairs=4)
+    assert log["steps"] == 2 + trainer.MAX_NONFINITE_STEPS == 27 and log["skipped_steps"] == 25
+    assert "not finite for 25 steps in a row" in log["diverged"] and "--lr" in log["diverged"]
+    # no evaluation came before: the checkpoint holds the last weights, those of step 2
+    assert log["best"]["step"] == 27 and "not evaluated" in log["best"]["note"]
+    weights = load_causal_lm(tmp_path / "d", dtype=torch.float32).state_dict().values()
+    assert all(bool(torch.isfinite(w).all()) for w in weights)
+
+
 def test_bad_distillation_settings_are_clear_errors(tmp_path):
     with pytest.raises(SpecCascadeError, match="needs a teacher"):
         train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.01, progress=False, bleu_pairs=0,

@@ -636,7 +636,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         bar.update(1)
         if nonfinite_run >= MAX_NONFINITE_STEPS:
             log["diverged"] = (f"the loss or its gradient was not finite for {nonfinite_run} steps in a row "
-                               f"(up to step {step}): training stopped; the checkpoint is the best one before. "
+                               f"(up to step {step}): training stopped, and the skipped steps left the weights as "
+                               f"they were; the checkpoint is the best one evaluated (else those weights). "
                                f"A lower --lr may help")
             bar.write(log["diverged"])
             break
