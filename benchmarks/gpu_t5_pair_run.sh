@@ -22,9 +22,10 @@
 #   GPUS=1  WORKERS=GPUS (sweep workers)  TRAIN_TOGETHER=1 (0: one model after the other on one GPU)
 #   BACKEND=fused (or seq2seq, auto)  SKIP_TESTS=0  ALPHAS= (a grid "method=a,b;method=..."; default below)
 #   SWEEP_ARGS= (more sweep arguments)
-# CPU rehearsal (about 12 minutes on two busy cores, most of it the two trainings and their BLEU):
-#   PRESET=t5_tiny DEVICE=cpu MINUTES=0.5 TEST_PAIRS=8 EXAMPLES=3 MAX_NEW_TOKENS=16 \
-#     bash benchmarks/gpu_t5_pair_run.sh /tmp/t5_rehearsal
+# CPU rehearsal (2 minutes on two cores, most of it the two trainings and their BLEU):
+#   PRESET=t5_tiny DEVICE=cpu MINUTES=0.2 TEST_PAIRS=4 EXAMPLES=2 MAX_NEW_TOKENS=8 \
+#     METHODS=verifier_only,sd,diff,seq_cascade,token_v1 bash benchmarks/gpu_t5_pair_run.sh /tmp/t5r
+# Run 1 (one H200, MINUTES=7): results/t5_pair/NOTE.md.
 set -uo pipefail
 dir="${1:-runs/t5_pair}"
 preset="${PRESET:-t5}"; device="${DEVICE:-cuda}"; dtype="${DTYPE:-float32}"; gpus="${GPUS:-1}"

@@ -136,8 +136,8 @@ PRESETS: dict[str, dict[str, Recipe]] = {
     # in time on one (busy) CPU thread (`benchmarks/pair_latency.py --preset-shapes t5`).
     "t5": {
         # the learning rates are half the Llama presets': on an H200 (bf16 autocast, AdamW) 2e-3 and 1e-3
-        # diverged, the drafter's loss turning NaN near step 600 and the verifier's near step 900
-        # (T5 does not scale its attention logits by 1 / sqrt(d_kv))
+        # diverged, both losses NaN by step ~690 (results/t5_pair/diverged_attempt; T5 does not scale
+        # its attention logits by 1 / sqrt(d_kv))
         "drafter": Recipe(T5Shape(256, 2, 2, 4, 768), epochs=12, lr=1e-3, dropout=0.1, label_smoothing=0.1,
                           max_minutes=5.0),
         "verifier": Recipe(T5Shape(512, 6, 6, 8, 1536), epochs=30, lr=5e-4, dropout=0.1, label_smoothing=0.1,

@@ -1,7 +1,7 @@
 """What a sweep's `sd` cells say about reaching a speed-up target: the numbers behind the deep
-pair's notes, from its committed records only.
+pair's and the T5 pair's notes, from their committed records only.
 
-    python benchmarks/deep_pair_analysis.py results/deep_pair/sweep.jsonl.gz --out results/deep_pair/analysis.json
+    python benchmarks/sd_speedup_analysis.py results/deep_pair/sweep.jsonl.gz --out results/deep_pair/analysis.json
 
 For each `sd` cell (γ of the cell, batch 1):
 * at T = 0, on how many examples its per-example BLEU statistics differ from the same worker's
@@ -50,7 +50,7 @@ def needed_acceptance(target: float, gamma: int, c: float, b: float, realised: f
 def analyse(records: list[dict]) -> dict:
     cells = [r for r in records if r.get("type") == "cell" and r["batch_size"] == 1]
     costs = {r["gamma"]: r for r in records if r.get("type") == "costs"}
-    base = {(r["temperature"], r["worker"]): r for r in cells if r["method"] == "verifier_only"}
+    base = {(r["temperature"], r.get("worker", 0)): r for r in cells if r["method"] == "verifier_only"}
     out = []
     for r in cells:
         if r["method"] != "sd":
@@ -64,13 +64,13 @@ def analyse(records: list[dict]) -> dict:
         measured = 1 / r["relative_latency"]
         modelled = modelled_speedup(a, r["gamma"], c, b)
         realised = measured / modelled
-        row = {"temperature": r["temperature"], "gamma": r["gamma"], "worker": r["worker"],
+        row = {"temperature": r["temperature"], "gamma": r["gamma"], "worker": r.get("worker", 0),
                "per_position_acceptance": a, "accepted": r["stats"]["accepted"], "drafted": r["stats"]["drafted"],
                "tokens_per_verifier_call": r["stats"]["tokens_per_verifier_call"],
                "cost_ratio_c": c, "block_over_step_b": b, "measured_speedup": measured,
                "modelled_speedup": modelled, "realised_share": realised,
                "acceptance_needed": {f"{t:g}x": needed_acceptance(t, r["gamma"], c, b, realised) for t in TARGETS}}
-        ref = base.get((r["temperature"], r["worker"]))
+        ref = base.get((r["temperature"], r.get("worker", 0)))
         if r["temperature"] == 0 and ref is not None:
             a_stats, v_stats = r["quality_stats"]["bleu"], ref["quality_stats"]["bleu"]
             row["examples_differing_from_verifier_only"] = sum(x != y for x, y in zip(a_stats, v_stats))
