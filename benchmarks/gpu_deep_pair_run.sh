@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Issue 12 on a machine with two GPUs: train the deep pair, then Table 2 in wall-clock.
+# Issue 12 on a machine with two GPUs (or one: GPUS=1): train the deep pair, then Table 2 in wall-clock.
 #   bash benchmarks/gpu_deep_pair_run.sh [DIR]        (default runs/deep; everything lands in DIR)
+#
+# With GPUS=1 the verifier trains on the one GPU, and what GPU 1 does below (smoke test, T = 1
+# distillation, GPU tests) runs beside the main stage on GPU 0; the sweep has one worker, so a
+# session's device time covers about Table 2's methods (T = 0 first); give VERIFIER_MINUTES and
+# DRAFTER_MINUTES less to leave it more.
 #
 # First, on every GPU: the 30-layer verifier (`train --preset deep`), data-parallel under torchrun
 # (a batch of VERIFIER_BATCH sequences a step over the ranks: the step is overhead-bound, so each rank
@@ -109,10 +114,9 @@ EOF
   done
   wait "${pids[@]}"
 }
-if [ "$GPUS" -ge 2 ]; then
-  (export CUDA_VISIBLE_DEVICES=1; warm) &
-  warm_pid=$!
-fi
+SIDE=$((GPUS - 1))   # the GPU of the side tasks (smoke test, T = 1 distillation, GPU tests): with one GPU, GPU 0
+(export CUDA_VISIBLE_DEVICES=$SIDE; warm) &
+warm_pid=$!
 # every GPU: the verifier, data-parallel (one rank per GPU, each a VERIFIER_BATCH-sequence share of a step)
 if [ "$VERIFIER_GPUS" -ge 2 ]; then
   stage train_verifier python -m torch.distributed.run --standalone --nproc-per-node "$VERIFIER_GPUS" \
@@ -135,20 +139,16 @@ distill_at() {  # distill_at GPU TEMPERATURE...: the verifier's translations at 
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
   stage train_verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
       --minutes "$VERIFIER_MINUTES"
-) && if [ "$GPUS" -ge 2 ]; then
-  distill_at 1 1 & t1_pid=$!
+) && {
+  distill_at "$SIDE" 1 & t1_pid=$!   # generation at batch 1024 leaves a GPU room for a second process
   distill_at 0 0; rc0=$?
   wait "$t1_pid" && [ $rc0 -eq 0 ]
-else
-  distill_at 0 0 1
-fi && stage distill bash -c "cat $dir/distill_T*.jsonl.gz > $dir/distill.jsonl.gz"
+} && stage distill bash -c "cat $dir/distill_T*.jsonl.gz > $dir/distill.jsonl.gz"
 distill_rc=$?
-# GPU 1 (GPU 0 with one GPU, before the drafter): the GPU tests on this engine
-if [ "$SKIP_TESTS" != 1 ] && [ "$GPUS" -ge 2 ]; then
-  (export CUDA_VISIBLE_DEVICES=1; stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider) &
+# the side GPU, beside the drafter's training: the GPU tests on this engine (they end before the sweep)
+if [ "$SKIP_TESTS" != 1 ]; then
+  (export CUDA_VISIBLE_DEVICES=$SIDE; stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider) &
   side_pid=$!
-elif [ "$SKIP_TESTS" != 1 ]; then
-  stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider
 fi
 
 # GPU 0: the drafter and the pair's record
@@ -162,9 +162,9 @@ fi
       --test-pairs "$TEST_PAIRS"
 )
 pair_rc=$?
-if [ -n "${warm_pid:-}" ]; then  # the sweep needs both GPUs: stop the warm-up if it still runs
+if [ -n "${warm_pid:-}" ]; then  # the sweep needs every GPU to itself: stop the warm-up if it still runs
   touch "$dir/stop_side"; pkill -f -- "--warm-up-only" 2>/dev/null; wait "$warm_pid"
-  echo "$(date -u +%FT%TZ) warm-up stopped (warm-ups that had not ended were cut)" >> "$dir/stages.log"
+  [ "$WARM_PROCS" -gt 0 ] && echo "$(date -u +%FT%TZ) warm-up stopped (warm-ups that had not ended were cut)" >> "$dir/stages.log"
 fi
 [ -n "${side_pid:-}" ] && wait "$side_pid"   # the GPU tests
 [ $pair_rc -ne 0 ] && { echo "the pair failed (rc=$pair_rc): no sweep" >> "$dir/stages.log"; exit $pair_rc; }
@@ -187,7 +187,8 @@ sweep_part() {  # sweep_part STAGE METHODS: gamma 5 cells of these methods into 
 sweep_part "${parts[0]}" "${parts[1]}"
 # then gamma 3 and 8 (the issue's block-size cells), then the other methods: the session's end cuts the last
 gm="sd,diff,opt_log"; [ "$METHODS" = all ] || gm="$(echo "$gm" | tr , '\n' | grep -xF -f <(echo "$METHODS" | tr , '\n') | paste -sd,)"
-[ -n "$gm" ] && stage sweep_gammas sc sweep "${pair[@]}" --methods "$gm" --alphas "$(METHODS=$gm alphas_for "$GAMMA_ALPHAS")" \
+gma="$(METHODS=$gm alphas_for "$GAMMA_ALPHAS")"   # (empty when only sd is swept)
+[ -n "$gm" ] && stage sweep_gammas sc sweep "${pair[@]}" --methods "$gm" ${gma:+--alphas "$gma"} \
     "${grid[@]}" --gammas 3 8 --workers "$GPUS" --out "$dir/sweep.jsonl"
 [ ${#parts[@]} -gt 2 ] && sweep_part "${parts[2]}" "${parts[3]}"
 echo "$(date -u +%FT%TZ) all done" >> "$dir/stages.log"
