@@ -25,7 +25,7 @@
 # does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (7.5),
 # VERIFIER_GPUS (GPUS: data-parallel ranks for the verifier), VERIFIER_BATCH (128 a rank), VERIFIER_LR (8e-4) and
 # VERIFIER_EPOCHS (12; the time budget trims it) with 2 ranks (one rank: the recipe's), DRAFTER_MINUTES (3), DISTILL_BATCH (1024), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
-# METHODS (all), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (float32), TEST_PAIRS (1000), WARM_PROCS (0).
+# METHODS (all), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (float32), TEST_PAIRS (1000), WARM_PROCS (0).
 # `distill` decodes batches of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
 # A CPU rehearsal of the plumbing:
 #   DEVICE=cpu PRESET=tiny VERIFIER_MINUTES=0.2 DRAFTER_MINUTES=0.2 DISTILL_LIMIT=16 EXAMPLES=2 TEST_PAIRS=10 \
@@ -57,10 +57,18 @@ git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true
 # The sweep's grid: every method, 3-4 alphas each, from the SD end to the drafter end of its rule.
 # Denser where run 2's curves crossed the verifier's quality (diff, opt, opt_log between the SD end
 # and alpha 0; lossy below 0.2, where it never reached the verifier at T = 1).
-ALPHAS="lossy=0.05,0.2,0.5,0.8;lossy_tuned=0.05,0.2,0.5,0.8;bild_star=1,3,8;chow=0.2,0.6,0.9"
-ALPHAS+=";diff=-0.5,-0.2,-0.1,0,0.1,0.3;opt=-1,-0.3,0,0.5,2;chow_log=0.5,2,5;diff_log=-1,0.5,2"
-ALPHAS+=";opt_log=-1,0,1,10;token_v1=-0.2,0.1,0.5;token_v2=-0.2,0.1,0.3;token_v3=0.2,0.4,0.6,0.9"
-ALPHAS+=";token_cascade=0.2,0.6,0.9;seq_cascade=0.3,0.6,0.9;oracle_diff=-0.2,0.1,0.4;bild=1,2,4"
+# With one GPU (one sweep worker) Table 2's methods get 3-4 alphas each, so that T = 0 ends in about
+# 10 minutes. ALPHAS (environment) replaces the grid.
+REST_ALPHAS="chow_log=0.5,2,5;diff_log=-1,0.5,2;token_v1=-0.2,0.1,0.5;token_v2=-0.2,0.1,0.3"
+REST_ALPHAS+=";token_cascade=0.2,0.6,0.9;seq_cascade=0.3,0.6,0.9;oracle_diff=-0.2,0.1,0.4;bild=1,2,4"
+if [ -n "${ALPHAS:-}" ]; then :
+elif [ "$GPUS" -ge 2 ]; then
+  ALPHAS="lossy=0.05,0.2,0.5,0.8;lossy_tuned=0.05,0.2,0.5,0.8;bild_star=1,3,8;chow=0.2,0.6,0.9"
+  ALPHAS+=";diff=-0.5,-0.2,-0.1,0,0.1,0.3;opt=-1,-0.3,0,0.5,2;opt_log=-1,0,1,10;token_v3=0.2,0.4,0.6,0.9;$REST_ALPHAS"
+else
+  ALPHAS="lossy=0.05,0.3,0.8;lossy_tuned=0.05,0.3,0.8;bild_star=1,3,8;chow=0.2,0.6,0.9"
+  ALPHAS+=";diff=-0.5,-0.2,0,0.2;opt=-1,0,0.5;opt_log=-1,0,1;token_v3=0.2,0.5,0.9;$REST_ALPHAS"
+fi
 # gamma 3 and 8: sd and run 2's two best cascades at T = 1 (opt_log 1.89x, diff 1.82x), at the
 # alphas around their crossing of the verifier's quality
 GAMMA_ALPHAS="diff=-0.2,0;opt_log=-1,0"
