@@ -164,6 +164,7 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
     log = train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.03, progress=False, bleu_pairs=0,
                 validation_pairs=4)
     assert log["steps"] == 7 and log["skipped_steps"] == 2 and "diverged" not in log
+    assert json.loads((tmp_path / "d" / "training.json").read_text())["skipped_steps"] == 2
     assert math.isfinite(log["evals"][-1]["val_loss"]) and log["best"]["step"] == 7
     weights = load_causal_lm(tmp_path / "d", dtype=torch.float32).state_dict().values()
     assert all(bool(torch.isfinite(w).all()) for w in weights)

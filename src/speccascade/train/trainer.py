@@ -594,7 +594,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
            "sources": None if train_file is not None else list(sources),
            "teacher": None if teacher is None else str(teacher), "distill_weight": distill_weight,
            "init_from": None if init_from is None else str(init_from),
-           "planned_steps": total_steps, "planned_epochs": epochs, "ranks": n_ranks}
+           "planned_steps": total_steps, "planned_epochs": epochs, "ranks": n_ranks,
+           "skipped_steps": 0}   # steps skipped for a non-finite gradient (optimizer_step)
     best, start, step = math.inf, time.perf_counter(), 0
     bar = tqdm(total=total_steps, desc=f"train {preset}/{role}", disable=not progress or not lead)
     model.train()
@@ -630,7 +631,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         if optimizer_step(loss, model, opt, sched):
             nonfinite_run = 0
         else:
-            log["skipped_steps"] = log.get("skipped_steps", 0) + 1
+            log["skipped_steps"] += 1
             nonfinite_run += 1
         step += 1
         bar.update(1)
