@@ -19,6 +19,42 @@ ALPHA = {"sd": None, "lossy": 0.4, "lossy_tuned": 0.4, "bild_star": 1.2, "chow":
          "token_v3": 0.5}
 
 
+#: the whole-loop law checks: rows, tokens a row, the prompt, the chi-square level
+LAW_ROWS, LAW_TOKENS, LAW_PROMPT, LAW_LEVEL = 20_000, 3, [1, 2], 1e-3
+
+
+def logits_at(model):
+    """A memoised function: prefix -> ``model``'s last-position logits (float64, on the host)."""
+    memo = {}
+
+    def at(prefix):
+        key = tuple(prefix)
+        if key not in memo:
+            with torch.no_grad():
+                ids = torch.tensor([list(prefix)], device=model.device)
+                memo[key] = model(ids).logits[0, -1].double().cpu().numpy()
+        return memo[key]
+    return at
+
+
+def check_loop_law(name, alpha, d, v, bd, bv, gamma=3):
+    """LAW_ROWS rows of ``name`` through backends ``bd`` / ``bv`` of models ``d`` / ``v``: the law of
+    the first LAW_TOKENS tokens against Algorithm 4's law enumerated from fresh forward passes of the
+    models (chi-square)."""
+    from reference import algorithm4_law, reference_rule, sampling_dist, softmax
+
+    out = sc.generate(bd, bv, torch.tensor([LAW_PROMPT] * LAW_ROWS), method=name, alpha=alpha, gamma=gamma,
+                      max_new_tokens=LAW_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
+    lq, lp = logits_at(d), logits_at(v)
+    spec = sc.METHODS[name]
+    law = algorithm4_law(lambda pre: sampling_dist(lq(pre)), lambda pre: sampling_dist(lp(pre)),
+                         lambda q, p, pre: reference_rule(name, q, p, softmax(lq(pre)), softmax(lp(pre)), alpha)[0],
+                         (lambda q, p, pi: p) if spec.bonus_from_verifier else (lambda q, p, pi: pi),
+                         gamma=gamma, prompt=LAW_PROMPT, n=LAW_TOKENS)
+    assert all(len(t) == LAW_TOKENS for t in out.tokens)
+    assert chi2_pvalue(empirical(out.tokens), law, LAW_ROWS) > LAW_LEVEL
+
+
 def empirical(tokens):
     """Counts of each generated row (a tuple of tokens)."""
     counts: dict[tuple, int] = {}

@@ -13,14 +13,21 @@ import torch
 
 import speccascade as sc
 
-from helpers import check_static_matches_dynamic, chi2_pvalue, empirical
-from reference import algorithm4_law, reference_rule, sampling_dist, softmax
+from helpers import (
+    LAW_LEVEL,
+    LAW_PROMPT,
+    LAW_ROWS,
+    LAW_TOKENS,
+    check_loop_law,
+    check_static_matches_dynamic,
+    chi2_pvalue,
+    empirical,
+    logits_at,
+)
+from reference import algorithm4_law, sampling_dist
 from tiny_models import tiny_pair
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-N_ROWS, N_TOKENS, PROMPT, LEVEL = 20_000, 3, [1, 2], 1e-3
-
 
 def test_compiled_static_backend_on_gpu_matches_plain_path():
     check_static_matches_dynamic(compile=True, device="cuda")
@@ -42,19 +49,6 @@ def test_graph_backend_rejects_non_bucket_widths():
         GraphHFBackend(d, "drafter", 64, widths=(1, 3))
 
 
-def logits_at(model):
-    """A memoised function: prefix -> ``model``'s last-position logits (float64, on the host)."""
-    memo = {}
-
-    def at(prefix):
-        key = tuple(prefix)
-        if key not in memo:
-            with torch.no_grad():
-                memo[key] = model(torch.tensor([list(prefix)], device="cuda")).logits[0, -1].double().cpu().numpy()
-        return memo[key]
-    return at
-
-
 @pytest.fixture(scope="module", params=["compiled", "graphs"])
 def compiled_pair(request):
     from speccascade.models import make_backend
@@ -67,21 +61,6 @@ def compiled_pair(request):
                                         ("bild_star", 1.2)])
 def test_compiled_loop_law_on_gpu(name, alpha, compiled_pair):
     check_loop_law(name, alpha, *compiled_pair)
-
-
-def check_loop_law(name, alpha, d, v, bd, bv, gamma=3):
-    """20,000 rows of ``name`` through backends ``bd`` / ``bv`` of models ``d`` / ``v``: the law of
-    the first tokens against Algorithm 4's law enumerated from fresh forward passes (chi-square)."""
-    out = sc.generate(bd, bv, torch.tensor([PROMPT] * N_ROWS), method=name, alpha=alpha, gamma=gamma,
-                      max_new_tokens=N_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
-    lq, lp = logits_at(d), logits_at(v)
-    spec = sc.METHODS[name]
-    law = algorithm4_law(lambda pre: sampling_dist(lq(pre)), lambda pre: sampling_dist(lp(pre)),
-                         lambda q, p, pre: reference_rule(name, q, p, softmax(lq(pre)), softmax(lp(pre)), alpha)[0],
-                         (lambda q, p, pi: p) if spec.bonus_from_verifier else (lambda q, p, pi: pi),
-                         gamma=gamma, prompt=PROMPT, n=N_TOKENS)
-    assert all(len(t) == N_TOKENS for t in out.tokens)
-    assert chi2_pvalue(empirical(out.tokens), law, N_ROWS) > LEVEL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,13 +92,13 @@ def test_captured_single_model_law_on_gpu():
     from speccascade import runner
 
     d, v, fd, fv = fused_pair()
-    out = sc.generate(fd, fv, torch.tensor([PROMPT] * N_ROWS), method="verifier_only", max_new_tokens=N_TOKENS, seed=0,
-                      temperature=1.0, eos_token_id=[])
+    out = sc.generate(fd, fv, torch.tensor([LAW_PROMPT] * LAW_ROWS), method="verifier_only",
+                      max_new_tokens=LAW_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
     assert runner.graph_cache(fv)
     lp = logits_at(v)
     law = algorithm4_law(lambda pre: sampling_dist(lp(pre)), lambda pre: sampling_dist(lp(pre)),
-                         lambda q, p, pre: p, lambda q, p, pi: p, gamma=1, prompt=PROMPT, n=N_TOKENS)
-    assert chi2_pvalue(empirical(out.tokens), law, N_ROWS) > LEVEL
+                         lambda q, p, pre: p, lambda q, p, pi: p, gamma=1, prompt=LAW_PROMPT, n=LAW_TOKENS)
+    assert chi2_pvalue(empirical(out.tokens), law, LAW_ROWS) > LAW_LEVEL
 
 
 @pytest.mark.parametrize("compile", [False, True])
