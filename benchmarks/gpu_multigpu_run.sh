@@ -12,7 +12,10 @@
 #                                       step such as fused_tp2_b1 runs one batch size alone
 #   merge                               the stages into DIR/tp_H200.json (ratios; the target: fused tp2 >
 #                                       fused tp1 at batch 1)
-#   tests                               tests/test_multigpu.py and tests/test_tp_fused.py (the GPU ones run)
+#   tests                               tests/test_multigpu.py and tests/test_tp_fused.py (the GPU ones run,
+#                                       among them the exact law through the sharded verifier)
+#   agreement                           greedy --tp 2 vs --tp 1 on the trained tiny pair in float32:
+#                                       benchmarks/tp_greedy_agreement.py (DIR/tp_greedy_agreement.json)
 #   sweeps                              a data-parallel sweep of the tiny pair on every GPU vs on one
 #
 #   bash benchmarks/gpu_multigpu_run.sh [DIR] [STEPS]     (default runs/multigpu, every step in the order above)
@@ -24,7 +27,7 @@
 # rehearsal). NVLink multicast stays off.
 set -uo pipefail
 dir="${1:-runs/multigpu}"
-steps="${2:-smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge tests sweeps}"
+steps="${2:-smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge tests agreement sweeps}"
 mkdir -p "$dir"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}" \
@@ -72,6 +75,11 @@ for step in $steps; do
     tests)
       timeout 1200 "$py" -m pytest tests/test_multigpu.py tests/test_tp_fused.py -rA > "$dir/pytest_multigpu.log" 2>&1
       echo "multigpu tests rc=$?" ;;
+    agreement)
+      timeout 600 "$py" -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/tp_greedy_agreement.py \
+        --out "$dir/tp_greedy_agreement.json" > "$dir/agreement.log" 2>&1
+      echo "agreement rc=$? (copy $dir/tp_greedy_agreement.json to results/multigpu/ once checked)"
+      grep -E "^(verifier_only|sd) " "$dir/agreement.log" ;;
     sweeps)
       n=$("$py" -c "import torch; print(torch.cuda.device_count())")
       grid=(--methods sd,opt,token_v3,token_cascade --temperatures 0 1 --batch-sizes 1 8 --examples 100
@@ -84,6 +92,6 @@ for step in $steps; do
         echo "sweep --workers $w rc=$? wall=$(( $(date +%s) - start ))s"
       done ;;
     *) echo "unknown step $step (steps: smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 [each with _b<batch>] merge tests" \
-            "sweeps)" ;;
+            "agreement sweeps)" ;;
   esac
 done

@@ -371,6 +371,25 @@ def test_tp_speed_benchmark_parses_and_refuses_without_gpus():
     assert no.returncode == 2 and "tp_speed: error: needs 2 CUDA GPUs" in no.stderr
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
+def test_tp_greedy_agreement_benchmark_on_two_gloo_ranks(tmp_path):
+    """benchmarks/tp_greedy_agreement.py on a CPU: the record counts rows and differences per method;
+    over gloo in float32 --tp 2 decodes exactly --tp 1's tokens (its logits agree to 1e-5)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "tp_greedy_agreement.py"
+    out = tmp_path / "agreement.json"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script), "--device", "cpu", "--prompts", "4", "--batch-size", "2",
+                             "--max-new-tokens", "8", "--out", str(out)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
+    _, stderr = finish(proc, 300)
+    assert proc.returncode == 0, stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["prompts"] == 4 and record["ranks"] == 2 and record["dtype"] == "float32"
+    for method in ("verifier_only", "sd"):
+        m = record["methods"][method]
+        assert m["rows"] == 4 and m["identical"] == 4 and m["fraction_identical"] == 1.0 and m["differing"] == []
+
+
 def test_tp_speed_merges_stages_into_ratios(tmp_path):
     """The stage files of benchmarks/tp_speed.py merge into one record: tokens/s, ratios (tp 2 over
     tp 1, fused over transformers'), the issue's target, and a note for each missing stage or failed
