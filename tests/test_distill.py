@@ -171,17 +171,29 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
 
 
 def test_a_diverged_run_stops_and_says_so(tmp_path, monkeypatch):
+    """NaN from step 3 on: the run stops at the first count check (every NONFINITE_CHECK_EVERY steps)
+    once 25 steps in a row were skipped, says why, and saves step 2's weights: the same weights as a
+    run told to stop after one bad step (the skipped steps, weight decay included, changed nothing)."""
     import speccascade.train.trainer as trainer
 
     _nan_loss_at(monkeypatch, lambda k: k >= 3)
     log = train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.3, progress=False, bleu_pairs=0,
                 validation_pairs=4)
-    assert log["steps"] == 2 + trainer.MAX_NONFINITE_STEPS == 27 and log["skipped_steps"] == 25
-    assert "not finite for 25 steps in a row" in log["diverged"] and "--lr" in log["diverged"]
+    assert trainer.MAX_NONFINITE_STEPS == 25 and trainer.NONFINITE_CHECK_EVERY == 8
+    assert log["steps"] == 32 and log["skipped_steps"] == 30   # 25 in a row by step 27, read at step 32
+    assert "not finite for 30 steps in a row" in log["diverged"] and "--lr" in log["diverged"]
     # no evaluation came before: the checkpoint holds the last weights, those of step 2
-    assert log["best"]["step"] == 27 and "not evaluated" in log["best"]["note"]
-    weights = load_causal_lm(tmp_path / "d", dtype=torch.float32).state_dict().values()
-    assert all(bool(torch.isfinite(w).all()) for w in weights)
+    assert log["best"]["step"] == 32 and "not evaluated" in log["best"]["note"]
+    weights = load_causal_lm(tmp_path / "d", dtype=torch.float32).state_dict()
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+    monkeypatch.undo()   # the real loss again, then a fresh step count
+    _nan_loss_at(monkeypatch, lambda k: k >= 3)
+    monkeypatch.setattr(trainer, "MAX_NONFINITE_STEPS", 1)
+    short = train("tiny", "drafter", tmp_path / "e", TOKENIZER_DIR, epochs=0.3, progress=False, bleu_pairs=0,
+                  validation_pairs=4)
+    assert short["steps"] == 8 and short["skipped_steps"] == 6
+    again = load_causal_lm(tmp_path / "e", dtype=torch.float32).state_dict()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 
 def test_bad_distillation_settings_are_clear_errors(tmp_path):

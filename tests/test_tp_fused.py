@@ -216,12 +216,13 @@ def _gpu_law_ranks(rank, store, out_dir):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=2)
     results = {}
+    d, v = (m.to("cuda") for m in tiny_pair(1, noise=0.8, vocab=4))
     for compile in (False, True):
+        fd = FusedLlamaBackend(d, "drafter", compile=compile)
+        fv = FusedLlamaBackend(v, "verifier", compile=compile, tp=2)
         for name in LAW_METHODS:
             try:
-                d, v = (m.to("cuda") for m in tiny_pair(1, noise=0.8, vocab=4))
-                fv = FusedLlamaBackend(v, "verifier", compile=compile, tp=2)
-                check_loop_law(name, ALPHA[name], d, v, FusedLlamaBackend(d, "drafter", compile=compile), fv)
+                check_loop_law(name, ALPHA[name], d, v, fd, fv)
                 assert runner.graph_cache(fv), "the block was not captured"
                 results[f"{name} compile={compile}"] = None
             except Exception:  # noqa: BLE001 - reported by the test

@@ -167,20 +167,26 @@ SHAPE_MULTIPLE = 16
 MAX_PAIR_TOKENS = 320
 
 
-#: consecutive steps with a non-finite loss or gradient after which training stops (diverged)
+#: consecutive steps with a non-finite loss or gradient after which training stops (diverged); the
+#: count is read every NONFINITE_CHECK_EVERY steps (a host sync), so a run stops within that many more
 MAX_NONFINITE_STEPS = 25
+NONFINITE_CHECK_EVERY = 8
 
 
-def optimizer_step(loss: torch.Tensor, model, opt, sched, clip: float = 1.0) -> bool:
+def optimizer_step(loss: torch.Tensor, model, opt, sched, clip: float = 1.0) -> torch.Tensor:
     """One clipped optimiser step. A step whose gradient norm is not finite (an overflow, or a
-    diverging run) is skipped, leaving the weights and optimiser state as they were, and reported:
-    returns whether the weights were updated. The schedule advances either way. (One host sync a
-    step, to read the norm.)"""
+    diverging run) leaves the weights and optimiser state as they were; returns whether the step was
+    taken (a bool tensor on the model's device). With a fused optimiser (the trainer's) the decision
+    stays on the device, as under ``torch.amp.GradScaler``: the optimiser's ``found_inf`` tensor makes
+    the fused step a no-op, with no host sync. Others read the norm on the host. The schedule advances
+    either way."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    finite = bool(torch.isfinite(norm))
-    if finite:
+    finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    if opt.defaults.get("fused") and getattr(opt, "_step_supports_amp_scaling", False):
+        opt.found_inf = (~finite).float()
+        opt.step()
+    elif finite:
         opt.step()
     sched.step()
     return finite
@@ -313,14 +319,9 @@ def copy_first_layers(model, source) -> list[str]:
 def init_from_model(model, path: Path) -> list[str]:
     """:func:`copy_first_layers` from the trained checkpoint at ``path`` (``train --init-from``), so
     that distillation starts from the verifier's own vocabulary and first layer."""
-    from ..errors import SpecCascadeError
-    from ..models.base import is_encoder_decoder
     from ..models.loading import check_model_path, load_causal_lm
 
     check_model_path(str(path), "--init-from")
-    if is_encoder_decoder(model):
-        raise SpecCascadeError("--init-from copies a decoder-only model's layers into a decoder-only model "
-                               "(--arch llama), not a T5")
     return copy_first_layers(model, load_causal_lm(path, dtype=torch.float32))
 
 
@@ -573,7 +574,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98),
-                            fused=dev.type == "cuda")
+                            fused=True)   # on a CPU too: optimizer_step skips bad steps on the device
     steps_per_epoch = math.ceil(len(train_data) / recipe.batch_size)
     total_steps = max(1, round(epochs * steps_per_epoch))
     warmup = min(200, total_steps // 10 + 1)
@@ -596,7 +597,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
            "teacher": None if teacher is None else str(teacher), "distill_weight": distill_weight,
            "init_from": None if init_from is None else str(init_from),
            "planned_steps": total_steps, "planned_epochs": epochs, "ranks": n_ranks,
-           "skipped_steps": 0}   # steps skipped for a non-finite gradient (optimizer_step)
+           "skipped_steps": 0}   # steps skipped for a non-finite gradient (optimizer_step); set at the end
     best, start, step = math.inf, time.perf_counter(), 0
     bar = tqdm(total=total_steps, desc=f"train {preset}/{role}", disable=not progress or not lead)
     model.train()
@@ -604,7 +605,9 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     batches: list[list[int]] = []
     probe = PROBE_STEPS
     eval_seconds = 0.0   # time spent evaluating and saving checkpoints (not training)
-    nonfinite_run = 0    # steps in a row skipped for a non-finite gradient
+    # steps skipped for a non-finite gradient, in all and in a row (device tensors: no sync a step)
+    skipped = torch.zeros((), dtype=torch.long, device=dev)
+    nonfinite_run = torch.zeros((), dtype=torch.long, device=dev)
     rank_tokens = torch.zeros((), dtype=torch.long, device=dev)   # scored tokens this rank trained on
     while step < plan["total"]:
         if step > 0 and (n_ranks == 1 or step % 8 == 0) and \
@@ -629,15 +632,13 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
             total = scored.float().clone()
             dist.all_reduce(total)
             loss = loss * (n_ranks * scored / total)
-        if optimizer_step(loss, model, opt, sched):
-            nonfinite_run = 0
-        else:
-            log["skipped_steps"] += 1
-            nonfinite_run += 1
+        bad = ~optimizer_step(loss, model, opt, sched)
+        skipped += bad
+        nonfinite_run = (nonfinite_run + 1) * bad
         step += 1
         bar.update(1)
-        if nonfinite_run >= MAX_NONFINITE_STEPS:
-            log["diverged"] = (f"the loss or its gradient was not finite for {nonfinite_run} steps in a row "
+        if step % NONFINITE_CHECK_EVERY == 0 and int(nonfinite_run) >= MAX_NONFINITE_STEPS:
+            log["diverged"] = (f"the loss or its gradient was not finite for {int(nonfinite_run)} steps in a row "
                                f"(up to step {step}): training stopped, and the skipped steps left the weights as "
                                f"they were; the checkpoint is the best one evaluated (else those weights). "
                                f"A lower --lr may help")
@@ -671,6 +672,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         elif step % eval_every == 0 or step == plan["total"]:
             eval_start = time.perf_counter()
             val = evaluate_loss(model, val_data, dev, collate_fn=layout.collate)
+            log["skipped_steps"] = int(skipped)
             log["evals"].append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
                                  "val_loss": val, "seconds": time.perf_counter() - start})
             bar.set_postfix(train=f"{loss.item():.3f}", val=f"{val:.3f}")
@@ -683,6 +685,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
             if n_ranks > 1:
                 dist.barrier()
     bar.close()
+    log["skipped_steps"] = int(skipped)
     log["steps"] = step
     log["train_seconds"] = time.perf_counter() - start
     log["rank_tokens"] = int(rank_tokens)
