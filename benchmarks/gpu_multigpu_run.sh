@@ -24,7 +24,8 @@
 # Environment: PYTHON (default: python, else python3), STAGE_TIMEOUT (seconds per tp_speed launch,
 # default 540: one launch fits a 10-minute command), BATCHES (default "1 16"), TP_SPEED_ARGS (extra
 # arguments to every launch, e.g. "--device cpu --tiny --layers 2 --new-tokens 8 --repeats 1" for a CPU
-# rehearsal). NVLink multicast stays off.
+# rehearsal), PYTEST_K (the tests step's -k filter, e.g. "gpu": only the tests that need the GPUs).
+# NVLink multicast stays off.
 set -uo pipefail
 dir="${1:-runs/multigpu}"
 steps="${2:-smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge tests agreement sweeps}"
@@ -73,7 +74,8 @@ for step in $steps; do
       echo "merge rc=$? (copy $dir/tp_H200.json to results/multigpu/ once checked)"
       cat "$dir/merge.log" ;;
     tests)
-      timeout 1200 "$py" -m pytest tests/test_multigpu.py tests/test_tp_fused.py -rA > "$dir/pytest_multigpu.log" 2>&1
+      timeout 1200 "$py" -m pytest tests/test_multigpu.py tests/test_tp_fused.py -rA ${PYTEST_K:+-k "$PYTEST_K"} \
+        > "$dir/pytest_multigpu.log" 2>&1
       echo "multigpu tests rc=$?" ;;
     agreement)
       timeout 600 "$py" -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/tp_greedy_agreement.py \

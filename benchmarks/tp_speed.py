@@ -340,11 +340,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local) if cuda else None,
                             timeout=timedelta(minutes=30))
+    from speccascade.distributed import shutdown
+
     try:
         measure_stage(args, rank)
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        shutdown()   # bounded: a teardown after captured all-reduces can hang
     return 0
 
 

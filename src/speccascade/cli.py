@@ -536,9 +536,17 @@ def main(argv=None) -> int:
     """Run the command line; returns the exit status: 0, 2 for bad input (``speccascade: error: ...``
     on stderr, never a traceback), 1 for an unexpected failure (its one-line description; set
     SPECCASCADE_TRACEBACK=1 for the traceback), 130 when interrupted."""
+    args = build_parser().parse_args(argv)
+    rc = _run(args)
+    from .distributed import shutdown
+
+    shutdown(exit_code=rc)   # under torchrun (--tp): the process group's teardown, bounded in time
+    return rc
+
+
+def _run(args) -> int:
     import os
 
-    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except SpecCascadeError as e:

@@ -121,16 +121,41 @@ def init_tp(device="cpu") -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", rank=r, world_size=size,
                                 device_id=torch.device("cuda", local) if cuda else None)
-        atexit.register(_shutdown)   # at a normal exit (else NCCL warns of leaked resources)
+        atexit.register(shutdown)   # at a normal exit (else NCCL warns of leaked resources)
     if r != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
-def _shutdown() -> None:
-    import torch.distributed as dist
+#: seconds the process group's teardown may take before the process exits without it
+SHUTDOWN_TIMEOUT_S = 60.0
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+def shutdown(timeout_s: float | None = None, exit_code: int = 0) -> None:
+    """Tear the process group down, in at most ``timeout_s`` seconds (:data:`SHUTDOWN_TIMEOUT_S`).
+
+    On two H200s, ``destroy_process_group`` after a run whose NCCL all-reduces were captured in CUDA
+    graphs never returned (the results were written; the processes hung until killed). So the
+    teardown runs in a daemon thread: if it has not returned in time, this says so on stderr,
+    flushes, and ends the process with ``exit_code`` (``os._exit``: every result is written by then).
+    """
+    import threading
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    done = threading.Thread(target=dist.destroy_process_group, daemon=True, name="speccascade-shutdown")
+    done.start()
+    wait = SHUTDOWN_TIMEOUT_S if timeout_s is None else timeout_s
+    done.join(wait)
+    if done.is_alive():
+        print(f"speccascade: the process group's teardown did not end in {wait:g} s; "
+              f"exiting without it (every result is written)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(exit_code)
 
 
 def check_tp_plan(path, role: str = "verifier") -> None:
