@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 from speccascade.cli import main
-from speccascade.distributed import check_tp, check_tp_plan
+from speccascade.distributed import check_tp, check_tp_plan, load_tp_verifier
 from speccascade.errors import DeviceError, SpecCascadeError
 from speccascade.eval.parallel import (
     assign,
@@ -29,6 +30,7 @@ from helpers import kill_after_cells
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 ENV = os.environ | {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+CPU_ENV = ENV | {"CUDA_VISIBLE_DEVICES": ""}   # the gloo tests, on a machine with GPUs too
 LOAD = {"drafter": None, "verifier": None, "tokenizer": None, "pair": "tiny", "device": "cpu", "dtype": "float32"}
 TASK = ("bible_en_es", None, None)
 
@@ -178,7 +180,10 @@ def test_a_killed_parallel_sweep_resumes_with_every_cell_once(reference, tmp_pat
     assert all(json.loads(x) for x in out.read_text().splitlines())
 
 
-def test_workers_bad_input(tmp_path, capsys):
+def test_workers_bad_input(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # "no CUDA GPU" on a machine with GPUs too
     sweep = ["sweep", "--examples", "2", "--max-new-tokens", "3", "--quiet", "--methods", "sd",
              "--out", str(tmp_path / "s.jsonl")]
     for extra, fragment in ((["--workers", "0"], "--workers must be an integer >= 1, got 0"),
@@ -237,16 +242,22 @@ def test_tp_error_paths(tmp_path, monkeypatch, capsys):
     with pytest.raises(SpecCascadeError, match="under a launch of 4 processes: give torchrun --nproc-per-node 2"):
         check_tp(2)
     monkeypatch.setenv("WORLD_SIZE", "2")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError, match="no CUDA GPU"):
         check_tp(2, "cuda")
     with pytest.raises(DeviceError, match="runs on --device cuda"):
         check_tp(2, "mps")
-    import torch
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(DeviceError, match="--tp 2 is more than the 1 CUDA GPU"):
         check_tp(2, "cuda")
+    from speccascade.models.loading import embedded_pair_dirs
+
+    # transformers shards onto a GPU whenever torch sees one: --device cpu there is refused, with the fix
+    with pytest.raises(DeviceError, match=r"--device cpu on a machine with a CUDA GPU: .*CUDA_VISIBLE_DEVICES="):
+        load_tp_verifier(embedded_pair_dirs("tiny")[1], 2, "cpu", torch.float32)
     # a model type without a tensor-parallel plan is named
     gpt = tmp_path / "gpt2"
     gpt.mkdir()
@@ -258,8 +269,6 @@ def test_tp_error_paths(tmp_path, monkeypatch, capsys):
     (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True}))
     with pytest.raises(SpecCascadeError, match=r"--tp takes a causal LM verifier; .* is an encoder-decoder \(t5"):
         check_tp_plan(t5)
-    from speccascade.models.loading import embedded_pair_dirs
-
     check_tp_plan(embedded_pair_dirs("tiny")[1])  # llama has one
     # the command line: before any model loads, exit 2 with the fix
     monkeypatch.delenv("WORLD_SIZE")
@@ -279,11 +288,12 @@ def greedy_tp1(capsys, n=10):
     return json.loads(capsys.readouterr().out)
 
 
-def torchrun(args, tmp_path):
-    """``torchrun --standalone --nproc-per-node 2 -m speccascade ARGS`` in its own session."""
+def torchrun(args, tmp_path, gpus=False):
+    """``torchrun --standalone --nproc-per-node 2 -m speccascade ARGS`` in its own session; without
+    ``gpus`` the GPUs are hidden (the ranks talk over gloo on the CPU on any machine)."""
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "speccascade", *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=tmp_path, start_new_session=True)
+                             "-m", "speccascade", *args], env=ENV if gpus else CPU_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
 
 
 def finish(proc, timeout):
@@ -379,7 +389,7 @@ def test_tp_greedy_agreement_benchmark_on_two_gloo_ranks(tmp_path):
     out = tmp_path / "agreement.json"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              str(script), "--device", "cpu", "--prompts", "4", "--batch-size", "2",
-                             "--max-new-tokens", "8", "--out", str(out)], env=ENV, stdout=subprocess.PIPE,
+                             "--max-new-tokens", "8", "--out", str(out)], env=CPU_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
     _, stderr = finish(proc, 300)
     assert proc.returncode == 0, stderr[-3000:]
@@ -444,7 +454,7 @@ def test_gpu_tp2_equals_tp1(tmp_path, backend):
                          check=False,
                          timeout=300)
     assert one.returncode == 0, one.stderr
-    proc = torchrun(common + ["--tp", "2"], tmp_path)
+    proc = torchrun(common + ["--tp", "2"], tmp_path, gpus=True)
     stdout, stderr = finish(proc, 300)
     assert proc.returncode == 0, stderr[-3000:]
     b = json.loads(next(line for line in stdout.splitlines() if line.startswith("{")))
@@ -482,3 +492,25 @@ def test_sweep_tp2_over_gloo_resumes_like_tp1(shipped, tmp_path):
     # a --tp 1 run does not extend a --tp 2 file
     with pytest.raises(SpecCascadeError, match="computed with tp=2, but this run has tp=1"):
         run_sweep(*shipped, get_task(), cfg, out, progress=False)
+
+
+def test_a_hung_teardown_ends_the_process_with_its_status(tmp_path):
+    """On two H200s, destroy_process_group after captured NCCL all-reduces never returned: shutdown
+    gives it a time limit, then ends the process with the run's status (and says so)."""
+    code = textwrap.dedent("""
+        import os
+        import time
+
+        import torch.distributed as dist
+        from speccascade.distributed import shutdown
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + os.environ["STORE"])
+        dist.destroy_process_group = lambda *a, **k: time.sleep(600)   # a teardown that hangs
+        print("written", flush=True)
+        shutdown(timeout_s=1, exit_code=3)
+        print("not reached")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], env=CPU_ENV | {"STORE": str(tmp_path / "store")},
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 3, run.stderr
+    assert run.stdout.split() == ["written"]
+    assert "teardown did not end in 1 s; exiting without it" in run.stderr

@@ -228,6 +228,12 @@ def load_tp_verifier(path, tp: int, device, dtype):
     if gguf:
         raise SpecCascadeError("--tp needs a Hugging Face checkpoint folder for the verifier, not a .gguf file")
     check_tp_plan(path)
+    if str(device).startswith("cpu") and torch.cuda.is_available():
+        # transformers (5.x) shards onto the machine's accelerator whenever torch sees one, whatever the
+        # process group: its shard would land on a GPU beside a drafter on the CPU
+        raise DeviceError(f"--tp {tp} --device cpu on a machine with a CUDA GPU: transformers' tensor parallelism "
+                          f"shards the verifier onto the GPUs whenever torch sees one; give --device cuda, or hide "
+                          f"the GPUs (CUDA_VISIBLE_DEVICES=) to run the ranks over gloo on the CPU")
     try:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
