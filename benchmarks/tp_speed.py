@@ -277,6 +277,44 @@ def measure_stage(args, rank: int) -> None:
         print(f"wrote {args.out}", flush=True)
 
 
+#: NVIDIA's H200 datasheet: 4.8 TB/s of HBM3e bandwidth (the ceiling of a weight-bound decoding step)
+H200_HBM_BYTES_PER_S = 4.8e12
+
+
+def weight_bytes_per_rank(shape: dict, tp: int, dtype_bytes: int) -> float:
+    """Bytes of weights one rank reads per decoding step at batch 1: its 1/tp of every layer's
+    projections (q, k, v, o; gate, up, down) and the whole LM head (the embedding reads one row;
+    norms are negligible)."""
+    h, inter = shape["hidden_size"], shape["intermediate_size"]
+    kv = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
+    layer = 2 * h * h + 2 * h * kv + 3 * h * inter
+    return (shape["num_hidden_layers"] * layer / tp + shape["vocab_size"] * h) * dtype_bytes
+
+
+def where_time_goes(speed: dict, shape: dict | None, dtype: str | None, peak: float = H200_HBM_BYTES_PER_S) -> dict:
+    """A model of batch-1 ``verifier_only`` on the fused path, from the measured times and the shape
+    (not a profile): the weight bytes each rank reads per token, the fraction of the HBM ceiling
+    that --tp 1 reaches, the --tp 2 time that same fraction predicts with free all-reduces, and the
+    rest of the measured --tp 2 time spread over its 2 all-reduces a layer."""
+    one, two = speed.get(("fused", 1, 1, "verifier_only")), speed.get(("fused", 2, 1, "verifier_only"))
+    if not (one and two and shape):
+        return {}
+    size = 2 if dtype in ("bfloat16", "float16") else 4
+    b1, b2 = weight_bytes_per_rank(shape, 1, size), weight_bytes_per_rank(shape, 2, size)
+    ms1, ms2 = 1e3 / one, 1e3 / two
+    eff = (b1 / peak * 1e3) / ms1
+    predicted = b2 / peak * 1e3 / eff
+    reduces = 2 * shape["num_hidden_layers"]
+    return {"kind": "model from the measured times and the shape, not a profile; times include the prefill "
+                    "amortised over the new tokens",
+            "assumed_peak_hbm_bytes_per_s": peak,
+            "weight_gb_per_rank_tp1": b1 / 1e9, "weight_gb_per_rank_tp2": b2 / 1e9,
+            "ideal_tp2_over_tp1": b1 / b2, "ms_per_token_tp1": ms1, "ms_per_token_tp2": ms2,
+            "hbm_fraction_reached_tp1": eff, "tp2_ms_at_tp1_fraction_with_free_all_reduces": predicted,
+            "tp2_ms_left_for_all_reduces": ms2 - predicted, "all_reduces_per_token": reduces,
+            "us_per_all_reduce": (ms2 - predicted) * 1e3 / reduces}
+
+
 def merge(paths: list[Path], out: Path) -> dict:
     """The stages' rows in one record, with tokens/s ratios: each backend's tp N over its tp 1, the
     fused backend over transformers' at each degree, and whether --tp 2 beat --tp 1 on the fused
@@ -309,7 +347,9 @@ def merge(paths: list[Path], out: Path) -> dict:
                                                      "new_tokens", "gamma", "repeats", "temperature")},
               "stages": [s.get("stage") for s in stages],
               "tokens_per_second": {f"{b} tp{t} {m} batch={n}": x for (b, t, n, m), x in sorted(speed.items())},
-              "ratios": ratios, "target_tp2_faster_than_tp1_at_batch1_fused": target, "notes": notes,
+              "ratios": ratios, "target_tp2_faster_than_tp1_at_batch1_fused": target,
+              "where_time_goes_batch1": where_time_goes(speed, first.get("verifier_shape"), first.get("dtype")),
+              "notes": notes,
               "rows": rows, "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
@@ -320,8 +360,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.merge:
         rec = merge(args.merge, args.out or Path("results/multigpu/tp_H200.json"))
-        print(json.dumps({k: rec[k] for k in ("tokens_per_second", "ratios",
-                                              "target_tp2_faster_than_tp1_at_batch1_fused", "notes")}, indent=2))
+        keys = ("tokens_per_second", "ratios", "target_tp2_faster_than_tp1_at_batch1_fused", "where_time_goes_batch1",
+                "notes")
+        print(json.dumps({k: rec[k] for k in keys}, indent=2))
         return 0
     rank, local, world = check_launch(args.tp, args.device)
     from datetime import timedelta

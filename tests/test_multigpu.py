@@ -428,6 +428,20 @@ def test_tp_speed_merges_stages_into_ratios(tmp_path):
     assert rec["target_tp2_faster_than_tp1_at_batch1_fused"] == {"verifier_only": False, "sd": True}
     assert rec["card"]["gpu"] == "G" and rec["settings"]["dtype"] == "bfloat16"
     assert sum("boom" in n for n in rec["notes"]) == 3 and any("hf_tp1.json: not read" in n for n in rec["notes"])
+    assert rec["where_time_goes_batch1"] == {}   # the stages carry no shape
+
+    # the batch-1 time model, by hand: 1 layer of hidden 4, 2 heads (2 KV heads: k, v 4 x 4), MLP 8, vocab 10
+    shape = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "vocab_size": 10}
+    layer = 4 * 16 + 3 * 32   # q, k, v, o; gate, up, down
+    assert tp_speed.weight_bytes_per_rank(shape, 1, 2) == (layer + 40) * 2
+    assert tp_speed.weight_bytes_per_rank(shape, 2, 2) == (layer / 2 + 40) * 2
+    speed = {("fused", 1, 1, "verifier_only"): 1000.0, ("fused", 2, 1, "verifier_only"): 1250.0}
+    peak = (layer + 40) * 2 / 0.5e-3   # --tp 1 at 1 ms a token reaches half the ceiling
+    model = tp_speed.where_time_goes(speed, shape, "bfloat16", peak=peak)
+    assert model["hbm_fraction_reached_tp1"] == pytest.approx(0.5)
+    assert model["tp2_ms_at_tp1_fraction_with_free_all_reduces"] == pytest.approx((layer / 2 + 40) / (layer + 40))
+    assert model["us_per_all_reduce"] == pytest.approx((0.8 - (layer / 2 + 40) / (layer + 40)) * 1e3 / 2)
 
 
 # --------------------------------------------------------------------------------------------

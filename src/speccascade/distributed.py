@@ -127,14 +127,15 @@ def init_tp(device="cpu") -> None:
 
 
 #: seconds the process group's teardown may take before the process exits without it
-SHUTDOWN_TIMEOUT_S = 60.0
+SHUTDOWN_TIMEOUT_S = 20.0
 
 
 def shutdown(timeout_s: float | None = None, exit_code: int = 0) -> None:
     """Tear the process group down, in at most ``timeout_s`` seconds (:data:`SHUTDOWN_TIMEOUT_S`).
 
     On two H200s, ``destroy_process_group`` after a run whose NCCL all-reduces were captured in CUDA
-    graphs never returned (the results were written; the processes hung until killed). So the
+    graphs never returned (the results were written; the processes hung until killed: PyTorch issue
+    115388, a hang in ``ncclCommDestroy`` after graph capture of NCCL operations). So the
     teardown runs in a daemon thread: if it has not returned in time, this says so on stderr,
     flushes, and ends the process with ``exit_code`` (``os._exit``: every result is written by then).
     """
