@@ -14,6 +14,8 @@
 #                                       fused tp1 at batch 1)
 #   tests                               tests/test_multigpu.py and tests/test_tp_fused.py (the GPU ones run,
 #                                       among them the exact law through the sharded verifier)
+#   allreduce                           one all-reduce's cost inside a CUDA graph, NCCL vs a one-shot over
+#                                       symmetric memory (benchmarks/allreduce_latency.py; DIR/allreduce_latency.json)
 #   agreement                           greedy --tp 2 vs --tp 1 on the trained tiny pair in float32:
 #                                       benchmarks/tp_greedy_agreement.py (DIR/tp_greedy_agreement.json)
 #   sweeps                              a data-parallel sweep of the tiny pair on every GPU vs on one
@@ -28,7 +30,7 @@
 # NVLink multicast stays off.
 set -uo pipefail
 dir="${1:-runs/multigpu}"
-steps="${2:-smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge tests agreement sweeps}"
+steps="${2:-smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 merge allreduce tests agreement sweeps}"
 mkdir -p "$dir"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}" \
@@ -77,6 +79,11 @@ for step in $steps; do
       timeout 1200 "$py" -m pytest tests/test_multigpu.py tests/test_tp_fused.py -rA ${PYTEST_K:+-k "$PYTEST_K"} \
         > "$dir/pytest_multigpu.log" 2>&1
       echo "multigpu tests rc=$?" ;;
+    allreduce)
+      timeout 300 "$py" -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/allreduce_latency.py \
+        --out "$dir/allreduce_latency.json" > "$dir/allreduce.log" 2>&1
+      echo "allreduce rc=$?"
+      grep '^{' "$dir/allreduce.log" ;;
     agreement)
       timeout 600 "$py" -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/tp_greedy_agreement.py \
         --out "$dir/tp_greedy_agreement.json" > "$dir/agreement.log" 2>&1
@@ -93,7 +100,7 @@ for step in $steps; do
           > "$dir/sweep_w$w.log" 2>&1
         echo "sweep --workers $w rc=$? wall=$(( $(date +%s) - start ))s"
       done ;;
-    *) echo "unknown step $step (steps: smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 [each with _b<batch>] merge tests" \
-            "agreement sweeps)" ;;
+    *) echo "unknown step $step (steps: smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 [each with _b<batch>] merge allreduce" \
+            "tests agreement sweeps)" ;;
   esac
 done

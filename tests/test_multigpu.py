@@ -381,6 +381,16 @@ def test_tp_speed_benchmark_parses_and_refuses_without_gpus():
     assert no.returncode == 2 and "tp_speed: error: needs 2 CUDA GPUs" in no.stderr
 
 
+def test_allreduce_latency_benchmark_parses_and_refuses_without_gpus():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "allreduce_latency.py"
+    ok = subprocess.run([sys.executable, str(script), "--help"], env=ENV, capture_output=True, text=True, check=False,
+                        timeout=60)
+    assert ok.returncode == 0 and "--chain" in ok.stdout
+    no = subprocess.run([sys.executable, str(script)], env=CPU_ENV, capture_output=True, text=True, check=False,
+                        timeout=60)
+    assert no.returncode == 2 and "allreduce_latency: error: needs 2 CUDA GPUs" in no.stderr
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
 def test_tp_greedy_agreement_benchmark_on_two_gloo_ranks(tmp_path):
     """benchmarks/tp_greedy_agreement.py on a CPU: the record counts rows and differences per method;
