@@ -71,7 +71,7 @@ for step in $steps; do
       if [[ "$rest" == *_b* ]]; then for_batches="${rest#*_b}"; else for_batches="$batches"; fi
       for b in $for_batches; do stage "$backend" "$tp" "$b"; done ;;
     merge)
-      "$py" benchmarks/tp_speed.py --merge "$dir"/fused_tp*_b*.json "$dir"/hf_tp*_b*.json \
+      "$py" benchmarks/tp_speed.py --merge "$dir"/fused_tp*_b*.json "$dir"/hf_tp*_b*.json "$dir"/sweep_walls.json \
         --out "$dir/tp_H200.json" > "$dir/merge.log" 2>&1
       echo "merge rc=$? (copy $dir/tp_H200.json to results/multigpu/ once checked)"
       cat "$dir/merge.log" ;;
@@ -93,13 +93,20 @@ for step in $steps; do
       n=$("$py" -c "import torch; print(torch.cuda.device_count())")
       grid=(--methods sd,opt,token_v3,token_cascade --temperatures 0 1 --batch-sizes 1 8 --examples 100
             --max-new-tokens 64 --device cuda --quiet)
+      walls=()
       for w in 1 "$n"; do
-        rm -f "$dir/sweep_w$w.jsonl"
+        rm -rf "$dir/sweep_w$w.jsonl" "$dir/sweep_w$w.jsonl.parts"
         start=$(date +%s)
         timeout 1800 "$py" -m speccascade sweep "${grid[@]}" --workers "$w" --out "$dir/sweep_w$w.jsonl" \
           > "$dir/sweep_w$w.log" 2>&1
-        echo "sweep --workers $w rc=$? wall=$(( $(date +%s) - start ))s"
-      done ;;
+        rc=$?
+        echo "sweep --workers $w rc=$rc wall=$(( $(date +%s) - start ))s"
+        walls+=("{\"workers\": $w, \"rc\": $rc, \"wall_s\": $(( $(date +%s) - start ))}")
+      done
+      # the merge step puts these walls into tp_H200.json
+      gs="${grid[*]}"
+      (IFS=,; echo "{\"benchmark\": \"sweep_walls\", \"grid\": \"$gs\", \"runs\": [${walls[*]}]}") \
+        > "$dir/sweep_walls.json" ;;
     *) echo "unknown step $step (steps: smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 [each with _b<batch>] merge allreduce" \
             "tests agreement sweeps)" ;;
   esac

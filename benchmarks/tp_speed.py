@@ -325,6 +325,8 @@ def merge(paths: list[Path], out: Path) -> dict:
             stages.append(json.loads(Path(p).read_text()))
         except (OSError, ValueError) as e:
             notes.append(f"{p}: not read ({type(e).__name__}: {e})")
+    walls = [s for s in stages if s.get("benchmark") == "sweep_walls"]   # gpu_multigpu_run.sh's sweeps step
+    stages = [s for s in stages if s.get("benchmark") != "sweep_walls"]
     rows = [r for s in stages for r in s.get("rows", [])]
     speed = {(r["backend"], r["tp"], r["batch"], r["method"]): r["tokens_per_second"]
              for r in rows if "tokens_per_second" in r}
@@ -349,6 +351,7 @@ def merge(paths: list[Path], out: Path) -> dict:
               "tokens_per_second": {f"{b} tp{t} {m} batch={n}": x for (b, t, n, m), x in sorted(speed.items())},
               "ratios": ratios, "target_tp2_faster_than_tp1_at_batch1_fused": target,
               "where_time_goes_batch1": where_time_goes(speed, first.get("verifier_shape"), first.get("dtype")),
+              "data_parallel_sweep": walls[-1] if walls else None,
               "notes": notes,
               "rows": rows, "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -439,6 +439,12 @@ def test_tp_speed_merges_stages_into_ratios(tmp_path):
     assert rec["card"]["gpu"] == "G" and rec["settings"]["dtype"] == "bfloat16"
     assert sum("boom" in n for n in rec["notes"]) == 3 and any("hf_tp1.json: not read" in n for n in rec["notes"])
     assert rec["where_time_goes_batch1"] == {}   # the stages carry no shape
+    assert rec["data_parallel_sweep"] is None
+    walls = {"benchmark": "sweep_walls", "grid": "--methods sd", "runs": [{"workers": 1, "rc": 0, "wall_s": 30},
+                                                                         {"workers": 2, "rc": 0, "wall_s": 16}]}
+    (tmp_path / "sweep_walls.json").write_text(json.dumps(walls))
+    again = tp_speed.merge([*paths, tmp_path / "sweep_walls.json"], tmp_path / "out" / "tp.json")
+    assert again["data_parallel_sweep"] == walls and again["ratios"] == rec["ratios"]   # not a stage
 
     # the batch-1 time model, by hand: 1 layer of hidden 4, 2 heads (2 KV heads: k, v 4 x 4), MLP 8, vocab 10
     shape = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
