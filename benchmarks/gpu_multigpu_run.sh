@@ -26,7 +26,8 @@
 # Environment: PYTHON (default: python, else python3), STAGE_TIMEOUT (seconds per tp_speed launch,
 # default 540: one launch fits a 10-minute command), BATCHES (default "1 16"), TP_SPEED_ARGS (extra
 # arguments to every launch, e.g. "--device cpu --tiny --layers 2 --new-tokens 8 --repeats 1" for a CPU
-# rehearsal), PYTEST_K (the tests step's -k filter, e.g. "gpu": only the tests that need the GPUs).
+# rehearsal), PYTEST_K (the tests step's -k filter; default "two_gpus or gpu_": the 4 tests that need the GPUs,
+# the others run in CI; PYTEST_K= runs both files whole).
 # NVLink multicast stays off.
 set -uo pipefail
 dir="${1:-runs/multigpu}"
@@ -76,7 +77,8 @@ for step in $steps; do
       echo "merge rc=$? (copy $dir/tp_H200.json to results/multigpu/ once checked)"
       cat "$dir/merge.log" ;;
     tests)
-      timeout 1200 "$py" -m pytest tests/test_multigpu.py tests/test_tp_fused.py -rA ${PYTEST_K:+-k "$PYTEST_K"} \
+      k_filter="${PYTEST_K-two_gpus or gpu_}"
+      timeout 1200 "$py" -m pytest tests/test_multigpu.py tests/test_tp_fused.py -rA ${k_filter:+-k "$k_filter"} \
         > "$dir/pytest_multigpu.log" 2>&1
       echo "multigpu tests rc=$?" ;;
     allreduce)
