@@ -120,6 +120,8 @@ def main(argv=None) -> int:
                     else:
                         import torch.distributed._symmetric_memory as symm_mem
 
+                        if hasattr(symm_mem, "enable_symm_mem_for_group"):   # needed by older torch
+                            symm_mem.enable_symm_mem_for_group(group.group_name)
                         buf = symm_mem.empty(n, args.hidden, dtype=torch.bfloat16, device=device)
                         symm_mem.rendezvous(buf, group.group_name)
 
