@@ -2,7 +2,7 @@
 tokens agree, and whether each difference is a near-tie.
 
     torchrun --standalone --nproc-per-node 2 benchmarks/tp_greedy_agreement.py \\
-        --out results/multigpu/tp_greedy_agreement_H200.json
+        --out results/multigpu/tp_greedy_agreement.json
     # on a CPU (gloo): add --device cpu
 
 The embedded ``tiny`` pair (a trained 8-layer verifier, 6 query and 2 KV heads: 3 + 1 a rank), in

@@ -196,6 +196,40 @@ def test_a_diverged_run_stops_and_says_so(tmp_path, monkeypatch):
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 
+def test_optimizer_step_skips_on_the_device_and_takes_only_a_fused_optimiser():
+    """The step decides on the device (found_inf): a NaN loss leaves the weights, a finite one moves
+    them; a non-fused optimiser, which would need a host sync to decide, is refused."""
+    from speccascade.train.trainer import optimizer_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert not bool(optimizer_step(model(torch.ones(1, 4)).sum() * float("nan"), model, opt, sched))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert bool(optimizer_step(model(torch.ones(1, 4)).sum(), model, opt, sched))
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    plain = torch.optim.AdamW(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="takes a fused optimiser"):
+        optimizer_step(model(torch.ones(1, 4)).sum(), model, plain, sched)
+
+
+def test_train_lm_trains_a_small_llama(tmp_path):
+    """benchmarks/smollm2_drafter.py's pre-training loop (train.lm) through optimizer_step: a few
+    steps on a repeating token stream lower the validation loss, and the model is saved."""
+    import numpy as np
+
+    from speccascade.train.lm import train_lm
+    from speccascade.train.trainer import Shape
+
+    tokens = np.tile(np.arange(16), 400)
+    log = train_lm(tokens, 16, Shape(32, 1, 2, 1, 64), tmp_path / "lm", device="cpu", seq_len=16, batch_size=8,
+                   lr=1e-2, epochs=3, max_minutes=1.0)
+    assert log["steps"] > 100 and log["final_val_loss"] < math.log(16) - 1.0
+    assert load_causal_lm(tmp_path / "lm", dtype=torch.float32).config.vocab_size == 16
+
+
 def test_bad_distillation_settings_are_clear_errors(tmp_path):
     with pytest.raises(SpecCascadeError, match="needs a teacher"):
         train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.01, progress=False, bleu_pairs=0,

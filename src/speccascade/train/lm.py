@@ -34,7 +34,7 @@ def train_lm(tokens: np.ndarray, vocab_size: int, shape: Shape, out: Path, devic
                       max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=bos_token_id,
                       eos_token_id=eos_token_id)
     model = LlamaForCausalLM(cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), fused=True)
     windows = (len(train) - 1) // seq_len
     total = max(1, int(epochs * windows / batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -174,20 +174,20 @@ NONFINITE_CHECK_EVERY = 8
 
 
 def optimizer_step(loss: torch.Tensor, model, opt, sched, clip: float = 1.0) -> torch.Tensor:
-    """One clipped optimiser step. A step whose gradient norm is not finite (an overflow, or a
-    diverging run) leaves the weights and optimiser state as they were; returns whether the step was
-    taken (a bool tensor on the model's device). With a fused optimiser (the trainer's) the decision
-    stays on the device, as under ``torch.amp.GradScaler``: the optimiser's ``found_inf`` tensor makes
-    the fused step a no-op, with no host sync. Others read the norm on the host. The schedule advances
+    """One clipped step of a fused optimiser (``torch.optim.AdamW(..., fused=True)``). A step whose
+    gradient norm is not finite (an overflow, or a diverging run) leaves the weights and optimiser
+    state as they were; returns whether the step was taken (a bool tensor on the model's device).
+    The decision stays on the device, as under ``torch.amp.GradScaler``: the optimiser's
+    ``found_inf`` tensor makes the fused step a no-op, with no host sync. The schedule advances
     either way."""
+    if not (opt.defaults.get("fused") and getattr(opt, "_step_supports_amp_scaling", False)):
+        raise ValueError("optimizer_step takes a fused optimiser (e.g. torch.optim.AdamW(..., fused=True)): it skips "
+                         "a non-finite step on the device")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-    if opt.defaults.get("fused") and getattr(opt, "_step_supports_amp_scaling", False):
-        opt.found_inf = (~finite).float()
-        opt.step()
-    elif finite:
-        opt.step()
+    opt.found_inf = (~finite).float()
+    opt.step()
     sched.step()
     return finite
 
