@@ -39,6 +39,7 @@ DISTILL_BATCH="${DISTILL_BATCH:-1024}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS=
 BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"; WARM_PROCS="${WARM_PROCS:-0}"
 SWEEP_DTYPE="${SWEEP_DTYPE:-float32}"; DRAFTER_INIT="${DRAFTER_INIT:-$([ "$PRESET" = deep ] && echo 1 || echo 0)}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"
+source scripts/gpus.sh   # gpu_id N: the N-th of the GPUs this script was given (CUDA_VISIBLE_DEVICES=2,3: GPU 2, 3)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 sc() { python -m speccascade "$@"; }
 stage() {  # stage NAME CMD... : run, log, record rc; a stage that ended well in DIR before is skipped
@@ -123,7 +124,7 @@ EOF
   wait "${pids[@]}"
 }
 SIDE=$((GPUS - 1))   # the GPU of the side tasks (smoke test, T = 1 distillation, GPU tests): with one GPU, GPU 0
-(export CUDA_VISIBLE_DEVICES=$SIDE; warm) &
+(export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); warm) &
 warm_pid=$!
 # every GPU: the verifier, data-parallel (one rank per GPU, each a VERIFIER_BATCH-sequence share of a step)
 if [ "$VERIFIER_GPUS" -ge 2 ]; then
@@ -136,14 +137,14 @@ fi
 limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
 distill_at() {  # distill_at GPU TEMPERATURE...: the verifier's translations at these temperatures
   local gpu="$1"; shift
-  (export CUDA_VISIBLE_DEVICES="$gpu"; [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+  (export CUDA_VISIBLE_DEVICES=$(gpu_id "$gpu"); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage "distill_T${*// /_}" sc distill --verifier "$dir/verifier" --out "$dir/distill_T${*// /_}.jsonl.gz" \
        --temperatures "$@" --batch-size "$DISTILL_BATCH" --device "$DEVICE" "${limit[@]}" --quiet \
        $([ "$DEVICE" = cuda ] && echo --dtype bfloat16))
 }
 # GPU 0: the verifier alone if it is not trained yet; then its translations (T = 1 on GPU 1 meanwhile)
 (
-  export CUDA_VISIBLE_DEVICES=0
+  export CUDA_VISIBLE_DEVICES=$(gpu_id 0)
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
   stage train_verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
       --minutes "$VERIFIER_MINUTES"
@@ -155,13 +156,13 @@ distill_at() {  # distill_at GPU TEMPERATURE...: the verifier's translations at 
 distill_rc=$?
 # the side GPU, beside the drafter's training: the GPU tests on this engine (they end before the sweep)
 if [ "$SKIP_TESTS" != 1 ]; then
-  (export CUDA_VISIBLE_DEVICES=$SIDE; stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider) &
+  (export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider) &
   side_pid=$!
 fi
 
 # GPU 0: the drafter and the pair's record
 [ $distill_rc -eq 0 ] && (
-  export CUDA_VISIBLE_DEVICES=0
+  export CUDA_VISIBLE_DEVICES=$(gpu_id 0)
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
   stage train_drafter sc train --preset "$PRESET" --role drafter --out "$dir/drafter" --device "$DEVICE" \
       --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" \

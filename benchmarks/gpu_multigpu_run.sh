@@ -27,7 +27,7 @@
 # default 540: one launch fits a 10-minute command), BATCHES (default "1 16"), TP_SPEED_ARGS (extra
 # arguments to every launch, e.g. "--device cpu --tiny --layers 2 --new-tokens 8 --repeats 1" for a CPU
 # rehearsal), PYTEST_K (the tests step's -k filter; default "two_gpus or gpu_": the 4 tests that need the GPUs,
-# the others run in CI; PYTEST_K= runs both files whole).
+# the others run in CI; PYTEST_K= runs both files whole), TESTS_TIMEOUT (the tests step's limit in seconds, default 1200).
 # NVLink multicast stays off.
 set -uo pipefail
 dir="${1:-runs/multigpu}"
@@ -78,7 +78,7 @@ for step in $steps; do
       cat "$dir/merge.log" ;;
     tests)
       k_filter="${PYTEST_K-two_gpus or gpu_}"
-      timeout 1200 "$py" -m pytest tests/test_multigpu.py tests/test_tp_fused.py -rA ${k_filter:+-k "$k_filter"} \
+      timeout "${TESTS_TIMEOUT:-1200}" "$py" -m pytest tests/test_multigpu.py tests/test_tp_fused.py -rA ${k_filter:+-k "$k_filter"} \
         > "$dir/pytest_multigpu.log" 2>&1
       echo "multigpu tests rc=$?" ;;
     allreduce)

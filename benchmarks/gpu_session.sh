@@ -19,7 +19,9 @@ case "$verb" in
 esac
 scripts/detached.sh wait "$job" "$secs"
 status=$?
-[ -f "runs/$name/stages.log" ] && { echo "-- runs/$name/stages.log"; tail -n 30 "runs/$name/stages.log"; }
+for f in runs/"$name"/{stages,run,x4}.log runs/"$name"/*/{stages,run}.log; do   # the progress logs, nested ones too
+  [ -f "$f" ] && { echo "-- $f"; tail -n 20 "$f"; }
+done
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/$name.tgz" --exclude='*.safetensors' --exclude='*.jsonl.gz' --exclude='*.bin' \
     --exclude="runs/$name/random" "runs/$name" "$job" 2>/dev/null

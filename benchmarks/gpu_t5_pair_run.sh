@@ -20,17 +20,19 @@
 #   PRESET=t5  DEVICE=cuda  DTYPE=float32 (the sweep's)  EPOCHS= MINUTES= (the preset's: 5 and 8)
 #   TEST_PAIRS=1000  EXAMPLES=500  TEMPERATURES="0 1"  METHODS=all  MAX_NEW_TOKENS=128
 #   GPUS=1  WORKERS=GPUS (sweep workers)  TRAIN_TOGETHER=1 (0: one model after the other on one GPU)
-#   BACKEND=fused (or seq2seq, auto)  SKIP_TESTS=0  ALPHAS= (a grid "method=a,b;method=..."; default below)
+#   BACKEND=fused (or seq2seq, auto)  SKIP_TESTS=0  TRAIN_ONLY=0 (1: stop once the pair is trained; run again to sweep)  ALPHAS= (a grid "method=a,b;method=..."; default below)
 #   SWEEP_ARGS= (more sweep arguments)
 # CPU rehearsal (2 minutes on two cores, most of it the two trainings and their BLEU):
 #   PRESET=t5_tiny DEVICE=cpu MINUTES=0.2 TEST_PAIRS=4 EXAMPLES=2 MAX_NEW_TOKENS=8 \
 #     METHODS=verifier_only,sd,diff,seq_cascade,token_v1 bash benchmarks/gpu_t5_pair_run.sh /tmp/t5r
+# On a share of a bigger machine, give the GPUs: CUDA_VISIBLE_DEVICES=2,3 GPUS=2 bash benchmarks/gpu_t5_pair_run.sh
 # Run 1 (one H200, MINUTES=7): results/t5_pair/NOTE.md.
 set -uo pipefail
 dir="${1:-runs/t5_pair}"
 preset="${PRESET:-t5}"; device="${DEVICE:-cuda}"; dtype="${DTYPE:-float32}"; gpus="${GPUS:-1}"
 mkdir -p "$dir"
 root="$(cd "$(dirname "$0")/.." && pwd)"
+source "$root/scripts/gpus.sh"   # gpu_id N: the N-th of the GPUs this script was given
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 step() {  # step NAME CMD...: run CMD with its output in DIR/NAME.log; its status and time in DIR/run.log
@@ -52,7 +54,7 @@ git -C "$root" rev-parse HEAD >> "$dir/versions.txt" 2>/dev/null
 
 # the GPU smoke test of the fused T5 path, beside the training (read it in the first device call's output)
 if [ "$device" = cuda ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
-  (export CUDA_VISIBLE_DEVICES=$((gpus - 1)); step gpu_smoke python -m pytest "$root/tests/test_gpu.py" -x -q \
+  (export CUDA_VISIBLE_DEVICES=$(gpu_id $((gpus - 1))); step gpu_smoke python -m pytest "$root/tests/test_gpu.py" -x -q \
      -p no:cacheprovider -k "fused_t5 or captured_greedy") &
   smoke_pid=$!
 fi
@@ -61,7 +63,7 @@ if [ ! -f "$dir/pair.json" ]; then
   if [ "$gpus" -ge 2 ] || [ "${TRAIN_TOGETHER:-1}" = 1 ]; then   # independent models: at once, a GPU each if there are 2
     for r in 0 1; do
       role=$([ $r = 0 ] && echo drafter || echo verifier)
-      (export CUDA_VISIBLE_DEVICES=$((r % gpus)); [ "$device" = cpu ] && unset CUDA_VISIBLE_DEVICES
+      (export CUDA_VISIBLE_DEVICES=$(gpu_id $((r % gpus))); [ "$device" = cpu ] && unset CUDA_VISIBLE_DEVICES
        step "train_$role" python -m speccascade train --arch t5 --preset "$preset" \
          --role "$role" --out "$dir/$role" --device "$device" "${budget[@]}") &
     done
@@ -77,6 +79,7 @@ if [ ! -f "$dir/pair.json" ]; then
     || { echo "training failed: see $dir/train_pair.log"; exit 1; }
 fi
 [ -n "${smoke_pid:-}" ] && wait "$smoke_pid"
+[ "${TRAIN_ONLY:-0}" = 1 ] && { echo "trained: $dir/pair.json (TRAIN_ONLY=1: no sweep)"; exit 0; }
 python - "$dir/pair.json" <<'EOF' | tee -a "$dir/run.log"
 import json, sys
 r = json.load(open(sys.argv[1]))
