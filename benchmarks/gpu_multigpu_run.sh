@@ -19,6 +19,8 @@
 #   agreement                           greedy --tp 2 vs --tp 1 on the trained tiny pair in float32:
 #                                       benchmarks/tp_greedy_agreement.py (DIR/tp_greedy_agreement.json)
 #   sweeps                              a data-parallel sweep of the tiny pair on every GPU vs on one
+#                                       (fused backend, 500 examples, warm compile caches; SWEEP_EXAMPLES,
+#                                       SWEEP_WORKERS="1 2", SWEEP_DEVICE=cpu for a rehearsal): DIR/sweep_walls.json
 #
 #   bash benchmarks/gpu_multigpu_run.sh [DIR] [STEPS]     (default runs/multigpu, every step in the order above)
 #   bash benchmarks/gpu_multigpu_run.sh runs/multigpu "fused_tp1 fused_tp2 merge"   # the headline numbers only
@@ -92,23 +94,30 @@ for step in $steps; do
       echo "agreement rc=$? (copy $dir/tp_greedy_agreement.json to results/multigpu/ once checked)"
       grep -E "^(verifier_only|sd) " "$dir/agreement.log" ;;
     sweeps)
+      # the same grid on 1 worker and on every GPU, both timed with warm compile caches (an untimed
+      # --warm-up-only pass compiles and captures every shape first), so the walls compare the sweeps
       n=$("$py" -c "import torch; print(torch.cuda.device_count())")
-      grid=(--methods sd,opt,token_v3,token_cascade --temperatures 0 1 --batch-sizes 1 8 --examples 100
-            --max-new-tokens 64 --device cuda --quiet)
+      grid=(--methods sd,opt,token_v3 --alphas "opt=0,1;token_v3=0.4,0.9" --temperatures 0 1 --batch-sizes 1
+            --examples "${SWEEP_EXAMPLES:-500}" --max-new-tokens 64 --backend fused --device "${SWEEP_DEVICE:-cuda}" --quiet)
+      start=$(date +%s)
+      timeout 900 "$py" -m speccascade sweep "${grid[@]}" --warm-up-only > "$dir/sweep_warm_up.log" 2>&1
+      echo "sweep --warm-up-only rc=$? wall=$(( $(date +%s) - start ))s"
       walls=()
-      for w in 1 "$n"; do
+      for w in ${SWEEP_WORKERS:-1 $n}; do
         rm -rf "$dir/sweep_w$w.jsonl" "$dir/sweep_w$w.jsonl.parts"
-        start=$(date +%s)
+        start=$(date +%s.%N)
         timeout 1800 "$py" -m speccascade sweep "${grid[@]}" --workers "$w" --out "$dir/sweep_w$w.jsonl" \
           > "$dir/sweep_w$w.log" 2>&1
         rc=$?
-        echo "sweep --workers $w rc=$rc wall=$(( $(date +%s) - start ))s"
-        walls+=("{\"workers\": $w, \"rc\": $rc, \"wall_s\": $(( $(date +%s) - start ))}")
+        wall=$("$py" -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$start" "$(date +%s.%N)")
+        echo "sweep --workers $w rc=$rc wall=${wall}s"
+        walls+=("{\"workers\": $w, \"rc\": $rc, \"wall_s\": $wall}")
       done
       # the merge step puts these walls into tp_H200.json
       gs="${grid[*]}"
-      (IFS=,; echo "{\"benchmark\": \"sweep_walls\", \"grid\": \"$gs\", \"runs\": [${walls[*]}]}") \
-        > "$dir/sweep_walls.json" ;;
+      (IFS=,; echo "{\"benchmark\": \"sweep_walls\", \"grid\": \"${gs//\"/}\", \"runs\": [${walls[*]}]}") \
+        > "$dir/sweep_walls.json"
+      cat "$dir/sweep_walls.json" ;;
     *) echo "unknown step $step (steps: smoke fused_tp1 fused_tp2 hf_tp1 hf_tp2 [each with _b<batch>] merge allreduce" \
             "tests agreement sweeps)" ;;
   esac

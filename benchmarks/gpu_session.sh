@@ -19,7 +19,7 @@ case "$verb" in
 esac
 scripts/detached.sh wait "$job" "$secs"
 status=$?
-for f in runs/"$name"/{stages,run,x4}.log runs/"$name"/*/{stages,run}.log; do   # the progress logs, nested ones too
+for f in runs/"$name"/{stages,run,parts}.log runs/"$name"/*/{stages,run}.log; do   # the progress logs, nested ones too
   [ -f "$f" ] && { echo "-- $f"; tail -n 20 "$f"; }
 done
 if [ -n "${OUT:-}" ]; then

@@ -9,7 +9,7 @@
 #               then, on quiet GPUs, the steps that time something, one after the other: issue 17's
 #               data-parallel sweep on 1 and 2 GPUs (step sweeps), issue 16's sweep of every method and
 #               its report, and issue 17's all-reduce microbenchmark (step allreduce)
-# Every part writes its own logs in its folder; DIR/x4.log has each part's end and exit status.
+# Every part writes its own logs in its folder; DIR/parts.log has each part's start, end and exit status.
 #   bash benchmarks/gpu_session.sh start x4 150 bash benchmarks/gpu_x4_run.sh runs/x4
 #   bash benchmarks/gpu_session.sh wait x4 590        (again, until the session's device time is spent)
 # Knobs (environment): T5_MINUTES (each T5 model's training budget, default 6), TESTS_TIMEOUT (the
@@ -19,15 +19,8 @@ set -uo pipefail
 dir="${1:-runs/x4}"
 mkdir -p "$dir"
 here="$(cd "$(dirname "$0")" && pwd)"
-note() { echo "$(date -u +%FT%TZ) $*" | tee -a "$dir/x4.log"; }
-part() {  # part NAME CMD...: run CMD with its output in DIR/NAME.log; its end and status in DIR/x4.log
-  local name="$1"; shift
-  note "start $name"
-  "$@" > "$dir/$name.log" 2>&1
-  local rc=$?
-  note "end $name rc=$rc"
-  return $rc
-}
+PARTS_LOG="$dir/parts.log"
+source "$here/../scripts/parts.sh"   # note, part
 git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true
 nvidia-smi topo -m > "$dir/topo.txt" 2>&1
 
