@@ -21,6 +21,8 @@ from speccascade.eval.parallel import (
     cell_cost,
     parts_dir,
     run_parallel_sweep,
+    start_process,
+    visible_gpu,
     worker_cells,
 )
 from speccascade.eval.sweep import Cell, SweepConfig, read_records, run_sweep
@@ -207,6 +209,50 @@ def test_a_worker_that_fails_stops_the_sweep_with_its_message(tmp_path):
                                                r"exist"):
         run_parallel_sweep(bad, TASK, config(), out, workers=2, progress=False)
     assert not out.exists()
+
+
+def test_each_gpu_worker_sees_its_gpu_alone_as_cuda0():
+    """A GPU worker's CUDA_VISIBLE_DEVICES: the i-th of those this process was given (so that every
+    worker's programs are cuda:0's and one compile cache serves them all)."""
+    assert [visible_gpu(i, None) for i in range(3)] == ["0", "1", "2"]
+    assert [visible_gpu(i, "2,3") for i in range(2)] == ["2", "3"]
+    assert visible_gpu(1, " GPU-aa , GPU-bb ") == "GPU-bb"
+    with pytest.raises(DeviceError, match="names only 1 GPU"):
+        visible_gpu(1, "5")
+
+
+def test_a_spawned_worker_starts_with_the_environment_given_and_ours_is_kept(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    seen = tmp_path / "seen.txt"
+    code = f"import os; open({str(seen)!r}, 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '-'))"
+    p = start_process(mp.get_context("spawn"), {"CUDA_VISIBLE_DEVICES": "5"}, target=exec, args=(code,))
+    p.join(60)
+    assert p.exitcode == 0 and seen.read_text() == "5"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5"
+
+
+def test_gpu_workers_are_started_on_their_own_gpu_as_cuda0(tmp_path, monkeypatch):
+    import speccascade.eval.parallel as parallel
+
+    started = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_start(ctx, env, target, args, name):
+        started.append((env, args[1]["device"], args[1]["load"]["device"]))
+        if len(started) == 2:
+            raise Stop
+
+    monkeypatch.setattr(parallel, "worker_devices", lambda device, workers: [f"cuda:{i}" for i in range(workers)])
+    monkeypatch.setattr(parallel, "start_process", fake_start)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    with pytest.raises(Stop):
+        run_parallel_sweep(LOAD | {"device": "cuda"}, TASK, config(), tmp_path / "s.jsonl", workers=2, progress=False)
+    assert started == [({"CUDA_VISIBLE_DEVICES": "6"}, "cuda:0", "cuda:0"),
+                       ({"CUDA_VISIBLE_DEVICES": "7"}, "cuda:0", "cuda:0")]
 
 
 def test_part_files_of_other_settings_are_refused(tmp_path):

@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
     s.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="spread the cells over N worker processes (cuda:i each with --device cuda; on a CPU each "
+                   help="spread the cells over N worker processes (GPU i each with --device cuda; on a CPU each "
                         "with --threads threads), merged into --out (docs/scale-out.md)")
     s.add_argument("--warm-up-only", action="store_true",
                    help="compile and capture every shape of the grid, then exit (fills torch's compile caches "

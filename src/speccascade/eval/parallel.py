@@ -2,9 +2,14 @@
 processes (issue 17).
 
 * **Processes.** ``torch.multiprocessing`` with the *spawn* start method: each worker loads its own
-  copy of the pair. With ``--device cuda`` worker *i* uses ``cuda:i`` (N must not exceed the GPUs
-  present); on a CPU every worker runs on ``cpu`` pinned to ``--threads`` torch threads (N x threads
-  should not exceed the cores, or the workers time each other's contention).
+  copy of the pair. With ``--device cuda`` worker *i* runs on GPU *i* (N must not exceed the GPUs
+  present), started with ``CUDA_VISIBLE_DEVICES`` naming that GPU alone, so that it sees it as
+  ``cuda:0``: torch's compile caches key a compiled program by its tensors' device, so a program
+  cached on ``cuda:0`` (by ``sweep --warm-up-only`` or an earlier run) is a miss on ``cuda:1``, and
+  a worker that sees its GPU as ``cuda:1`` would compile everything again (measured on two H200s: the
+  second worker started its cells 45 s after the first). On a CPU every worker runs on ``cpu`` pinned
+  to ``--threads`` torch threads (N x threads should not exceed the cores, or the workers time each
+  other's contention).
 * **Balance.** Cells that differ only in alpha share a compiled program and go to one worker
   together (each worker compiles only its own programs); these groups are dealt out
   longest-processing-time first on an estimated cost
@@ -286,6 +291,35 @@ def worker_devices(device: str, workers: int) -> list[str]:
     raise DeviceError(f"--workers runs on --device cpu or cuda, not {dev!r}")
 
 
+def visible_gpu(worker: int, inherited: str | None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of GPU worker ``worker``: the ``worker``-th entry of the one this
+    process was given (``inherited``; ids or UUIDs), or ``worker`` itself when none was given."""
+    if inherited is None or not inherited.strip():
+        return str(worker)
+    ids = [x.strip() for x in inherited.split(",") if x.strip()]
+    if worker >= len(ids):
+        raise DeviceError(f"GPU worker {worker}: CUDA_VISIBLE_DEVICES={inherited!r} names only {len(ids)} GPU(s); "
+                          f"give fewer --workers")
+    return ids[worker]
+
+
+def start_process(ctx, env: dict[str, str], **kwargs):
+    """Start ``ctx.Process(**kwargs)`` with ``env`` added to the environment it starts with (a spawned
+    child copies this process's environment when it starts; ours is restored at once)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        p = ctx.Process(**kwargs)
+        p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return p
+
+
 def run_parallel_sweep(load: dict, task: tuple, config: SweepConfig, out: Path, workers: int, *, threads: int = 1,
                        backend: str = "dynamic", progress: bool = True, notes: list | None = None,
                        poll_s: float = 0.5) -> list[dict]:
@@ -345,12 +379,15 @@ def run_parallel_sweep(load: dict, task: tuple, config: SweepConfig, out: Path, 
             for i, share in enumerate(shares):
                 err = part_file(out, i).with_suffix(".error")
                 err.unlink(missing_ok=True)
-                job = {"part": str(part_file(out, i)), "threads": threads, "device": devices[i],
-                       "parent_pid": os.getpid(), "load": dict(load) | {"device": devices[i]}, "task": tuple(task),
+                env, device = {}, devices[i]
+                if device.startswith("cuda"):  # the worker sees its GPU alone, as cuda:0 (module docstring)
+                    env = {"CUDA_VISIBLE_DEVICES": visible_gpu(i, os.environ.get("CUDA_VISIBLE_DEVICES"))}
+                    device = "cuda:0"
+                job = {"part": str(part_file(out, i)), "threads": threads, "device": device,
+                       "parent_pid": os.getpid(), "load": dict(load) | {"device": device}, "task": tuple(task),
                        "config": config, "backend": backend, "cells": worker_cells(share, grid)}
-                p = ctx.Process(target=_worker_main, args=(i, job), name=f"speccascade-sweep-worker-{i}")
-                p.start()
-                procs.append(p)
+                procs.append(start_process(ctx, env, target=_worker_main, args=(i, job),
+                                           name=f"speccascade-sweep-worker-{i}"))
             bar = tqdm(total=len(todo), desc=f"sweep x{len(procs)}", unit="cell", disable=not progress)
             wanted = {c.key for c in todo}
             failed = None
