@@ -136,7 +136,7 @@ PRESETS: dict[str, dict[str, Recipe]] = {
     # in time on one (busy) CPU thread (`benchmarks/pair_latency.py --preset-shapes t5`).
     "t5": {
         # the learning rates are half the Llama presets': on an H200 (bf16 autocast, AdamW) 2e-3 and 1e-3
-        # diverged, both losses NaN by step ~690 (results/t5_pair/diverged_attempt; T5 does not scale
+        # diverged, both losses NaN by step ~690 (results/t5_pair/run1/diverged_attempt; T5 does not scale
         # its attention logits by 1 / sqrt(d_kv)). The drafter's 12 epochs took 2.4 of its 5 minutes
         # there, its validation loss still falling: 24, the time budget trims them
         "drafter": Recipe(T5Shape(256, 2, 2, 4, 768), epochs=24, lr=1e-3, dropout=0.1, label_smoothing=0.1,
