@@ -505,8 +505,11 @@ def predicted_speedup(a: float, gamma: int, c: float, block: float) -> float:
 
 
 def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new: int, gamma: int,
-            baseline_dir: Path | None) -> None:
+            baseline_dir: Path | None, dtype: str = "float32") -> None:
     """Wall-clock speed-up over ``verifier_only`` on one CPU thread, batch 1, on held-out prompts.
+
+    Both models run in ``dtype`` (float32, or bfloat16: the CPU's AMX units where it has them), the
+    ``verifier_only`` baseline and the verifier's greedy reference answers too.
 
     For each held-out prompt (chat template) and each temperature (0, 1), every method runs once on
     that prompt before the next prompt (so load changes on a shared machine hit all methods alike);
@@ -525,8 +528,9 @@ def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new:
     torch.set_num_threads(1)
     load_start = os.getloadavg()[0]
     tok = load_tokenizer(gguf_path())
-    verifier = load_causal_lm(gguf_path(), role="verifier")
-    drafter = load_causal_lm(drafter_dir, role="drafter")
+    torch_dtype = getattr(torch, dtype)
+    verifier = load_causal_lm(gguf_path(), role="verifier", dtype=torch_dtype)
+    drafter = load_causal_lm(drafter_dir, role="drafter", dtype=torch_dtype)
     held = read_prompts(out, "heldout")[:n_prompts]
     prompts = [chat_ids(tok, p["text"]) for p in held]
     methods = (("verifier_only", None), ("sd", None), ("token_v3", 0.5), ("opt", 0.5), ("opt", 0.1), ("diff", 0.0),
@@ -574,8 +578,8 @@ def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new:
     seqs = [(p + g, len(p)) for p, g in zip(prompts, greedy) if g]
     tf = {"drafter": teacher_forced_agreement(drafter, verifier, seqs, batch_size=4)}
     if baseline_dir is not None and Path(baseline_dir).exists():
-        tf["baseline_drafter"] = teacher_forced_agreement(load_causal_lm(baseline_dir, role="drafter"), verifier, seqs,
-                                                          batch_size=4)
+        tf["baseline_drafter"] = teacher_forced_agreement(
+            load_causal_lm(baseline_dir, role="drafter", dtype=torch_dtype), verifier, seqs, batch_size=4)
         tf["baseline_drafter"]["path"] = str(baseline_dir)
     ctx = prompts[0] + greedy[0][:16]
     lat = {"drafter_step_ms": step_ms(drafter, ctx), "verifier_step_ms": step_ms(verifier, ctx)}
@@ -584,7 +588,7 @@ def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new:
     c = lat["drafter_step_ms"] / lat["verifier_step_ms"]
     block = lat[f"verifier_block_{gamma + 1}_ms"] / lat["verifier_step_ms"]
     a0, a1 = tf["drafter"]["top1_agreement"], tf["drafter"]["sd_acceptance_T1"]
-    rec = {"verifier": GGUF_NAME + " (dequantised to float32)", "drafter": str(drafter_dir),
+    rec = {"verifier": GGUF_NAME + f" (dequantised to {dtype})", "drafter": str(drafter_dir), "dtype": dtype,
            "drafter_params": sum(p.numel() for p in drafter.parameters()),
            "cpu": _cpu_name(), "threads": 1, "batch": 1, "torch": torch.__version__,
            "transformers": transformers.__version__, "n_heldout_prompts": len(prompts), "max_new_tokens": max_new,
@@ -643,6 +647,8 @@ def main() -> None:
                     help="speedup: the drafter to compare against (teacher-forced acceptance)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--gamma", type=int, default=3)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="speedup: both models' dtype (bfloat16 uses the CPU's AMX units where it has them)")
     args = ap.parse_args()
     {"prepare": lambda: prepare(args.out), "train": lambda: train(args.out, args.minutes),
      "measure": lambda: measure(args.out, args.record, args.prompts),
@@ -651,7 +657,7 @@ def main() -> None:
      "distill": lambda: distill_train(args.out, args.epochs, args.minutes, lr=args.lr, init=args.init,
                                      dest=args.drafter),
      "speedup": lambda: speedup(args.out, args.record, args.drafter or args.out / "drafter_distilled", args.prompts,
-                                args.max_new_tokens, args.gamma, args.baseline)}[args.step]()
+                                args.max_new_tokens, args.gamma, args.baseline, args.dtype)}[args.step]()
 
 
 if __name__ == "__main__":
