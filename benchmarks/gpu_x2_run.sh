@@ -12,12 +12,9 @@
 #   bash benchmarks/gpu_session.sh wait x2 590        (again, until it has ended or the device time is spent)
 set -uo pipefail
 dir="${1:-runs/x2}"
-mkdir -p "$dir"
 here="$(cd "$(dirname "$0")" && pwd)"
-PARTS_LOG="$dir/parts.log"
-source "$here/../scripts/parts.sh"   # note, part
-git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true
-nvidia-smi topo -m > "$dir/topo.txt" 2>&1
+source "$here/../scripts/parts.sh"   # parts_begin, note, part
+parts_begin "$dir"
 
 part multigpu_sweeps bash "$here/gpu_multigpu_run.sh" "$dir/multigpu" sweeps
 export GPUS=2 SKIP_TESTS=1

@@ -17,12 +17,9 @@
 # script's own (e.g. VERIFIER_MINUTES for the deep pair).
 set -uo pipefail
 dir="${1:-runs/x4}"
-mkdir -p "$dir"
 here="$(cd "$(dirname "$0")" && pwd)"
-PARTS_LOG="$dir/parts.log"
-source "$here/../scripts/parts.sh"   # note, part
-git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true
-nvidia-smi topo -m > "$dir/topo.txt" 2>&1
+source "$here/../scripts/parts.sh"   # parts_begin, note, part
+parts_begin "$dir"
 
 (export CUDA_VISIBLE_DEVICES=0,1 GPUS=2
  part deep bash "$here/gpu_deep_pair_run.sh" "$dir/deep") &
