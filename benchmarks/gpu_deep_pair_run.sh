@@ -53,7 +53,8 @@ stage() {  # stage NAME CMD... : run, log, record rc; a stage that ended well in
   return $rc
 }
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$dir/gpu.txt" 2>&1
-git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true
+git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true   # can be stale on the device: code.sha1 is the files
+(source scripts/parts.sh; code_hash > "$dir/code.sha1")
 
 # The sweep's grid: every method, 3-4 alphas each, from the SD end to the drafter end of its rule.
 # Denser where run 2's curves crossed the verifier's quality (diff, opt, opt_log between the SD end

@@ -50,7 +50,8 @@ if [ "$device" != cpu ]; then
 fi
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   > "$dir/versions.txt" 2>&1
-git -C "$root" rev-parse HEAD >> "$dir/versions.txt" 2>/dev/null
+git -C "$root" rev-parse HEAD >> "$dir/versions.txt" 2>/dev/null   # can be stale on the device: code.sha1 is the files
+(source "$root/scripts/parts.sh"; code_hash > "$dir/code.sha1")
 
 # the GPU smoke test of the fused T5 path, beside the training (read it in the first device call's output)
 if [ "$device" = cuda ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
