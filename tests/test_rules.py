@@ -138,3 +138,34 @@ def test_top_p_sampling_probs_match_reference():
             ref = sampling_dist(ql, temperature, top_k, top_p)
             assert ((got > 0) == (ref > 0)).all(), (ql, cfg)     # the same kept set
             np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SPECULATIVE)
+def test_at_t0_every_rule_builds_a_one_hot_target_so_greedy_draws_need_no_noise(name):
+    """At T = 0, q and p are one-hot; every rule's pi (and the residual a rejection draws from) is then
+    one-hot as well, which is why the loop draws no Exp(1) noise at T = 0 (``exponential_noise(...,
+    greedy=True)``: any positive noise gives the same draw). Checked on every alpha of the grid."""
+    from speccascade.verify import residual
+
+    for ql, pl in cases(seed=3):
+        _, d = to_dists(ql, pl, temperature=0.0)
+        for alpha in ALPHAS[name]:
+            pi = METHODS[name].fn(d, alpha).pi
+            assert sorted(pi.tolist()) == [0.0] * (len(ql) - 1) + [1.0], (name, alpha, pi)
+            draft = int(d.draft_probs.argmax())
+            if pi[draft] < 1:  # the draft can be rejected: the residual is one-hot too
+                r = residual(pi.unsqueeze(0), d.draft_probs.unsqueeze(0))[0]
+                assert int((r > 0).sum()) == 1, (name, alpha, r)
+
+
+def test_greedy_noise_is_ones_and_draws_nothing():
+    from speccascade.sampling import draw_with, exponential_noise
+
+    g = torch.Generator().manual_seed(0)
+    like = torch.zeros(2, 7)
+    before = g.get_state()
+    noise = exponential_noise(like.shape, like, g, greedy=True)
+    assert torch.equal(noise, torch.ones(2, 7)) and torch.equal(g.get_state(), before)
+    one_hot = torch.zeros(2, 7).index_fill_(1, torch.tensor([3]), 1.0)
+    assert draw_with(one_hot, noise).tolist() == [3, 3]
+    assert not torch.equal(exponential_noise(like.shape, like, g), torch.ones(2, 7))

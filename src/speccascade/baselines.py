@@ -45,7 +45,7 @@ def single_step(backend: Backend, state: DecodeState, cfg: SamplingConfig, gener
     (with ``compiled``, the arithmetic after the model call is torch.compile'd)."""
     active = ~state.emitter.done                                                   # [B]
     logits = backend.extend(state.pending.unsqueeze(1))[:, -1]                     # [B, V]
-    noise = exponential_noise(logits.shape, logits, generator)
+    noise = exponential_noise(logits.shape, logits, generator, cfg.greedy)
     (_compiled(finish_single) if compiled else finish_single)(backend, state, cfg, active, logits, noise, score)
 
 

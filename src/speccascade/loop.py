@@ -209,7 +209,7 @@ def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, r
     token, q_logits, q_probs, drafts = state.pending, [], [], []
     for j in range(gamma + 1):
         logits = drafter.extend(token.unsqueeze(1))[:, -1]                   # [B, V]
-        noise = exponential_noise(logits.shape, logits, generator) if j < gamma else None
+        noise = exponential_noise(logits.shape, logits, generator, cfg.greedy) if j < gamma else None
         probs, token = sample(logits, noise, cfg)                            # [B, V], [B]
         q_logits.append(logits)
         q_probs.append(probs)
@@ -220,7 +220,7 @@ def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, r
     p_logits = verifier.extend(torch.cat([state.pending.unsqueeze(1), drafts], 1))  # [B, gamma + 1, V]
     # 3.-4. verify, advance, emit (the draws of Algorithm 4 first)
     u = torch.rand((drafts.shape[0], gamma), generator=generator, dtype=torch.float32, device=drafts.device)
-    noise = exponential_noise(p_logits[:, 0].shape, p_logits, generator)
+    noise = exponential_noise(p_logits[:, 0].shape, p_logits, generator, cfg.greedy)
     finish(drafter, verifier, state, req, alpha, active, q_logits, q_probs, drafts, p_logits, u, noise)
 
 
