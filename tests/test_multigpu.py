@@ -155,6 +155,7 @@ def test_leftovers_of_a_killed_run_are_merged_once(reference, tmp_path):
     (parts / "worker-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in costs + cells[1:6]))
     (parts / "worker-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in costs + cells[6:])
                                           + ref_lines[3][:25])
+    (parts / "worker-1.gpu").write_text("GPU-b\n")  # worker 1 ran on a GPU (worker 0 did not say)
     notes = []
     records = run_parallel_sweep(LOAD, TASK, config(), out, workers=2, progress=False, notes=notes)
     keys = [r["key"] for r in records if r["type"] == "cell"]
@@ -162,6 +163,7 @@ def test_leftovers_of_a_killed_run_are_merged_once(reference, tmp_path):
     assert sum(r["type"] == "costs" for r in records) == 1
     assert any("removed a torn last line" in n for n in notes) and any("merged 8 cells" in n for n in notes)
     assert [r.get("worker") for r in records if r["type"] == "cell"] == [None, None] + [0] * 4 + [1] * 4
+    assert [r.get("gpu") for r in records if r["type"] == "cell"] == [None] * 6 + ["GPU-b"] * 4
     assert not parts.exists()
 
 
@@ -543,6 +545,9 @@ def test_gpu_two_workers_use_two_gpus(reference, tmp_path):
     records = run_parallel_sweep(LOAD | {"device": "cuda"}, TASK, config(), out, workers=2, progress=False)
     cells = cells_of(records)
     assert cells.keys() == cells_of(reference).keys() and {r["worker"] for r in cells.values()} == {0, 1}
+    # each worker saw its GPU as cuda:0, yet they ran on two different GPUs
+    gpus = {r["worker"]: r["gpu"] for r in cells.values()}
+    assert len(set(gpus.values())) == 2, gpus
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")

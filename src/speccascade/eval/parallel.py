@@ -23,7 +23,7 @@ processes (issue 17).
 * **Baselines.** Every worker runs ``verifier_only`` for each (temperature, seed, batch size) it
   holds cells of, and times its cells against *its own* baseline (same device, same process). The
   sweep file keeps one ``verifier_only`` record per group (the first to land); every record gets
-  ``"worker": i``.
+  ``"worker": i``, and on a GPU ``"gpu"``: the UUID of the GPU its worker ran on.
 * **One file.** Workers append to ``<out>.parts/worker-<i>.jsonl`` (each locked, torn-line safe,
   resumable: it is an ordinary sweep file). The parent holds ``--out``'s lock for the whole run and
   copies each worker's new records into ``--out`` as they land (about twice a second), skipping a
@@ -152,6 +152,11 @@ def part_file(out: Path, worker: int) -> Path:
     return parts_dir(out) / f"worker-{worker}.jsonl"
 
 
+def gpu_file(part: Path) -> Path:
+    """Where a GPU worker writes the identity (UUID) of the GPU it runs on, beside its part file."""
+    return Path(part).with_suffix(".gpu")
+
+
 class _Merger:
     """Copies the workers' new records into ``out`` (whose lock the caller holds)."""
 
@@ -175,6 +180,7 @@ class _Merger:
             except ValueError:
                 continue
             recs = read_records(part)  # a torn last line (being written) is skipped
+            gpu = gpu_file(part).read_text().strip() if gpu_file(part).exists() else None
             for rec in recs[self.seen.get(part, 0):]:
                 sig = rec.get("signature") or {}
                 if {"drafter", "verifier", "examples_sha1"} <= set(sig):
@@ -182,7 +188,7 @@ class _Merger:
                 if rec["type"] == "cell":
                     if rec.get("key") in self.keys:
                         continue
-                    rec = rec | {"worker": worker}
+                    rec = rec | {"worker": worker} | ({"gpu": gpu} if gpu else {})
                     self.keys.add(rec["key"])
                     new.append(rec)
                 elif rec["type"] == "costs":
@@ -247,6 +253,9 @@ def _worker_main(worker: int, job: dict) -> None:
         set_threads(job["threads"])
         if job["device"].startswith("cuda"):
             torch.cuda.set_device(torch.device(job["device"]))
+            # which physical GPU this worker has (it sees it as cuda:0): its records carry it as "gpu"
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            gpu_file(part).write_text(str(getattr(props, "uuid", "") or os.environ.get("CUDA_VISIBLE_DEVICES", "?")))
         parent = job["parent_pid"]
 
         def orphaned(_record):
