@@ -22,7 +22,8 @@ verifier's top-20 log-probabilities at every position (``runs/smol/teacher/chunk
 per chunk: an interrupted run resumes). ``distill`` trains the drafter on those answers (soft
 cross-entropy to the top-20 distribution + hard cross-entropy to the emitted token), warm-started
 from ``--init`` (the prose drafter) or, with ``--init pca``, from a PCA of SmolLM2's embedding.
-``speedup`` times ``verifier_only``, ``sd``, ``token_v3``, ``opt`` and ``diff`` on held-out prompts
+``breakdown`` times the parts of an ``sd`` block inside the loop (model calls, noise, the block's
+arithmetic). ``speedup`` times ``verifier_only``, ``sd``, ``token_v3``, ``opt`` and ``diff`` on held-out prompts
 (batch 1, T = 0 and T = 1), scores quality against the verifier's own greedy answer (chrF, exact
 match), and records the teacher-forced acceptance and the per-call latencies (c, block cost).
 The exact commands behind models/smollm2_drafter and results/smollm2/cpu_speedup.json (two teacher
@@ -619,6 +620,73 @@ def speedup(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new:
             print(T, m, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
 
 
+def breakdown(out: Path, record: Path, drafter_dir: Path, n_prompts: int, max_new: int, gamma: int,
+               dtype: str = "float32") -> None:
+    """Where an ``sd`` block's time goes at T = 0, timed inside the loop (one CPU thread, batch 1): each
+    backend's ``extend`` / ``commit``, the Exp(1) noise, a draft's sampling and the rest of the block's
+    arithmetic (``finish_block``), summed over the first ``n_prompts`` held-out prompts, beside the
+    same prompts' ``verifier_only`` run. The parts are wrapped with timers for this run only."""
+    import collections
+
+    import speccascade as sc
+    import speccascade.loop as loop
+    from speccascade.models import make_backend
+    from speccascade.models.loading import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(1)
+    tok = load_tokenizer(gguf_path())
+    torch_dtype = getattr(torch, dtype)
+    verifier = make_backend(load_causal_lm(gguf_path(), role="verifier", dtype=torch_dtype), "verifier")
+    drafter = make_backend(load_causal_lm(drafter_dir, role="drafter", dtype=torch_dtype), "drafter")
+    prompts = [chat_ids(tok, p["text"]) for p in read_prompts(out, "heldout")[:n_prompts]]
+    spent, calls = collections.defaultdict(float), collections.Counter()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+                calls[name] += 1
+        return wrapper
+
+    for backend in (drafter, verifier):
+        for method in ("extend", "commit"):
+            setattr(backend, method, timed(f"{backend.name}.{method}", getattr(backend, method)))
+    saved = {name: getattr(loop, name) for name in ("exponential_noise", "draft_token", "finish_block")}
+    for name, fn in saved.items():
+        setattr(loop, name, timed(name, fn))
+    try:
+        sc.generate(drafter, verifier, [prompts[0]], method="sd", gamma=gamma, max_new_tokens=8)  # warm-up
+        runs = {}
+        for method in ("verifier_only", "sd"):
+            spent.clear()
+            calls.clear()
+            start, tokens, blocks = time.perf_counter(), 0, 0
+            for i, ids in enumerate(prompts):
+                o = sc.generate(drafter, verifier, [ids], method=method, gamma=gamma, max_new_tokens=max_new, seed=i)
+                tokens, blocks = tokens + o.stats.emitted, blocks + o.stats.blocks
+            wall = time.perf_counter() - start
+            per = blocks or tokens  # per block (sd) or per token (verifier_only)
+            runs[method] = {"wall_s": wall, "tokens": tokens, "blocks": blocks, "ms_per_token": 1000 * wall / tokens,
+                            "ms_per_block_or_token": 1000 * wall / per,
+                            "parts_ms_per_block_or_token": {k: 1000 * v / per for k, v in sorted(spent.items())},
+                            "calls": dict(sorted(calls.items()))}
+    finally:
+        for name, fn in saved.items():
+            setattr(loop, name, fn)
+    rec = {"benchmark": "smollm2 sd block breakdown", "verifier": GGUF_NAME + f" (dequantised to {dtype})",
+           "drafter": str(drafter_dir), "dtype": dtype, "gamma": gamma, "temperature": 0.0,
+           "n_heldout_prompts": len(prompts), "max_new_tokens": max_new, "cpu": _cpu_name(), "threads": 1,
+           "torch": torch.__version__, "runs": runs,
+           "sd_speedup": runs["verifier_only"]["ms_per_token"] / runs["sd"]["ms_per_token"],
+           "loadavg_1min_end": os.getloadavg()[0]}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(rec, indent=2))
+    print(json.dumps(rec, indent=2))
+
+
 def _cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -631,7 +699,8 @@ def _cpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["prepare", "train", "measure", "prompts", "teacher", "distill", "speedup"])
+    ap.add_argument("step", choices=["prepare", "train", "measure", "prompts", "teacher", "distill", "speedup",
+                                     "breakdown"])
     ap.add_argument("--out", type=Path, default=Path("runs/smol"))
     ap.add_argument("--minutes", type=float, default=4.0)
     ap.add_argument("--record", type=Path, default=Path("results/smollm2/measure.json"))
@@ -657,7 +726,9 @@ def main() -> None:
      "distill": lambda: distill_train(args.out, args.epochs, args.minutes, lr=args.lr, init=args.init,
                                      dest=args.drafter),
      "speedup": lambda: speedup(args.out, args.record, args.drafter or args.out / "drafter_distilled", args.prompts,
-                                args.max_new_tokens, args.gamma, args.baseline, args.dtype)}[args.step]()
+                                args.max_new_tokens, args.gamma, args.baseline, args.dtype),
+     "breakdown": lambda: breakdown(args.out, args.record, args.drafter or Path("models/smollm2_drafter"), args.prompts,
+                                    args.max_new_tokens, args.gamma, args.dtype)}[args.step]()
 
 
 if __name__ == "__main__":

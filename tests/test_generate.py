@@ -133,3 +133,16 @@ def test_same_seed_same_tokens_and_stats(pair):
 def test_single_token_prompt_and_1d_tensor(pair):
     out = gen(pair, "opt", prompts=torch.tensor([9]), max_new_tokens=5)
     assert len(out.tokens) == 1 and len(out.tokens[0]) == 5
+
+
+@pytest.mark.parametrize("method", SPECULATIVE + ["verifier_only"])
+def test_greedy_decoding_draws_no_exponential_noise(pair, method, monkeypatch):
+    """At T = 0 every draw is from a one-hot distribution, so the loop and verifier_only draw no Exp(1)
+    noise (a draft's worth of time on a CPU). (That the tokens are the verifier's greedy ones, or the
+    rule's, is the business of the tests above.)"""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Exp(1) noise drawn at T = 0")
+
+    monkeypatch.setattr(torch.Tensor, "exponential_", refuse)
+    assert gen(pair, method, temperature=0, gamma=3).stats.emitted > 0
