@@ -135,10 +135,9 @@ def test_single_token_prompt_and_1d_tensor(pair):
     assert len(out.tokens) == 1 and len(out.tokens[0]) == 5
 
 
-@pytest.mark.parametrize("method", SPECULATIVE + ["verifier_only"])
+@pytest.mark.parametrize("method", list(sc.METHODS))
 def test_greedy_decoding_draws_no_exponential_noise(pair, method, monkeypatch):
-    """At T = 0 every draw is from a one-hot distribution, so the loop and verifier_only draw no Exp(1)
-    noise (a draft's worth of time on a CPU). (That the tokens are the verifier's greedy ones, or the
+    """At T = 0 every draw is from a one-hot distribution, so no method draws Exp(1) noise (a draft's worth of time on a CPU). (That the tokens are the verifier's greedy ones, or the
     rule's, is the business of the tests above.)"""
 
     def refuse(*args, **kwargs):

@@ -177,7 +177,7 @@ def token_cascade(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_
             flags.append(check_finite(p_last, defer))
         else:
             flags.append(torch.zeros((), dtype=torch.bool, device=device))
-        token = draw(probs, generator)
+        token = draw(probs, generator, cfg.greedy)
         kept = emitter.emit(token.unsqueeze(1), one)
         deferred += (defer & (kept > 0)).sum()
         # the verifier now lacks only the new token (deferred rows) or one more token (others)
@@ -246,7 +246,7 @@ def oracle_diff(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_ne
         stats.drafter_calls += 1
         stats.verifier_calls += 1
         target = diff(make_dists(q_logits, p_logits, cfg), alpha)
-        token = draw(target.pi, generator)
+        token = draw(target.pi, generator, cfg.greedy)
         kept = emitter.emit(token.unsqueeze(1), one)
         deferred += (target.defer.squeeze(-1) & (kept > 0)).sum()
         pending = token
@@ -297,7 +297,7 @@ def bild(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_token
             if j == window:
                 break
             go = drafting & (confidence_probs(logits).max(-1).values >= 1.0 - alpha_f)
-            new = draw(sampling_probs(logits, cfg), generator)
+            new = draw(sampling_probs(logits, cfg), generator, cfg.greedy)
             token = torch.where(go, new, token)
             drafts.append(token)
             n_draft += go.long()
@@ -314,7 +314,7 @@ def bild(drafter, verifier, input_ids, attention_mask, alpha, cfg, max_new_token
         pos = torch.arange(K + 1, device=device).unsqueeze(0)
         too_far = (bild_discrepancy(d) > alpha) | (pos >= n_draft.unsqueeze(1))  # [B, K + 1]
         n_acc = too_far.long().argmax(1)                                          # first such position
-        new = draw(d.target_probs[torch.arange(B, device=device), n_acc], generator)
+        new = draw(d.target_probs[torch.arange(B, device=device), n_acc], generator, cfg.greedy)
         tokens = torch.where(pos < n_acc.unsqueeze(1), torch.nn.functional.pad(drafts, (0, 1)),
                              torch.where(pos == n_acc.unsqueeze(1), new.unsqueeze(1), 0))
         drafter.commit(n_acc + 1)

@@ -82,12 +82,13 @@ def confidence_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | None, greedy: bool = False) -> torch.Tensor:
     """One categorical draw per row of (possibly unnormalised) ``probs``.  # [...] long
 
-    A row whose mass is all zero would be ill-defined; callers guard against that.
+    A row whose mass is all zero would be ill-defined; callers guard against that. ``greedy``: the rows
+    are one-hot (T = 0), so no random number is drawn (:func:`exponential_noise`).
     """
-    return draw_with(probs, exponential_noise(probs.shape, probs, generator))
+    return draw_with(probs, exponential_noise(probs.shape, probs, generator, greedy))
 
 
 def exponential_noise(shape, like: torch.Tensor, generator: torch.Generator | None,
