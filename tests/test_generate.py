@@ -137,8 +137,9 @@ def test_single_token_prompt_and_1d_tensor(pair):
 
 @pytest.mark.parametrize("method", list(sc.METHODS))
 def test_greedy_decoding_draws_no_exponential_noise(pair, method, monkeypatch):
-    """At T = 0 every draw is from a one-hot distribution, so no method draws Exp(1) noise (a draft's worth of time on a CPU). (That the tokens are the verifier's greedy ones, or the
-    rule's, is the business of the tests above.)"""
+    """At T = 0 every draw is from a one-hot distribution, so no method draws Exp(1) noise (a draft's
+    worth of time on a CPU). (That the tokens are the verifier's greedy ones, or the rule's, is the
+    business of the tests above.)"""
 
     def refuse(*args, **kwargs):
         raise AssertionError("Exp(1) noise drawn at T = 0")
