@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh wait NAME SECONDS            wait up to SECONDS more, pack
 # CMD writes into runs/NAME (e.g. `bash benchmarks/gpu_deep_pair_run.sh runs/deep` with NAME=deep); the
 # job's own log and exit status go to runs/NAME_job (scripts/detached.sh). Each call ends by packing
-# runs/NAME and runs/NAME_job, without weights, compressed data or the random warm-up pair, into
+# runs/NAME and runs/NAME_job, without weights, tensors, compressed data or the random warm-up pair, into
 # $OUT/NAME.tgz (the device tool brings $OUT back), so whatever the session's end cuts, the last
 # call's files are here. Issue the next call at once: an idle machine is given back after 30 s.
 # Example (issue 12): start deep 150 bash benchmarks/gpu_deep_pair_run.sh runs/deep (its GPU smoke test is
@@ -23,7 +23,7 @@ for f in runs/"$name"/{stages,run,parts}.log runs/"$name"/*/{stages,run}.log; do
   [ -f "$f" ] && { echo "-- $f"; tail -n 20 "$f"; }
 done
 if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/$name.tgz" --exclude='*.safetensors' --exclude='*.jsonl.gz' --exclude='*.bin' \
+  tar czf "$OUT/$name.tgz" --exclude='*.safetensors' --exclude='*.jsonl.gz' --exclude='*.bin' --exclude='*.pt' --exclude='*.gguf' \
     --exclude="runs/$name/random" "runs/$name" "$job" 2>/dev/null
   ls -la "$OUT"
 fi

