@@ -26,8 +26,10 @@ from ``--init`` (the prose drafter) or, with ``--init pca``, from a PCA of SmolL
 arithmetic). ``speedup`` times ``verifier_only``, ``sd``, ``token_v3``, ``opt`` and ``diff`` on held-out prompts
 (batch 1, T = 0 and T = 1), scores quality against the verifier's own greedy answer (chrF, exact
 match), and records the teacher-forced acceptance and the per-call latencies (c, block cost).
-The exact commands behind models/smollm2_drafter and results/smollm2/cpu_speedup.json (two teacher
-runs, three distillation stages) are in docs/smollm2.md.
+The exact commands behind models/smollm2_drafter are in docs/smollm2.md: these CPU stages (two teacher
+runs, three distillation stages; record results/smollm2/cpu_speedup_cpu_distilled.json), then three
+stages on a GPU from many more of the verifier's answers (benchmarks/smollm2_gpu_distill.py; record
+results/smollm2/cpu_speedup.json).
 
 The earlier prose drafter (next-token loss on Austen + KJV text, on a GPU):
 

@@ -9,9 +9,14 @@
 #   code_hash             one SHA-1 over the contents of src/, benchmarks/ and scripts/ (run from the
 #                         repository root); the same in a checkout of a commit tells whether a run ran it
 parts_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-code_hash() {
-  (cd "$parts_root" && find src benchmarks scripts -type f \( -name '*.py' -o -name '*.sh' \) -print0 | sort -z \
-     | xargs -0 sha1sum | sha1sum | cut -d' ' -f1)
+code_hash() {  # in Python: the shell pipeline it replaced (find | sort | sha1sum) gave another hash on the device
+  (cd "$parts_root" && python3 -c '
+import hashlib, pathlib
+h = hashlib.sha1()
+for p in sorted(str(q) for d in ("src", "benchmarks", "scripts") for q in pathlib.Path(d).rglob("*")
+                if q.suffix in (".py", ".sh") and q.is_file()):
+    h.update(p.encode() + b"\0" + pathlib.Path(p).read_bytes() + b"\0")
+print(h.hexdigest())')
 }
 parts_begin() {
   PARTS_DIR="$1"
