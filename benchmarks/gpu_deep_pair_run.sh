@@ -26,7 +26,8 @@
 # Each stage logs to DIR/<stage>.log and its start / end / rc to DIR/stages.log; a failed stage
 # does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (7.5),
 # VERIFIER_GPUS (GPUS: data-parallel ranks for the verifier), VERIFIER_BATCH (128 a rank), VERIFIER_LR (8e-4) and
-# VERIFIER_EPOCHS (12; the time budget trims it) with 2 ranks (one rank: the recipe's), DRAFTER_MINUTES (3), DISTILL_BATCH (1024), DISTILL_LIMIT (all), EXAMPLES (500), PRESET (deep),
+# VERIFIER_EPOCHS (12; the time budget trims it) with 2 ranks (one rank: the recipe's), DRAFTER_MINUTES (3), DISTILL_BATCH (1024), DISTILL_LIMIT (all), DISTILL_SAMPLES (1: T = 1 translations a source;
+# SmolLM2's drafter gained most from more of its verifier's answers, docs/smollm2.md), EXAMPLES (500), PRESET (deep),
 # METHODS (all), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0).
 # `distill` decodes batches of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
 # A CPU rehearsal of the plumbing:
@@ -37,7 +38,7 @@ dir="${1:-runs/deep}"
 DEVICE="${DEVICE:-cuda}"; GPUS="${GPUS:-2}"; PRESET="${PRESET:-deep}"; METHODS="${METHODS:-all}"
 VERIFIER_MINUTES="${VERIFIER_MINUTES:-7.5}"; VERIFIER_GPUS="${VERIFIER_GPUS:-$GPUS}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-3}"
 VERIFIER_BATCH="${VERIFIER_BATCH:-128}"; VERIFIER_LR="${VERIFIER_LR:-8e-4}"; VERIFIER_EPOCHS="${VERIFIER_EPOCHS:-12}"
-DISTILL_BATCH="${DISTILL_BATCH:-1024}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
+DISTILL_BATCH="${DISTILL_BATCH:-1024}"; DISTILL_SAMPLES="${DISTILL_SAMPLES:-1}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
 BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"; WARM_PROCS="${WARM_PROCS:-0}"
 SWEEP_DTYPE="${SWEEP_DTYPE:-bfloat16}"; DRAFTER_INIT="${DRAFTER_INIT:-$([ "$PRESET" = deep ] && echo 1 || echo 0)}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"
@@ -152,7 +153,8 @@ distill_at() {  # distill_at GPU TEMPERATURE...: the verifier's translations at 
   stage train_verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
       --minutes "$VERIFIER_MINUTES"
 ) && {
-  distill_at "$SIDE" 1 & t1_pid=$!   # generation at batch 1024 leaves a GPU room for a second process
+  # DISTILL_SAMPLES T = 1 translations of every source (seeds 0, 1, ...), beside the greedy ones
+  distill_at "$SIDE" $(seq "$DISTILL_SAMPLES" | sed 's/.*/1/') & t1_pid=$!   # batch 1024 leaves a GPU room for two
   distill_at 0 0; rc0=$?
   wait "$t1_pid" && [ $rc0 -eq 0 ]
 } && stage distill bash -c "cat $dir/distill_T*.jsonl.gz > $dir/distill.jsonl.gz"

@@ -33,6 +33,30 @@ def test_distill_writes_the_verifiers_own_translations(tmp_path):
     assert summary["rows"] == len(rows) and not (tmp_path / "d.jsonl.gz.partial").exists()
 
 
+def test_a_repeated_temperature_gives_that_many_different_samples(tmp_path):
+    from speccascade.data.bible import load_split
+    from speccascade.eval.tasks import translate_pairs
+
+    _, v_dir = embedded_pair_dirs("tiny")
+    verifier, tok = load_causal_lm(v_dir), load_tokenizer(TOKENIZER_DIR)
+    out = tmp_path / "d.jsonl"
+    summary = distill(verifier, tok, out, temperatures=(1.0, 0.0, 1.0), limit=6, batch_size=6, max_new_tokens=16,
+                      seed=3)
+    rows = [json.loads(line) for line in open(out, encoding="utf-8")]
+    by_seed = {}
+    for r in rows:
+        if r["temperature"] == 1.0:
+            by_seed.setdefault(r["seed"], {})[r["index"]] = r["es"]
+    assert sorted(by_seed) == [3, 4]                         # the second T = 1 pass drew with seed + 1
+    pairs = load_split("train")[:6]
+    for s_, hyps in by_seed.items():                         # each pass is translate_pairs with its seed
+        ref, _ = translate_pairs(verifier, verifier, tok, pairs, temperature=1.0, batch_size=6, max_new_tokens=16,
+                                 seed=s_)
+        assert hyps == {i: h for i, h in enumerate(ref) if h.strip()}
+    assert by_seed[3] != by_seed[4]                          # two different samples of the sources
+    assert summary["temperatures"] == [1.0, 0.0, 1.0] and summary["rows"] == len(rows)
+
+
 def test_drafter_trains_on_a_distilled_file(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps({"en": f"In the beginning {i}", "es": f"En el principio {i}"}) for i in range(7)))

@@ -519,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("distill", help="write a verifier's own translations of the training sources (for a drafter)")
     x.add_argument("--verifier", type=Path, required=True, help="the verifier's checkpoint directory")
     x.add_argument("--out", type=Path, required=True, help="JSONL file to write (.gz: gzip)")
-    x.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    x.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0],
+                   help="one pass over the sources per value; a value given k times: k samples (seeds SEED..SEED+k-1)")
     x.add_argument("--limit", type=int, default=None, help="only the first N training sources")
     x.add_argument("--with-references", action="store_true", help="write the reference pairs too")
     x.add_argument("--batch-size", type=int, default=256)

@@ -10,7 +10,7 @@ sampled at T = 1, into a JSONL file of ``{"en", "es", "temperature", "index"}`` 
 read.
 
     speccascade distill --verifier runs/deep/verifier --out runs/deep/distill.jsonl.gz \\
-        --temperatures 0 1 --device cuda --dtype bfloat16 --backend fused
+        --temperatures 0 1 1 1 --device cuda --dtype bfloat16     # greedy, and three samples at T = 1
     speccascade train --preset deep --role drafter --train-file runs/deep/distill.jsonl.gz \\
         --out runs/deep/drafter --device cuda
 """
@@ -53,7 +53,9 @@ def distill(drafter_or_verifier, tokenizer, out: Path, temperatures=(0.0, 1.0), 
             batch_size: int = 256, max_new_tokens: int = 200, seed: int = 0, with_references: bool = False,
             progress: bool = False) -> dict:
     """Translate the training split's sources with ``drafter_or_verifier`` alone (a model or a
-    backend; ``verifier_only``) at each temperature and write the rows to ``out``. With
+    backend; ``verifier_only``) at each temperature and write the rows to ``out``. A temperature
+    given k times gives k samples of every source: its i-th repeat (from 0) is drawn with seed
+    ``seed + i`` (so ``(1, 1, 1)`` is three different T = 1 translations each). With
     ``with_references`` the reference pairs are written too. Returns a summary (rows, tokens)."""
     from ..eval.tasks import translate_pairs
 
@@ -69,15 +71,17 @@ def distill(drafter_or_verifier, tokenizer, out: Path, temperatures=(0.0, 1.0), 
                 f.write(json.dumps({"en": p["en"], "es": p["es"], "temperature": None, "index": i},
                                    ensure_ascii=False) + "\n")
                 rows += 1
+        seen: dict[float, int] = {}
         for t in temperatures:
+            repeat = seen[float(t)] = seen.get(float(t), -1) + 1
             hyps, stats = translate_pairs(model, model, tokenizer, pairs, method="verifier_only",
                                           temperature=float(t), batch_size=batch_size,
-                                          max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+                                          max_new_tokens=max_new_tokens, seed=seed + repeat, progress=progress)
             tokens += stats.emitted
             for i, (p, h) in enumerate(zip(pairs, hyps)):
                 if h.strip():
-                    f.write(json.dumps({"en": p["en"], "es": h, "temperature": float(t), "index": i},
-                                       ensure_ascii=False) + "\n")
+                    f.write(json.dumps({"en": p["en"], "es": h, "temperature": float(t), "index": i,
+                                        "seed": seed + repeat}, ensure_ascii=False) + "\n")
                     rows += 1
     tmp.replace(out)   # written whole or not at all: an interrupted run leaves no half file behind
     return {"rows": rows, "sources": len(pairs), "temperatures": [float(t) for t in temperatures],
