@@ -41,12 +41,16 @@ import torch
 from smollm2_drafter import chat_ids, gguf_path, read_prompts
 
 
-def _verifier(gguf: str, device: str):
-    from speccascade.models.loading import load_causal_lm, load_tokenizer
+def _verifier(path: str, device: str):
+    """The verifier (a .gguf file or a checkpoint folder), bfloat16, on ``device``."""
+    from speccascade.models.loading import load_causal_lm
 
-    tok = load_tokenizer(gguf)
-    model = load_causal_lm(gguf, role="verifier", dtype=torch.bfloat16).to(device).eval()
-    return tok, model
+    return load_causal_lm(path, role="verifier", dtype=torch.bfloat16).to(device).eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _generate(model, rows: list[list[int]], eos: int, max_new: int, sampled: bool, seed: int, device: str):
@@ -66,7 +70,9 @@ def _generate(model, rows: list[list[int]], eos: int, max_new: int, sampled: boo
 
 def teacher(out: Path, gguf: str, minutes: float, batch: int, max_new: int, heldout: int, device: str,
             max_chunks: int = 0) -> None:
-    tok, model = _verifier(gguf, device)
+    from speccascade.models.loading import load_tokenizer
+
+    tok, model = load_tokenizer(gguf), _verifier(gguf, device)
     eos = tok.eos_token_id
     tdir = out / "gpu_teacher"
     tdir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +126,7 @@ def distill(out: Path, gguf: str, init: Path, dest: Path, minutes: float, steps:
     from speccascade.models.loading import load_causal_lm
 
     torch.manual_seed(seed)
-    _, teacher_model = _verifier(gguf, device)
+    teacher_model = _verifier(gguf, device)
     model = load_causal_lm(init, role="drafter", dtype=torch.float32).to(device).train()
     tdir = out / "gpu_teacher"
     train_items, val_items = _load(tdir, "p*_c*.pt"), _load(tdir, "heldout.pt")
@@ -219,7 +225,7 @@ def distill(out: Path, gguf: str, init: Path, dest: Path, minutes: float, steps:
             sched.step()
             step += 1
             if not steps and step in (PLAN_FROM, PLAN_AT):
-                torch.cuda.synchronize() if device.startswith("cuda") else None
+                _sync(device)
                 marks[step] = time.perf_counter()
             if not steps and step == PLAN_AT:  # plan the schedule from the rate after the warm-up
                 rate = (PLAN_AT - PLAN_FROM) / (marks[PLAN_AT] - marks[PLAN_FROM])
