@@ -140,9 +140,10 @@ if [ "$VERIFIER_GPUS" -ge 2 ]; then
 fi
 limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
 distill_at() {  # distill_at GPU TEMPERATURE...: the verifier's translations at these temperatures
-  local gpu="$1"; shift
+  local gpu="$1" tag; shift
+  tag=$(IFS=_; echo "$*")   # 1 1 -> 1_1
   (export CUDA_VISIBLE_DEVICES=$(gpu_id "$gpu"); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
-   stage "distill_T${*// /_}" sc distill --verifier "$dir/verifier" --out "$dir/distill_T${*// /_}.jsonl.gz" \
+   stage "distill_T$tag" sc distill --verifier "$dir/verifier" --out "$dir/distill_T$tag.jsonl.gz" \
        --temperatures "$@" --batch-size "$DISTILL_BATCH" --device "$DEVICE" "${limit[@]}" --quiet \
        $([ "$DEVICE" = cuda ] && echo --dtype bfloat16))
 }
