@@ -343,6 +343,49 @@ def load_teacher(out: Path) -> list[dict]:
     return items
 
 
+def answer_batches(items: list[dict], batch_tokens: int, rng=None) -> list[list[int]]:
+    """Indices of ``items`` (dicts with ``prompt`` and ``answer`` token lists) in batches of similar
+    length, each at most ``batch_tokens`` tokens once padded to its longest row; shuffled with ``rng``."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]) + len(items[i]["answer"]))
+    out, cur, longest = [], [], 0
+    for i in order:
+        n = len(items[i]["prompt"]) + len(items[i]["answer"])
+        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    out.append(cur)
+    if rng is not None:
+        rng.shuffle(out)
+    return out
+
+
+def answer_tensors(rows: list[dict]):
+    """A batch of prompt + answer rows: ``ids``, ``mask`` [B, L] (right-padded), ``pos`` [B, L] (True where the
+    logits predict an answer token) and ``hard`` [N] (those answer tokens, in the order ``pos`` selects)."""
+    L = max(len(r["prompt"]) + len(r["answer"]) for r in rows)
+    ids = torch.full((len(rows), L), 2, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    pos = torch.zeros(len(rows), L, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        seq = r["prompt"] + r["answer"]
+        ids[b, :len(seq)] = torch.tensor(seq)
+        mask[b, :len(seq)] = 1
+        pos[b, len(r["prompt"]) - 1:len(seq) - 1] = True  # the logits here predict the answer's tokens
+    hard = torch.cat([torch.tensor(r["answer"]) for r in rows])
+    return ids, mask, pos, hard
+
+
+def train_step(loss: torch.Tensor, model, opt, sched) -> None:
+    """Backward, gradient norm clipped to 1, one optimiser and one scheduler step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+
+
 def pca_embedding(hidden: int) -> torch.Tensor:
     """The verifier's (tied) token embedding projected on its top ``hidden`` principal directions,
     scaled to std 0.02 per coordinate: the drafter starts with SmolLM2's geometry of the vocabulary."""
@@ -390,35 +433,13 @@ def distill_train(out: Path, epochs: float, minutes: float, hidden: int = 128, l
             model.get_input_embeddings().weight.copy_(pca_embedding(hidden))
 
     def batches(its, rng=None):
-        order = sorted(range(len(its)), key=lambda i: len(its[i]["prompt"]) + len(its[i]["answer"]))
-        out_, cur, longest = [], [], 0
-        for i in order:
-            n = len(its[i]["prompt"]) + len(its[i]["answer"])
-            if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
-                out_.append(cur)
-                cur, longest = [], 0
-            cur.append(i)
-            longest = max(longest, n)
-        out_.append(cur)
-        if rng is not None:
-            rng.shuffle(out_)
-        return out_
+        return answer_batches(its, batch_tokens, rng)
 
     def tensors(its, idx):
         rows = [its[i] for i in idx]
-        L = max(len(r["prompt"]) + len(r["answer"]) for r in rows)
-        ids = torch.full((len(rows), L), 2, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.long)
-        pos = torch.zeros(len(rows), L, dtype=torch.bool)
-        for b, r in enumerate(rows):
-            seq = r["prompt"] + r["answer"]
-            ids[b, :len(seq)] = torch.tensor(seq)
-            mask[b, :len(seq)] = 1
-            pos[b, len(r["prompt"]) - 1:len(seq) - 1] = True  # logits here predict the answer tokens
-        hard = torch.cat([torch.tensor(r["answer"]) for r in rows])
         k_ids = torch.cat([r["topk_ids"].long() for r in rows])
         k_p = torch.softmax(torch.cat([r["topk_logp"].float() for r in rows]), -1)
-        return ids, mask, pos, hard, k_ids, k_p
+        return (*answer_tensors(rows), k_ids, k_p)
 
     def losses(idx, its):
         ids, mask, pos, hard, k_ids, k_p = tensors(its, idx)
@@ -469,11 +490,7 @@ def distill_train(out: Path, epochs: float, minutes: float, hidden: int = 128, l
     while step < total and time.perf_counter() - start < minutes * 60:
         for idx in batches(train_items, rng):
             loss, *_ = losses(idx, train_items)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            train_step(loss, model, opt, sched)
             step += 1
             if step % 100 == 0 or step == total:
                 log["evals"].append({"step": step, "train_loss": loss.item(), **evaluate(),

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from smollm2_drafter import chat_ids, gguf_path, read_prompts
+from smollm2_drafter import answer_batches, answer_tensors, chat_ids, gguf_path, read_prompts, train_step
 
 
 def _verifier(path: str, device: str):
@@ -134,33 +134,10 @@ def distill(out: Path, gguf: str, init: Path, dest: Path, minutes: float, steps:
         raise SystemExit(f"no teacher answers in {tdir}: run the teacher step first")
 
     def batches(its, rng=None):
-        order = sorted(range(len(its)), key=lambda i: len(its[i]["prompt"]) + len(its[i]["answer"]))
-        out_, cur, longest = [], [], 0
-        for i in order:
-            n = len(its[i]["prompt"]) + len(its[i]["answer"])
-            if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
-                out_.append(cur)
-                cur, longest = [], 0
-            cur.append(i)
-            longest = max(longest, n)
-        out_.append(cur)
-        if rng is not None:
-            rng.shuffle(out_)
-        return out_
+        return answer_batches(its, batch_tokens, rng)
 
     def tensors(its, idx):
-        rows = [its[i] for i in idx]
-        L = max(len(r["prompt"]) + len(r["answer"]) for r in rows)
-        ids = torch.full((len(rows), L), 2, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.long)
-        pos = torch.zeros(len(rows), L, dtype=torch.bool)
-        for b, r in enumerate(rows):
-            seq = r["prompt"] + r["answer"]
-            ids[b, :len(seq)] = torch.tensor(seq)
-            mask[b, :len(seq)] = 1
-            pos[b, len(r["prompt"]) - 1:len(seq) - 1] = True  # the logits here predict the answer's tokens
-        hard = torch.cat([torch.tensor(r["answer"]) for r in rows])
-        return ids.to(device), mask.to(device), pos.to(device), hard.to(device)
+        return [t.to(device) for t in answer_tensors([its[i] for i in idx])]
 
     def logits_at(m, ids, mask, pos):
         with torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
@@ -218,11 +195,7 @@ def distill(out: Path, gguf: str, init: Path, dest: Path, minutes: float, steps:
     while step < total and time.perf_counter() - start < minutes * 60:
         for idx in batches(train_items, rng):
             loss, *_ = losses(train_items, idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            train_step(loss, model, opt, sched)
             step += 1
             if not steps and step in (PLAN_FROM, PLAN_AT):
                 _sync(device)
