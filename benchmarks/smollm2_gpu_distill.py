@@ -20,11 +20,13 @@ run out or ``--chunks`` chunks of the training prompts are answered. Each chunk 
 each answer position = ``--soft-weight`` x cross-entropy to the verifier's whole next-token
 distribution (computed on the fly by the verifier, bfloat16) + the rest x cross-entropy to the
 token the verifier emitted; prompt tokens are context only. AdamW, 100 warm-up steps, cosine decay to
-5%; the number of steps is ``--steps``, or (0) planned from the step rate measured over steps 100-300 to
-fill ``--minutes`` (the plan is recorded; ``--steps`` with it reproduces the run; on an H200 the rate over
-steps 10-40 was 2.6 a second and the run's 7). Validation on the
-held-out greedy answers: top-1 agreement and E[sum_v min(p, q)] (the SD acceptance at T = 1, teacher
-forced). Saves the drafter (float16) and ``training.json`` at every evaluation.
+5%; the number of steps is ``--steps``, or (0) planned like the trainer's time budget
+(``speccascade.train.trainer.PROBE_STEPS``, ``fit_in_budget``) to fill ``--minutes`` (the plan is
+recorded; ``--steps`` with it reproduces the run; the run behind ``models/smollm2_drafter`` planned from
+steps 10-40, at 2.6 steps a second against the 7 that followed, and used 188 s of its 9 minutes).
+Validation on the held-out greedy answers: ``speccascade.eval.agreement.teacher_forced_agreement``
+(top-1 agreement and E[sum_v min(p, q)], the SD acceptance at T = 1). Saves the drafter (float16) and
+``training.json`` at every evaluation.
 """
 
 from __future__ import annotations
@@ -111,9 +113,6 @@ def teacher(out: Path, gguf: str, minutes: float, batch: int, max_new: int, held
         pass_ += 1
 
 
-PLAN_FROM, PLAN_AT = 100, 300  # distill: steps between which the rate is measured (the first ones run slower)
-
-
 def _load(tdir: Path, pattern: str) -> list[dict]:
     items = []
     for path in sorted(tdir.glob(pattern)):
@@ -123,7 +122,9 @@ def _load(tdir: Path, pattern: str) -> list[dict]:
 
 def distill(out: Path, gguf: str, init: Path, dest: Path, minutes: float, steps: int, batch_tokens: int,
             lr: float, soft_weight: float, seed: int, eval_every: int, device: str) -> None:
+    from speccascade.eval.agreement import teacher_forced_agreement
     from speccascade.models.loading import load_causal_lm
+    from speccascade.train.trainer import PROBE_STEPS, fit_in_budget
 
     torch.manual_seed(seed)
     teacher_model = _verifier(gguf, device)
@@ -144,28 +145,23 @@ def distill(out: Path, gguf: str, init: Path, dest: Path, minutes: float, steps:
             h = m.model(input_ids=ids, attention_mask=mask).last_hidden_state[pos]
             return m.lm_head(h).float()
 
-    def losses(its, idx):
-        ids, mask, pos, hard = tensors(its, idx)
+    def loss_of(idx):
+        ids, mask, pos, hard = tensors(train_items, idx)
         with torch.no_grad():
             p = torch.softmax(logits_at(teacher_model, ids, mask, pos), -1)
         logq = torch.log_softmax(logits_at(model, ids, mask, pos), -1)
         soft = -(p * logq).sum(-1).mean()
         hard_ce = -logq.gather(1, hard[:, None])[:, 0].mean()
-        return soft_weight * soft + (1 - soft_weight) * hard_ce, hard_ce, p, logq
+        return soft_weight * soft + (1 - soft_weight) * hard_ce
 
-    @torch.no_grad()
+    val_seqs = [(r["prompt"] + r["answer"], len(r["prompt"])) for r in val_items]
+
     def evaluate():
         model.eval()
-        tot = {"hard_ce": 0.0, "top1": 0.0, "acceptance_T1": 0.0, "n": 0}
-        for idx in batches(val_items):
-            _, hard_ce, p, logq = losses(val_items, idx)
-            n = p.shape[0]
-            tot["hard_ce"] += float(hard_ce) * n
-            tot["top1"] += float((p.argmax(-1) == logq.argmax(-1)).sum())
-            tot["acceptance_T1"] += float(torch.minimum(p, logq.exp()).sum())
-            tot["n"] += n
+        t = time.perf_counter()
+        res = teacher_forced_agreement(model, teacher_model, val_seqs, batch_size=32)
         model.train()
-        return {k: (v / tot["n"] if k != "n" else v) for k, v in tot.items()}
+        return res | {"eval_seconds": time.perf_counter() - t}
 
     warmup = 100
     log = {"teacher": "SmolLM2-135M-Instruct (bfloat16, on the GPU): answers to the training prompts, its whole "
@@ -194,17 +190,16 @@ def distill(out: Path, gguf: str, init: Path, dest: Path, minutes: float, steps:
     marks = {}
     while step < total and time.perf_counter() - start < minutes * 60:
         for idx in batches(train_items, rng):
-            loss, *_ = losses(train_items, idx)
+            loss = loss_of(idx)
             train_step(loss, model, opt, sched)
             step += 1
-            if not steps and step in (PLAN_FROM, PLAN_AT):
+            if not steps and step in PROBE_STEPS:
                 _sync(device)
                 marks[step] = time.perf_counter()
-            if not steps and step == PLAN_AT:  # plan the schedule from the rate after the warm-up
-                rate = (PLAN_AT - PLAN_FROM) / (marks[PLAN_AT] - marks[PLAN_FROM])
-                left = minutes * 60 - (time.perf_counter() - start)
-                evals = left * rate // eval_every + 1
-                total = PLAN_AT + int(rate * left * 0.97 - evals * 3 * rate)  # leave time for the evaluations
+            if not steps and step == PROBE_STEPS[1]:  # plan the schedule from the rate after the warm-up
+                rate = (PROBE_STEPS[1] - PROBE_STEPS[0]) / (marks[step] - marks[PROBE_STEPS[0]])
+                total, eval_every = fit_in_budget(step, rate, minutes * 60 - (time.perf_counter() - start),
+                                                  log["evals"][0]["eval_seconds"], eval_every)
                 log["steps_planned"], log["steps_per_second"] = total, rate
                 print(f"{rate:.1f} steps/s: plan {total} steps", flush=True)
             if step % eval_every == 0 or step == total:

@@ -5,7 +5,7 @@ probability at a position is 1 - D_TV(p, q), Leviathan et al. 2023). Trained on 
 small drafter learns the task; trained on the verifier's own translations of the same sources
 (Kim & Rush 2016, sequence-level knowledge distillation), it learns the verifier. This module
 writes those translations: each training source decoded by the verifier alone, greedily and / or
-sampled at T = 1, into a JSONL file of ``{"en", "es", "temperature", "index"}`` rows that
+sampled at T = 1, into a JSONL file of ``{"en", "es", "temperature", "index", "seed"}`` rows that
 ``speccascade train --train-file`` reads in place of the training split. The test split is never
 read.
 

@@ -159,6 +159,18 @@ MAX_POSITIONS = 512
 #: other GPU, steps 10-40 ran at 3.0 steps/s against 6-8 later; a 1-layer drafter (below) was still
 #: speeding up at step 150. A plan made that early leaves much of the budget unused.
 PROBE_STEPS = (300, 500)
+
+
+def fit_in_budget(step: int, rate: float, seconds_left: float, per_eval_s: float, eval_every: int) -> tuple[int, int]:
+    """The last step of a time-budgeted schedule planned at ``step``: the steps that fit 95% of
+    ``seconds_left`` at ``rate`` steps/s together with the evaluations they bring (``per_eval_s`` each,
+    every ``eval_every`` steps, made more frequent so that at least ~12 remain). Returns (last step,
+    evaluation interval)."""
+    left = 0.95 * seconds_left
+    every = max(1, min(eval_every, int(rate * left) // 12 or 1))
+    return step + int(left / (1 / rate + per_eval_s / every)), every
+
+
 #: batch widths are rounded up to this on a GPU: a few shapes instead of one per padded length (each new
 #: shape is slow the first time: kernel selection), so a run reaches its steady rate sooner. In the deep
 #: pair's run 2 (2 x H200, widths not rounded) the drafter ran at 6.5 steps/s at step 70, 11 at step 180
@@ -651,10 +663,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
             # (at their measured cost) they bring, and a 5% margin
             rate = (probe[1] - probe[0]) / max(time.perf_counter() - probe_start - (eval_seconds - probe_evals), 1e-9)
             per_eval = eval_seconds / len(log["evals"]) if log["evals"] else 0.0
-            left = 0.95 * (max_minutes * 60 - (time.perf_counter() - start))
-            fit = step + int(rate * left)
-            every = max(1, min(eval_every, (fit - step) // 12 or 1))
-            fit = step + int(left / (1 / rate + per_eval / every))
+            fit, every = fit_in_budget(step, rate, max_minutes * 60 - (time.perf_counter() - start), per_eval,
+                                       eval_every)
             if n_ranks > 1:   # rank 0's plan for every rank
                 agreed = [fit, every]
                 dist.broadcast_object_list(agreed, src=0)
