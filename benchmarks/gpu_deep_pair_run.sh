@@ -26,7 +26,7 @@
 # Each stage logs to DIR/<stage>.log and its start / end / rc to DIR/stages.log; a failed stage
 # does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (7.5),
 # VERIFIER_GPUS (GPUS: data-parallel ranks for the verifier), VERIFIER_BATCH (128 a rank), VERIFIER_LR (8e-4) and
-# VERIFIER_EPOCHS (12; the time budget trims it) with 2 ranks (one rank: the recipe's), DRAFTER_MINUTES (3), DISTILL_BATCH (1024), DISTILL_LIMIT (all), DISTILL_SAMPLES (1: T = 1 translations a source;
+# VERIFIER_EPOCHS (12; the time budget trims it) with 2 ranks (one rank: the recipe's unless given), DRAFTER_MINUTES (3), DISTILL_BATCH (1024), DISTILL_LIMIT (all), DISTILL_SAMPLES (1: T = 1 translations a source;
 # SmolLM2's drafter gained most from more of its verifier's answers, docs/smollm2.md), EXAMPLES (500), PRESET (deep),
 # METHODS (all), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0).
 # `distill` decodes batches of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
@@ -37,6 +37,10 @@ set -uo pipefail
 dir="${1:-runs/deep}"
 DEVICE="${DEVICE:-cuda}"; GPUS="${GPUS:-2}"; PRESET="${PRESET:-deep}"; METHODS="${METHODS:-all}"
 VERIFIER_MINUTES="${VERIFIER_MINUTES:-7.5}"; VERIFIER_GPUS="${VERIFIER_GPUS:-$GPUS}"; DRAFTER_MINUTES="${DRAFTER_MINUTES:-3}"
+one_rank=()   # the verifier on one GPU: the recipe's batch, learning rate and epochs, or those given
+[ -n "${VERIFIER_BATCH:-}" ] && one_rank+=(--batch-size "$VERIFIER_BATCH")
+[ -n "${VERIFIER_LR:-}" ] && one_rank+=(--lr "$VERIFIER_LR")
+[ -n "${VERIFIER_EPOCHS:-}" ] && one_rank+=(--epochs "$VERIFIER_EPOCHS")
 VERIFIER_BATCH="${VERIFIER_BATCH:-128}"; VERIFIER_LR="${VERIFIER_LR:-8e-4}"; VERIFIER_EPOCHS="${VERIFIER_EPOCHS:-12}"
 DISTILL_BATCH="${DISTILL_BATCH:-1024}"; DISTILL_SAMPLES="${DISTILL_SAMPLES:-1}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
 BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"; WARM_PROCS="${WARM_PROCS:-0}"
@@ -139,12 +143,12 @@ if [ "$VERIFIER_GPUS" -ge 2 ]; then
     || echo "$(date -u +%FT%TZ) the data-parallel verifier failed: GPU 0 trains it alone" >> "$dir/stages.log"
 fi
 limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
-distill_at() {  # distill_at GPU TEMPERATURE...: the verifier's translations at these temperatures
-  local gpu="$1" tag; shift
-  tag=$(IFS=_; echo "$*")   # 1 1 -> 1_1
+distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translations at these temperatures
+  local gpu="$1" seed="$2" tag; shift 2
+  tag=$(IFS=_; echo "$*")$([ "$seed" -gt 0 ] && echo "_s$seed")   # 1 with seed 2 -> 1_s2
   (export CUDA_VISIBLE_DEVICES=$(gpu_id "$gpu"); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage "distill_T$tag" sc distill --verifier "$dir/verifier" --out "$dir/distill_T$tag.jsonl.gz" \
-       --temperatures "$@" --batch-size "$DISTILL_BATCH" --device "$DEVICE" "${limit[@]}" --quiet \
+       --temperatures "$@" --seed "$seed" --batch-size "$DISTILL_BATCH" --device "$DEVICE" "${limit[@]}" --quiet \
        $([ "$DEVICE" = cuda ] && echo --dtype bfloat16))
 }
 # GPU 0: the verifier alone if it is not trained yet; then its translations (T = 1 on GPU 1 meanwhile)
@@ -152,12 +156,15 @@ distill_at() {  # distill_at GPU TEMPERATURE...: the verifier's translations at 
   export CUDA_VISIBLE_DEVICES=$(gpu_id 0)
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
   stage train_verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
-      --minutes "$VERIFIER_MINUTES"
+      --minutes "$VERIFIER_MINUTES" "${one_rank[@]}"
 ) && {
-  # DISTILL_SAMPLES T = 1 translations of every source (seeds 0, 1, ...), beside the greedy ones
-  distill_at "$SIDE" $(seq "$DISTILL_SAMPLES" | sed 's/.*/1/') & t1_pid=$!   # batch 1024 leaves a GPU room for two
-  distill_at 0 0; rc0=$?
-  wait "$t1_pid" && [ $rc0 -eq 0 ]
+  # DISTILL_SAMPLES T = 1 translations of every source, side by side, one process each (seeds 0, 1, ...;
+  # files distill_T1, distill_T1_s1, ...), beside the greedy ones
+  t1_pids=()
+  for ((s = 0; s < DISTILL_SAMPLES; s++)); do distill_at "$SIDE" "$s" 1 & t1_pids+=($!); done
+  distill_at 0 0 0; rc0=$?
+  t1_ok=1; for pid in "${t1_pids[@]}"; do wait "$pid" || t1_ok=0; done
+  [ $t1_ok = 1 ] && [ $rc0 -eq 0 ]
 } && stage distill bash -c "cat $dir/distill_T*.jsonl.gz > $dir/distill.jsonl.gz"
 distill_rc=$?
 # the side GPU, beside the drafter's training: the GPU tests on this engine (they end before the sweep)
@@ -195,8 +202,9 @@ else
   parts=(sweep "$METHODS")
 fi
 sweep_part() {  # sweep_part STAGE METHODS: gamma 5 cells of these methods into the sweep file
-  local ms="$2" opt=(); [[ ",$ms," == *",seq_cascade,"* ]] && opt=(--option seq_cascade.length_normalized=true)
-  stage "$1" sc sweep "${pair[@]}" --methods "$ms" --alphas "$(METHODS=$ms alphas_for "$ALPHAS")" "${opt[@]}" \
+  local ms="$2" a opt=(); [[ ",$ms," == *",seq_cascade,"* ]] && opt=(--option seq_cascade.length_normalized=true)
+  a="$(METHODS=$ms alphas_for "$ALPHAS")"   # (empty when no method of ms has an alpha)
+  stage "$1" sc sweep "${pair[@]}" --methods "$ms" ${a:+--alphas "$a"} "${opt[@]}" \
       "${grid[@]}" --gammas 5 --workers "$GPUS" --out "$dir/sweep.jsonl"
 }
 sweep_part "${parts[0]}" "${parts[1]}"
