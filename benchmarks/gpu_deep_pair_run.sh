@@ -67,7 +67,10 @@ git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true   # can be stale on t
 # Denser where run 2's curves crossed the verifier's quality (diff, opt, opt_log between the SD end
 # and alpha 0; lossy below 0.2, where it never reached the verifier at T = 1).
 # With one GPU (one sweep worker) Table 2's methods get 3-4 alphas each, so that T = 0 ends in about
-# 10 minutes. ALPHAS (environment) replaces the grid.
+# 10 minutes. ALPHAS (environment) replaces the grid. Run 4 on one H200 (results/deep_pair/run4/NOTE.md):
+# the verifier at 256 sequences a step ran 6.2 steps/s (plan VERIFIER_EPOCHS=12, as run 3's best came at epoch
+# 7 of a 12-epoch schedule; run 4's 7-epoch plan left it weaker), greedy + 2 T = 1 distillation passes side by
+# side took 2 min 55 s, and Table 2's methods at T = 0 and 1 took 13.5 minutes.
 REST_ALPHAS="chow_log=0.5,2,5;diff_log=-1,0.5,2;token_v1=-0.2,0.1,0.5;token_v2=-0.2,0.1,0.3"
 REST_ALPHAS+=";token_cascade=0.2,0.6,0.9;seq_cascade=0.3,0.6,0.9;oracle_diff=-0.2,0.1,0.4;bild=1,2,4"
 if [ -n "${ALPHAS:-}" ]; then :
