@@ -27,7 +27,9 @@
 # does not stop the independent ones; run again, the stages that ended well are skipped. Knobs (environment): DEVICE (cuda), GPUS (2), VERIFIER_MINUTES (7.5),
 # VERIFIER_GPUS (GPUS: data-parallel ranks for the verifier), VERIFIER_BATCH (128 a rank), VERIFIER_LR (8e-4) and
 # VERIFIER_EPOCHS (12; the time budget trims it) with 2 ranks (one rank: the recipe's unless given), DRAFTER_MINUTES (3), DISTILL_BATCH (1024), DISTILL_LIMIT (all), DISTILL_SAMPLES (1: T = 1 translations a source;
-# SmolLM2's drafter gained most from more of its verifier's answers, docs/smollm2.md), EXAMPLES (500), PRESET (deep),
+# SmolLM2's drafter gained most from more of its verifier's answers, docs/smollm2.md), DISTILL_SOURCES (kjv: the
+# English sides translated, kjv,web adds the World English Bible's text of the same verses), EXAMPLES (500), PRESET (deep),
+# TEMPERATURES ("0 1": the sweep's, in this order),
 # METHODS (all), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0).
 # `distill` decodes batches of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
 # A CPU rehearsal of the plumbing:
@@ -42,7 +44,8 @@ one_rank=()   # the verifier on one GPU: the recipe's batch, learning rate and e
 [ -n "${VERIFIER_LR:-}" ] && one_rank+=(--lr "$VERIFIER_LR")
 [ -n "${VERIFIER_EPOCHS:-}" ] && one_rank+=(--epochs "$VERIFIER_EPOCHS")
 VERIFIER_BATCH="${VERIFIER_BATCH:-128}"; VERIFIER_LR="${VERIFIER_LR:-8e-4}"; VERIFIER_EPOCHS="${VERIFIER_EPOCHS:-12}"
-DISTILL_BATCH="${DISTILL_BATCH:-1024}"; DISTILL_SAMPLES="${DISTILL_SAMPLES:-1}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
+DISTILL_BATCH="${DISTILL_BATCH:-1024}"; DISTILL_SAMPLES="${DISTILL_SAMPLES:-1}"; DISTILL_SOURCES="${DISTILL_SOURCES:-kjv}"
+TEMPERATURES="${TEMPERATURES:-0 1}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
 BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"; WARM_PROCS="${WARM_PROCS:-0}"
 SWEEP_DTYPE="${SWEEP_DTYPE:-bfloat16}"; DRAFTER_INIT="${DRAFTER_INIT:-$([ "$PRESET" = deep ] && echo 1 || echo 0)}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"
@@ -92,7 +95,7 @@ alphas_for() {  # keep only the grids of the swept methods
   done
   echo "$out"
 }
-grid=(--temperatures 0 1 --examples "$EXAMPLES" --max-new-tokens 128 --device "$DEVICE" --backend "$BACKEND" --quiet)
+grid=(--temperatures $TEMPERATURES --examples "$EXAMPLES" --max-new-tokens 128 --device "$DEVICE" --backend "$BACKEND" --quiet)
 [ "$DEVICE" = cuda ] && grid+=(--dtype "$SWEEP_DTYPE")
 
 # GPU 1, from the start: warm the compile caches on random weights of the pair's shapes (compiling
@@ -151,7 +154,7 @@ distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translation
   tag=$(IFS=_; echo "$*")$([ "$seed" -gt 0 ] && echo "_s$seed")   # 1 with seed 2 -> 1_s2
   (export CUDA_VISIBLE_DEVICES=$(gpu_id "$gpu"); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage "distill_T$tag" sc distill --verifier "$dir/verifier" --out "$dir/distill_T$tag.jsonl.gz" \
-       --temperatures "$@" --seed "$seed" --batch-size "$DISTILL_BATCH" --device "$DEVICE" "${limit[@]}" --quiet \
+       --temperatures "$@" --seed "$seed" --sources "$DISTILL_SOURCES" --batch-size "$DISTILL_BATCH" --device "$DEVICE" "${limit[@]}" --quiet \
        $([ "$DEVICE" = cuda ] && echo --dtype bfloat16))
 }
 # GPU 0: the verifier alone if it is not trained yet; then its translations (T = 1 on GPU 1 meanwhile)

@@ -89,6 +89,30 @@ def test_distill_cli(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["sources"] == 3 and summary["rows"] == len(read_pairs(out))
     assert main(["distill", "--verifier", str(v_dir), "--out", str(out), "--limit", "0"]) == 2
+    assert main(["distill", "--verifier", str(v_dir), "--out", str(out), "--sources", "kjv,nope"]) == 2
+    assert "choose one or more of kjv, web" in capsys.readouterr().err
+
+
+def test_distill_translates_each_english_source_of_the_training_verses(tmp_path):
+    """``sources=("kjv", "web")``: the first N verses of each source, the World English Bible's text
+    of the same verses (ids ``@web``) translated by the verifier like the King James text."""
+    from speccascade.data.bible import load_split
+    from speccascade.eval.tasks import translate_pairs
+
+    _, v_dir = embedded_pair_dirs("tiny")
+    verifier, tok = load_causal_lm(v_dir), load_tokenizer(TOKENIZER_DIR)
+    out = tmp_path / "d.jsonl"
+    summary = distill(verifier, tok, out, temperatures=(0.0,), limit=3, batch_size=6, max_new_tokens=16,
+                      sources=("kjv", "web"))
+    rows = [json.loads(line) for line in open(out, encoding="utf-8")]
+    kjv, web = load_split("train")[:3], load_split("train_web")[:3]
+    assert [r["id"] for r in rows] == [p["id"] for p in kjv + web] and rows[3]["id"].endswith("@web")
+    assert [r["en"] for r in rows] == [p["en"] for p in kjv + web] and rows[0]["en"] != rows[3]["en"]
+    greedy, _ = translate_pairs(verifier, verifier, tok, kjv + web, temperature=0.0, batch_size=6, max_new_tokens=16)
+    assert [r["es"] for r in rows] == greedy
+    assert summary["sources"] == 6 and summary["english"] == ["kjv", "web"]
+    with pytest.raises(SpecCascadeError, match="choose one or more of kjv, web"):
+        distill(verifier, tok, out, sources=())
 
 
 # --- the trainer: length buckets, the time plan, logit distillation ---------------------------------

@@ -148,7 +148,7 @@ def _train(args) -> int:
         out = args.out / role if args.role == "both" else args.out
         log = train(preset, role, out, Path(tok_dir), device=args.device, seed=args.seed,
                     epochs=args.epochs, max_minutes=args.minutes, train_file=args.train_file,
-                    sources=None if args.sources is None else tuple(x.strip() for x in args.sources.split(",")),
+                    sources=None if args.sources is None else _sources(args.sources),
                     teacher=args.teacher, distill_weight=args.distill_weight, batch_size=args.batch_size,
                     lr=args.lr, init_from=args.init_from)
         print(json.dumps({k: log.get(k) for k in ("preset", "arch", "role", "params", "steps", "train_seconds",
@@ -156,20 +156,27 @@ def _train(args) -> int:
     return 0
 
 
+def _sources(text: str) -> tuple[str, ...]:
+    """``--sources kjv,web`` -> ("kjv", "web") (checked where they are used)."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def _distill(args) -> int:
     from .models import make_backend
     from .models.loading import load_causal_lm, load_tokenizer
     from .train.distill import distill
+    from .train.trainer import check_sources
 
     if args.limit is not None and args.limit < 1:
         raise SpecCascadeError(f"--limit must be >= 1, got {args.limit}")
+    sources = check_sources(_sources(args.sources))   # before the model loads
     dtype = getattr(__import__("torch"), args.dtype)
     model = load_causal_lm(args.verifier, device=args.device, dtype=dtype)
     backend = make_backend(model, "verifier", args.backend) if args.backend != "dynamic" else model
     summary = distill(backend, load_tokenizer(args.tokenizer or args.verifier), args.out,
                       temperatures=args.temperatures, limit=args.limit, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, seed=args.seed, with_references=args.with_references,
-                      progress=not args.quiet)
+                      progress=not args.quiet, sources=sources)
     print(json.dumps(summary))
     return 0
 
@@ -521,7 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", type=Path, required=True, help="JSONL file to write (.gz: gzip)")
     x.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0],
                    help="one pass over the sources per value; a value given k times: k samples (seeds SEED..SEED+k-1)")
-    x.add_argument("--limit", type=int, default=None, help="only the first N training sources")
+    x.add_argument("--limit", type=int, default=None, help="only the first N training verses of each source")
+    x.add_argument("--sources", default="kjv",
+                   help="English sides of the training verses to translate, comma-separated: kjv (King James), "
+                        "web (World English Bible)")
     x.add_argument("--with-references", action="store_true", help="write the reference pairs too")
     x.add_argument("--batch-size", type=int, default=256)
     x.add_argument("--max-new-tokens", type=int, default=200)

@@ -89,6 +89,17 @@ class Recipe:
 #: training sources: the name a recipe or ``--sources`` gives -> the shipped split (data/bible.py)
 SOURCES = {"kjv": "train", "web": "train_web"}
 
+
+def check_sources(sources) -> tuple[str, ...]:
+    """``sources`` as a tuple of known names of :data:`SOURCES` (at least one), else a clear error."""
+    from ..errors import SpecCascadeError
+
+    sources = tuple(sources)
+    if not sources or any(x not in SOURCES for x in sources):
+        raise SpecCascadeError(f"--sources {','.join(sources)!r}: choose one or more of {', '.join(SOURCES)} "
+                               f"(comma-separated), e.g. --sources kjv,web")
+    return sources
+
 PRESETS: dict[str, dict[str, Recipe]] = {
     # the embedded default pair: >= 10x per-token decode cost apart on one CPU thread, <= 40 MB together (fp16)
     "tiny": {
@@ -545,13 +556,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         from ..errors import SpecCascadeError
 
         raise SpecCascadeError("--sources picks the shipped training splits; --train-file replaces them: give one")
-    sources = recipe.sources if sources is None else tuple(sources)
-    unknown = [x for x in sources if x not in SOURCES]
-    if unknown or not sources:
-        from ..errors import SpecCascadeError
-
-        raise SpecCascadeError(f"--sources {','.join(sources)!r}: choose one or more of {', '.join(SOURCES)} "
-                               f"(comma-separated), e.g. --sources kjv,web")
+    sources = check_sources(recipe.sources if sources is None else sources)
     dev = torch.device(device)
     rank, local, n_ranks = world()
     if n_ranks > 1:
