@@ -100,6 +100,7 @@ def check_sources(sources) -> tuple[str, ...]:
                                f"(comma-separated), e.g. --sources kjv,web")
     return sources
 
+
 PRESETS: dict[str, dict[str, Recipe]] = {
     # the embedded default pair: >= 10x per-token decode cost apart on one CPU thread, <= 40 MB together (fp16)
     "tiny": {
