@@ -165,9 +165,10 @@ distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translation
       --minutes "$VERIFIER_MINUTES" "${one_rank[@]}"
 ) && {
   # DISTILL_SAMPLES T = 1 translations of every source, side by side, one process each (seeds 0, 1, ...;
-  # files distill_T1, distill_T1_s1, ...), beside the greedy ones
+  # files distill_T1, distill_T1_s1, ...), beside the greedy ones on GPU 0; with two GPUs the samples
+  # alternate between GPU 1 and GPU 0 (seed 0 on GPU 1), so that each GPU decodes a like share
   t1_pids=()
-  for ((s = 0; s < DISTILL_SAMPLES; s++)); do distill_at "$SIDE" "$s" 1 & t1_pids+=($!); done
+  for ((s = 0; s < DISTILL_SAMPLES; s++)); do distill_at $(( (SIDE + s * (GPUS - 1)) % GPUS )) "$s" 1 & t1_pids+=($!); done
   distill_at 0 0 0; rc0=$?
   t1_ok=1; for pid in "${t1_pids[@]}"; do wait "$pid" || t1_ok=0; done
   [ $t1_ok = 1 ] && [ $rc0 -eq 0 ]
