@@ -14,7 +14,14 @@ For each `sd` cell (γ of the cell, batch 1):
   (1 - a^(γ+1)) / (1 - a) over the block's cost γ·c + b in verifier steps (c = drafter step /
   verifier step, b = verifier block / verifier step); their ratio is the share of the modelled
   speed-up the loop realises (host work, pre-fills, truncation at the end);
-* the acceptance a that the model, scaled by that realised share, needs for each target speed-up.
+* the acceptance a that the model, scaled by that realised share, needs for each target speed-up;
+* where the unrealised share goes (``speedup_steps``): the modelled speed-up, then the same with the
+  loop's gamma + 1 drafter calls a block (the last one gives q at the bonus position), then with the
+  measured blocks instead of the i.i.d. model's, then with the block (and the baseline's step) run
+  past the end of each example (the host reads a block's flags one block late), then with both
+  models' pre-fills, all at the sweep's measured per-call costs; what is left between that and the
+  measured speed-up is the work between the model calls (sampling, verification, bookkeeping) and
+  the host (``unmodelled_share``: each cell's measured wall over its modelled wall, minus 1).
 """
 
 from __future__ import annotations
@@ -47,10 +54,34 @@ def needed_acceptance(target: float, gamma: int, c: float, b: float, realised: f
     return hi
 
 
+def speedup_steps(r: dict, ref: dict, cost: dict, modelled: float, measured: float) -> dict:
+    """The modelled speed-up of an ``sd`` cell ``r`` over its worker's ``verifier_only`` cell ``ref``,
+    taken step by step to the measured one (see the module's docstring); times in seconds."""
+    gamma, st, vt = r["gamma"], r["stats"], ref["stats"]
+    n = vt["prefill_calls"]                                      # examples (one pre-fill each)
+    s_d, s_v, blk = cost["drafter_step_s"], cost["verifier_step_s"], cost["verifier_block_s"]
+    block = (gamma + 1) * s_d + blk                             # the loop's block: gamma + 1 drafter calls
+    base_steps, sd_blocks = vt["verifier_calls"] * s_v, st["blocks"] * block
+    base_past, sd_past = base_steps + n * s_v, sd_blocks + n * block
+    base_all = base_past + n * cost["verifier_prefill_s"]
+    sd_all = sd_past + n * (cost["verifier_prefill_s"] + cost["drafter_prefill_s"])
+    return {"modelled": modelled,
+            "with_gamma_plus_1_drafter_calls": modelled * (gamma * s_d + blk) / block,
+            "with_measured_blocks": base_steps / sd_blocks,
+            "with_the_step_past_the_end": base_past / sd_past,
+            "with_prefills": base_all / sd_all,
+            "measured": measured,
+            "unmodelled_share": {"sd": r["latency_s"] / sd_all - 1, "verifier_only": ref["latency_s"] / base_all - 1},
+            "past_the_end_share_of_wall": {"sd": n * block / r["latency_s"],
+                                           "verifier_only": n * s_v / ref["latency_s"]}}
+
+
 def analyse(records: list[dict]) -> dict:
     cells = [r for r in records if r.get("type") == "cell" and r["batch_size"] == 1]
     costs = {r["gamma"]: r for r in records if r.get("type") == "costs"}
-    base = {(r["temperature"], r.get("worker", 0)): r for r in cells if r["method"] == "verifier_only"}
+    # each sweep run times its own verifier_only (per worker and temperature; its key carries the run's gamma)
+    base = {(r["temperature"], r.get("worker", 0), r["gamma"]): r for r in cells if r["method"] == "verifier_only"}
+    base_any = {k[:2]: v for k, v in base.items()}
     out = []
     for r in cells:
         if r["method"] != "sd":
@@ -70,7 +101,10 @@ def analyse(records: list[dict]) -> dict:
                "cost_ratio_c": c, "block_over_step_b": b, "measured_speedup": measured,
                "modelled_speedup": modelled, "realised_share": realised,
                "acceptance_needed": {f"{t:g}x": needed_acceptance(t, r["gamma"], c, b, realised) for t in TARGETS}}
-        ref = base.get((r["temperature"], r.get("worker", 0)))
+        run = (r["temperature"], r.get("worker", 0))
+        ref = base.get(run + (r["gamma"],)) or base_any.get(run)
+        if ref is not None:
+            row["speedup_steps"] = speedup_steps(r, ref, cost, modelled, measured)
         if r["temperature"] == 0 and ref is not None:
             a_stats, v_stats = r["quality_stats"]["bleu"], ref["quality_stats"]["bleu"]
             row["examples_differing_from_verifier_only"] = sum(x != y for x, y in zip(a_stats, v_stats))

@@ -424,3 +424,41 @@ def test_sweep_warm_up_sizes_the_fused_cache_for_the_longest_request():
     for cell in cells:
         run_cell(d, v, tok, task, examples, cell, 150)
     assert (d.generation, v.generation) == generations
+
+
+def test_sd_speedup_analysis_steps_reach_the_measured_speedup_when_the_model_is_the_whole_wall(monkeypatch):
+    """benchmarks/sd_speedup_analysis.py: its step-by-step account (modelled -> gamma + 1 drafter calls ->
+    measured blocks -> the block past the end -> pre-fills) ends at the measured speed-up exactly when
+    each cell's wall is its modelled wall, and each step moves by the factor it names."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sd_speedup_analysis as sa
+
+    n, gamma, s_d, s_v, blk, pre_v, pre_d = 10, 5, 1e-4, 2e-3, 2.5e-3, 4e-3, 1e-3
+    cost = {"type": "costs", "gamma": gamma, "drafter_step_s": s_d, "verifier_step_s": s_v,
+            "verifier_block_s": blk, "verifier_prefill_s": pre_v, "drafter_prefill_s": pre_d}
+    block = (gamma + 1) * s_d + blk
+    v_calls, blocks = 300, 130
+    base_wall = n * pre_v + (v_calls + n) * s_v
+    sd_wall = n * (pre_v + pre_d) + (blocks + n) * block
+    common = {"type": "cell", "temperature": 1.0, "gamma": gamma, "batch_size": 1, "worker": 0}
+    base = common | {"method": "verifier_only", "latency_s": base_wall, "relative_latency": 1.0,
+                     "stats": {"prefill_calls": n, "verifier_calls": v_calls}}
+    sd = common | {"method": "sd", "latency_s": sd_wall, "relative_latency": sd_wall / base_wall,
+                   "stats": {"prefill_calls": 2 * n, "blocks": blocks, "accepted_per_position": [70, 40, 20, 8, 3],
+                             "accepted": 141, "drafted": gamma * blocks, "tokens_per_verifier_call": 2.1}}
+    (row,) = sa.analyse([cost, base, sd])["sd"]
+    steps = row["speedup_steps"]
+    assert steps["measured"] == pytest.approx(base_wall / sd_wall)
+    assert steps["with_prefills"] == pytest.approx(steps["measured"])
+    assert steps["unmodelled_share"] == {"sd": pytest.approx(0), "verifier_only": pytest.approx(0)}
+    assert steps["with_gamma_plus_1_drafter_calls"] == pytest.approx(steps["modelled"] * (gamma * s_d + blk) / block)
+    assert steps["with_measured_blocks"] == pytest.approx(v_calls * s_v / (blocks * block))
+    assert steps["with_the_step_past_the_end"] == pytest.approx((v_calls + n) * s_v / ((blocks + n) * block))
+    assert steps["past_the_end_share_of_wall"]["sd"] == pytest.approx(n * block / sd_wall)
+    # a slower sd wall (host work) shows up as its unmodelled share, and only there
+    slow = sd | {"latency_s": sd_wall * 1.1, "relative_latency": sd_wall * 1.1 / base_wall}
+    (row,) = sa.analyse([cost, base, slow])["sd"]
+    assert row["speedup_steps"]["unmodelled_share"]["sd"] == pytest.approx(0.1)
+    assert row["speedup_steps"]["with_prefills"] == pytest.approx(steps["with_prefills"])
