@@ -47,7 +47,7 @@ def random_pair(preset: str, out: Path) -> tuple[Path, Path]:
 
 def measure(drafter_dir: Path, verifier_dir: Path, device: str, dtype: torch.dtype, backend: str,
             widths: list[int], rounds: int, repeats: int, max_new_tokens: int, examples: int) -> dict:
-    tok = load_tokenizer(verifier_dir)
+    tok = load_tokenizer(verifier_dir if (Path(verifier_dir) / "tokenizer.json").exists() else TOKENIZER_DIR)
     task = get_task()
     prompts = [task.encode(tok, ex.input) for ex in task.examples(examples)]
     longest = max(len(p) for p in prompts)

@@ -18,7 +18,8 @@ For each `sd` cell (γ of the cell, batch 1):
 * where the unrealised share goes (``speedup_steps``): the modelled speed-up, then the same with the
   loop's gamma + 1 drafter calls a block (the last one gives q at the bonus position), then with the
   measured blocks instead of the i.i.d. model's, then with the block (and the baseline's step) run
-  past the end of each example (the host reads a block's flags one block late), then with both
+  past the end of each example (the host read a block's flags one block late; records made since it
+  waits near the end count these steps, ``steps_past_end``), then with both
   models' pre-fills, all at the sweep's measured per-call costs; what is left between that and the
   measured speed-up is the work between the model calls (sampling, verification, bookkeeping) and
   the host (``unmodelled_share``: each cell's measured wall over its modelled wall, minus 1).
@@ -62,7 +63,10 @@ def speedup_steps(r: dict, ref: dict, cost: dict, modelled: float, measured: flo
     s_d, s_v, blk = cost["drafter_step_s"], cost["verifier_step_s"], cost["verifier_block_s"]
     block = (gamma + 1) * s_d + blk                             # the loop's block: gamma + 1 drafter calls
     base_steps, sd_blocks = vt["verifier_calls"] * s_v, st["blocks"] * block
-    base_past, sd_past = base_steps + n * s_v, sd_blocks + n * block
+    # steps run past the end: counted in records made since the host waits near the end (else one
+    # per example and model loop: the flags were always read one step late)
+    past_v, past_sd = vt.get("steps_past_end", n), st.get("steps_past_end", n)
+    base_past, sd_past = base_steps + past_v * s_v, sd_blocks + past_sd * block
     base_all = base_past + n * cost["verifier_prefill_s"]
     sd_all = sd_past + n * (cost["verifier_prefill_s"] + cost["drafter_prefill_s"])
     return {"modelled": modelled,
@@ -72,8 +76,9 @@ def speedup_steps(r: dict, ref: dict, cost: dict, modelled: float, measured: flo
             "with_prefills": base_all / sd_all,
             "measured": measured,
             "unmodelled_share": {"sd": r["latency_s"] / sd_all - 1, "verifier_only": ref["latency_s"] / base_all - 1},
-            "past_the_end_share_of_wall": {"sd": n * block / r["latency_s"],
-                                           "verifier_only": n * s_v / ref["latency_s"]}}
+            "steps_past_the_end": {"sd": past_sd, "verifier_only": past_v},
+            "past_the_end_share_of_wall": {"sd": past_sd * block / r["latency_s"],
+                                           "verifier_only": past_v * s_v / ref["latency_s"]}}
 
 
 def analyse(records: list[dict]) -> dict:

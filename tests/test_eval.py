@@ -462,3 +462,9 @@ def test_sd_speedup_analysis_steps_reach_the_measured_speedup_when_the_model_is_
     (row,) = sa.analyse([cost, base, slow])["sd"]
     assert row["speedup_steps"]["unmodelled_share"]["sd"] == pytest.approx(0.1)
     assert row["speedup_steps"]["with_prefills"] == pytest.approx(steps["with_prefills"])
+    # records that count the steps run past the end (none here: the host foresaw every end)
+    counted = sd | {"stats": sd["stats"] | {"steps_past_end": 0}}
+    ref = base | {"stats": base["stats"] | {"steps_past_end": 0}}
+    (row,) = sa.analyse([cost, ref, counted])["sd"]
+    assert row["speedup_steps"]["with_the_step_past_the_end"] == pytest.approx(steps["with_measured_blocks"])
+    assert row["speedup_steps"]["past_the_end_share_of_wall"] == {"sd": 0, "verifier_only": 0}

@@ -266,3 +266,65 @@ def test_a_compiled_fused_backend_allows_a_sweeps_worth_of_specialisations():
 
     FusedLlamaBackend(load_causal_lm(embedded_pair_dirs("tiny")[1]), "verifier", compile=True)
     assert torch._dynamo.config.recompile_limit >= 1024
+
+
+def test_near_the_end_the_host_waits_for_the_last_block_instead_of_queuing_one_past_it(simulated_capture,
+                                                                                       monkeypatch):
+    """With the flags read one block late (as on a GPU), each decode used to run one block past its
+    end. A block whose drafts contain EOS, or after which the next block may reach max_new_tokens,
+    says the end is near; the host then reads the block just queued before queuing another, so a
+    decode whose end was foreseen runs no block past it (replays == blocks), and one whose end was
+    not runs one (replays == blocks + 1). The tokens, counters and the caller's generator are
+    always the unlagged run's."""
+    from speccascade import loop
+    from speccascade.loop import StepSync
+
+    real_end, foreseen = StepSync.end, []
+
+    def end(self, flags):
+        done = real_end(self, flags)
+        if done:   # read through the wait (nothing queued after it), or one block late (one queued)
+            foreseen.append(self.pending is None)
+        return done
+
+    monkeypatch.setattr(StepSync, "end", end)
+    d, v = tiny_pair(0, noise=0.3)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    cases = [([5, 6, 7, 8, 9, 10], []), ([11, 12], []), ([13, 14, 15, 16], [])]   # the token limit only
+    for prompt, _ in list(cases):   # EOS: a token the verifier first emits late, so the decode ends there
+        toks = sc.generate(d, v, [prompt], method="verifier_only", max_new_tokens=12, eos_token_id=[]).tokens[0]
+        cases += [(prompt, [toks[i]]) for i in range(8, len(toks)) if toks[i] not in toks[:i]][:1]   # 2+ blocks
+    ends = []
+    for prompt, eos in cases:
+        runs = {}
+        for lag in (False, True):
+            monkeypatch.setattr(StepSync, "lagged", lag)
+            gen = torch.Generator().manual_seed(1)
+            before = {k: c.replays for k, c in runner.graph_cache(fv).items()}
+            # EOS: greedy (it ends where the verifier's greedy decode emits it), far from the token limit
+            out = sc.generate(fd, fv, [prompt], method="sd", gamma=3, temperature=0.0 if eos else 1.0,
+                              eos_token_id=eos, max_new_tokens=40 if eos else 12, generator=gen)
+            replays = sum(c.replays - before.get(k, 0) for k, c in runner.graph_cache(fv).items()
+                          if k[0] == "speculative")
+            runs[lag] = (out.tokens, out.stats.blocks, out.stats.accepted, gen.get_state(), replays, foreseen[-1])
+        (tok0, blocks0, acc0, gen0, replays0, _), (tok1, blocks1, acc1, gen1, replays1, seen) = runs[False], runs[True]
+        assert tok1 == tok0 and (blocks1, acc1) == (blocks0, acc0) and torch.equal(gen1, gen0), (prompt, eos)
+        assert replays0 == blocks0                                 # read at once: never past the end
+        assert replays1 == blocks1 + (0 if seen else 1) == blocks1 + out.stats.steps_past_end, (prompt, eos)
+        ends.append((tok1[0][-1:] == eos, seen))   # (ended by EOS, foreseen)
+    assert (False, True) in ends   # the token limit foreseen
+    assert (True, False) in ends   # an EOS these random drafters did not see coming: one block past it
+    # every block says "near" (a threshold of 0): each end is foreseen, each block waited for
+    monkeypatch.setattr(loop, "NEAR_END_EOS_PROB", 0.0)
+    for prompt, eos in cases[3:]:
+        monkeypatch.setattr(StepSync, "lagged", True)
+        before = {k: c.replays for k, c in runner.graph_cache(fv).items()}
+        out = sc.generate(fd, fv, [prompt], method="sd", gamma=3, temperature=0.0, eos_token_id=eos, max_new_tokens=40)
+        replays = sum(c.replays - before.get(k, 0) for k, c in runner.graph_cache(fv).items() if k[0] == "speculative")
+        assert out.tokens[0][-1:] == eos and foreseen[-1] and replays == out.stats.blocks
+        assert out.stats.steps_past_end == 0
+    # one-model decoding foresees the token limit too (it has no look-ahead for EOS)
+    before = {k: c.replays for k, c in runner.graph_cache(fv).items()}
+    out = sc.generate(fd, fv, [[11, 12]], method="verifier_only", max_new_tokens=12, eos_token_id=[])
+    replays = sum(c.replays - before.get(k, 0) for k, c in runner.graph_cache(fv).items() if k[0] == "single")
+    assert foreseen[-1] and replays == len(out.tokens[0]) == 12

@@ -166,7 +166,8 @@ def test_reading_flags_one_step_late_changes_nothing():
                 StepSync.lagged = lag
                 o = sc.generate(d, v, prompts, method=method, temperature=1, gamma=3, max_new_tokens=12, seed=3,
                                 eos_token_id=20)
-                stats = {k: x for k, x in vars(o.stats).items() if "time" not in k and "per_second" not in k}
+                stats = {k: x for k, x in vars(o.stats).items()
+                         if "time" not in k and "per_second" not in k and k != "steps_past_end"}
                 runs.append((o.tokens, stats))
             assert runs[0] == runs[1], method
     finally:
@@ -202,3 +203,50 @@ def test_outside_share_arithmetic():
     assert outside_share(8.0) == 1.0                          # no backend: all of it is outside
     assert outside_share(2.0, Timed(1.5), Timed(1.0)) == 0.0   # timer noise past the total is clamped
     assert outside_share(0.0, Timed(1.0)) == 0.0
+
+
+def test_lagged_flags_near_the_end_wait_for_the_step_just_queued():
+    """runner.StepSync with the flags read one step late: "near the end" makes the host read the
+    step just queued at once (done there: no step past the end; not done: carry on, one step
+    late again), a plain step is read one step late, and a step past the end is undone in the stats."""
+    from speccascade.runner import StepSync, step_flags
+    from speccascade.stats import Stats
+
+    def flags(done, near):
+        return step_flags(torch.tensor([done]), [torch.tensor(False)], torch.tensor([1]), torch.tensor([near]))
+
+    class Lagged(StepSync):
+        lagged = True
+
+    # a false alarm, then the real end: [plain, near (not last), plain, near, last]
+    stats = Stats()
+    sync = Lagged(torch.device("cpu"), stats, ["verifier"])
+    seen = []
+    for done, near in [(False, False), (False, True), (False, False), (False, True), (True, True)]:
+        stats.verifier_calls += 1
+        seen.append(sync.end(flags(done, near)))
+        if seen[-1]:
+            break
+    assert seen == [False, False, False, False, True]   # no step queued past the last
+    assert sync.waits == 2 and stats.verifier_calls == 5 and stats.steps_past_end == 0
+    # "near" several steps running: each is read at once until the last
+    stats = Stats()
+    sync = Lagged(torch.device("cpu"), stats, ["verifier"])
+    seen = []
+    for done, near in [(False, True), (False, True), (False, True), (True, True)]:
+        stats.verifier_calls += 1
+        seen.append(sync.end(flags(done, near)))
+        if seen[-1]:
+            break
+    assert seen == [False, False, False, True] and sync.waits == 3 and stats.steps_past_end == 0
+    # without the signal the last step is seen one step late: the step past it is queued, then undone
+    stats = Stats()
+    sync = Lagged(torch.device("cpu"), stats, ["verifier"])
+    seen = []
+    for done in (False, False, True, True):
+        stats.verifier_calls += 1
+        seen.append(sync.end(flags(done, False)))
+        if seen[-1]:
+            break
+    assert seen == [False, False, False, True] and sync.waits == 0 and stats.verifier_calls == 3
+    assert stats.steps_past_end == 1

@@ -65,3 +65,28 @@ def test_cli_with_explicit_model_paths_raw_prompt(capsys):
     assert out["method"] == "opt" and out["alpha"] == 0.3 and len(out["tokens"]) <= 7
     assert main(["generate", "x", "--drafter", str(d_dir), "--quiet"]) == 2
     assert "both --drafter and --verifier" in capsys.readouterr().err
+
+
+def test_the_trained_drafter_foresees_some_ends_so_no_block_runs_past_them(pair, monkeypatch):
+    """With the flags read one block late (as on a GPU), a block in which the drafter gives EOS at
+    least loop.NEAR_END_EOS_PROB makes the host wait for the next block's flags: on the shipped pair
+    some translations end without a block past the end (the drafter saw it coming; 128 new tokens
+    is far away), some with one, and every output is the unlagged run's."""
+    from speccascade.eval.tasks import get_task
+    from speccascade.loop import StepSync
+
+    drafter, verifier, tok = pair
+    task = get_task()
+    past = []
+    for ex in task.examples(12):
+        ids = task.encode(tok, ex.input)
+        runs = []
+        for lag in (False, True):
+            monkeypatch.setattr(StepSync, "lagged", lag)
+            out = sc.generate(drafter, verifier, [ids], method="sd", gamma=5, temperature=0, eos_token_id=EOS,
+                              max_new_tokens=128)
+            runs.append((out.tokens, out.stats.blocks, out.stats.steps_past_end))
+        (tok0, blocks0, past0), (tok1, blocks1, past1) = runs
+        assert tok1 == tok0 and blocks1 == blocks0 and past0 == 0 and tok0[0][-1] == EOS
+        past.append(past1)
+    assert 0 in past and 1 in past and set(past) == {0, 1}

@@ -59,7 +59,7 @@ def finish_single(backend: Backend, state: DecodeState, cfg: SamplingConfig, act
         score += torch.where(kept > 0, logp, torch.zeros_like(logp))
     state.pending.copy_(token)
     state.counters.calls += active.any().long()
-    state.end_step(active, [check_finite(logits, active)])
+    state.end_step(active, [check_finite(logits, active)], state.near_limit(1))   # (no look-ahead for EOS)
 
 
 def single_model(backend: Backend, role: str, input_ids, attention_mask, cfg: SamplingConfig, max_new_tokens: int,

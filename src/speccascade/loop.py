@@ -22,7 +22,10 @@ exercise) or captures it as one CUDA graph and replays it (the fused backend on 
 learns whether every row is done (and whether a logit was non-finite) once per block, never per
 token, through :class:`.runner.StepSync`: on a GPU it reads each block's flags one block late, so
 it queues block i + 1 while the device still runs block i; the block computed past the end is
-masked out of the counters on the device. ``HFBackend.commit`` adds one sync per model and block
+masked out of the counters on the device. A block whose drafts contain EOS (or after which the next
+block may reach ``max_new_tokens``) tells the host that the end is near, and the host then reads the
+next block's flags before queuing another, so a decode whose end the drafter foresaw runs no block
+past it (``Stats.steps_past_end``). ``HFBackend.commit`` adds one sync per model and block
 (to crop its dynamic cache); the static and fused backends add none.
 """
 
@@ -171,7 +174,7 @@ class DecodeState:
         self.emitter = Emitter(batch, req.max_new_tokens, width, req.eos_token_id, device)
         self.counters = BlockCounters(batch, positions, device)
         self.nonfinite = torch.zeros(models, dtype=torch.bool, device=device)   # per model, sticky
-        self.flags = torch.zeros(models + 2, dtype=torch.long, device=device)   # see runner.StepSync
+        self.flags = torch.zeros(models + 3, dtype=torch.long, device=device)   # see runner.step_flags
         self.alpha = torch.zeros(batch, dtype=torch.float64, device=device)     # [B] per row (rules.per_row)
 
     def start(self, pending: torch.Tensor, alpha) -> None:
@@ -186,11 +189,18 @@ class DecodeState:
         else:
             self.alpha.fill_(0.0 if alpha is None else float(alpha))
 
-    def end_step(self, active: torch.Tensor, finite_flags: list[torch.Tensor]) -> None:
-        """Record the step's non-finite flags and write ``flags`` for the host (no host read)."""
+    def end_step(self, active: torch.Tensor, finite_flags: list[torch.Tensor], near_end: torch.Tensor) -> None:
+        """Record the step's non-finite flags and write ``flags`` for the host (no host read; the
+        layout of :func:`.runner.step_flags`). ``near_end  # [B]``: rows whose next step is likely
+        their last (the host then reads that step's flags before queuing another)."""
         self.nonfinite |= torch.stack(finite_flags)
         e = self.emitter
-        self.flags.copy_(torch.cat([e.done.all().view(1), self.nonfinite, e.n_out.sum().view(1)]))
+        self.flags.copy_(torch.cat([e.done.all().view(1), (e.done | near_end).all().view(1), self.nonfinite,
+                                    e.n_out.sum().view(1)]))
+
+    def near_limit(self, per_step: int) -> torch.Tensor:
+        """Rows that the next step, emitting up to ``per_step`` tokens, may take to ``max_new_tokens``.  # [B]"""
+        return self.emitter.n_out + per_step >= self.emitter.max_new
 
 
 def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, req: DecodeRequest,
@@ -255,8 +265,20 @@ def finish_block(drafter: Backend, verifier: Backend, state: DecodeState, req: D
     state.counters.add(active, {"blocks": active, "drafted": active * gamma, "accepted": n_acc,
                                 "rejected": n_acc < gamma, "bonus": n_acc == gamma, "deferred": deferred.sum(1),
                                 "emitted": kept, "truncated": n_acc + 1 - kept}, n_acc)
-    state.end_step(active, [check_finite(q_logits, active), check_finite(p_logits, active)])
+    # near the end: the drafter gave EOS at least NEAR_END_EOS_PROB at some position of this block
+    # (it sees the end coming: the next block likely emits it), or the next block may reach
+    # max_new_tokens
+    e = state.emitter
+    near = state.near_limit(gamma + 1)
+    if e.eos.numel():
+        near = near | (d.draft_conf[..., e.eos].sum(-1) >= NEAR_END_EOS_PROB).any(1)
+    state.end_step(active, [check_finite(q_logits, active), check_finite(p_logits, active)], near)
 
+
+#: the drafter's probability of EOS (untempered; summed over the EOS ids) at some position of a block
+#: above which the host waits for the next block's flags before queuing another (the end is near).
+#: A wait costs the device one idle gap (a graph launch); a block run past the end costs a block.
+NEAR_END_EOS_PROB = 0.05
 
 _COMPILED: dict = {}
 

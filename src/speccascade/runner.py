@@ -18,7 +18,12 @@ and, once per call, look at those flags (:class:`StepSync`).
 
 The flags are read one step late on a GPU (the next replay is queued before the host waits), so
 the device never idles for the host; the step run past the end is wasted work whose output is
-already ignored (every row is done) and whose counters are masked on the device.
+already ignored (every row is done) and whose counters are masked on the device. A step may also
+say that the *next* one is likely the last (the flags' "near the end" value: a speculative block
+whose drafts contain EOS, or a row one step from ``max_new_tokens``); the host then waits for that
+step's flags before queuing another, trading one idle gap of the device (a launch) for the step past
+the end (for a speculative block at batch 1, ~5% of a decode's wall on an H200:
+results/deep_pair/run5/NOTE.md).
 """
 
 from __future__ import annotations
@@ -47,9 +52,12 @@ def raise_if_nonfinite(flags: list[bool], names: list[str]) -> None:
                                        f"check its weights and dtype (fp16 overflow?)")
 
 
-def step_flags(done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor) -> torch.Tensor:
-    """[all rows done, a non-finite flag per model, tokens kept this step] as one long tensor."""
-    return torch.stack([done.all().long(), *(f.long() for f in finite_flags), kept.sum()])
+def step_flags(done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor,
+               near_end: torch.Tensor | None = None) -> torch.Tensor:
+    """[all rows done, every row done or near its end, a non-finite flag per model, tokens kept] as
+    one long tensor. ``near_end  # [B]``: rows whose next step is likely their last (None: no guess)."""
+    near = done.all() if near_end is None else (done | near_end).all()
+    return torch.stack([done.all().long(), near.long(), *(f.long() for f in finite_flags), kept.sum()])
 
 
 class StepSync:
@@ -61,7 +69,10 @@ class StepSync:
     when those flags say "done", the step queued after them is wasted work: its output is already
     ignored (every row is done), host-side call counts it made are taken back out of the stats and
     the random generator is put back to where that step found it, so results do not depend on the
-    lag. With ``cumulative=True`` the last flag counts tokens emitted so far (not this step's).
+    lag. When they say "near the end" instead, the host also waits for the step just queued and
+    reads its flags at once (``waits`` counts these), so that a last step is not followed by one
+    run past the end. With ``cumulative=True`` the last flag counts tokens emitted so far (not this
+    step's).
     """
 
     #: read flags one step late: None = on a GPU only (tests force it on the CPU)
@@ -75,13 +86,16 @@ class StepSync:
         self.stats, self.names, self.progress = stats, names, progress
         self.cumulative, self.shown = cumulative, 0
         self.pending = None
+        self.waits = 0   # lagged reads that also waited for the step just queued (near the end)
+        self.near = False   # the last flags read said "near the end": read the next step's at once
         self._host: list[torch.Tensor] = []   # two pinned buffers and events, used in turn
         self._events: list = []
         self._turn = 0
 
-    def end_step(self, done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor) -> bool:
+    def end_step(self, done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor,
+                 near_end: torch.Tensor | None = None) -> bool:
         """True when every row is done (as of the last step whose flags the host has read)."""
-        return self.end(step_flags(done, finite_flags, kept))
+        return self.end(step_flags(done, finite_flags, kept, near_end))
 
     def end(self, flags: torch.Tensor) -> bool:
         calls = (self.stats.drafter_calls, self.stats.verifier_calls)
@@ -101,15 +115,38 @@ class StepSync:
             host = flags.clone()
         if self.generator is not None:
             calls = calls + (self.generator.get_state(),)
-        previous, self.pending = self.pending, (host, event, calls)
+        current = (host, event, calls)
+        if self.near:   # the last flags read said the end is near: read this step's before queuing another
+            return self._read_now(current)
+        previous, self.pending = self.pending, current
         if previous is None:
             return False
-        if previous[1] is not None:
-            previous[1].synchronize()
-        return self._read(previous[0].tolist(), previous[2])
+        values = self._wait(previous)
+        if self._read(values, previous[2]):
+            self.stats.steps_past_end += 1   # the step queued after it (its work is discarded)
+            return True
+        if not values[1]:
+            return False
+        # near the end: the step just queued may be the last; read it before queuing another
+        self.pending = None
+        return self._read_now(current)
+
+    def _read_now(self, current: tuple) -> bool:
+        """Wait for the step just queued and read its flags (near the end); while they still say
+        "near", the next step is read the same way, else one step late again."""
+        self.waits += 1
+        values = self._wait(current)
+        self.near = bool(values[1])
+        return self._read(values, current[2])
+
+    @staticmethod
+    def _wait(pending: tuple) -> list[int]:
+        if pending[1] is not None:
+            pending[1].synchronize()
+        return pending[0].tolist()
 
     def _read(self, values: list[int], calls: tuple) -> bool:
-        raise_if_nonfinite(values[1:-1], self.names)
+        raise_if_nonfinite(values[2:-1], self.names)
         if self.progress is not None:
             self.progress.update(values[-1] - self.shown if self.cumulative else values[-1])
             self.shown = values[-1] if self.cumulative else self.shown

@@ -19,6 +19,10 @@ Counters (summed over rows; a "row-block" is one verification of one row):
   ``emitted + truncated == accepted + recovered + bonus`` exactly.
 * ``accepted_per_position[j]``: row-blocks whose draft j was accepted (a histogram of acceptance
   length: the block accepted >= j + 1 drafts).
+* ``steps_past_end``: steps (speculative blocks, one-token steps) that ran after every row was
+  done and were discarded: the host reads a step's flags one step late on a GPU
+  (:class:`.runner.StepSync`), unless the step before said the end was near. Host-side timing
+  only: no other counter includes them.
 
 Derived figures:
 
@@ -50,6 +54,7 @@ class Stats:
     emitted: int = 0
     truncated: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    steps_past_end: int = 0
     wall_time_s: float = 0.0
 
     @property
