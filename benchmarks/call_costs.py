@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("--drafter", type=Path, default=None)
     ap.add_argument("--verifier", type=Path, default=None)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="default: bfloat16 on a GPU, float32 on a CPU")
     ap.add_argument("--backend", default=None, help="default: fused on a GPU, dynamic on a CPU")
     ap.add_argument("--widths", default="1,2,3,4,5,6,7,8,9", help="verifier feed widths (gamma + 1)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -92,6 +93,7 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)
     backend = args.backend or ("fused" if args.device.startswith("cuda") else "dynamic")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     widths = sorted({int(w) for w in args.widths.split(",")} | {1})
     with tempfile.TemporaryDirectory() as tmp:
         pair = (args.drafter, args.verifier) if args.drafter else random_pair(args.preset, Path(tmp))

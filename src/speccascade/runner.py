@@ -77,6 +77,8 @@ class StepSync:
 
     #: read flags one step late: None = on a GPU only (tests force it on the CPU)
     lagged: bool | None = None
+    #: near the end, read the step just queued at once (benchmarks/end_wait.py switches it off to compare)
+    wait_near_end: bool = True
 
     def __init__(self, device: torch.device, stats, names: list[str], progress=None,
                  generator: torch.Generator | None = None, cumulative: bool = False):
@@ -116,7 +118,7 @@ class StepSync:
         if self.generator is not None:
             calls = calls + (self.generator.get_state(),)
         current = (host, event, calls)
-        if self.near:   # the last flags read said the end is near: read this step's before queuing another
+        if self.near and self.wait_near_end:   # the last flags read said the end is near: read this step's now
             return self._read_now(current)
         previous, self.pending = self.pending, current
         if previous is None:
@@ -125,7 +127,7 @@ class StepSync:
         if self._read(values, previous[2]):
             self.stats.steps_past_end += 1   # the step queued after it (its work is discarded)
             return True
-        if not values[1]:
+        if not (values[1] and self.wait_near_end):
             return False
         # near the end: the step just queued may be the last; read it before queuing another
         self.pending = None

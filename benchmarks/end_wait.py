@@ -1,0 +1,109 @@
+"""What the host's wait near the end of a decode buys in wall-clock (runner.StepSync): the same cells
+with the flags read one step late and the wait on (the default on a GPU), one step late with the
+wait off (the loop before it: one step past every end), and read at once (no lag: an idle gap of the
+device after every step). Writes one JSON record naming the card.
+
+    python benchmarks/end_wait.py --drafter runs/deep/drafter --verifier runs/deep/verifier --device cuda \\
+        --out runs/end_wait.json
+    python benchmarks/end_wait.py --out /tmp/end_wait_cpu.json --examples 20     # the shipped tiny pair, one CPU thread
+
+Each mode runs ``sd`` (gamma 5) and ``verifier_only`` at T = 0 over the same test verses at batch 1,
+in turn (mode A, B, C, then again, ``--rounds`` times), after one untimed pass that compiles and
+captures every program (fused backend on a GPU). The record keeps every round's wall and the medians,
+the steps run past the end and the outputs' agreement across modes (they must be identical: the
+modes change only when the host reads the flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import speccascade
+from speccascade.eval.sweep import device_name
+from speccascade.eval.tasks import get_task, run_task
+from speccascade.loop import StepSync
+from speccascade.models import make_backend
+from speccascade.models.base import reserve_request
+from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
+
+MODES = {"late_with_wait": (True, True), "late_without_wait": (True, False), "at_once": (False, True)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--drafter", type=Path, default=None)
+    ap.add_argument("--verifier", type=Path, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
+    ap.add_argument("--backend", default=None, help="default: fused on a GPU, dynamic on a CPU")
+    ap.add_argument("--examples", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--methods", default="sd,verifier_only")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    backend = args.backend or ("fused" if cuda else "dynamic")
+    d_dir, v_dir = (args.drafter, args.verifier) if args.verifier else embedded_pair_dirs("tiny")
+    tok = load_tokenizer(v_dir if (Path(v_dir) / "tokenizer.json").exists() else TOKENIZER_DIR)
+    task = get_task()
+    inputs = [ex.input for ex in task.examples(args.examples)]
+    d_be, v_be = (make_backend(load_causal_lm(p, device=args.device, dtype=dtype), role, backend)
+                  for role, p in (("drafter", d_dir), ("verifier", v_dir)))
+    longest = max(len(task.encode(tok, x)) for x in inputs)
+    for be in (d_be, v_be):
+        reserve_request(be, 1, longest, 128, 5)
+    methods = args.methods.split(",")
+
+    def run(method: str):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        hyps, stats = run_task(d_be, v_be, tok, task, inputs, method=method, gamma=5, temperature=0.0)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, hyps, stats
+
+    walls = {m: {mode: [] for mode in MODES} for m in methods}
+    past, outputs = {m: {} for m in methods}, {m: {} for m in methods}
+    try:
+        for method in methods:
+            run(method)   # compile and capture (untimed)
+        for _ in range(args.rounds):
+            for method in methods:
+                for mode, (lagged, wait) in MODES.items():
+                    StepSync.lagged, StepSync.wait_near_end = lagged, wait
+                    wall, hyps, stats = run(method)
+                    walls[method][mode].append(wall)
+                    past[method][mode] = stats.steps_past_end
+                    outputs[method][mode] = hyps
+    finally:
+        StepSync.lagged, StepSync.wait_near_end = None, True
+    med = {m: {mode: statistics.median(w) for mode, w in per.items()} for m, per in walls.items()}
+    record = {"benchmark": "end_wait", "card": device_name(torch.device(args.device)), "torch": torch.__version__,
+              "speccascade": speccascade.__version__, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
+              "drafter": os.path.relpath(d_dir), "verifier": os.path.relpath(v_dir), "examples": len(inputs),
+              "gamma": 5, "temperature": 0.0, "batch_size": 1, "rounds": args.rounds,
+              "median_wall_s": med, "walls_s": walls, "steps_past_end": past,
+              "outputs_identical_across_modes": {m: len({tuple(h) for h in o.values()}) == 1
+                                                 for m, o in outputs.items()},
+              "speedup_of_the_wait": {m: per["late_without_wait"] / per["late_with_wait"] for m, per in med.items()}}
+    if "sd" in med and "verifier_only" in med:
+        record["sd_speedup_over_verifier_only"] = {mode: med["verifier_only"][mode] / med["sd"][mode] for mode in MODES}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: record[k] for k in ("card", "median_wall_s", "steps_past_end", "speedup_of_the_wait",
+                                            "outputs_identical_across_modes")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
