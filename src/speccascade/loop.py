@@ -22,11 +22,12 @@ exercise) or captures it as one CUDA graph and replays it (the fused backend on 
 learns whether every row is done (and whether a logit was non-finite) once per block, never per
 token, through :class:`.runner.StepSync`: on a GPU it reads each block's flags one block late, so
 it queues block i + 1 while the device still runs block i; the block computed past the end is
-masked out of the counters on the device. A block whose drafts contain EOS (or after which the next
-block may reach ``max_new_tokens``) tells the host that the end is near, and the host then reads the
-next block's flags before queuing another, so a decode whose end the drafter foresaw runs no block
-past it (``Stats.steps_past_end``). ``HFBackend.commit`` adds one sync per model and block
-(to crop its dynamic cache); the static and fused backends add none.
+masked out of the counters on the device. A block in which the drafter gives EOS at least
+``NEAR_END_EOS_PROB`` at some position (or after which the next block may reach ``max_new_tokens``)
+tells the host that the end is near, and the host then reads the next block's flags before queuing
+another, so a decode whose end the drafter foresaw runs no block past it (``Stats.steps_past_end``).
+``HFBackend.commit`` adds one sync per model and block (to crop its dynamic cache); the static and
+fused backends add none.
 """
 
 from __future__ import annotations

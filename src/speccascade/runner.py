@@ -20,9 +20,9 @@ The flags are read one step late on a GPU (the next replay is queued before the 
 the device never idles for the host; the step run past the end is wasted work whose output is
 already ignored (every row is done) and whose counters are masked on the device. A step may also
 say that the *next* one is likely the last (the flags' "near the end" value: a speculative block
-whose drafts contain EOS, or a row one step from ``max_new_tokens``); the host then waits for that
-step's flags before queuing another, trading one idle gap of the device (a launch) for the step past
-the end (for a speculative block at batch 1, ~5% of a decode's wall on an H200:
+in which the drafter gives EOS some probability, or a row one step from ``max_new_tokens``); the
+host then waits for that step's flags before queuing another, trading one idle gap of the device (a
+launch) for the step past the end (for a speculative block at batch 1, ~5% of a decode's wall on an H200:
 results/deep_pair/run5/NOTE.md).
 """
 
