@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
     ap.add_argument("--backend", default=None, help="default: fused on a GPU, dynamic on a CPU")
     ap.add_argument("--examples", type=int, default=100)
+    ap.add_argument("--size-examples", type=int, default=None,
+                    help="size the caches for the longest of this many test verses (a sweep's --examples: the "
+                         "same compiled shapes, found in torch's on-disk caches); default --examples")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--methods", default="sd,verifier_only")
     ap.add_argument("--out", type=Path, required=True)
@@ -59,7 +62,7 @@ def main() -> None:
     inputs = [ex.input for ex in task.examples(args.examples)]
     d_be, v_be = (make_backend(load_causal_lm(p, device=args.device, dtype=dtype), role, backend)
                   for role, p in (("drafter", d_dir), ("verifier", v_dir)))
-    longest = max(len(task.encode(tok, x)) for x in inputs)
+    longest = max(len(task.encode(tok, ex.input)) for ex in task.examples(args.size_examples or args.examples))
     for be in (d_be, v_be):
         reserve_request(be, 1, longest, 128, 5)
     methods = args.methods.split(",")

@@ -229,7 +229,9 @@ if [ "${EXTRAS:-1}" = 1 ]; then
   costs_pid=$!
   [ "$SIDE" -ne 0 ] || wait "$costs_pid"   # one GPU: not beside the timed run
   (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
-   stage end_wait python benchmarks/end_wait.py "${pair[@]}" --device "$DEVICE" --examples "$EXAMPLES" \
+   # 100 verses (or EXAMPLES, if fewer), 3 rounds of 3 modes: ~1.5 minutes on an H200
+   stage end_wait python benchmarks/end_wait.py "${pair[@]}" --device "$DEVICE" --examples $((EXAMPLES < 100 ? EXAMPLES : 100)) \
+       --size-examples "$EXAMPLES" \
        $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --rounds 3 --out "$dir/end_wait.json")
   wait "$costs_pid"
 fi
