@@ -16,7 +16,8 @@ For each `sd` cell (γ of the cell, batch 1):
   speed-up the loop realises (host work, pre-fills, truncation at the end);
 * the acceptance a that the model, scaled by that realised share, needs for each target speed-up;
 * where the unrealised share goes (``speedup_steps``): the modelled speed-up, then the same with the
-  loop's gamma + 1 drafter calls a block (the last one gives q at the bonus position), then with the
+  loop's drafter calls a block (gamma + 1 in records made before sd fed its last draft with the next
+  block; the last gives q at the bonus position), then with the
   measured blocks instead of the i.i.d. model's, then with the block (and the baseline's step) run
   past the end of each example (the host read a block's flags one block late; records made since it
   waits near the end count these steps, ``steps_past_end``), then with both
@@ -61,7 +62,10 @@ def speedup_steps(r: dict, ref: dict, cost: dict, modelled: float, measured: flo
     gamma, st, vt = r["gamma"], r["stats"], ref["stats"]
     n = vt["prefill_calls"]                                      # examples (one pre-fill each)
     s_d, s_v, blk = cost["drafter_step_s"], cost["verifier_step_s"], cost["verifier_block_s"]
-    block = (gamma + 1) * s_d + blk                             # the loop's block: gamma + 1 drafter calls
+    # the loop's block: its drafter calls (gamma + 1; gamma for sd since it feeds the last draft with the
+    # next block) and one verifier call
+    per_block = st["drafter_calls"] / st["verifier_calls"] if st.get("verifier_calls") else gamma + 1
+    block = per_block * s_d + blk
     base_steps, sd_blocks = vt["verifier_calls"] * s_v, st["blocks"] * block
     # steps run past the end: counted in records made since the host waits near the end (else one
     # per example and model loop: the flags were always read one step late)
@@ -70,7 +74,8 @@ def speedup_steps(r: dict, ref: dict, cost: dict, modelled: float, measured: flo
     base_all = base_past + n * cost["verifier_prefill_s"]
     sd_all = sd_past + n * (cost["verifier_prefill_s"] + cost["drafter_prefill_s"])
     return {"modelled": modelled,
-            "with_gamma_plus_1_drafter_calls": modelled * (gamma * s_d + blk) / block,
+            "drafter_calls_per_block": per_block,
+            "with_the_loops_drafter_calls": modelled * (gamma * s_d + blk) / block,
             "with_measured_blocks": base_steps / sd_blocks,
             "with_the_step_past_the_end": base_past / sd_past,
             "with_prefills": base_all / sd_all,

@@ -447,13 +447,14 @@ def test_sd_speedup_analysis_steps_reach_the_measured_speedup_when_the_model_is_
                      "stats": {"prefill_calls": n, "verifier_calls": v_calls}}
     sd = common | {"method": "sd", "latency_s": sd_wall, "relative_latency": sd_wall / base_wall,
                    "stats": {"prefill_calls": 2 * n, "blocks": blocks, "accepted_per_position": [70, 40, 20, 8, 3],
+                             "drafter_calls": (gamma + 1) * blocks, "verifier_calls": blocks,
                              "accepted": 141, "drafted": gamma * blocks, "tokens_per_verifier_call": 2.1}}
     (row,) = sa.analyse([cost, base, sd])["sd"]
     steps = row["speedup_steps"]
     assert steps["measured"] == pytest.approx(base_wall / sd_wall)
     assert steps["with_prefills"] == pytest.approx(steps["measured"])
     assert steps["unmodelled_share"] == {"sd": pytest.approx(0), "verifier_only": pytest.approx(0)}
-    assert steps["with_gamma_plus_1_drafter_calls"] == pytest.approx(steps["modelled"] * (gamma * s_d + blk) / block)
+    assert steps["with_the_loops_drafter_calls"] == pytest.approx(steps["modelled"] * (gamma * s_d + blk) / block)
     assert steps["with_measured_blocks"] == pytest.approx(v_calls * s_v / (blocks * block))
     assert steps["with_the_step_past_the_end"] == pytest.approx((v_calls + n) * s_v / ((blocks + n) * block))
     assert steps["past_the_end_share_of_wall"]["sd"] == pytest.approx(n * block / sd_wall)
@@ -468,3 +469,8 @@ def test_sd_speedup_analysis_steps_reach_the_measured_speedup_when_the_model_is_
     (row,) = sa.analyse([cost, ref, counted])["sd"]
     assert row["speedup_steps"]["with_the_step_past_the_end"] == pytest.approx(steps["with_measured_blocks"])
     assert row["speedup_steps"]["past_the_end_share_of_wall"] == {"sd": 0, "verifier_only": 0}
+    # records of gamma drafter calls a block (sd feeds its last draft with the next block's first call)
+    lean = sd | {"stats": sd["stats"] | {"drafter_calls": gamma * blocks}}
+    (row,) = sa.analyse([cost, base, lean])["sd"]
+    assert row["speedup_steps"]["drafter_calls_per_block"] == gamma
+    assert row["speedup_steps"]["with_the_loops_drafter_calls"] == pytest.approx(steps["modelled"])

@@ -106,7 +106,10 @@ def test_stats_add_up(pair, method):
     assert s.accepted + s.rejected + s.discarded == s.drafted and s.discarded >= 0
     assert s.verifier_calls >= 1 and s.drafter_calls >= s.verifier_calls
     if method != "bild":
-        assert s.drafter_calls == 4 * s.verifier_calls          # gamma + 1 drafter calls per block
+        # gamma + 1 drafter calls per block; gamma where the bonus token comes from p (sd, lossy*)
+        per_block = 3 if sc.METHODS[method].bonus_from_verifier else 4
+        assert s.drafter_calls == per_block * s.verifier_calls == sc.METHODS[method].drafter_calls_per_block(3) \
+            * s.verifier_calls
         assert s.drafted == 3 * s.blocks
         assert sum(s.accepted_per_position) == s.accepted
         assert all(a >= b for a, b in zip(s.accepted_per_position, s.accepted_per_position[1:]))

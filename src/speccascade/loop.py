@@ -9,7 +9,10 @@ Per block (Algorithm 4 of arXiv 2405.19261):
    and the drafts x_t .. x_{t+gamma-1}; call gamma feeds the last draft and gives q_{t+gamma}, which
    the bonus token's pi_{t+gamma} = T(q_{t+gamma}, p_{t+gamma}) needs. When all drafts are accepted
    that call is the one the next block needs anyway (its result stays in the cache); on a rejection
-   it is rolled back with the rest.
+   it is rolled back with the rest. Where the bonus token comes from p instead (sd and lossy SD:
+   ``MethodSpec.bonus_from_verifier``), q_{t+gamma} is never used, so the block makes gamma calls:
+   a row whose drafts were all accepted carries its last draft into the next block, whose first
+   call feeds [that draft, the pending token] (a ragged feed of 2; 1 for the other rows).
 2. Score: one verifier call on [pending, x_t .. x_{t+gamma-1}] gives p_t .. p_{t+gamma}.
 3. Verify: pi_{t+j} = T(q_{t+j}, p_{t+j}); accept / recover / bonus (:func:`.verify.verify_block`).
 4. Advance: both caches keep the pending token and the accepted drafts; the new token becomes the
@@ -177,12 +180,15 @@ class DecodeState:
         self.nonfinite = torch.zeros(models, dtype=torch.bool, device=device)   # per model, sticky
         self.flags = torch.zeros(models + 3, dtype=torch.long, device=device)   # see runner.step_flags
         self.alpha = torch.zeros(batch, dtype=torch.float64, device=device)     # [B] per row (rules.per_row)
+        # [B] a draft accepted but not yet fed to the drafter (sd / lossy: see extend_carried)
+        self.carry = torch.zeros(batch, dtype=torch.long, device=device)
+        self.carried = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def start(self, pending: torch.Tensor, alpha) -> None:
         """Copy a new request's prompts' last tokens and ``alpha`` (a float, or one per row) in."""
         self.pending.copy_(pending)
         e = self.emitter
-        for t in (e.out, e.n_out, e.done, self.nonfinite, self.flags):
+        for t in (e.out, e.n_out, e.done, self.nonfinite, self.flags, self.carry, self.carried):
             t.zero_()
         self.counters.zero_()
         if isinstance(alpha, torch.Tensor):
@@ -216,16 +222,23 @@ def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, r
     sample = _compiled(draft_token) if compiled else draft_token
     finish = _compiled(finish_block) if compiled else finish_block
     active = ~state.emitter.done                                             # [B]
-    # 1. draft: gamma + 1 drafter calls
+    # 1. draft: gamma + 1 drafter calls (gamma where q at the bonus position is unused)
+    carry = req.spec.bonus_from_verifier
     token, q_logits, q_probs, drafts = state.pending, [], [], []
-    for j in range(gamma + 1):
-        logits = drafter.extend(token.unsqueeze(1))[:, -1]                   # [B, V]
+    for j in range(req.spec.drafter_calls_per_block(gamma)):
+        if j == 0 and carry:
+            logits = extend_carried(drafter, state, token)                   # [B, V]
+        else:
+            logits = drafter.extend(token.unsqueeze(1))[:, -1]               # [B, V]
         noise = exponential_noise(logits.shape, logits, generator, cfg.greedy) if j < gamma else None
         probs, token = sample(logits, noise, cfg)                            # [B, V], [B]
         q_logits.append(logits)
         q_probs.append(probs)
         if j < gamma:
             drafts.append(token)
+    if carry:   # a stand-in at the bonus position, where nothing is drawn from pi
+        q_logits.append(q_logits[-1])
+        q_probs.append(q_probs[-1])
     drafts = torch.stack(drafts, 1)                                          # [B, gamma]
     # 2. score: one verifier call on gamma + 1 positions
     p_logits = verifier.extend(torch.cat([state.pending.unsqueeze(1), drafts], 1))  # [B, gamma + 1, V]
@@ -233,6 +246,16 @@ def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, r
     u = torch.rand((drafts.shape[0], gamma), generator=generator, dtype=torch.float32, device=drafts.device)
     noise = exponential_noise(p_logits[:, 0].shape, p_logits, generator, cfg.greedy)
     finish(drafter, verifier, state, req, alpha, active, q_logits, q_probs, drafts, p_logits, u, noise)
+
+
+def extend_carried(drafter: Backend, state: DecodeState, pending: torch.Tensor) -> torch.Tensor:
+    """A block's first drafter call where the last block may not have fed its last draft (all its
+    drafts accepted, ``state.carried``): [that draft, pending] for those rows, [pending] for the
+    others, as one ragged feed; returns each row's logits after its pending token.  # [B, V]"""
+    lengths = 1 + state.carried.long()                                       # [B]
+    feed = torch.stack([torch.where(state.carried, state.carry, pending), pending], 1)   # [B, 2]
+    logits = drafter.extend(feed, lengths)                                   # [B, 2, V]
+    return logits.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])).squeeze(1)
 
 
 def draft_token(logits: torch.Tensor, noise: torch.Tensor | None, cfg: SamplingConfig):
@@ -254,7 +277,13 @@ def finish_block(drafter: Backend, verifier: Backend, state: DecodeState, req: D
     bonus = d.target_probs[:, gamma] if spec.bonus_from_verifier else target.pi[:, gamma]
     res = verify_block(drafts, d.draft_probs[:, :gamma], target.pi[:, :gamma], bonus, None, u=u, noise=noise)
     n_acc = res.n_accepted                                                   # [B]
-    drafter.commit(n_acc + 1)
+    if spec.bonus_from_verifier:   # the drafter fed [carried draft,] pending and drafts 0 .. gamma-2
+        all_in = n_acc == gamma
+        drafter.commit(state.carried.long() + torch.where(all_in, gamma, n_acc + 1))
+        state.carry.copy_(drafts[:, -1])
+        state.carried.copy_(all_in)
+    else:
+        drafter.commit(n_acc + 1)
     verifier.commit(n_acc + 1)
     state.pending.copy_(res.new_token)
     kept = state.emitter.emit(res.tokens, n_acc + 1)                         # [B]
@@ -335,7 +364,7 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
         sync = StepSync(device, stats, ["drafter", "verifier"], progress, generator, cumulative=True)
         run_steps(lambda gen: speculative_block(drafter, verifier, state, req, req.alpha, gen),
                   state, sync, generator, after=streamer)
-    state.counters.add_to(stats, req.gamma + 1, 1)
+    state.counters.add_to(stats, req.spec.drafter_calls_per_block(req.gamma), 1)
     if streamer is not None:
         streamer.totals(state.counters.rows, state.counters.positions)
     return state.emitter.tokens()

@@ -149,6 +149,11 @@ class MethodSpec:
     extra: dict = field(default_factory=dict)
     bonus_from_verifier: bool = False
 
+    def drafter_calls_per_block(self, gamma: int) -> int:
+        """A speculative block's drafter calls: gamma + 1 (the last gives q at the bonus position), or
+        gamma where the bonus token comes from p (the last draft is fed with the next block's first call)."""
+        return gamma + (0 if self.bonus_from_verifier else 1)
+
     def check_alpha(self, alpha):
         """``alpha`` checked against the method's range (``None``: the method's default)."""
         if self.alpha is None:

@@ -5,7 +5,9 @@ Counters (summed over rows; a "row-block" is one verification of one row):
 * ``drafter_calls`` / ``verifier_calls``: forward passes of each model after the prompt's
   pre-fill (one call serves the whole batch; a speculative block costs gamma + 1 drafter calls,
   the last of which gives q_{t+gamma} and is the call the next block would make anyway when all
-  drafts are accepted, and 1 verifier call scoring gamma + 1 positions).
+  drafts are accepted, and 1 verifier call scoring gamma + 1 positions; sd and lossy SD, whose
+  bonus token comes from p, make gamma drafter calls and feed an all-accepted block's last draft
+  with the next block's first call).
 * ``prefill_calls``: pre-fill passes (one per model that is used).
 * ``blocks``: row-blocks verified. ``drafted`` = tokens proposed by the drafter.
 * ``accepted`` / ``rejected``: outcomes of the test u < pi(x)/q(x); drafts after a rejection are

@@ -22,8 +22,8 @@ batch).
 Per-row speculation records (``usage.speculation``): for the speculative methods the loop's
 per-row counters of each block (accepted, rejected, deferred, ... and acceptance per position) are
 summed on the device and read once at the end: they are the row's own, exact. Model calls are
-attributed to a row while it was unfinished (gamma + 1 drafter calls and one verifier call per
-block the row took part in; batched calls serve every row at once). ``verifier_only`` /
+attributed to a row while it was unfinished (gamma + 1 drafter calls, gamma for sd and lossy SD,
+and one verifier call per block the row took part in; batched calls serve every row at once). ``verifier_only`` /
 ``drafter_only`` records are per row too (one call per token). The other sequential methods
 (``token_cascade``, ``seq_cascade``, ``oracle_diff``, ``bild``) report their batch's counters,
 marked ``"scope": "batch"`` with the batch size.
@@ -618,7 +618,8 @@ class Engine:
             c = dict(zip(COUNTERS, counts[b]))
             over = max(0, c["emitted"] - n)   # tokens of its last block past the row's own max_tokens
             c["emitted"], c["truncated"] = c["emitted"] - over, c["truncated"] + over
-            rec |= {"scope": "row", **c, "recovered": c["rejected"], "drafter_calls": c["blocks"] * (s.gamma + 1),
+            rec |= {"scope": "row", **c, "recovered": c["rejected"],
+                    "drafter_calls": c["blocks"] * spec.drafter_calls_per_block(s.gamma),
                     "verifier_calls": c["blocks"], "accepted_per_position": list(accepted_at[b])}
         elif s.method in ("verifier_only", "drafter_only"):
             v = s.method == "verifier_only"
