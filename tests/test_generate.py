@@ -149,3 +149,27 @@ def test_greedy_decoding_draws_no_exponential_noise(pair, method, monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "exponential_", refuse)
     assert gen(pair, method, temperature=0, gamma=3).stats.emitted > 0
+
+
+@pytest.mark.parametrize("method", ["sd", "lossy", "token_v3"])
+@pytest.mark.parametrize("backend", ["dynamic", "static", "fused"])
+def test_a_drafter_equal_to_the_verifier_has_every_greedy_draft_accepted(method, backend):
+    """With the drafter the verifier itself, greedy drafts are the verifier's own picks, so every draft of
+    every block is accepted when the drafter's cache holds the right tokens (a token left out or fed twice
+    makes drafts the verifier rejects). This catches a wrong drafter context, which the law tests cannot
+    (sd's output law is p for any q; feeding no carried draft here fails 6 of the 9): sd and lossy SD make gamma
+    drafter calls a block and feed an all-accepted block's last draft with the next block's first call;
+    here every block after the first does that, on ragged prompts."""
+    from speccascade.models import make_backend
+
+    from tiny_models import tiny_llama
+
+    v = tiny_llama(0)
+    d_be, v_be = make_backend(v, "drafter", backend), make_backend(v, "verifier", backend)
+    out = sc.generate(d_be, v_be, PROMPTS, method=method, alpha=None if method == "sd" else 0.5, gamma=3,
+                      temperature=0.0, max_new_tokens=20, eos_token_id=[])
+    ref = sc.generate(v, v, PROMPTS, method="verifier_only", temperature=0.0, max_new_tokens=20, eos_token_id=[])
+    s = out.stats
+    assert out.tokens == ref.tokens
+    assert s.blocks >= 5 * len(PROMPTS) and s.accepted == s.drafted and s.rejected == 0
+    assert s.drafter_calls == sc.METHODS[method].drafter_calls_per_block(3) * s.verifier_calls
