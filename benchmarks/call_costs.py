@@ -33,21 +33,12 @@ from speccascade.models import make_backend
 from speccascade.models.base import reserve_request
 from speccascade.models.loading import TOKENIZER_DIR, load_causal_lm, load_tokenizer
 from speccascade.models.timing import call_seconds
-from speccascade.train.trainer import PRESETS, build_model, save_checkpoint
-
-
-def random_pair(preset: str, out: Path) -> tuple[Path, Path]:
-    """Random weights (seed 0) of ``preset``'s drafter and verifier shapes, saved as checkpoints."""
-    tok = load_tokenizer(TOKENIZER_DIR)
-    for role in ("drafter", "verifier"):
-        torch.manual_seed(0)
-        save_checkpoint(build_model(PRESETS[preset][role].shape, len(tok)), tok, out / role)
-    return out / "drafter", out / "verifier"
+from speccascade.train.trainer import save_random_pair
 
 
 def measure(drafter_dir: Path, verifier_dir: Path, device: str, dtype: torch.dtype, backend: str,
             widths: list[int], rounds: int, repeats: int, max_new_tokens: int, examples: int) -> dict:
-    tok = load_tokenizer(verifier_dir if (Path(verifier_dir) / "tokenizer.json").exists() else TOKENIZER_DIR)
+    tok = load_tokenizer(TOKENIZER_DIR)   # the project's pairs share the embedded tokenizer
     task = get_task()
     prompts = [task.encode(tok, ex.input) for ex in task.examples(examples)]
     longest = max(len(p) for p in prompts)
@@ -96,7 +87,7 @@ def main() -> None:
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     widths = sorted({int(w) for w in args.widths.split(",")} | {1})
     with tempfile.TemporaryDirectory() as tmp:
-        pair = (args.drafter, args.verifier) if args.drafter else random_pair(args.preset, Path(tmp))
+        pair = (args.drafter, args.verifier) if args.drafter else save_random_pair(args.preset, Path(tmp))
         result = measure(*pair, args.device, getattr(torch, args.dtype), backend, widths, args.rounds,
                          args.repeats, args.max_new_tokens, args.examples)
     record = {"benchmark": "call_costs", "card": device_name(torch.device(args.device)),

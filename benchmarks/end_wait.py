@@ -57,7 +57,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     backend = args.backend or ("fused" if cuda else "dynamic")
     d_dir, v_dir = (args.drafter, args.verifier) if args.verifier else embedded_pair_dirs("tiny")
-    tok = load_tokenizer(v_dir if (Path(v_dir) / "tokenizer.json").exists() else TOKENIZER_DIR)
+    tok = load_tokenizer(TOKENIZER_DIR)   # the project's pairs share the embedded tokenizer
     task = get_task()
     inputs = [ex.input for ex in task.examples(args.examples)]
     d_be, v_be = (make_backend(load_causal_lm(p, device=args.device, dtype=dtype), role, backend)

@@ -43,7 +43,7 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)
     d_dir, v_dir = (args.drafter, args.verifier) if args.verifier else embedded_pair_dirs("tiny")
-    tok = load_tokenizer(v_dir if (Path(v_dir) / "tokenizer.json").exists() else TOKENIZER_DIR)
+    tok = load_tokenizer(TOKENIZER_DIR)   # the project's pairs share the embedded tokenizer
     task = get_task()
     eos = task.eos_token_id(tok)
     d, v = (load_causal_lm(p, device=args.device) for p in (d_dir, v_dir))

@@ -108,20 +108,8 @@ warm() {
   [ "$SKIP_TESTS" != 1 ] && stage gpu_smoke python -m pytest tests/test_gpu.py -x -q -p no:cacheprovider \
       -k "captured_greedy or host_driven or fused_t5"
   [ "$WARM_PROCS" -gt 0 ] || return 0
-  stage random_pair python - "$dir/random" "$PRESET" <<'EOF'
-import sys
-from pathlib import Path
-import torch
-from speccascade.models.loading import TOKENIZER_DIR
-from speccascade.train.tokenizer import load_tokenizer
-from speccascade.train.trainer import PRESETS, build_model, save_checkpoint
-out, preset = Path(sys.argv[1]), sys.argv[2]
-tok = load_tokenizer(TOKENIZER_DIR)
-for role in ("drafter", "verifier"):
-    torch.manual_seed(0)
-    save_checkpoint(build_model(PRESETS[preset][role].shape, len(tok)), tok, out / role)
-print("random pair of", preset, "shapes written")
-EOF
+  stage random_pair python -c "import sys, pathlib; from speccascade.train.trainer import save_random_pair
+print(save_random_pair(sys.argv[2], pathlib.Path(sys.argv[1])))" "$dir/random" "$PRESET"
   [ -f "$dir/stop_side" ] && return 0
   # compiling is mostly CPU work: WARM_PROCS processes share the GPU, each warming a share of the methods
   local all i group pids=()

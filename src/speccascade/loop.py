@@ -43,7 +43,7 @@ from . import runner
 from .models.base import Backend, first_pending, prefill_calls
 from .registry import MethodSpec
 from .rules import Dists
-from .runner import StepSync, run_steps
+from .runner import StepSync, run_steps, step_flags
 from .sampling import SamplingConfig, confidence_probs, draw_with, exponential_noise, sampling_probs
 from .stats import Stats
 from .verify import verify_block
@@ -201,9 +201,8 @@ class DecodeState:
         layout of :func:`.runner.step_flags`). ``near_end  # [B]``: rows whose next step is likely
         their last (the host then reads that step's flags before queuing another)."""
         self.nonfinite |= torch.stack(finite_flags)
-        e = self.emitter
-        self.flags.copy_(torch.cat([e.done.all().view(1), (e.done | near_end).all().view(1), self.nonfinite,
-                                    e.n_out.sum().view(1)]))
+        e = self.emitter   # the non-finite flags are sticky, the token count cumulative
+        self.flags.copy_(step_flags(e.done, list(self.nonfinite.unbind()), e.n_out, near_end))
 
     def near_limit(self, per_step: int) -> torch.Tensor:
         """Rows that the next step, emitting up to ``per_step`` tokens, may take to ``max_new_tokens``.  # [B]"""

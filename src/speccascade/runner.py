@@ -94,10 +94,9 @@ class StepSync:
         self._events: list = []
         self._turn = 0
 
-    def end_step(self, done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor,
-                 near_end: torch.Tensor | None = None) -> bool:
+    def end_step(self, done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor) -> bool:
         """True when every row is done (as of the last step whose flags the host has read)."""
-        return self.end(step_flags(done, finite_flags, kept, near_end))
+        return self.end(step_flags(done, finite_flags, kept))
 
     def end(self, flags: torch.Tensor) -> bool:
         calls = (self.stats.drafter_calls, self.stats.verifier_calls)

@@ -744,6 +744,19 @@ def validation_bleu(checkpoint: Path, device: torch.device, n_pairs: int = 200) 
     return score_pairs(hyps, pairs) | {"pairs": len(pairs)}
 
 
+def save_random_pair(preset: str, out: Path) -> tuple[Path, Path]:
+    """Random weights (seed 0) of ``preset``'s drafter and verifier shapes with the embedded tokenizer,
+    saved as ``out/drafter`` and ``out/verifier`` (compile warm-ups and cost probes of a pair's shapes)."""
+    from ..models.loading import TOKENIZER_DIR
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(TOKENIZER_DIR)
+    for role in ("drafter", "verifier"):
+        torch.manual_seed(0)
+        save_checkpoint(build_model(PRESETS[preset][role].shape, len(tok)), tok, out / role)
+    return out / "drafter", out / "verifier"
+
+
 def save_checkpoint(model, tokenizer, out: Path) -> None:
     """Save an fp16 copy (the model being trained is left untouched)."""
     import copy
