@@ -19,7 +19,8 @@
 # in float32 against 1.03 in bfloat16, and sd ran at 0.95x; in bfloat16, run 2's greedy sd differed from
 # the verifier on 40 of 500 examples, rounding near-ties, within noise);
 # Table 2's methods first, then gamma = 3 and 8 for sd, diff and opt_log, then the other methods.
-# GPU 1 first runs a smoke test of the compiled paths (read it in the first device call's output).
+# GPU 1 first runs a smoke test of the compiled paths (read it in the first device call's output); with
+# one GPU the whole GPU test file runs then instead (beside the verifier, not the drafter).
 # WARM_PROCS > 0 adds `sweep --warm-up-only` processes on random weights of the pair's shapes (torch's
 # on-disk compile caches; the fused step is compiled per layer region, so the sweep's own compile
 # took ~30 s in run 2 and the default is 0).
@@ -105,8 +106,14 @@ warm() {
   export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-4}"
   # first a smoke test of the compiled fused paths the sweep uses (a minute; read it in the first call's
   # output: a fix made then reaches the stages that start later, as each device call re-sends the tree)
-  [ "$SKIP_TESTS" != 1 ] && stage gpu_smoke python -m pytest tests/test_gpu.py -x -q -p no:cacheprovider \
-      -k "captured_greedy or host_driven or fused_t5"
+  # with one GPU the whole GPU test file runs here instead, beside the verifier's training (mostly
+  # compiling, on the CPUs), so that it does not slow the drafter's
+  if [ "$SKIP_TESTS" != 1 ] && [ "$SIDE" -eq 0 ]; then
+    stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider
+  elif [ "$SKIP_TESTS" != 1 ]; then
+    stage gpu_smoke python -m pytest tests/test_gpu.py -x -q -p no:cacheprovider \
+        -k "captured_greedy or host_driven or fused_t5"
+  fi
   [ "$WARM_PROCS" -gt 0 ] || return 0
   stage random_pair python -c "import sys, pathlib; from speccascade.train.trainer import save_random_pair
 print(save_random_pair(sys.argv[2], pathlib.Path(sys.argv[1])))" "$dir/random" "$PRESET"
@@ -164,7 +171,7 @@ distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translation
 } && stage distill bash -c "cat $dir/distill_T*.jsonl.gz > $dir/distill.jsonl.gz"
 distill_rc=$?
 # the side GPU, beside the drafter's training: the GPU tests on this engine (they end before the sweep)
-if [ "$SKIP_TESTS" != 1 ]; then
+if [ "$SKIP_TESTS" != 1 ] && [ "$SIDE" -ne 0 ]; then
   (export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider) &
   side_pid=$!
 fi
