@@ -13,26 +13,45 @@ Each cost is ``models.timing.call_seconds`` (graph replays where the loops captu
 ``speccascade sweep``'s cost record), after the cache is sized as a sweep sizes it (the longest test
 prompt + ``--max-new-tokens`` + one block); ``--rounds`` repeats every measurement and the record keeps
 each round's value and their median. On a CPU (``--device cpu``, one thread) it times plain calls.
+
+Two more measurements say where a block's time goes beyond its model calls:
+
+* ``block_arithmetic_s``: one speculative block (``loop.speculative_block``, batch 1, gamma =
+  ``--gamma``) of each of ``--arithmetic-methods`` at T = 0 and 1, with both models replaced by
+  stand-ins that return fixed logits of the pair's vocabulary (no model runs): what Algorithm 4's
+  arithmetic between the calls costs (the drafts' sampling, pi = T(q, p), accept / recover / bonus, the
+  emitter, the counters, the host's flags), timed as graph replays like the block itself. Run 6 of the
+  deep pair found ~0.2 ms a block that its model calls do not account for (results/deep_pair/run6/NOTE.md).
+* ``--profile``: the GPU kernels of one verifier call at width 1 and at gamma + 1 (torch.profiler over
+  ``--repeats`` eager calls of the compiled backend): each kernel's time per call, so that a wide call
+  dearer than its step (b = 1.17 in run 6, 1.04 in run 4) can be pinned on the kernels that make it so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 import speccascade
+from speccascade import runner
 from speccascade.eval.sweep import device_name
 from speccascade.eval.tasks import get_task
+from speccascade.loop import DecodeRequest, DecodeState, speculative_block
 from speccascade.models import make_backend
 from speccascade.models.base import reserve_request
 from speccascade.models.loading import TOKENIZER_DIR, load_causal_lm, load_tokenizer
 from speccascade.models.timing import call_seconds
+from speccascade.registry import get_method
+from speccascade.sampling import SamplingConfig
 from speccascade.train.trainer import save_random_pair
 
 
@@ -63,6 +82,126 @@ def measure(drafter_dir: Path, verifier_dir: Path, device: str, dtype: torch.dty
             "rounds": {role: {str(w): v for w, v in per_width.items()} for role, per_width in times.items()}}
 
 
+class FixedLogits:
+    """A stand-in model for timing the block's arithmetic alone: every call returns the same logits
+    (a view: no model runs, no copy), and commits nothing."""
+
+    capturable = True
+    max_positions = None
+
+    def __init__(self, name: str, vocab: int, width: int, device: str, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.name, self.vocab_size, self.device = name, vocab, torch.device(device)
+        self.logits = (3 * torch.randn(1, width, vocab, generator=g)).to(self.device)
+
+    def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits[:, :tokens.shape[1]]
+
+    def commit(self, n_keep: torch.Tensor) -> None:
+        pass
+
+
+def seconds_per_call(fn, device: torch.device, repeats: int) -> float:
+    """``fn`` timed as graph replays on a GPU (``runner.replay_seconds``), as plain calls elsewhere
+    (the median of ``repeats`` after 3 warm-up calls)."""
+    if device.type == "cuda":
+        return runner.replay_seconds(fn, device, repeats)
+    times = []
+    for _ in range(repeats + 3):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[3:])
+
+
+def block_arithmetic(methods: list[str], vocab: int, gamma: int, eos_token_id, device: str, rounds: int,
+                     repeats: int) -> dict:
+    """Seconds per block of each method's arithmetic between the model calls, at T = 0 and 1
+    (batch 1; alpha: the method's default; compiled on a GPU, as the sweep runs it)."""
+    dev = torch.device(device)
+    out: dict[str, dict[str, float]] = {}
+    for T in (0.0, 1.0):
+        for m in methods:
+            spec = get_method(m)
+            if spec.kind != "speculative":
+                raise SystemExit(f"--arithmetic-methods: {m!r} does not run the speculative block; "
+                                 f"give speculative methods (e.g. sd,diff,opt_log,token_v3)")
+            req = DecodeRequest(spec, spec.check_alpha(None), gamma, SamplingConfig(temperature=T),
+                                max_new_tokens=128, eos_token_id=eos_token_id)
+            state = DecodeState(1, req, gamma + 1, gamma, dev)
+            state.start(torch.zeros(1, dtype=torch.long, device=dev), req.alpha)
+            drafter = FixedLogits("drafter", vocab, 2, device, 0)
+            verifier = FixedLogits("verifier", vocab, gamma + 1, device, 1)
+            alpha = state.alpha if spec.alpha is not None else None
+
+            def block():
+                speculative_block(drafter, verifier, state, req, alpha, None, compiled=dev.type == "cuda")
+
+            per_round = [seconds_per_call(block, dev, repeats) for _ in range(rounds)]
+            out.setdefault(f"T={T:g}", {})[m] = statistics.median(per_round)
+    return out
+
+
+def kernel_profile(verifier_dir: Path, device: str, dtype: torch.dtype, backend: str, widths: list[int],
+                   repeats: int, max_new_tokens: int, examples: int, top: int = 12) -> dict:
+    """The device kernels of one verifier call per width: the ``top`` by time, in microseconds and
+    launches per call (torch.profiler over ``repeats`` calls of the backend, after warm-up). The calls
+    launch every kernel from the host, as inside a program's capture (``runner.program``), not as a
+    replay of the backend's own graph, so that the profiler sees each kernel; a kernel's time on the
+    device is the same either way."""
+    tok = load_tokenizer(TOKENIZER_DIR)
+    task = get_task()
+    prompts = [task.encode(tok, ex.input) for ex in task.examples(examples)]
+    be = make_backend(load_causal_lm(verifier_dir, device=device, dtype=dtype), "verifier", backend)
+    reserve_request(be, 1, max(len(p) for p in prompts), max_new_tokens, max(widths) - 1)
+    x = torch.tensor([prompts[0]])
+    on_gpu = torch.device(device).type == "cuda"
+    out = {}
+    for w in widths:
+        be.reset(x, torch.ones_like(x))
+        with runner.program():
+            out[str(w)] = _profile_width(be, x, w, repeats, on_gpu, top)
+    return out
+
+
+def _profile_width(be, x: torch.Tensor, w: int, repeats: int, on_gpu: bool, top: int) -> dict:
+    """One width of :func:`kernel_profile` (on a CPU: the operators' self time, profiler overhead included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    feed = x[:, -1:].expand(1, w).contiguous().to(be.device)
+    none = torch.zeros(1, dtype=torch.long, device=be.device)
+    for _ in range(3):
+        be.extend(feed)
+        be.commit(none)
+    if on_gpu:
+        torch.cuda.synchronize(be.device)
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            be.extend(feed)
+            be.commit(none)
+        if on_gpu:
+            torch.cuda.synchronize(be.device)
+    rows = []
+    for e in prof.key_averages():
+        us = (getattr(e, "self_device_time_total", 0) if on_gpu else e.self_cpu_time_total) or 0
+        if us > 0:
+            rows.append({"kernel": e.key[:120], "us_per_call": us / repeats, "launches_per_call": e.count / repeats})
+    rows.sort(key=lambda r: -r["us_per_call"])
+    return {"total_us_per_call": sum(r["us_per_call"] for r in rows),
+            "launches_per_call": sum(r["launches_per_call"] for r in rows), "top": rows[:top]}
+
+
+def gpu_state() -> str | None:
+    """The card's clocks, power limit and throttle reasons as nvidia-smi reports them (None without it)."""
+    fields = "name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,power.max_limit,pstate," \
+             "clocks_throttle_reasons.active"
+    try:
+        return subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv"], capture_output=True,
+                              text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="deep", help="random weights of this preset's shapes (no --drafter/--verifier)")
@@ -77,6 +216,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--examples", type=int, default=500, help="test examples whose longest prompt sizes the cache")
+    ap.add_argument("--gamma", type=int, default=5, help="the block's gamma for --arithmetic-methods and --profile")
+    ap.add_argument("--arithmetic-methods", default="sd,diff,opt_log,token_v3",
+                    help="speculative methods whose block arithmetic is timed (empty: none)")
+    ap.add_argument("--profile", action="store_true", help="the verifier's kernels at width 1 and gamma + 1")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if (args.drafter is None) != (args.verifier is None):
@@ -90,14 +233,26 @@ def main() -> None:
         pair = (args.drafter, args.verifier) if args.drafter else save_random_pair(args.preset, Path(tmp))
         result = measure(*pair, args.device, getattr(torch, args.dtype), backend, widths, args.rounds,
                          args.repeats, args.max_new_tokens, args.examples)
+        if args.profile:
+            result["kernels"] = kernel_profile(pair[1], args.device, getattr(torch, args.dtype), backend,
+                                               [1, args.gamma + 1], args.repeats, args.max_new_tokens, args.examples)
+    methods = [m for m in args.arithmetic_methods.split(",") if m]
+    if methods:
+        tok = load_tokenizer(TOKENIZER_DIR)
+        result["block_arithmetic_gamma"] = args.gamma
+        result["block_arithmetic_s"] = block_arithmetic(methods, len(tok), args.gamma, tok.eos_token_id,
+                                                        args.device, args.rounds, args.repeats)
     record = {"benchmark": "call_costs", "card": device_name(torch.device(args.device)),
               "weights": "trained: " + str(args.verifier) if args.verifier else f"random ({args.preset} shapes)",
               "dtype": args.dtype, "backend": backend, "torch": torch.__version__,
               "speccascade": speccascade.__version__, "python": platform.python_version(),
-              "threads": torch.get_num_threads() if args.device == "cpu" else None} | result
+              "threads": torch.get_num_threads() if args.device == "cpu" else None,
+              "gpu_state": gpu_state() if args.device.startswith("cuda") else None,
+              "inductor_env": {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")}} | result
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps({k: record[k] for k in ("card", "weights", "c", "b_by_width")}, indent=2))
+    shown = ("card", "weights", "c", "b_by_width", "block_arithmetic_s")
+    print(json.dumps({k: record[k] for k in shown if k in record}, indent=2))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@
 # English sides translated, kjv,web adds the World English Bible's text of the same verses), EXAMPLES (500), PRESET (deep),
 # TEMPERATURES ("0 1": the sweep's, in this order),
 # METHODS (all), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
-# EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair).
+# EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair),
+# COSTS_FIRST (0: 1 measures the machine's call costs first, below), SWEEP_AUTOTUNE (auto; below).
 # `distill` decodes batches of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
 # A CPU rehearsal of the plumbing:
 #   DEVICE=cpu PRESET=tiny VERIFIER_MINUTES=0.2 DRAFTER_MINUTES=0.2 DISTILL_LIMIT=16 EXAMPLES=2 TEST_PAIRS=10 \
@@ -65,6 +66,9 @@ stage() {  # stage NAME CMD... : run, log, record rc; a stage that ended well in
   return $rc
 }
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$dir/gpu.txt" 2>&1
+# the card's clocks and power limit too (runs 5 and 6 priced a multi-token call higher than runs 2 and 4)
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,power.max_limit,pstate,pci.bus_id \
+    --format=csv >> "$dir/gpu.txt" 2>&1
 git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true   # can be stale on the device: code.sha1 is the files
 (source scripts/parts.sh; code_hash > "$dir/code.sha1")
 
@@ -133,6 +137,30 @@ print(save_random_pair(sys.argv[2], pathlib.Path(sys.argv[1])))" "$dir/random" "
   done
   wait "${pids[@]}"
 }
+# COSTS_FIRST=1: before anything else, on the idle GPU 0, this machine's call costs on random weights of
+# the pair's shapes (benchmarks/call_costs.py: every feed width, the verifier's kernels at width 1 and 6,
+# the block's arithmetic alone; ~2 minutes), once as torch.compile builds the step by default and once
+# with inductor's GEMM autotuning (TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1). Runs 5 and 6 measured b = 1.24 /
+# 1.17 for the 6-token verifier call where runs 2 and 4 had 1.04. SWEEP_AUTOTUNE (auto): 1 sweeps with the
+# autotuned GEMMs, 0 without; auto uses them only where the check found the 6-token call >= 3% cheaper
+# and the one-token step no dearer (so that the baseline, verifier_only, is never made slower).
+AUTOTUNE_CACHE="${AUTOTUNE_CACHE:-/tmp/speccascade_inductor_autotune}"   # outside DIR: not packed
+if [ "${COSTS_FIRST:-0}" = 1 ]; then
+  costs=(python benchmarks/call_costs.py --preset "$PRESET" --device "$DEVICE" --examples "$EXAMPLES")
+  [ "$DEVICE" = cuda ] && costs+=(--dtype "$SWEEP_DTYPE")
+  (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+   stage costs_default "${costs[@]}" --profile --arithmetic-methods sd,diff --out "$dir/costs_default.json"
+   export TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 TORCHINDUCTOR_CACHE_DIR="$AUTOTUNE_CACHE"
+   stage costs_autotune "${costs[@]}" --arithmetic-methods "" --out "$dir/costs_autotune.json")
+fi
+autotune_pays() {  # 1 where the costs check found the autotuned GEMMs cheaper (see above), else 0
+  python -c '
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+step_ok = b["verifier_step_s"] <= 1.01 * a["verifier_step_s"]
+wide = b["verifier_call_s"]["6"] <= 0.97 * a["verifier_call_s"]["6"]
+print(1 if step_ok and wide else 0)' "$dir/costs_default.json" "$dir/costs_autotune.json" 2>/dev/null || echo 0
+}
 SIDE=$((GPUS - 1))   # the GPU of the side tasks (smoke test, T = 1 distillation, GPU tests): with one GPU, GPU 0
 (export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); warm) &
 warm_pid=$!
@@ -195,6 +223,12 @@ fi
 [ $pair_rc -ne 0 ] && { echo "the pair failed (rc=$pair_rc): no sweep" >> "$dir/stages.log"; exit $pair_rc; }
 
 pair=(--drafter "$dir/drafter" --verifier "$dir/verifier")
+SWEEP_AUTOTUNE="${SWEEP_AUTOTUNE:-auto}"
+[ "$SWEEP_AUTOTUNE" = auto ] && SWEEP_AUTOTUNE=$(autotune_pays)
+if [ "$SWEEP_AUTOTUNE" = 1 ]; then   # the sweep and the measurements after it, with the check's autotune cache
+  export TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 TORCHINDUCTOR_CACHE_DIR="$AUTOTUNE_CACHE"
+fi
+echo "$(date -u +%FT%TZ) sweep with inductor's GEMM autotuning: $SWEEP_AUTOTUNE" >> "$dir/stages.log"
 # with every method: Table 2's methods first (the session's end may cut a sweep; cells land as they
 # finish), then the rest into the same file (each worker re-times its own verifier_only for them)
 FIRST="verifier_only,drafter_only,sd,lossy,lossy_tuned,bild_star,chow,diff,opt,opt_log,token_v3"
@@ -217,10 +251,13 @@ sweep_part "${parts[0]}" "${parts[1]}"
 if [ "${EXTRAS:-1}" = 1 ]; then
   (export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage call_costs python benchmarks/call_costs.py "${pair[@]}" --device "$DEVICE" --examples "$EXAMPLES" \
-       $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --out "$dir/call_costs.json"
-   # the same shapes with random weights: the machine's costs apart from the trained weights
+       $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --arithmetic-methods "" --out "$dir/call_costs.json"
+   # the same shapes with random weights: the machine's costs apart from the trained weights, the verifier's
+   # kernels and the block's arithmetic (measured first instead with COSTS_FIRST=1)
+   [ "${COSTS_FIRST:-0}" = 1 ] ||
    stage call_costs_random python benchmarks/call_costs.py --preset "$PRESET" --device "$DEVICE" --examples "$EXAMPLES" \
-       $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --out "$dir/call_costs_random.json") &
+       $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --profile --arithmetic-methods sd,diff \
+       --out "$dir/call_costs_random.json") &
   costs_pid=$!
   [ "$SIDE" -ne 0 ] || wait "$costs_pid"   # one GPU: not beside the timed run
   (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES

@@ -474,3 +474,36 @@ def test_sd_speedup_analysis_steps_reach_the_measured_speedup_when_the_model_is_
     (row,) = sa.analyse([cost, base, lean])["sd"]
     assert row["speedup_steps"]["drafter_calls_per_block"] == gamma
     assert row["speedup_steps"]["with_the_loops_drafter_calls"] == pytest.approx(steps["modelled"])
+
+
+def test_call_costs_times_the_block_arithmetic_on_stand_ins_that_run_algorithm_4(monkeypatch):
+    """benchmarks/call_costs.py's block-arithmetic timing: its stand-in models return fixed logits
+    (no model runs) and the block still runs Algorithm 4 on them: greedy sd's block emits the drafter's
+    argmax while it agrees with the verifier's per-position argmax, then the verifier's token; every
+    speculative method is timed at T = 0 and 1, and a method outside the loop is a clear error."""
+    from pathlib import Path
+
+    import torch
+
+    from speccascade.loop import DecodeRequest, DecodeState, speculative_block
+    from speccascade.registry import get_method
+    from speccascade.sampling import SamplingConfig
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import call_costs as cc
+
+    gamma, vocab = 4, 32
+    d, v = cc.FixedLogits("drafter", vocab, 2, "cpu", 0), cc.FixedLogits("verifier", vocab, gamma + 1, "cpu", 1)
+    agree = int(d.logits[0, 0].argmax())
+    v.logits[0, :2, agree] = 100.0          # the verifier agrees at positions 0 and 1, not at 2
+    v.logits[0, 2:, agree] = -100.0
+    req = DecodeRequest(get_method("sd"), None, gamma, SamplingConfig(temperature=0.0), max_new_tokens=16)
+    state = DecodeState(1, req, gamma + 1, gamma, torch.device("cpu"))
+    state.start(torch.zeros(1, dtype=torch.long), None)
+    speculative_block(d, v, state, req, None, None)
+    assert state.emitter.tokens() == [[agree, agree, int(v.logits[0, 2].argmax())]]
+
+    out = cc.block_arithmetic(["sd", "diff"], vocab, gamma, None, "cpu", rounds=1, repeats=2)
+    assert set(out) == {"T=0", "T=1"} and all(set(o) == {"sd", "diff"} and min(o.values()) > 0 for o in out.values())
+    with pytest.raises(SystemExit, match="token_cascade.*does not run the speculative block"):
+        cc.block_arithmetic(["token_cascade"], vocab, gamma, None, "cpu", rounds=1, repeats=2)
