@@ -14,6 +14,8 @@ Each cost is ``models.timing.call_seconds`` (graph replays where the loops captu
 prompt + ``--max-new-tokens`` + one block); ``--rounds`` repeats every measurement and the record keeps
 each round's value and their median. On a CPU (``--device cpu``, one thread) it times plain calls.
 
+``drafter_carried_call_s``: the drafter's ragged two-token call that opens an `sd` block whose last
+block accepted every draft (``loop.extend_carried``); the latency model prices it as a one-token step.
 Two more measurements say where a block's time goes beyond its model calls:
 
 * ``block_arithmetic_s``: one speculative block (``loop.speculative_block``, batch 1, gamma =
@@ -21,7 +23,8 @@ Two more measurements say where a block's time goes beyond its model calls:
   stand-ins that return fixed logits of the pair's vocabulary (no model runs): what Algorithm 4's
   arithmetic between the calls costs (the drafts' sampling, pi = T(q, p), accept / recover / bonus, the
   emitter, the counters, the host's flags), timed as graph replays like the block itself. Run 6 of the
-  deep pair found ~0.2 ms a block that its model calls do not account for (results/deep_pair/run6/NOTE.md).
+  deep pair found 0.15 ms a block that its priced model calls do not account for (run 4: 0.09;
+  results/deep_pair/run6/NOTE.md).
 * ``--profile``: the GPU kernels of one verifier call at width 1 and at gamma + 1 (torch.profiler over
   ``--repeats`` eager calls of the compiled backend): each kernel's time per call, so that a wide call
   dearer than its step (b = 1.17 in run 6, 1.04 in run 4) can be pinned on the kernels that make it so.
@@ -68,18 +71,22 @@ def measure(drafter_dir: Path, verifier_dir: Path, device: str, dtype: torch.dty
         reserve_request(be, 1, longest, max_new_tokens, max(widths) - 1)
     prompt = prompts[0]   # the sweep's cost record times after its first example's prompt
     times: dict[str, dict[int, list[float]]] = {"drafter": {1: []}, "verifier": {w: [] for w in widths}}
+    carried: list[float] = []   # the drafter's ragged 2-token call that opens an sd block (loop.extend_carried)
     for _ in range(rounds):
         for role, per_width in times.items():
             for w in per_width:
                 per_width[w].append(call_seconds(backends[role], prompt, w, repeats))
+        carried.append(call_seconds(backends["drafter"], prompt, 2, repeats, ragged=True))
     med = {role: {w: statistics.median(v) for w, v in per_width.items()} for role, per_width in times.items()}
     step = med["verifier"][1]
     return {"prompt_tokens": len(prompt), "cache_for_tokens": longest + max_new_tokens + max(widths),
             "drafter_step_s": med["drafter"][1], "verifier_step_s": step,
+            "drafter_carried_call_s": statistics.median(carried),
             "c": med["drafter"][1] / step,
             "verifier_call_s": {str(w): s for w, s in med["verifier"].items()},
             "b_by_width": {str(w): s / step for w, s in med["verifier"].items()},
-            "rounds": {role: {str(w): v for w, v in per_width.items()} for role, per_width in times.items()}}
+            "rounds": {role: {str(w): v for w, v in per_width.items()} for role, per_width in times.items()}
+            | {"drafter_carried": carried}}
 
 
 class FixedLogits:

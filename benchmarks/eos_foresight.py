@@ -47,15 +47,7 @@ def main() -> None:
     task = get_task()
     eos = task.eos_token_id(tok)
     d, v = (load_causal_lm(p, device=args.device) for p in (d_dir, v_dir))
-    real_end, waits = StepSync.end, [0]
-
-    def end(self, flags):   # count the waits near the end
-        before = self.waits
-        done = real_end(self, flags)
-        waits[0] += self.waits - before
-        return done
-
-    StepSync.lagged, StepSync.end = True, end
+    StepSync.lagged = True
     cells = {f"{m} T={t:g}": (m, t) for t in (0.0, 1.0) for m in ("sd", "verifier_only")}
     past, wait_count, blocks = {k: [] for k in cells}, dict.fromkeys(cells, 0), dict.fromkeys(cells, 0)
     eos_prob_before = []
@@ -63,11 +55,10 @@ def main() -> None:
         for ex in task.examples(args.examples):
             ids = task.encode(tok, ex.input)
             for key, (method, temperature) in cells.items():
-                waits[0] = 0
                 out = sc.generate(d, v, [ids], method=method, gamma=args.gamma, temperature=temperature,
                                   max_new_tokens=args.max_new_tokens, eos_token_id=eos, seed=0)
                 past[key].append(out.stats.steps_past_end)
-                wait_count[key] += waits[0]
+                wait_count[key] += out.stats.end_waits
                 blocks[key] += out.stats.blocks or out.stats.verifier_calls
                 if key == "verifier_only T=0" and out.tokens[0][-1:] == [eos] and len(out.tokens[0]) >= 2:
                     x = torch.tensor([ids + out.tokens[0][:-1]], device=args.device)
@@ -75,7 +66,7 @@ def main() -> None:
                         logits = v(x).logits[0, -2].float()   # the step before the one that emitted EOS
                     eos_prob_before.append(torch.softmax(logits, -1)[eos].item())
     finally:
-        StepSync.lagged, StepSync.end = None, real_end
+        StepSync.lagged = None
     record = {"benchmark": "eos_foresight", "device": args.device, "torch": torch.__version__,
               "drafter": os.path.relpath(d_dir), "verifier": os.path.relpath(v_dir),
               "examples": args.examples, "gamma": args.gamma,

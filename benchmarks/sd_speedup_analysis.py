@@ -23,7 +23,10 @@ For each `sd` cell (γ of the cell, batch 1):
   waits near the end count these steps, ``steps_past_end``), then with both
   models' pre-fills, all at the sweep's measured per-call costs; what is left between that and the
   measured speed-up is the work between the model calls (sampling, verification, bookkeeping) and
-  the host (``unmodelled_share``: each cell's measured wall over its modelled wall, minus 1).
+  the host (``unmodelled_share``: each cell's measured wall over its modelled wall, minus 1), also per
+  step (``per_step_s``: an `sd` block's and a `verifier_only` step's wall, pre-fills taken out, against
+  their model calls) with the host's waits near the end (``end_waits``, in records made since they are
+  counted).
 """
 
 from __future__ import annotations
@@ -82,8 +85,21 @@ def speedup_steps(r: dict, ref: dict, cost: dict, modelled: float, measured: flo
             "measured": measured,
             "unmodelled_share": {"sd": r["latency_s"] / sd_all - 1, "verifier_only": ref["latency_s"] / base_all - 1},
             "steps_past_the_end": {"sd": past_sd, "verifier_only": past_v},
+            # each step's wall (pre-fills taken out, steps past the end counted) against its model calls:
+            # what is left is the work between the calls and the host's (waits near the end included)
+            "per_step_s": {
+                "sd": _per_step(r["latency_s"] - n * (cost["verifier_prefill_s"] + cost["drafter_prefill_s"]),
+                                st["blocks"] + past_sd, block),
+                "verifier_only": _per_step(ref["latency_s"] - n * cost["verifier_prefill_s"],
+                                           vt["verifier_calls"] + past_v, s_v)},
+            "end_waits": {"sd": st.get("end_waits"), "verifier_only": vt.get("end_waits")},
             "past_the_end_share_of_wall": {"sd": past_sd * block / r["latency_s"],
                                            "verifier_only": past_v * s_v / ref["latency_s"]}}
+
+
+def _per_step(wall: float, steps: int, calls: float) -> dict:
+    measured = wall / steps
+    return {"measured": measured, "model_calls": calls, "outside_the_calls": measured - calls}
 
 
 def analyse(records: list[dict]) -> dict:

@@ -70,7 +70,7 @@ class StepSync:
     ignored (every row is done), host-side call counts it made are taken back out of the stats and
     the random generator is put back to where that step found it, so results do not depend on the
     lag. When they say "near the end" instead, the host also waits for the step just queued and
-    reads its flags at once (``waits`` counts these), so that a last step is not followed by one
+    reads its flags at once (``Stats.end_waits`` counts these), so that a last step is not followed by one
     run past the end. With ``cumulative=True`` the last flag counts tokens emitted so far (not this
     step's).
     """
@@ -88,7 +88,6 @@ class StepSync:
         self.stats, self.names, self.progress = stats, names, progress
         self.cumulative, self.shown = cumulative, 0
         self.pending = None
-        self.waits = 0   # lagged reads that also waited for the step just queued (near the end)
         self.near = False   # the last flags read said "near the end": read the next step's at once
         self._host: list[torch.Tensor] = []   # two pinned buffers and events, used in turn
         self._events: list = []
@@ -135,7 +134,7 @@ class StepSync:
     def _read_now(self, current: tuple) -> bool:
         """Wait for the step just queued and read its flags (near the end); while they still say
         "near", the next step is read the same way, else one step late again."""
-        self.waits += 1
+        self.stats.end_waits += 1
         values = self._wait(current)
         self.near = bool(values[1])
         return self._read(values, current[2])

@@ -25,6 +25,9 @@ Counters (summed over rows; a "row-block" is one verification of one row):
   done and were discarded: the host reads a step's flags one step late on a GPU
   (:class:`.runner.StepSync`), unless the step before said the end was near. Host-side timing
   only: no other counter includes them.
+* ``end_waits``: steps whose flags the host read at once instead of one step late, because the step
+  before said the end was near (the device idles for the host's turn-around at each: the price of
+  the steps past the end saved).
 
 Derived figures:
 
@@ -57,6 +60,7 @@ class Stats:
     truncated: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
     steps_past_end: int = 0
+    end_waits: int = 0
     wall_time_s: float = 0.0
 
     @property

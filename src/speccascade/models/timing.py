@@ -11,20 +11,22 @@ import time
 import torch
 
 
-def call_seconds(backend, prompt: list[int], width: int = 1, repeats: int = 20) -> float:
+def call_seconds(backend, prompt: list[int], width: int = 1, repeats: int = 20, ragged: bool = False) -> float:
     """Median seconds of one call of ``backend`` on ``width`` new tokens after ``prompt`` (extend,
     then a commit of none, so every call sees the same cache), warm-up excluded. A backend the
     loops capture (the fused backend on a GPU) is timed as graph replays, the way the loops run
-    it: timed as plain calls its steps cost 5-10x more."""
+    it: timed as plain calls its steps cost 5-10x more. ``ragged``: the feed comes with per-row
+    lengths, as a ragged feed does (the first drafter call of an sd block, ``loop.extend_carried``)."""
     from .. import runner
 
     x = torch.tensor([prompt])
     backend.reset(x, torch.ones_like(x))
     feed = x[:, -1:].expand(1, width).contiguous().to(backend.device)
     none = torch.zeros(1, dtype=torch.long, device=backend.device)
+    lengths = torch.full((1,), width, dtype=torch.long, device=backend.device) if ragged else None
 
     def call():
-        backend.extend(feed)
+        backend.extend(feed, lengths)
         backend.commit(none)
 
     if runner.can_capture(backend):
