@@ -32,7 +32,8 @@
 # English sides translated, kjv,web adds the World English Bible's text of the same verses), EXAMPLES (500), PRESET (deep),
 # TEMPERATURES ("0 1": the sweep's, in this order),
 # METHODS (all), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
-# EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair),
+# EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair;
+# first: before the sweep; 0: not at all),
 # COSTS_FIRST (0: 1 measures the machine's call costs first, below), SWEEP_AUTOTUNE (auto; below).
 # `distill` decodes batches of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
 # A CPU rehearsal of the plumbing:
@@ -244,21 +245,23 @@ sweep_part() {  # sweep_part STAGE METHODS: gamma 5 cells of these methods into 
   stage "$1" sc sweep "${pair[@]}" --methods "$ms" ${a:+--alphas "$a"} "${opt[@]}" \
       "${grid[@]}" --gammas 5 --workers "$GPUS" --out "$dir/sweep.jsonl"
 }
-sweep_part "${parts[0]}" "${parts[1]}"
-# then two short measurements on the trained pair (EXTRAS=0 skips them): the per-width call costs
-# (is a 6-token verifier call ~1.04 one-token steps on this machine, as in runs 2 and 4, or 1.24, as
-# in run 5?) and what the host's wait near the end of a decode buys (benchmarks/end_wait.py)
-if [ "${EXTRAS:-1}" = 1 ]; then
+# two short measurements on the trained pair (EXTRAS=0 skips them; EXTRAS=first runs them before the
+# sweep, 1 after Table 2's methods): the per-width call costs (is a 6-token verifier call ~1.04 one-token
+# steps on this machine, as in runs 2 and 4, or 1.17-1.24, as in runs 5 and 6?) and what the host's wait
+# near the end of a decode buys (benchmarks/end_wait.py)
+extras() {
   (export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+   # with COSTS_FIRST=1 the machine's costs are measured already (random weights of the same shapes)
+   [ "${COSTS_FIRST:-0}" = 1 ] ||
    stage call_costs python benchmarks/call_costs.py "${pair[@]}" --device "$DEVICE" --examples "$EXAMPLES" \
        $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --arithmetic-methods "" --out "$dir/call_costs.json"
    # the same shapes with random weights: the machine's costs apart from the trained weights, the verifier's
-   # kernels and the block's arithmetic (measured first instead with COSTS_FIRST=1)
+   # kernels and the block's arithmetic
    [ "${COSTS_FIRST:-0}" = 1 ] ||
    stage call_costs_random python benchmarks/call_costs.py --preset "$PRESET" --device "$DEVICE" --examples "$EXAMPLES" \
        $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --profile --arithmetic-methods sd,diff \
        --out "$dir/call_costs_random.json") &
-  costs_pid=$!
+  local costs_pid=$!
   [ "$SIDE" -ne 0 ] || wait "$costs_pid"   # one GPU: not beside the timed run
   (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    # 100 verses (or EXAMPLES, if fewer), 3 rounds of 3 modes: ~1.5 minutes on an H200
@@ -266,7 +269,11 @@ if [ "${EXTRAS:-1}" = 1 ]; then
        --size-examples "$EXAMPLES" \
        $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --rounds 3 --out "$dir/end_wait.json")
   wait "$costs_pid"
-fi
+}
+EXTRAS="${EXTRAS:-1}"
+[ "$EXTRAS" = first ] && extras
+sweep_part "${parts[0]}" "${parts[1]}"
+[ "$EXTRAS" = 1 ] && extras
 # then gamma 3 and 8 (the issue's block-size cells), then the other methods: the session's end cuts the last
 gm="sd,diff,opt_log"; [ "$METHODS" = all ] || gm="$(echo "$gm" | tr , '\n' | grep -xF -f <(echo "$METHODS" | tr , '\n') | paste -sd,)"
 gma="$(METHODS=$gm alphas_for "$GAMMA_ALPHAS")"   # (empty when only sd is swept)
