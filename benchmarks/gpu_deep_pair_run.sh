@@ -34,7 +34,8 @@
 # METHODS (all), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
 # EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair;
 # first: before the sweep; 0: not at all),
-# COSTS_FIRST (0: 1 measures the machine's call costs first, below), SWEEP_AUTOTUNE (auto; below).
+# COSTS_FIRST (0: 1 measures the machine's call costs first, below), SWEEP_AUTOTUNE (auto; below),
+# VERIFIER_EMA (none: a decay, e.g. 0.998, keeps a moving average of the verifier's weights, `train --ema-decay`).
 # `distill` decodes batches of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
 # A CPU rehearsal of the plumbing:
 #   DEVICE=cpu PRESET=tiny VERIFIER_MINUTES=0.2 DRAFTER_MINUTES=0.2 DISTILL_LIMIT=16 EXAMPLES=2 TEST_PAIRS=10 \
@@ -47,6 +48,7 @@ one_rank=()   # the verifier on one GPU: the recipe's batch, learning rate and e
 [ -n "${VERIFIER_BATCH:-}" ] && one_rank+=(--batch-size "$VERIFIER_BATCH")
 [ -n "${VERIFIER_LR:-}" ] && one_rank+=(--lr "$VERIFIER_LR")
 [ -n "${VERIFIER_EPOCHS:-}" ] && one_rank+=(--epochs "$VERIFIER_EPOCHS")
+ema=(); [ -n "${VERIFIER_EMA:-}" ] && ema=(--ema-decay "$VERIFIER_EMA")   # the verifier's weights averaged (any rank count)
 VERIFIER_BATCH="${VERIFIER_BATCH:-128}"; VERIFIER_LR="${VERIFIER_LR:-8e-4}"; VERIFIER_EPOCHS="${VERIFIER_EPOCHS:-12}"
 DISTILL_BATCH="${DISTILL_BATCH:-1024}"; DISTILL_SAMPLES="${DISTILL_SAMPLES:-1}"; DISTILL_SOURCES="${DISTILL_SOURCES:-kjv}"
 TEMPERATURES="${TEMPERATURES:-0 1}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
@@ -170,7 +172,7 @@ if [ "$VERIFIER_GPUS" -ge 2 ]; then
   stage train_verifier python -m torch.distributed.run --standalone --nproc-per-node "$VERIFIER_GPUS" \
       -m speccascade train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
       --minutes "$VERIFIER_MINUTES" --batch-size $((VERIFIER_BATCH * VERIFIER_GPUS)) --lr "$VERIFIER_LR" \
-      --epochs "$VERIFIER_EPOCHS" \
+      --epochs "$VERIFIER_EPOCHS" "${ema[@]}" \
     || echo "$(date -u +%FT%TZ) the data-parallel verifier failed: GPU 0 trains it alone" >> "$dir/stages.log"
 fi
 limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
@@ -187,7 +189,7 @@ distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translation
   export CUDA_VISIBLE_DEVICES=$(gpu_id 0)
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
   stage train_verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
-      --minutes "$VERIFIER_MINUTES" "${one_rank[@]}"
+      --minutes "$VERIFIER_MINUTES" "${one_rank[@]}" "${ema[@]}"
 ) && {
   # DISTILL_SAMPLES T = 1 translations of every source, side by side, one process each (seeds 0, 1, ...;
   # files distill_T1, distill_T1_s1, ...), beside the greedy ones on GPU 0; with two GPUs the samples

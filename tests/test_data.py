@@ -199,3 +199,42 @@ def test_trainer_trains_on_the_sources_it_is_given(tmp_path, monkeypatch):
     with pytest.raises(SpecCascadeError, match="give one"):
         trainer.train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, sources=("kjv",),
                       train_file=tmp_path / "pairs.jsonl", **kw)
+
+
+def test_trainer_keeps_a_moving_average_of_the_weights_and_saves_the_better(tmp_path, monkeypatch):
+    """--ema-decay: every evaluation also scores the weights' exponential moving average; the
+    checkpoint is whichever scored lower: its validation loss, recomputed from the saved file, is the
+    trained weights' where they scored lower (7 steps: the average lags), and the average's where it
+    is made to score lower. A decay outside (0, 1) is a clear error."""
+    import torch
+
+    import speccascade.train.trainer as trainer
+    from speccascade.errors import SpecCascadeError
+    from speccascade.models.loading import load_causal_lm
+
+    val = trainer.encode_pairs(trainer.ensure_tokenizer(TOKENIZER_DIR), load_split("validation")[:8])
+    kw = dict(epochs=0.03, progress=False, bleu_pairs=0, validation_pairs=8, ema_decay=0.5)
+
+    def saved_loss(path):
+        model = load_causal_lm(path, dtype=torch.float32)
+        return trainer.evaluate_loss(model, val, torch.device("cpu"), collate_fn=trainer.collate)
+
+    log = trainer.train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, **kw)
+    last = log["evals"][-1]
+    assert log["recipe"]["ema_decay"] == 0.5 and last["val_loss_ema"] > last["val_loss"] + 1e-2
+    assert log["best"]["weights"] == "trained" and log["best"]["val_loss"] == last["val_loss"]
+    assert abs(saved_loss(tmp_path / "d") - last["val_loss"]) < 1e-3
+    # the average made to score lower (its loss reported 1 lower): the checkpoint holds the average
+    real, calls = trainer.evaluate_loss, []
+
+    def evaluate_loss(model, *a, **k):
+        calls.append(real(model, *a, **k))
+        return calls[-1] - (1.0 if len(calls) % 2 == 0 else 0.0)   # each evaluation: trained, then average
+
+    monkeypatch.setattr(trainer, "evaluate_loss", evaluate_loss)
+    log = trainer.train("tiny", "drafter", tmp_path / "a", TOKENIZER_DIR, **kw)
+    monkeypatch.undo()
+    assert log["best"]["weights"] == "ema" and abs(calls[-1] - calls[-2]) > 1e-2
+    assert abs(saved_loss(tmp_path / "a") - calls[-1]) < 1e-3
+    with pytest.raises(SpecCascadeError, match="--ema-decay must be in"):
+        trainer.train("tiny", "drafter", tmp_path / "e", TOKENIZER_DIR, epochs=0.03, progress=False, ema_decay=1.5)

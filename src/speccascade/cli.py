@@ -150,7 +150,7 @@ def _train(args) -> int:
                     epochs=args.epochs, max_minutes=args.minutes, train_file=args.train_file,
                     sources=None if args.sources is None else _sources(args.sources),
                     teacher=args.teacher, distill_weight=args.distill_weight, batch_size=args.batch_size,
-                    lr=args.lr, init_from=args.init_from)
+                    lr=args.lr, init_from=args.init_from, ema_decay=args.ema_decay)
         print(json.dumps({k: log.get(k) for k in ("preset", "arch", "role", "params", "steps", "train_seconds",
                                                   "best")}))
     return 0
@@ -521,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", type=Path, default=None,
                    help="a trained model as wide as this one (e.g. the verifier, for a drafter): its embeddings, "
                         "final norm and first layers start this model")
+    t.add_argument("--ema-decay", type=float, default=None,
+                   help="also keep an exponential moving average of the weights with this decay (e.g. 0.998); "
+                        "each evaluation saves the better of the trained and the averaged weights")
     t.set_defaults(fn=_train)
 
     x = sub.add_parser("distill", help="write a verifier's own translations of the training sources (for a drafter)")

@@ -80,6 +80,9 @@ class Recipe:
     max_minutes: float = 9.0
     distill_weight: float = 0.0   # with a teacher: weight of KL(p_teacher || q) against the cross-entropy
     sources: tuple[str, ...] = ("kjv",)   # English sides of the training verses: "kjv" and/or "web" (SOURCES)
+    # an exponential moving average of the weights over the steps, with this decay (None: none); each
+    # evaluation scores the trained and the averaged weights, and saves the better (see train)
+    ema_decay: float | None = None
 
     @property
     def arch(self) -> str:
@@ -503,7 +506,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
           bleu_pairs: int = 200, train_file: Path | None = None, arch: str | None = None,
           teacher: Path | None = None, distill_weight: float | None = None,
           validation_pairs: int | None = None, sources: tuple[str, ...] | None = None,
-          batch_size: int | None = None, lr: float | None = None, init_from: Path | None = None) -> dict:
+          batch_size: int | None = None, lr: float | None = None, init_from: Path | None = None,
+          ema_decay: float | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, one step runs and a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
@@ -518,6 +522,10 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     ``batch_size`` / ``lr``: replace the recipe's (sequences per optimisation step, over all ranks; peak
     learning rate); the log's ``recipe`` holds what was used. ``init_from``: a trained model of the
     same width whose embeddings, final norm and first layers start this one (:func:`init_from_model`).
+    ``ema_decay`` (default the recipe's): also keep an exponential moving average of the weights
+    (``torch.optim.swa_utils.AveragedModel``, updated after every step), the checkpoint averaging that
+    translation models gain from; each evaluation scores both, and a new best is saved from whichever
+    scored lower (``log["evals"][i]["val_loss_ema"]``; ``log["best"]["weights"]``: "trained" or "ema").
 
     **Data-parallel** under ``torchrun --nproc-per-node N`` (PyTorch's DistributedDataParallel, NCCL
     on GPUs, gloo on a CPU): every rank draws the same batches and takes its 1/N share of each
@@ -538,8 +546,13 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
             from ..errors import SpecCascadeError
 
             raise SpecCascadeError(f"{name} must be > 0, got {value}")
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError(f"--ema-decay must be in (0, 1), e.g. 0.998, got {ema_decay}")
     recipe = replace(recipe, batch_size=recipe.batch_size if batch_size is None else int(batch_size),
-                     lr=recipe.lr if lr is None else float(lr))
+                     lr=recipe.lr if lr is None else float(lr),
+                     ema_decay=recipe.ema_decay if ema_decay is None else float(ema_decay))
     layout = ARCHS[recipe.arch]
     if distill_weight is None:
         distill_weight = (recipe.distill_weight or 0.5) if teacher is not None else 0.0
@@ -588,6 +601,11 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if dev.type == "cuda" else None)
         torch.manual_seed(seed + 1000 * rank)   # each rank its own dropout masks
     n_params = sum(p.numel() for p in model.parameters())
+    averaged = None   # the moving average of the weights (rank 0 evaluates and saves it)
+    if recipe.ema_decay is not None and lead:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
@@ -651,6 +669,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
             dist.all_reduce(total)
             loss = loss * (n_ranks * scored / total)
         bad = ~optimizer_step(loss, model, opt, sched)
+        if averaged is not None:
+            averaged.update_parameters(model)
         skipped += bad
         nonfinite_run = (nonfinite_run + 1) * bad
         step += 1
@@ -691,11 +711,17 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
             log["skipped_steps"] = int(skipped)
             log["evals"].append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
                                  "val_loss": val, "seconds": time.perf_counter() - start})
+            chosen, weights = model, "trained"
+            if averaged is not None:
+                val_ema = evaluate_loss(averaged.module, val_data, dev, collate_fn=layout.collate)
+                log["evals"][-1]["val_loss_ema"] = val_ema
+                if val_ema < val:
+                    chosen, weights, val = averaged.module, "ema", val_ema
             bar.set_postfix(train=f"{loss.item():.3f}", val=f"{val:.3f}")
             if val < best:
                 best = val
-                save_checkpoint(model, tokenizer, out)
-                log["best"] = log["evals"][-1]
+                save_checkpoint(chosen, tokenizer, out)
+                log["best"] = log["evals"][-1] | {"weights": weights, "val_loss": val}
             (out / "training.json").write_text(json.dumps(log, indent=2))
             eval_seconds += time.perf_counter() - eval_start
             if n_ranks > 1:
