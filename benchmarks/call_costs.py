@@ -199,14 +199,18 @@ def _profile_width(be, x: torch.Tensor, w: int, repeats: int, on_gpu: bool, top:
 
 
 def gpu_state() -> str | None:
-    """The card's clocks, power limit and throttle reasons as nvidia-smi reports them (None without it)."""
-    fields = "name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,power.max_limit,pstate," \
-             "clocks_throttle_reasons.active"
-    try:
-        return subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv"], capture_output=True,
-                              text=True, timeout=30).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    """The card's clocks, power limit and what holds its clocks back, as nvidia-smi reports them (None
+    without it). The last field's name changed across drivers: without it where it is not known."""
+    fields = "name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,power.max_limit,pstate"
+    for extra in (",clocks_event_reasons.active", ",clocks_throttle_reasons.active", ""):
+        try:
+            run = subprocess.run(["nvidia-smi", f"--query-gpu={fields}{extra}", "--format=csv"],
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if run.returncode == 0 and run.stdout.strip():
+            return run.stdout.strip()
+    return None
 
 
 def main() -> None:
