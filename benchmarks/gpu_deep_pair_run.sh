@@ -36,7 +36,7 @@
 # first: before the sweep; 0: not at all),
 # COSTS_FIRST (0: 1 measures the machine's call costs first, below), SWEEP_AUTOTUNE (auto; below),
 # VERIFIER_EMA (none: a decay, e.g. 0.998, keeps a moving average of the verifier's weights, `train --ema-decay`).
-# `distill` decodes batches of 1024 ragged rows with the dynamic backend (the fused one would compile a graph per batch shape).
+# `distill` decodes batches of 1024 ragged rows with DISTILL_BACKEND (below; the compiled fused one would compile per batch shape).
 # A CPU rehearsal of the plumbing:
 #   DEVICE=cpu PRESET=tiny VERIFIER_MINUTES=0.2 DRAFTER_MINUTES=0.2 DISTILL_LIMIT=16 EXAMPLES=2 TEST_PAIRS=10 \
 #     METHODS=verifier_only,sd,token_v3,opt SKIP_TESTS=1 BACKEND=dynamic bash benchmarks/gpu_deep_pair_run.sh runs/rehearsal
@@ -176,13 +176,24 @@ if [ "$VERIFIER_GPUS" -ge 2 ]; then
     || echo "$(date -u +%FT%TZ) the data-parallel verifier failed: GPU 0 trains it alone" >> "$dir/stages.log"
 fi
 limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
+# DISTILL_BACKEND (fused_eager on a GPU, dynamic on a CPU): the fused step uncompiled, each token step of a
+# batch one CUDA graph replay, no compile time (runs 2-6 decoded with the dynamic backend: ~360 rows/s a
+# process on an H200); where it fails, the stage is run again on the dynamic backend
+DISTILL_BACKEND="${DISTILL_BACKEND:-$([ "$DEVICE" = cuda ] && echo fused_eager || echo dynamic)}"
 distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translations at these temperatures
   local gpu="$1" seed="$2" tag; shift 2
   tag=$(IFS=_; echo "$*")$([ "$seed" -gt 0 ] && echo "_s$seed")   # 1 with seed 2 -> 1_s2
   (export CUDA_VISIBLE_DEVICES=$(gpu_id "$gpu"); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
-   stage "distill_T$tag" sc distill --verifier "$dir/verifier" --out "$dir/distill_T$tag.jsonl.gz" \
-       --temperatures "$@" --seed "$seed" --sources "$DISTILL_SOURCES" --batch-size "$DISTILL_BATCH" --device "$DEVICE" "${limit[@]}" --quiet \
-       $([ "$DEVICE" = cuda ] && echo --dtype bfloat16))
+   run() {
+     stage "distill_T$tag" sc distill --verifier "$dir/verifier" --out "$dir/distill_T$tag.jsonl.gz" \
+       --temperatures "$@" --seed "$seed" --sources "$DISTILL_SOURCES" --batch-size "$DISTILL_BATCH" --device "$DEVICE" \
+       "${limit[@]}" --quiet $([ "$DEVICE" = cuda ] && echo --dtype bfloat16)
+   }
+   run "$@" --backend "$DISTILL_BACKEND" && exit 0
+   [ "$DISTILL_BACKEND" = dynamic ] && exit 1
+   echo "$(date -u +%FT%TZ) distill_T$tag failed on $DISTILL_BACKEND: again on dynamic" >> "$dir/stages.log"
+   cp "$dir/distill_T$tag.log" "$dir/distill_T${tag}_$DISTILL_BACKEND.log" 2>/dev/null
+   run "$@" --backend dynamic)
 }
 # GPU 0: the verifier alone if it is not trained yet; then its translations (T = 1 on GPU 1 meanwhile)
 (

@@ -93,6 +93,30 @@ def test_distill_cli(tmp_path, capsys):
     assert "choose one or more of kjv, web" in capsys.readouterr().err
 
 
+def test_distill_on_the_uncompiled_fused_backend_writes_the_dynamic_backends_greedy_rows(tmp_path, capsys):
+    """``distill --backend fused_eager`` (the fused step without torch.compile, for the GPU's batches
+    of 1,024 rows: CUDA graphs without compile time): a ragged batch's greedy translations, in
+    float32, are row for row those of the default dynamic backend; the backend is the fused one,
+    uncompiled, for a Llama-family verifier and for a T5."""
+    from tiny_seq2seq import tiny_seq2seq_pair
+
+    from speccascade.models import FusedLlamaBackend, FusedT5Backend, make_backend
+
+    _, v_dir = embedded_pair_dirs("tiny")
+    rows = {}
+    for backend in ("dynamic", "fused_eager"):
+        out = tmp_path / f"{backend}.jsonl"
+        assert main(["distill", "--verifier", str(v_dir), "--tokenizer", str(TOKENIZER_DIR), "--out", str(out),
+                     "--temperatures", "0", "--limit", "5", "--batch-size", "5", "--max-new-tokens", "16",
+                     "--backend", backend, "--quiet"]) == 0
+        rows[backend] = [r["es"] for r in read_pairs(out)]
+    assert len(rows["dynamic"]) == 5 and rows["fused_eager"] == rows["dynamic"]
+    be = make_backend(load_causal_lm(v_dir), "verifier", "fused_eager")
+    assert isinstance(be, FusedLlamaBackend) and not be.compiled
+    t5 = make_backend(tiny_seq2seq_pair("t5", noise=0.1)[1], "verifier", "fused_eager")
+    assert isinstance(t5, FusedT5Backend) and not t5.compiled
+
+
 def test_distill_translates_each_english_source_of_the_training_verses(tmp_path):
     """``sources=("kjv", "web")``: the first N verses of each source, the World English Bible's text
     of the same verses (ids ``@web``) translated by the verifier like the King James text."""

@@ -395,8 +395,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "transformers' sharding; auto: fused for Llama-family verifiers)")
     p.add_argument("--backend", default="dynamic", choices=BACKENDS,
                    help="fused = Llama-family and T5 models with the whole speculative block captured as one "
-                        "CUDA graph (the GPU fast path; eager on a CPU); auto = fused where it applies (T5: on "
-                        "CUDA; other encoder-decoders: seq2seq); compiled / "
+                        "CUDA graph (the GPU fast path; eager on a CPU); fused_eager = the same without "
+                        "torch.compile (no compile time; for large batches or short jobs); auto = fused where "
+                        "it applies (T5: on CUDA; other encoder-decoders: seq2seq); compiled / "
                         "graphs = transformers' static cache with per-call CUDA graphs. The GPU paths compile "
                         "and capture first, so they pay off over long or repeated generation")
 

@@ -531,7 +531,7 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
         check_settings_match(out, records, base_sig)
         done = {r["key"] for r in records if r.get("type") == "cell"}
         todo = [c for c in cells if c.key not in done]
-        if backend in ("compiled", "graphs", "fused", "auto") and todo:
+        if backend in ("compiled", "graphs", "fused", "fused_eager", "auto") and todo:
             warm_up(d_be, v_be, tokenizer, task, examples, todo, config.max_new_tokens)
         for gamma in sorted({c.gamma for c in cells}):
             if not any(r.get("type") == "costs" and r.get("gamma") == gamma for r in records):

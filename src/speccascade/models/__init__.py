@@ -20,6 +20,9 @@ fused      ``fused_t5.FusedT5Backend`` T5 (``T5ForConditionalGeneration``): tran
                                        precomputed, our decoder step on the same per-row
                                        position-indexed cache, so the whole block is one
                                        CUDA graph (compiled on CUDA, eager on a CPU)
+fused_     the fused backends without torch.compile: on CUDA the loops are still captured as
+eager      CUDA graphs, but nothing is compiled (no compile time, more kernels a step), for
+           large batches or short jobs (``speccascade distill``'s batches of 1,024 rows)
 seq2seq    ``seq2seq.Seq2SeqBackend``  transformers encoder-decoders (T5, mT5, BART, mBART,
                                        Marian, Pegasus): the encoder once, the decoder on a
                                        dynamic cache, eager
@@ -29,8 +32,8 @@ auto       causal LMs: fused where the model is Llama-family, else graphs on CUD
 =========  ==========================  =====================================================
 
 An encoder-decoder model (``config.is_encoder_decoder``) gets the seq2seq backend from
-``dynamic``, ``auto`` (but T5 on CUDA) or ``seq2seq``, and the fused T5 backend from ``fused`` (a
-T5; other encoder-decoders are refused, naming ``--backend seq2seq``); the other GPU fast paths
+``dynamic``, ``auto`` (but T5 on CUDA) or ``seq2seq``, and the fused T5 backend from ``fused`` or
+``fused_eager`` (a T5; other encoder-decoders are refused, naming ``--backend seq2seq``); the other GPU fast paths
 (``static``, ``compiled``, ``graphs``) are for decoder-only models and refuse it.
 
 ``base.Backend`` states the contract the decoding loops rely on; ``as_backend`` turns a model (or
@@ -51,13 +54,14 @@ from .seq2seq import Seq2SeqBackend
 from .static import StaticHFBackend, bucket
 
 
-def _fused(model, name, max_cache_len):
+def _fused(model, name, max_cache_len, compile: bool = True):
+    """:class:`FusedLlamaBackend`, compiled on CUDA unless ``compile`` is False."""
     import torch
 
     # a verifier marked by speccascade.distributed.mark_tp (--tp N): this rank's shard of it, on the
     # rank's device (the whole model may stay on the host)
     device = torch.device(getattr(model, "speccascade_device", None) or next(model.parameters()).device)
-    return FusedLlamaBackend(model, name, compile=device.type == "cuda" and torch.cuda.is_available(),
+    return FusedLlamaBackend(model, name, compile=compile and device.type == "cuda" and torch.cuda.is_available(),
                              tp=getattr(model, "speccascade_tp", 1), device=device)
 
 
@@ -67,14 +71,14 @@ def _on_cuda(model) -> bool:
     return next(model.parameters()).device.type == "cuda" and torch.cuda.is_available()
 
 
-def _fused_t5(model, name, max_cache_len):
-    """``fused`` for an encoder-decoder: :class:`FusedT5Backend` for a T5 (compiled on CUDA), else an
-    error naming the model type and ``--backend seq2seq``."""
+def _fused_t5(model, name, max_cache_len, compile: bool = True):
+    """``fused`` for an encoder-decoder: :class:`FusedT5Backend` for a T5 (compiled on CUDA unless
+    ``compile`` is False), else an error naming the model type and ``--backend seq2seq``."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind != "t5":
         raise SpecCascadeError(f"the fused backend implements T5 among encoder-decoders; the {name} is "
                                f"{kind or 'unknown'} ({type(model).__name__}): use --backend seq2seq (or auto)")
-    return FusedT5Backend(model, name, compile=_on_cuda(model))
+    return FusedT5Backend(model, name, compile=compile and _on_cuda(model))
 
 
 def _auto_seq2seq(model, name, max_cache_len):
@@ -104,6 +108,7 @@ BACKENDS = {
     "compiled": lambda model, name, max_cache_len: StaticHFBackend(model, name, max_cache_len, compile=True),
     "graphs": lambda model, name, max_cache_len: GraphHFBackend(model, name, max_cache_len),
     "fused": _fused,
+    "fused_eager": lambda model, name, max_cache_len: _fused(model, name, max_cache_len, compile=False),
     "auto": _auto,
     "seq2seq": lambda model, name, max_cache_len: Seq2SeqBackend(model, name),
 }
@@ -114,6 +119,7 @@ SEQ2SEQ_FACTORIES = {
     "auto": _auto_seq2seq,
     "seq2seq": BACKENDS["seq2seq"],
     "fused": _fused_t5,
+    "fused_eager": lambda model, name, max_cache_len: _fused_t5(model, name, max_cache_len, compile=False),
 }
 SEQ2SEQ_KINDS = tuple(SEQ2SEQ_FACTORIES)
 
