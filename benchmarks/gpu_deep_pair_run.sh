@@ -35,7 +35,9 @@
 # EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair;
 # first: before the sweep; 0: not at all),
 # COSTS_FIRST (0: 1 measures the machine's call costs first, below), SWEEP_AUTOTUNE (auto; below),
-# VERIFIER_EMA (none: a decay, e.g. 0.998, keeps a moving average of the verifier's weights, `train --ema-decay`).
+# VERIFIER_EMA (none: a decay, e.g. 0.998, keeps a moving average of the verifier's weights, `train --ema-decay`),
+# DRAFTER_BATCH / DRAFTER_LR (the recipe's: 128, 2e-3; each step also runs the 30-layer teacher, so a larger
+# batch amortises its per-step launches: runs 4-6 trained 17-28 steps/s).
 # `distill` decodes batches of 1024 ragged rows with DISTILL_BACKEND (below; the compiled fused one would compile per batch shape).
 # A CPU rehearsal of the plumbing:
 #   DEVICE=cpu PRESET=tiny VERIFIER_MINUTES=0.2 DRAFTER_MINUTES=0.2 DISTILL_LIMIT=16 EXAMPLES=2 TEST_PAIRS=10 \
@@ -49,6 +51,9 @@ one_rank=()   # the verifier on one GPU: the recipe's batch, learning rate and e
 [ -n "${VERIFIER_LR:-}" ] && one_rank+=(--lr "$VERIFIER_LR")
 [ -n "${VERIFIER_EPOCHS:-}" ] && one_rank+=(--epochs "$VERIFIER_EPOCHS")
 ema=(); [ -n "${VERIFIER_EMA:-}" ] && ema=(--ema-decay "$VERIFIER_EMA")   # the verifier's weights averaged (any rank count)
+drafter_opts=()   # DRAFTER_BATCH / DRAFTER_LR: the drafter's batch and peak learning rate (default: the recipe's)
+[ -n "${DRAFTER_BATCH:-}" ] && drafter_opts+=(--batch-size "$DRAFTER_BATCH")
+[ -n "${DRAFTER_LR:-}" ] && drafter_opts+=(--lr "$DRAFTER_LR")
 VERIFIER_BATCH="${VERIFIER_BATCH:-128}"; VERIFIER_LR="${VERIFIER_LR:-8e-4}"; VERIFIER_EPOCHS="${VERIFIER_EPOCHS:-12}"
 DISTILL_BATCH="${DISTILL_BATCH:-1024}"; DISTILL_SAMPLES="${DISTILL_SAMPLES:-1}"; DISTILL_SOURCES="${DISTILL_SOURCES:-kjv}"
 TEMPERATURES="${TEMPERATURES:-0 1}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
@@ -223,7 +228,7 @@ fi
   export CUDA_VISIBLE_DEVICES=$(gpu_id 0)
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
   stage train_drafter sc train --preset "$PRESET" --role drafter --out "$dir/drafter" --device "$DEVICE" \
-      --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" \
+      --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" "${drafter_opts[@]}" \
       $([ "$DRAFTER_INIT" = 1 ] && echo --init-from "$dir/verifier") &&
   stage pair python benchmarks/train_pair.py --preset "$PRESET" --roles "" --out "$dir" --device "$DEVICE" \
       --test-pairs "$TEST_PAIRS"
