@@ -159,7 +159,8 @@ if [ "${COSTS_FIRST:-0}" = 1 ]; then
   (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage costs_default "${costs[@]}" --profile --arithmetic-methods sd,diff --out "$dir/costs_default.json"
    export TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 TORCHINDUCTOR_CACHE_DIR="$AUTOTUNE_CACHE"
-   stage costs_autotune "${costs[@]}" --arithmetic-methods "" --out "$dir/costs_autotune.json")
+   # (widths 1 and 6 only: autotuning benchmarks kernel candidates for every GEMM shape it compiles)
+   stage costs_autotune "${costs[@]}" --widths 1,6 --arithmetic-methods "" --out "$dir/costs_autotune.json")
 fi
 autotune_pays() {  # 1 where the costs check found the autotuned GEMMs cheaper (see above), else 0
   python -c '
