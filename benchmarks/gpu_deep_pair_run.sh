@@ -147,7 +147,7 @@ print(save_random_pair(sys.argv[2], pathlib.Path(sys.argv[1])))" "$dir/random" "
 }
 # COSTS_FIRST=1: before anything else, on the idle GPU 0, this machine's call costs on random weights of
 # the pair's shapes (benchmarks/call_costs.py: every feed width, the verifier's kernels at width 1 and 6,
-# the block's arithmetic alone; ~2 minutes), once as torch.compile builds the step by default and once
+# the block's arithmetic alone; a few minutes, not yet timed on a GPU), once as torch.compile builds the step by default and once
 # with inductor's GEMM autotuning (TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1). Runs 5 and 6 measured b = 1.24 /
 # 1.17 for the 6-token verifier call where runs 2 and 4 had 1.04. SWEEP_AUTOTUNE (auto): 1 sweeps with the
 # autotuned GEMMs, 0 without; auto uses them only where the check found the 6-token call >= 3% cheaper
