@@ -39,7 +39,6 @@ import platform
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -52,14 +51,17 @@ from speccascade.loop import DecodeRequest, DecodeState, speculative_block
 from speccascade.models import make_backend
 from speccascade.models.base import reserve_request
 from speccascade.models.loading import TOKENIZER_DIR, load_causal_lm, load_tokenizer
-from speccascade.models.timing import call_seconds
+from speccascade.models.timing import call_seconds, fn_seconds
 from speccascade.registry import get_method
 from speccascade.sampling import SamplingConfig
 from speccascade.train.trainer import save_random_pair
 
 
 def measure(drafter_dir: Path, verifier_dir: Path, device: str, dtype: torch.dtype, backend: str,
-            widths: list[int], rounds: int, repeats: int, max_new_tokens: int, examples: int) -> dict:
+            widths: list[int], rounds: int, repeats: int, max_new_tokens: int, examples: int,
+            profile_widths: list[int] | None = None) -> dict:
+    """The per-call costs (see the module's docstring); with ``profile_widths``, also the verifier's
+    kernels at those widths (:func:`kernel_profile`, on the same backend)."""
     tok = load_tokenizer(TOKENIZER_DIR)   # the project's pairs share the embedded tokenizer
     task = get_task()
     prompts = [task.encode(tok, ex.input) for ex in task.examples(examples)]
@@ -68,7 +70,7 @@ def measure(drafter_dir: Path, verifier_dir: Path, device: str, dtype: torch.dty
               for role, path in (("drafter", drafter_dir), ("verifier", verifier_dir))}
     backends = {role: make_backend(m, role, backend) for role, m in models.items()}
     for be in backends.values():
-        reserve_request(be, 1, longest, max_new_tokens, max(widths) - 1)
+        reserve_request(be, 1, longest, max_new_tokens, max(widths + (profile_widths or [])) - 1)
     prompt = prompts[0]   # the sweep's cost record times after its first example's prompt
     times: dict[str, dict[int, list[float]]] = {"drafter": {1: []}, "verifier": {w: [] for w in widths}}
     carried: list[float] = []   # the drafter's ragged 2-token call that opens an sd block (loop.extend_carried)
@@ -79,7 +81,9 @@ def measure(drafter_dir: Path, verifier_dir: Path, device: str, dtype: torch.dty
         carried.append(call_seconds(backends["drafter"], prompt, 2, repeats, ragged=True))
     med = {role: {w: statistics.median(v) for w, v in per_width.items()} for role, per_width in times.items()}
     step = med["verifier"][1]
-    return {"prompt_tokens": len(prompt), "cache_for_tokens": longest + max_new_tokens + max(widths),
+    kernels = {} if not profile_widths else {"kernels": kernel_profile(backends["verifier"], prompt, profile_widths,
+                                                                       repeats)}
+    return kernels | {"prompt_tokens": len(prompt), "cache_for_tokens": longest + max_new_tokens + max(widths),
             "drafter_step_s": med["drafter"][1], "verifier_step_s": step,
             "drafter_carried_call_s": statistics.median(carried),
             "c": med["drafter"][1] / step,
@@ -108,19 +112,6 @@ class FixedLogits:
         pass
 
 
-def seconds_per_call(fn, device: torch.device, repeats: int) -> float:
-    """``fn`` timed as graph replays on a GPU (``runner.replay_seconds``), as plain calls elsewhere
-    (the median of ``repeats`` after 3 warm-up calls)."""
-    if device.type == "cuda":
-        return runner.replay_seconds(fn, device, repeats)
-    times = []
-    for _ in range(repeats + 3):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[3:])
-
-
 def block_arithmetic(methods: list[str], vocab: int, gamma: int, eos_token_id, device: str, rounds: int,
                      repeats: int) -> dict:
     """Seconds per block of each method's arithmetic between the model calls, at T = 0 and 1
@@ -144,25 +135,19 @@ def block_arithmetic(methods: list[str], vocab: int, gamma: int, eos_token_id, d
             def block():
                 speculative_block(drafter, verifier, state, req, alpha, None, compiled=dev.type == "cuda")
 
-            per_round = [seconds_per_call(block, dev, repeats) for _ in range(rounds)]
+            per_round = [fn_seconds(block, dev, repeats, captured=dev.type == "cuda") for _ in range(rounds)]
             out.setdefault(f"T={T:g}", {})[m] = statistics.median(per_round)
     return out
 
 
-def kernel_profile(verifier_dir: Path, device: str, dtype: torch.dtype, backend: str, widths: list[int],
-                   repeats: int, max_new_tokens: int, examples: int, top: int = 12) -> dict:
+def kernel_profile(be, prompt: list[int], widths: list[int], repeats: int, top: int = 12) -> dict:
     """The device kernels of one verifier call per width: the ``top`` by time, in microseconds and
     launches per call (torch.profiler over ``repeats`` calls of the backend, after warm-up). The calls
     launch every kernel from the host, as inside a program's capture (``runner.program``), not as a
     replay of the backend's own graph, so that the profiler sees each kernel; a kernel's time on the
-    device is the same either way."""
-    tok = load_tokenizer(TOKENIZER_DIR)
-    task = get_task()
-    prompts = [task.encode(tok, ex.input) for ex in task.examples(examples)]
-    be = make_backend(load_causal_lm(verifier_dir, device=device, dtype=dtype), "verifier", backend)
-    reserve_request(be, 1, max(len(p) for p in prompts), max_new_tokens, max(widths) - 1)
-    x = torch.tensor([prompts[0]])
-    on_gpu = torch.device(device).type == "cuda"
+    device is the same either way. ``be``: a backend whose cache fits ``prompt`` and the widest call."""
+    x = torch.tensor([prompt])
+    on_gpu = be.device.type == "cuda"
     out = {}
     for w in widths:
         be.reset(x, torch.ones_like(x))
@@ -243,15 +228,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pair = (args.drafter, args.verifier) if args.drafter else save_random_pair(args.preset, Path(tmp))
         result = measure(*pair, args.device, getattr(torch, args.dtype), backend, widths, args.rounds,
-                         args.repeats, args.max_new_tokens, args.examples)
-        if args.profile:
-            result["kernels"] = kernel_profile(pair[1], args.device, getattr(torch, args.dtype), backend,
-                                               [1, args.gamma + 1], args.repeats, args.max_new_tokens, args.examples)
+                         args.repeats, args.max_new_tokens, args.examples,
+                         profile_widths=[1, args.gamma + 1] if args.profile else None)
     methods = [m for m in args.arithmetic_methods.split(",") if m]
     if methods:
         tok = load_tokenizer(TOKENIZER_DIR)
         result["block_arithmetic_gamma"] = args.gamma
-        result["block_arithmetic_s"] = block_arithmetic(methods, len(tok), args.gamma, tok.eos_token_id,
+        result["block_arithmetic_s"] = block_arithmetic(methods, len(tok), args.gamma, get_task().eos_token_id(tok),
                                                         args.device, args.rounds, args.repeats)
     record = {"benchmark": "call_costs", "card": device_name(torch.device(args.device)),
               "weights": "trained: " + str(args.verifier) if args.verifier else f"random ({args.preset} shapes)",

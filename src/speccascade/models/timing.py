@@ -29,14 +29,23 @@ def call_seconds(backend, prompt: list[int], width: int = 1, repeats: int = 20, 
         backend.extend(feed, lengths)
         backend.commit(none)
 
-    if runner.can_capture(backend):
-        return runner.replay_seconds(call, backend.device, repeats)
+    return fn_seconds(call, backend.device, repeats, captured=runner.can_capture(backend))
+
+
+def fn_seconds(fn, device: torch.device, repeats: int = 20, captured: bool = False) -> float:
+    """Seconds per call of ``fn`` (a function of device tensors): with ``captured``, captured as one
+    CUDA graph and replayed (``runner.replay_seconds``), as the loops run a capturable step; else
+    the median of ``repeats`` plain calls after 3 warm-up calls (synchronised on CUDA)."""
+    from .. import runner
+
+    if captured:
+        return runner.replay_seconds(fn, device, repeats)
     times = []
     for _ in range(repeats + 3):
         t = time.perf_counter()
-        call()
-        if backend.device.type == "cuda":
-            torch.cuda.synchronize(backend.device)
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times[3:])
 
