@@ -27,7 +27,9 @@ Two more measurements say where a block's time goes beyond its model calls:
   results/deep_pair/run6/NOTE.md).
 * ``--profile``: the GPU kernels of one verifier call at width 1 and at gamma + 1 (torch.profiler over
   ``--repeats`` eager calls of the compiled backend): each kernel's time per call, so that a wide call
-  dearer than its step (b = 1.17 in run 6, 1.04 in run 4) can be pinned on the kernels that make it so.
+  dearer than its step (b = 1.17 in run 6, 1.04 in run 4) can be pinned on the kernels that make it so
+  (run 7's did: an unaligned attention kernel, see ``models.fused.CACHE_ALIGN``); and the kernels of
+  each ``--arithmetic-methods`` block (``block_arithmetic_kernels``: run 7 timed sd's at 0.092 ms).
 """
 
 from __future__ import annotations
@@ -113,11 +115,13 @@ class FixedLogits:
 
 
 def block_arithmetic(methods: list[str], vocab: int, gamma: int, eos_token_id, device: str, rounds: int,
-                     repeats: int) -> dict:
+                     repeats: int, profile: bool = False) -> dict:
     """Seconds per block of each method's arithmetic between the model calls, at T = 0 and 1
-    (batch 1; alpha: the method's default; compiled on a GPU, as the sweep runs it)."""
+    (batch 1; alpha: the method's default; compiled on a GPU, as the sweep runs it); with
+    ``profile``, also the kernels of each block (``kernels[T][method]``, as :func:`kernel_profile`)."""
     dev = torch.device(device)
     out: dict[str, dict[str, float]] = {}
+    kernels: dict[str, dict[str, dict]] = {}
     for T in (0.0, 1.0):
         for m in methods:
             spec = get_method(m)
@@ -137,7 +141,10 @@ def block_arithmetic(methods: list[str], vocab: int, gamma: int, eos_token_id, d
 
             per_round = [fn_seconds(block, dev, repeats, captured=dev.type == "cuda") for _ in range(rounds)]
             out.setdefault(f"T={T:g}", {})[m] = statistics.median(per_round)
-    return out
+            if profile:
+                with runner.program():
+                    kernels.setdefault(f"T={T:g}", {})[m] = _profile(block, repeats, dev.type == "cuda", top=16)
+    return out if not profile else {"seconds": out, "kernels": kernels}
 
 
 def kernel_profile(be, prompt: list[int], widths: list[int], repeats: int, top: int = 12) -> dict:
@@ -157,22 +164,31 @@ def kernel_profile(be, prompt: list[int], widths: list[int], repeats: int, top: 
 
 
 def _profile_width(be, x: torch.Tensor, w: int, repeats: int, on_gpu: bool, top: int) -> dict:
-    """One width of :func:`kernel_profile` (on a CPU: the operators' self time, profiler overhead included)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """One width of :func:`kernel_profile`."""
     feed = x[:, -1:].expand(1, w).contiguous().to(be.device)
     none = torch.zeros(1, dtype=torch.long, device=be.device)
-    for _ in range(3):
+
+    def call():
         be.extend(feed)
         be.commit(none)
+
+    return _profile(call, repeats, on_gpu, top)
+
+
+def _profile(fn, repeats: int, on_gpu: bool, top: int) -> dict:
+    """The kernels of ``repeats`` calls of ``fn`` after 3 warm-up calls: the ``top`` by time, each one's
+    microseconds and launches per call (on a CPU: the operators' self time, profiler overhead included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
     if on_gpu:
-        torch.cuda.synchronize(be.device)
+        torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
-            be.extend(feed)
-            be.commit(none)
+            fn()
         if on_gpu:
-            torch.cuda.synchronize(be.device)
+            torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
         us = (getattr(e, "self_device_time_total", 0) if on_gpu else e.self_cpu_time_total) or 0
@@ -234,8 +250,12 @@ def main() -> None:
     if methods:
         tok = load_tokenizer(TOKENIZER_DIR)
         result["block_arithmetic_gamma"] = args.gamma
-        result["block_arithmetic_s"] = block_arithmetic(methods, len(tok), args.gamma, get_task().eos_token_id(tok),
-                                                        args.device, args.rounds, args.repeats)
+        arithmetic = block_arithmetic(methods, len(tok), args.gamma, get_task().eos_token_id(tok),
+                                      args.device, args.rounds, args.repeats, profile=args.profile)
+        if args.profile:
+            result["block_arithmetic_kernels"] = arithmetic["kernels"]
+            arithmetic = arithmetic["seconds"]
+        result["block_arithmetic_s"] = arithmetic
     record = {"benchmark": "call_costs", "card": device_name(torch.device(args.device)),
               "weights": "trained: " + str(args.verifier) if args.verifier else f"random ({args.preset} shapes)",
               "dtype": args.dtype, "backend": backend, "torch": torch.__version__,

@@ -34,7 +34,8 @@
 # METHODS (all), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
 # EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair;
 # first: before the sweep; 0: not at all),
-# COSTS_FIRST (0: 1 measures the machine's call costs first, below), SWEEP_AUTOTUNE (auto; below),
+# COSTS_FIRST (0: 1 measures the machine's call costs first, below; COSTS_AUTOTUNE=0 leaves out its
+# autotuned half), SWEEP_AUTOTUNE (auto; below),
 # VERIFIER_EMA (none: a decay, e.g. 0.998, keeps a moving average of the verifier's weights, `train --ema-decay`),
 # DRAFTER_BATCH / DRAFTER_LR (the recipe's: 128, 2e-3; each step also runs the 30-layer teacher, so a larger
 # batch amortises its per-step launches: runs 4-6 trained 17-28 steps/s).
@@ -147,7 +148,7 @@ print(save_random_pair(sys.argv[2], pathlib.Path(sys.argv[1])))" "$dir/random" "
 }
 # COSTS_FIRST=1: before anything else, on the idle GPU 0, this machine's call costs on random weights of
 # the pair's shapes (benchmarks/call_costs.py: every feed width, the verifier's kernels at width 1 and 6,
-# the block's arithmetic alone; a few minutes, not yet timed on a GPU), once as torch.compile builds the step by default and once
+# the block's arithmetic alone; run 7 on an H200: 1.6 min, and 3.2 min autotuned), once as torch.compile builds the step by default and once
 # with inductor's GEMM autotuning (TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1). Runs 5 and 6 measured b = 1.24 /
 # 1.17 for the 6-token verifier call where runs 2 and 4 had 1.04. SWEEP_AUTOTUNE (auto): 1 sweeps with the
 # autotuned GEMMs, 0 without; auto uses them only where the check found the 6-token call >= 3% cheaper
@@ -158,6 +159,9 @@ if [ "${COSTS_FIRST:-0}" = 1 ]; then
   [ "$DEVICE" = cuda ] && costs+=(--dtype "$SWEEP_DTYPE")
   (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage costs_default "${costs[@]}" --profile --arithmetic-methods sd,diff --out "$dir/costs_default.json"
+   # the attention in the cache layout before and after models.fused.CACHE_ALIGN (run 7's profile), same machine
+   stage cache_layout python benchmarks/cache_layout.py --preset "$PRESET" --device "$DEVICE" --out "$dir/cache_layout.json"
+   [ "${COSTS_AUTOTUNE:-1}" = 1 ] || exit 0   # COSTS_AUTOTUNE=0: not the autotuned check (run 7: 3.2 min)
    export TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 TORCHINDUCTOR_CACHE_DIR="$AUTOTUNE_CACHE"
    # (widths 1 and 6 only: autotuning benchmarks kernel candidates for every GEMM shape it compiles)
    stage costs_autotune "${costs[@]}" --widths 1,6 --arithmetic-methods "" --out "$dir/costs_autotune.json")
@@ -182,10 +186,12 @@ if [ "$VERIFIER_GPUS" -ge 2 ]; then
     || echo "$(date -u +%FT%TZ) the data-parallel verifier failed: GPU 0 trains it alone" >> "$dir/stages.log"
 fi
 limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
-# DISTILL_BACKEND (fused_eager on a GPU, dynamic on a CPU): the fused step uncompiled, each token step of a
-# batch one CUDA graph replay, no compile time (runs 2-6 decoded with the dynamic backend: ~360 rows/s a
-# process on an H200); where it fails, the stage is run again on the dynamic backend
-DISTILL_BACKEND="${DISTILL_BACKEND:-$([ "$DEVICE" = cuda ] && echo fused_eager || echo dynamic)}"
+# DISTILL_BACKEND (dynamic): the backend that decodes the verifier's translations; where another one
+# fails, the stage is run again on the dynamic backend. Runs 2-6 decoded on the dynamic backend (~360
+# rows/s a process on an H200); run 7 tried fused_eager and its greedy process took 17 min for 58,779
+# rows beside two T = 1 ones (run 6, dynamic: 117,558 rows in 5.4 min), on the cache layout before
+# models.fused.CACHE_ALIGN, which copied each layer's whole cache (1,024 rows of it) every token step
+DISTILL_BACKEND="${DISTILL_BACKEND:-dynamic}"
 distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translations at these temperatures
   local gpu="$1" seed="$2" tag; shift 2
   tag=$(IFS=_; echo "$*")$([ "$seed" -gt 0 ] && echo "_s$seed")   # 1 with seed 2 -> 1_s2

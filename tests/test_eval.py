@@ -505,5 +505,9 @@ def test_call_costs_times_the_block_arithmetic_on_stand_ins_that_run_algorithm_4
 
     out = cc.block_arithmetic(["sd", "diff"], vocab, gamma, None, "cpu", rounds=1, repeats=2)
     assert set(out) == {"T=0", "T=1"} and all(set(o) == {"sd", "diff"} and min(o.values()) > 0 for o in out.values())
+    profiled = cc.block_arithmetic(["sd"], vocab, gamma, None, "cpu", rounds=1, repeats=2, profile=True)
+    ops = profiled["kernels"]["T=0"]["sd"]   # on a CPU: the operators of the block (argmax among them)
+    assert set(profiled["seconds"]) == {"T=0", "T=1"} and ops["launches_per_call"] > 0
+    assert any("argmax" in r["kernel"] for r in ops["top"])
     with pytest.raises(SystemExit, match="token_cascade.*does not run the speculative block"):
         cc.block_arithmetic(["token_cascade"], vocab, gamma, None, "cpu", rounds=1, repeats=2)

@@ -328,3 +328,35 @@ def test_near_the_end_the_host_waits_for_the_last_block_instead_of_queuing_one_p
     out = sc.generate(fd, fv, [[11, 12]], method="verifier_only", max_new_tokens=12, eos_token_id=[])
     replays = sum(c.replays - before.get(k, 0) for k, c in runner.graph_cache(fv).items() if k[0] == "single")
     assert foreseen[-1] and replays == len(out.tokens[0]) == 12
+
+
+def test_the_cache_layout_benchmark_compares_equal_attention(monkeypatch):
+    """benchmarks/cache_layout.py times the head-major cache's attention (the backend's own
+    ``gqa_attention``) against the slot-major one it replaced: on the same inputs the two give the
+    same output (GQA: 4 query heads over 2 KV heads, a feed of 3 at positions 5..7, slots past them
+    and the trash slot masked) and write the feed's K/V to the same slots, so the benchmark compares
+    equal work. The output also equals attention computed head by head from scratch."""
+    from pathlib import Path
+
+    from speccascade.train.trainer import Shape
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cache_layout as cl
+
+    shape = Shape(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=16)
+    out, written = {}, {}
+    for layout, fn in cl.LAYOUTS.items():
+        caches, q, k, v, rows, slots, bias = cl.inputs(layout, shape, 20, 5, 3, "cpu", torch.float32)
+        out[layout] = fn(q, k, v, caches[0][0], caches[1][0], rows, slots, bias, 0.25)
+        kc = caches[0][0] if layout == "head_major" else caches[0][0].transpose(1, 2)   # -> [B, Hkv, n, D]
+        written[layout] = kc[0, :, :8]
+    torch.testing.assert_close(out["head_major"], out["slot_major"])
+    torch.testing.assert_close(written["head_major"], written["slot_major"])
+    # from scratch: query head h (KV head h // 2) at position 5 + i sees slots 0 .. 5 + i
+    caches, q, k, v, *_ = cl.inputs("head_major", shape, 20, 5, 3, "cpu", torch.float32)
+    kc, vc = caches[0][0, 0], caches[1][0, 0]          # [Hkv, n, D], before the feed is written
+    kc[:, 5:8], vc[:, 5:8] = k[0].transpose(0, 1), v[0].transpose(0, 1)
+    for h in range(4):
+        for i in range(3):
+            att = torch.softmax(kc[h // 2, : 6 + i] @ q[0, i, h] * 0.25, -1)
+            torch.testing.assert_close(out["head_major"][0, i, h * 8:(h + 1) * 8], att @ vc[h // 2, : 6 + i])

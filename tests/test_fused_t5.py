@@ -103,8 +103,10 @@ def test_logits_equal_transformers_after_ragged_feeds_and_rollbacks(variant):
             n = lengths if lengths is not None else torch.full((3,), k)
             for b in range(3):
                 m = int(n[b])
+                # float32 rounding only (the products' reduction order differs from transformers'); a
+                # wrong slot, bias or mask moves logits by orders of magnitude more
                 torch.testing.assert_close(logits[b, :m], fresh(b, seqs[b] + tokens[b, :m].tolist())[-m:],
-                                           atol=1e-5, rtol=1e-5)
+                                           atol=3e-5, rtol=1e-4)
             n_keep = torch.stack([torch.randint(0, int(n[b]) + 1, (1,), generator=g)[0] for b in range(3)])
             if step == 0:
                 n_keep = n.clone()

@@ -122,7 +122,7 @@ def _check_logits(rank, arch):
     for be in (whole, shard):
         be.reserve(4, 80)
         be.reset(ids, mask)
-    assert shard.k_cache.shape[-2] == cfg.num_key_value_heads // 2   # only this rank's heads are cached
+    assert shard.k_cache.shape[2] == cfg.num_key_value_heads // 2   # only this rank's heads are cached
     first = shard.extend(ids[:, -1:])
     torch.testing.assert_close(first, whole.extend(ids[:, -1:]), atol=1e-5, rtol=1e-5)   # after the prefill
     one = torch.ones(4, dtype=torch.long)

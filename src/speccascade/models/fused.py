@@ -101,6 +101,19 @@ def _capacity(length: int, minimum: int = 64) -> int:
     return max(minimum, 1 << (max(length, 1) - 1).bit_length())
 
 
+#: the cache's slot count (the S slots and the trash slot) is rounded up to a multiple of this, so that
+#: the attention's matrix products see row strides of 16 bytes in bf16: with S + 1 (odd) slots cuBLAS
+#: took an unaligned kernel for every feed of 2 or more tokens (deep pair run 7's profile: 60 launches of
+#: a ``..._align1`` kernel, 398 us of a 1.49 ms 6-token verifier call)
+CACHE_ALIGN = 8
+
+
+def _cache_len(slots: int) -> int:
+    """Slots allocated for ``slots`` usable ones and the trash slot: ``slots + 1`` rounded up to
+    :data:`CACHE_ALIGN` (the slots past the trash slot are never written and never seen)."""
+    return -(-(slots + 1) // CACHE_ALIGN) * CACHE_ALIGN
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
     """RMS norm (no mean subtraction, no bias), the mean square in float32: ``w * x / rms(x)``, the
     normalised ``x`` cast to ``dtype`` (``x``'s own if None) before the scale. Llama's RMSNorm casts
@@ -114,9 +127,10 @@ class PositionIndexedCache:
     bookkeeping, every piece of it on the device (see the module's docstring), and the compilation
     of a step per region.
 
-    * ``reserve(batch, length)`` allocates ``k_cache`` / ``v_cache  # [layers, B, S+1, Hkv, D]``
+    * ``reserve(batch, length)`` allocates ``k_cache`` / ``v_cache  # [layers, B, Hkv, C, D]``
       (S = :func:`_capacity` of ``length``, at least ``min_slots``; slot S is the trash slot that takes the writes of
-      padding), the per-row counts ``n_pos`` (tokens cached, tentative ones included) and
+      padding; C = :func:`_cache_len` of S + 1, so that a head's rows of slots start 16-byte aligned), the
+      per-row counts ``n_pos`` (tokens cached, tentative ones included) and
       ``n_committed``, and bumps ``generation``;
     * ``extend`` places a feed at each row's next positions (a ragged feed's padding is not
       ``valid`` and goes to the trash slot); ``commit`` lowers ``n_pos`` to the kept count: a
@@ -165,12 +179,15 @@ class PositionIndexedCache:
             return
         if self.max_positions and length > self.max_positions:
             raise SpecCascadeError(f"{length} positions exceed the {self.name}'s context of {self.max_positions}")
-        shape = (self.n_layers, batch, slots + 1, self.n_kv, self.head_dim)   # the last slot is a trash slot
+        # head-major, so that a layer's keys and values are [B, Hkv, C, D] matrices the attention's
+        # products read in place (a slot-major cache made inductor copy the whole cache every layer)
+        n = _cache_len(slots)   # slot `slots` is the trash slot; those past it are alignment only
+        shape = (self.n_layers, batch, self.n_kv, n, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.n_pos = torch.zeros(batch, dtype=torch.long, device=self.device)        # real tokens cached per row
         self.n_committed = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.ar = torch.arange(slots + 1, device=self.device)
+        self.ar = torch.arange(n, device=self.device)
         self.batch, self.slots = batch, slots
         self.generation = getattr(self, "generation", 0) + 1   # captured graphs hold the old tensors
         self._allocated()
@@ -251,13 +268,14 @@ class PositionIndexedCache:
 
     def _cache_slots(self, positions, valid):
         """Where a feed's K/V go and what its queries see: ``rows``, ``slots  # [B, w]`` (slot =
-        position; the trash slot where not ``valid`` or past the capacity) and ``seen  # [B, w, S+1]``
-        (each query sees its own row's slots up to its own position, never the trash slot)."""
+        position; the trash slot where not ``valid`` or past the capacity) and ``seen  # [B, w, C]``
+        (each query sees its own row's slots up to its own position, never the trash slot or the
+        alignment slots after it)."""
         B, w = positions.shape
         slots = torch.where(valid & (positions < self.slots), positions, self.slots)   # [B, w]
         rows = torch.arange(B, device=positions.device).unsqueeze(1).expand(B, w)
-        seen = self.ar[: self.slots + 1].view(1, 1, -1) <= positions.unsqueeze(-1)      # [B, w, S+1]
-        seen[..., self.slots] = False
+        seen = self.ar.view(1, 1, -1) <= positions.unsqueeze(-1)                      # [B, w, C]
+        seen[..., self.slots:] = False
         return rows, slots, seen
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -439,7 +457,7 @@ class FusedLlamaBackend(PositionIndexedCache):
         (each query sees its own row's slots up to its own position) and where the new K/V go."""
         B, w = tokens.shape
         rows, slots, seen = self._cache_slots(positions, valid)
-        bias = torch.where(seen, 0.0, float("-inf")).view(B, 1, 1, w, -1)            # [B, 1, 1, w, S+1]
+        bias = torch.where(seen, 0.0, float("-inf")).view(B, 1, 1, w, -1)            # [B, 1, 1, w, C]
         freqs = positions.unsqueeze(-1).float() * self.inv_freq                       # [B, w, D/2]
         emb = torch.cat([freqs, freqs], -1)
         cos = (emb.cos() * self.rope_scale).to(self.dtype).unsqueeze(2)               # [B, w, 1, D]
@@ -447,25 +465,18 @@ class FusedLlamaBackend(PositionIndexedCache):
         return F.embedding(tokens, self.embed), cos, sin, bias, rows, slots          # h: [B, w, hidden]
 
     def _layer(self, h, L: dict, cos, sin, bias, rows, slots, k_cache, v_cache) -> torch.Tensor:
-        """One decoder layer: ``L`` its fused weights, ``k_cache`` / ``v_cache  # [B, S+1, Hkv, D]``
+        """One decoder layer: ``L`` its fused weights, ``k_cache`` / ``v_cache  # [B, Hkv, C, D]``
         its cache, written at ``slots`` in place."""
         B, w = h.shape[:2]
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        G = H // Hkv
         x = self._rms(h, L["in_norm"])
         qkv = F.linear(x, L["wqkv"], L["bqkv"])
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
         q = _rope(q.view(B, w, H, D), cos, sin)
         k = _rope(k.view(B, w, Hkv, D), cos, sin)
-        k_cache[rows, slots] = k
-        v_cache[rows, slots] = v.view(B, w, Hkv, D)
-        keys = k_cache.permute(0, 2, 3, 1).unsqueeze(2)                                # [B, Hkv, 1, D, S+1]
-        vals = v_cache.transpose(1, 2).unsqueeze(2)                                    # [B, Hkv, 1, S+1, D]
-        qg = q.view(B, w, Hkv, G, D).permute(0, 2, 3, 1, 4)                            # [B, Hkv, G, w, D]
-        scores = torch.matmul(qg, keys).float() * self.scaling                         # [B, Hkv, G, w, S+1]
-        att = torch.softmax(scores + bias, -1).to(self.dtype)
-        o = torch.matmul(att, vals)                                                    # [B, Hkv, G, w, D]
-        o = o.permute(0, 3, 1, 2, 4).reshape(B, w, H * D)
+        k_cache[rows, :, slots] = k                                                    # [B, w, Hkv, D] in
+        v_cache[rows, :, slots] = v.view(B, w, Hkv, D)
+        o = gqa_attention(q, k_cache, v_cache, bias, self.scaling)
         h = h + self._row_parallel(o, L["wo"], L["bo"])
         x = self._rms(h, L["post_norm"])
         gate, up = F.linear(x, L["w13"], L["b13"]).chunk(2, -1)
@@ -473,6 +484,25 @@ class FusedLlamaBackend(PositionIndexedCache):
 
     def _head(self, h) -> torch.Tensor:
         return F.linear(self._rms(h, self.final_norm), self.lm_head, self.lm_head_bias).float()
+
+
+def gqa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """Attention of ``q  # [B, w, H, D]`` over a layer's head-major cache ``k_cache`` / ``v_cache  #
+    [B, Hkv, C, D]`` with ``bias  # [B, 1, 1, w, C]`` (0 where seen, -inf elsewhere), the scores in
+    float32.  # -> [B, w, H·D] in the cache's dtype
+
+    A KV head's G = H / Hkv query heads and the feed's w positions are the G·w rows of one matrix
+    product with that head's cache (GQA), so the cache is read where it lies, never expanded or
+    copied (``benchmarks/cache_layout.py`` times this against the slot-major layout it replaced)."""
+    B, w, H, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = H // Hkv
+    qg = q.view(B, w, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * w, D)    # [B, Hkv, G·w, D]
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scaling           # [B, Hkv, G·w, C]
+    att = torch.softmax(scores.view(B, Hkv, G, w, -1) + bias, -1).to(k_cache.dtype)
+    o = torch.matmul(att.view(B, Hkv, G * w, -1), v_cache)                             # [B, Hkv, G·w, D]
+    return o.view(B, Hkv, G, w, D).permute(0, 3, 1, 2, 4).reshape(B, w, H * D)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ cannot be captured; this backend can (``capturable = True``). It
 * computes T5's **relative position bias** on the device every step: for a query at position i
   and cache slot j, the bias of bucket(j - i) (causal buckets, ``bidirectional=False``) from the
   first decoder layer's ``relative_attention_bias`` table, shared by every decoder layer, plus
-  -inf where the query does not see the slot (``[B, w, S+1]`` bucket indices: cheap).
+  -inf where the query does not see the slot (``[B, w, C]`` bucket indices: cheap).
 
 The arithmetic follows transformers' ``modeling_t5``: ``T5LayerNorm`` (RMS, no mean, variance in
 float32, cast to the weight's dtype where that is half precision), no 1/sqrt(d) attention scaling,
@@ -223,9 +223,9 @@ class FusedT5Backend(PositionIndexedCache):
         """The embeddings, where the new K/V go, and the self-attention bias every layer shares:
         T5's relative position bias of (slot - position), -inf where the query does not see the slot."""
         rows, slots, seen = self._cache_slots(positions, valid)
-        rel = self.ar[: self.slots + 1].view(1, 1, -1) - positions.unsqueeze(-1)         # [B, w, S+1]
+        rel = self.ar.view(1, 1, -1) - positions.unsqueeze(-1)                             # [B, w, C]
         pos = F.embedding(relative_bucket(rel, self.num_buckets, self.max_distance), self.pos_table)
-        bias = torch.where(seen.unsqueeze(1), pos.permute(0, 3, 1, 2).float(), float("-inf"))  # [B, H, w, S+1]
+        bias = torch.where(seen.unsqueeze(1), pos.permute(0, 3, 1, 2).float(), float("-inf"))  # [B, H, w, C]
         return F.embedding(tokens, self.embed), bias, rows, slots
 
     def _norm(self, x, w):
@@ -238,11 +238,11 @@ class FusedT5Backend(PositionIndexedCache):
         H, D = self.n_heads, self.head_dim
         x = self._norm(h, L["sa_norm"])
         q, k, v = F.linear(x, L["wqkv"]).view(B, w, 3, H, D).unbind(2)
-        k_cache[rows, slots] = k
-        v_cache[rows, slots] = v
-        scores = torch.matmul(q.transpose(1, 2), k_cache.permute(0, 2, 3, 1)).float()   # [B, H, w, S+1]
+        k_cache[rows, :, slots] = k                                                         # [B, w, H, D] in
+        v_cache[rows, :, slots] = v
+        scores = torch.matmul(q.transpose(1, 2), k_cache.transpose(-1, -2)).float()        # [B, H, w, C]
         att = torch.softmax(scores + bias, -1).to(v_cache.dtype)
-        o = torch.matmul(att, v_cache.transpose(1, 2)).transpose(1, 2).reshape(B, w, H * D)
+        o = torch.matmul(att, v_cache).transpose(1, 2).reshape(B, w, H * D)
         h = _clamp(h + F.linear(o, L["wo"]))
         x = self._norm(h, L["ca_norm"])
         q = F.linear(x, L["cq"]).view(B, w, H, D).transpose(1, 2)                        # [B, H, w, D]
