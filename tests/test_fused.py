@@ -352,6 +352,15 @@ def test_the_cache_layout_benchmark_compares_equal_attention(monkeypatch):
         written[layout] = kc[0, :, :8]
     torch.testing.assert_close(out["head_major"], out["slot_major"])
     torch.testing.assert_close(written["head_major"], written["slot_major"])
+    # the backend allocates the layout the benchmark times: head-major, rows of a multiple of 8 slots
+    from speccascade.models.fused import CACHE_ALIGN
+
+    model = tiny_pair()[1]
+    be = FusedLlamaBackend(model, "verifier")
+    be.reserve(2, 70)   # 128 slots + the trash slot -> 136
+    cfg = model.config
+    assert be.k_cache.shape == (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 136, be.head_dim)
+    assert be.k_cache.shape[3] % CACHE_ALIGN == 0 and be.slots == 128
     # from scratch: query head h (KV head h // 2) at position 5 + i sees slots 0 .. 5 + i
     caches, q, k, v, *_ = cl.inputs("head_major", shape, 20, 5, 3, "cpu", torch.float32)
     kc, vc = caches[0][0, 0], caches[1][0, 0]          # [Hkv, n, D], before the feed is written
