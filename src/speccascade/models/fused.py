@@ -104,7 +104,7 @@ def _capacity(length: int, minimum: int = 64) -> int:
 #: the cache's slot count (the S slots and the trash slot) is rounded up to a multiple of this, so that
 #: the attention's matrix products see row strides of 16 bytes in bf16: with S + 1 (odd) slots cuBLAS
 #: took an unaligned kernel for every feed of 2 or more tokens (deep pair run 7's profile: 60 launches of
-#: a ``..._align1`` kernel, 398 us of a 1.49 ms 6-token verifier call)
+#: a ``..._align1`` kernel, 398 us of the 6-token verifier call's 1,281 us of kernels)
 CACHE_ALIGN = 8
 
 
@@ -129,7 +129,7 @@ class PositionIndexedCache:
 
     * ``reserve(batch, length)`` allocates ``k_cache`` / ``v_cache  # [layers, B, Hkv, C, D]``
       (S = :func:`_capacity` of ``length``, at least ``min_slots``; slot S is the trash slot that takes the writes of
-      padding; C = :func:`_cache_len` of S + 1, so that a head's rows of slots start 16-byte aligned), the
+      padding; C = :func:`_cache_len` (S): S + 1 rounded up to :data:`CACHE_ALIGN`, for aligned rows), the
       per-row counts ``n_pos`` (tokens cached, tentative ones included) and
       ``n_committed``, and bumps ``generation``;
     * ``extend`` places a feed at each row's next positions (a ragged feed's padding is not
