@@ -229,8 +229,9 @@ def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, r
             logits = extend_carried(drafter, state, token)                   # [B, V]
         else:
             logits = drafter.extend(token.unsqueeze(1))[:, -1]               # [B, V]
-        noise = exponential_noise(logits.shape, logits, generator, cfg.greedy) if j < gamma else None
-        probs, token = sample(logits, noise, cfg)                            # [B, V], [B]
+        draw = j < gamma   # (greedy: the draft is the argmax, no noise is made)
+        noise = exponential_noise(logits.shape, logits, generator) if draw and not cfg.greedy else None
+        probs, token = sample(logits, noise, cfg, draw)                      # [B, V], [B]
         q_logits.append(logits)
         q_probs.append(probs)
         if j < gamma:
@@ -257,10 +258,14 @@ def extend_carried(drafter: Backend, state: DecodeState, pending: torch.Tensor) 
     return logits.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])).squeeze(1)
 
 
-def draft_token(logits: torch.Tensor, noise: torch.Tensor | None, cfg: SamplingConfig):
-    """The drafter's sampling distribution at one position and, given Exp(1) ``noise``, its draw."""
+def draft_token(logits: torch.Tensor, noise: torch.Tensor | None, cfg: SamplingConfig, draw: bool = True):
+    """The drafter's sampling distribution at one position and, with ``draw``, its draw: the exponential
+    race with Exp(1) ``noise``, or at T = 0 the argmax (the one-hot's only token, which any race draws;
+    one reduction a draft instead of two, and no noise)."""
     probs = sampling_probs(logits, cfg)
-    return probs, (draw_with(probs, noise) if noise is not None else None)
+    if not draw:
+        return probs, None
+    return probs, (logits.float().argmax(-1) if cfg.greedy else draw_with(probs, noise))
 
 
 def finish_block(drafter: Backend, verifier: Backend, state: DecodeState, req: DecodeRequest, alpha,
