@@ -1,7 +1,8 @@
 """What the host's wait near the end of a decode buys in wall-clock (runner.StepSync): the same cells
-with the flags read one step late and the wait on (the default on a GPU), one step late with the
-wait off (the loop before it: one step past every end), and read at once (no lag: an idle gap of the
-device after every step). Writes one JSON record naming the card.
+with the flags read one step late and the wait on (a GPU's default for batches), one step late with
+the wait off (the loop before it: one step past every end), and read at once (no lag: an idle gap of
+the device after every step; a GPU's default at batch 1 since the deep pair's run 8 measured it
+fastest, runner.AT_ONCE_ROWS). Writes one JSON record naming the card.
 
     python benchmarks/end_wait.py --drafter runs/deep/drafter --verifier runs/deep/verifier --device cuda \\
         --out runs/end_wait.json

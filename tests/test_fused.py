@@ -369,3 +369,36 @@ def test_the_cache_layout_benchmark_compares_equal_attention(monkeypatch):
         for i in range(3):
             att = torch.softmax(kc[h // 2, : 6 + i] @ q[0, i, h] * 0.25, -1)
             torch.testing.assert_close(out["head_major"][0, i, h * 8:(h + 1) * 8], att @ vc[h // 2, : 6 + i])
+
+
+
+def test_a_replayed_decode_of_one_row_reads_its_flags_at_once_on_a_gpu(simulated_capture, monkeypatch):
+    """StepSync's policy: on a GPU the flags are read one step late, except in a replayed (captured)
+    decode of one row, which reads each replay's at once (runner.AT_ONCE_ROWS); a forced ``lagged``
+    wins, and a CPU never lags unless forced. ``run_steps`` tells the sync the replayed rows: a
+    captured batch-1 decode on the simulated capture asks for one row, a batch of two for two."""
+    from speccascade.runner import StepSync
+    from speccascade.stats import Stats
+
+    def lag(device, rows, forced=None):
+        monkeypatch.setattr(StepSync, "lagged", forced)
+        sync = StepSync(torch.device(device), Stats(), ["verifier"])   # (builds no CUDA state)
+        if rows is not None:
+            sync.replayed(rows)
+        return sync.lag
+
+    assert lag("cuda", None) and lag("cuda", 2) and not lag("cuda", 1)   # eager steps and batches: late
+    assert lag("cuda", 1, forced=True) and not lag("cuda", 2, forced=False)
+    assert not lag("cpu", None) and not lag("cpu", 2) and lag("cpu", 1, forced=True)
+    monkeypatch.setattr(StepSync, "lagged", None)
+
+    seen = []
+    replayed = StepSync.replayed
+    monkeypatch.setattr(StepSync, "replayed", lambda self, rows: (seen.append(rows), replayed(self, rows))[1])
+    d, v = tiny_pair(0, noise=0.3)
+    fd, fv = FusedLlamaBackend(d, "drafter"), FusedLlamaBackend(v, "verifier")
+    for prompts in ([[5, 6, 7]], [[5, 6, 7], [8, 9]]):
+        for method in ("sd", "verifier_only"):
+            sc.generate(fd, fv, prompts, method=method, gamma=3, max_new_tokens=6, temperature=1.0,
+                        generator=torch.Generator().manual_seed(0))
+    assert seen == [1, 1, 2, 2] and runner.AT_ONCE_ROWS == 1

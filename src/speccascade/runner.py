@@ -38,11 +38,13 @@ import torch
 from .errors import NonFiniteLogitsError
 
 #: steps per replay of a captured graph (speculative blocks; single-model tokens). One step per
-#: replay keeps the device busy already (the host queues replay i + 1 before it reads the flags of
-#: replay i) and wastes at most one step at the end; more steps per replay wake the host less often
-#: but compute up to that many steps past the end.
+#: replay keeps the device busy already (in a batch the host queues replay i + 1 before it reads the
+#: flags of replay i; one row reads them at once, AT_ONCE_ROWS) and wastes at most one step at the
+#: end; more steps per replay wake the host less often but compute up to that many steps past the end.
 BLOCKS_PER_REPLAY = 1
 TOKENS_PER_REPLAY = 1
+#: a replayed decode of at most this many rows reads each replay's flags at once (StepSync)
+AT_ONCE_ROWS = 1
 
 
 def raise_if_nonfinite(flags: list[bool], names: list[str]) -> None:
@@ -73,9 +75,16 @@ class StepSync:
     reads its flags at once (``Stats.end_waits`` counts these), so that a last step is not followed by one
     run past the end. With ``cumulative=True`` the last flag counts tokens emitted so far (not this
     step's).
+
+    A captured decode of one row (``replayed``) reads each replay's flags at once instead, on a GPU
+    too: on an H200 (the deep pair's run 8, ``benchmarks/end_wait.py``, 100 test verses, 3 rounds)
+    that ran ``sd`` 3.4% and ``verifier_only`` 0.5% faster than reading one step late with the wait
+    near the end, which still ran a block past 48 of the 100 ends: an idle gap of the device after
+    each replay costs less than those blocks. Batches keep the lag (not measured there).
     """
 
-    #: read flags one step late: None = on a GPU only (tests force it on the CPU)
+    #: read flags one step late: None = on a GPU, except a replayed decode of AT_ONCE_ROWS rows
+    #: (tests force it on the CPU; benchmarks/end_wait.py compares the modes)
     lagged: bool | None = None
     #: near the end, read the step just queued at once (benchmarks/end_wait.py switches it off to compare)
     wait_near_end: bool = True
@@ -92,6 +101,12 @@ class StepSync:
         self._host: list[torch.Tensor] = []   # two pinned buffers and events, used in turn
         self._events: list = []
         self._turn = 0
+
+    def replayed(self, rows: int) -> None:
+        """The steps are replays of a captured program of ``rows`` rows: with ``lagged`` unset, a
+        decode of at most ``AT_ONCE_ROWS`` rows reads each replay's flags at once (see above)."""
+        if self.lagged is None and rows <= AT_ONCE_ROWS:
+            self.lag = False
 
     def end_step(self, done: torch.Tensor, finite_flags: list[torch.Tensor], kept: torch.Tensor) -> bool:
         """True when every row is done (as of the last step whose flags the host has read)."""
@@ -290,6 +305,7 @@ def run_steps(step: Callable[[torch.Generator], None], state, sync: StepSync,
                 after(state.emitter)
             if sync.end(state.flags):
                 return
+    sync.replayed(state.emitter.done.shape[0])
     if generator is not None:
         captured.generator.set_state(generator.get_state())
         # the flags are read a step late: the sync puts the program's generator back before the
