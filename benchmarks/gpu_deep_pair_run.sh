@@ -40,6 +40,11 @@
 # DRAFTER_BATCH / DRAFTER_LR (the recipe's: 128, 2e-3; each step also runs the 30-layer teacher, so a larger
 # batch amortises its per-step launches: runs 4-6 trained 17-28 steps/s).
 # `distill` decodes batches of 1024 ragged rows with DISTILL_BACKEND (below; the compiled fused one would compile per batch shape).
+# TRAIN_COMPILE (0): 1 trains the verifier and the drafter with `train --compile` (each decoder layer compiled,
+# the teacher's too); auto first times both ways on random weights of the pair's shapes (stage train_step,
+# benchmarks/train_step.py) and compiles a role only where the compiled steps fit at least 3% more of its
+# budget (TRAIN_STEP_OPTS: more of its options, e.g. "--warm-up 1 --steps 1" in a CPU rehearsal). A compiled
+# training that fails is run again eagerly.
 # A CPU rehearsal of the plumbing:
 #   DEVICE=cpu PRESET=tiny VERIFIER_MINUTES=0.2 DRAFTER_MINUTES=0.2 DISTILL_LIMIT=16 EXAMPLES=2 TEST_PAIRS=10 \
 #     METHODS=verifier_only,sd,token_v3,opt SKIP_TESTS=1 BACKEND=dynamic bash benchmarks/gpu_deep_pair_run.sh runs/rehearsal
@@ -174,12 +179,35 @@ step_ok = b["verifier_step_s"] <= 1.01 * a["verifier_step_s"]
 wide = b["verifier_call_s"]["6"] <= 0.97 * a["verifier_call_s"]["6"]
 print(1 if step_ok and wide else 0)' "$dir/costs_default.json" "$dir/costs_autotune.json" 2>/dev/null || echo 0
 }
+TRAIN_COMPILE="${TRAIN_COMPILE:-0}"
+if [ "$TRAIN_COMPILE" = auto ]; then   # on the idle GPU 0, before anything trains: eager vs compiled steps
+  (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+   stage train_step python benchmarks/train_step.py --preset "$PRESET" --roles verifier,drafter --device "$DEVICE" \
+       --batch-sizes "verifier=$VERIFIER_BATCH${DRAFTER_BATCH:+,drafter=$DRAFTER_BATCH}" \
+       --budget-minutes "verifier=$VERIFIER_MINUTES,drafter=$DRAFTER_MINUTES" ${TRAIN_STEP_OPTS:-} --out "$dir/train_step.json")
+fi
+compile_flag() {  # compile_flag ROLE: --compile where TRAIN_COMPILE says so for ROLE (auto: the benchmark's `pays`)
+  case "$TRAIN_COMPILE" in
+    1) echo --compile ;;
+    auto) python -c 'import json, sys; print("--compile" if json.load(open(sys.argv[1]))["roles"][sys.argv[2]]["pays"] else "")' \
+            "$dir/train_step.json" "$1" 2>/dev/null ;;
+  esac
+}
+train_stage() {  # train_stage NAME ROLE CMD...: the stage with ROLE's compile flag; failed compiled, again eagerly
+  local name="$1" flag; flag="$(compile_flag "$2")"; shift 2
+  [ -n "$flag" ] && echo "$(date -u +%FT%TZ) $name with $flag" >> "$dir/stages.log"
+  stage "$name" "$@" $flag && return 0
+  [ -z "$flag" ] && return 1
+  echo "$(date -u +%FT%TZ) $name failed with $flag: again eagerly" >> "$dir/stages.log"
+  cp "$dir/$name.log" "$dir/${name}_compiled.log" 2>/dev/null
+  stage "$name" "$@"
+}
 SIDE=$((GPUS - 1))   # the GPU of the side tasks (smoke test, T = 1 distillation, GPU tests): with one GPU, GPU 0
 (export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); warm) &
 warm_pid=$!
 # every GPU: the verifier, data-parallel (one rank per GPU, each a VERIFIER_BATCH-sequence share of a step)
 if [ "$VERIFIER_GPUS" -ge 2 ]; then
-  stage train_verifier python -m torch.distributed.run --standalone --nproc-per-node "$VERIFIER_GPUS" \
+  train_stage train_verifier verifier python -m torch.distributed.run --standalone --nproc-per-node "$VERIFIER_GPUS" \
       -m speccascade train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
       --minutes "$VERIFIER_MINUTES" --batch-size $((VERIFIER_BATCH * VERIFIER_GPUS)) --lr "$VERIFIER_LR" \
       --epochs "$VERIFIER_EPOCHS" "${ema[@]}" \
@@ -211,8 +239,8 @@ distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translation
 (
   export CUDA_VISIBLE_DEVICES=$(gpu_id 0)
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
-  stage train_verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
-      --minutes "$VERIFIER_MINUTES" "${one_rank[@]}" "${ema[@]}"
+  train_stage train_verifier verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" \
+      --device "$DEVICE" --minutes "$VERIFIER_MINUTES" "${one_rank[@]}" "${ema[@]}"
 ) && {
   # DISTILL_SAMPLES T = 1 translations of every source, side by side, one process each (seeds 0, 1, ...;
   # files distill_T1, distill_T1_s1, ...), beside the greedy ones on GPU 0; with two GPUs the samples
@@ -234,7 +262,7 @@ fi
 [ $distill_rc -eq 0 ] && (
   export CUDA_VISIBLE_DEVICES=$(gpu_id 0)
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
-  stage train_drafter sc train --preset "$PRESET" --role drafter --out "$dir/drafter" --device "$DEVICE" \
+  train_stage train_drafter drafter sc train --preset "$PRESET" --role drafter --out "$dir/drafter" --device "$DEVICE" \
       --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" "${drafter_opts[@]}" \
       $([ "$DRAFTER_INIT" = 1 ] && echo --init-from "$dir/verifier") &&
   stage pair python benchmarks/train_pair.py --preset "$PRESET" --roles "" --out "$dir" --device "$DEVICE" \

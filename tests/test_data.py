@@ -238,3 +238,37 @@ def test_trainer_keeps_a_moving_average_of_the_weights_and_saves_the_better(tmp_
     assert abs(saved_loss(tmp_path / "a") - calls[-1]) < 1e-3
     with pytest.raises(SpecCascadeError, match="--ema-decay must be in"):
         trainer.train("tiny", "drafter", tmp_path / "e", TOKENIZER_DIR, epochs=0.03, progress=False, ema_decay=1.5)
+
+
+def test_trainer_compiles_the_layers_and_takes_the_eager_steps(tmp_path, monkeypatch):
+    """train --compile: each decoder layer of the model and of its teacher runs compiled (dynamo
+    builds graphs), the steps and evaluations are the eager run's (a dropout-free drafter distilled
+    from the shipped tiny verifier, the same losses to float rounding), the log says so, and the
+    checkpoint is a plain one. A T5 preset is a clear error before any data is read."""
+    import torch
+
+    import speccascade.train.trainer as trainer
+    from speccascade.errors import SpecCascadeError
+    from speccascade.models.loading import embedded_pair_dirs
+
+    splits = {"train": load_split("train")[:40], "validation": load_split("validation")[:8]}
+    monkeypatch.setattr(trainer, "load_split", lambda name: splits[name])
+    teacher = embedded_pair_dirs("tiny")[1]
+    kw = dict(epochs=3, progress=False, bleu_pairs=0, teacher=teacher, batch_size=16)   # 9 steps of 16 of 40 pairs
+    eager = trainer.train("tiny", "drafter", tmp_path / "e", TOKENIZER_DIR, **kw)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    real, compiled_layers = trainer.compile_layers, []
+    monkeypatch.setattr(trainer, "compile_layers", lambda m: compiled_layers.append(real(m)) or compiled_layers[-1])
+    compiled = trainer.train("tiny", "drafter", tmp_path / "c", TOKENIZER_DIR, compile=True, **kw)
+    assert compiled_layers == [1, 8]   # the 1-layer drafter's, then the 8-layer teacher's
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1   # (compiled, not skipped)
+    assert compiled["compiled"] and not eager["compiled"] and compiled["steps"] == eager["steps"] >= 1
+    for a, b in zip(eager["evals"], compiled["evals"], strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 and abs(a["val_loss"] - b["val_loss"]) < 1e-4
+    from speccascade.models.loading import load_causal_lm
+
+    state = load_causal_lm(tmp_path / "c").state_dict()
+    assert not any("_orig_mod" in k for k in state) and "model.layers.0.self_attn.q_proj.weight" in state
+    with pytest.raises(SpecCascadeError, match="--compile compiles a decoder-only"):
+        trainer.train("t5", "verifier", tmp_path / "t", TOKENIZER_DIR, epochs=0.01, progress=False, compile=True)

@@ -430,3 +430,31 @@ def test_gpu_distill_script_brings_the_drafter_closer_to_its_teacher(tmp_path, m
     assert after["sd_acceptance_T1"] > before["sd_acceptance_T1"] + 0.03   # 0.466 -> 0.532 here; lr 0 fails it
     assert after["top1_agreement"] > before["top1_agreement"]
     assert load_causal_lm(tmp_path / "drafter").config.num_hidden_layers == 1
+
+
+def test_the_train_step_benchmark_times_the_same_steps_eager_and_compiled(tmp_path, monkeypatch):
+    """benchmarks/train_step.py runs the trainer's own step on the same batches eagerly and with the
+    layers compiled (a dropout-free tiny drafter distilled from a teacher of the verifier's shape):
+    both modes see the same losses, and the record's budget arithmetic is its rates' and warm-ups'."""
+    import sys
+
+    from speccascade.data.bible import load_split
+
+    monkeypatch.syspath_prepend(str(SRC_ROOT / "benchmarks"))
+    import train_step
+
+    monkeypatch.setattr(train_step, "load_split", lambda name: load_split(name)[:64])
+    out = tmp_path / "train_step.json"
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--preset", "tiny", "--roles", "drafter", "--device", "cpu",
+                                      "--batch-sizes", "drafter=16", "--warm-up", "1", "--steps", "2",
+                                      "--budget-minutes", "drafter=1", "--sources", "kjv", "--out", str(out)])
+    train_step.main()
+    rec = json.loads(out.read_text())
+    role = rec["roles"]["drafter"]
+    eager, compiled = role["eager"], role["compiled"]
+    assert abs(eager["first_loss"] - compiled["first_loss"]) < 1e-4
+    assert abs(eager["last_loss"] - compiled["last_loss"]) < 1e-4 and eager["last_loss"] != eager["first_loss"]
+    for m in (eager, compiled):
+        assert m["steps_in_budget"] == max(0, int((60 - m["warm_up_excess_s"]) * m["steps_per_s"]))
+    assert role["pays"] == (compiled["steps_in_budget"] >= 1.03 * max(eager["steps_in_budget"], 1))
+    assert rec["card"].startswith("cpu") and rec["threads"] == 1

@@ -150,7 +150,7 @@ def _train(args) -> int:
                     epochs=args.epochs, max_minutes=args.minutes, train_file=args.train_file,
                     sources=None if args.sources is None else _sources(args.sources),
                     teacher=args.teacher, distill_weight=args.distill_weight, batch_size=args.batch_size,
-                    lr=args.lr, init_from=args.init_from, ema_decay=args.ema_decay)
+                    lr=args.lr, init_from=args.init_from, ema_decay=args.ema_decay, compile=args.compile)
         print(json.dumps({k: log.get(k) for k in ("preset", "arch", "role", "params", "steps", "train_seconds",
                                                   "best")}))
     return 0
@@ -525,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema-decay", type=float, default=None,
                    help="also keep an exponential moving average of the weights with this decay (e.g. 0.998); "
                         "each evaluation saves the better of the trained and the averaged weights")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer, and the teacher's (Llama presets): faster steps after "
+                        "a compile that counts against --minutes; whether it pays on a machine: "
+                        "benchmarks/train_step.py")
     t.set_defaults(fn=_train)
 
     x = sub.add_parser("distill", help="write a verifier's own translations of the training sources (for a drafter)")

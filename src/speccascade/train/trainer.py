@@ -200,6 +200,15 @@ MAX_NONFINITE_STEPS = 25
 NONFINITE_CHECK_EVERY = 8
 
 
+def make_optimizer(model, recipe: Recipe) -> torch.optim.AdamW:
+    """The recipe's AdamW: weight decay on the matrices only, fused (on a CPU too: ``optimizer_step``
+    skips a bad step on the device)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98), fused=True)
+
+
 def optimizer_step(loss: torch.Tensor, model, opt, sched, clip: float = 1.0) -> torch.Tensor:
     """One clipped step of a fused optimiser (``torch.optim.AdamW(..., fused=True)``). A step whose
     gradient norm is not finite (an overflow, or a diverging run) leaves the weights and optimiser
@@ -418,9 +427,40 @@ ARCHS = {"llama": Arch("llama", build_llama, collate), "t5": Arch("t5", build_t5
 
 
 def model_logits(model, inputs: dict, device: torch.device) -> torch.Tensor:
-    """The model's logits for a batch (bf16 autocast on CUDA)."""
+    """The model's logits for a batch (bf16 autocast on CUDA; no KV cache: a training or scoring
+    pass over whole sequences has no later step to serve)."""
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return model(**inputs).logits
+        return model(**inputs, use_cache=False).logits
+
+
+def step_loss(net, inputs: dict, targets: torch.Tensor, device: torch.device, label_smoothing: float = 0.0,
+              teacher=None, distill_weight: float = 0.0) -> torch.Tensor:
+    """A training step's loss: the cross-entropy of ``net``'s logits against ``targets``, and with a
+    ``teacher``, (1 - ``distill_weight``) of it plus ``distill_weight`` × KL(p_teacher || q)."""
+    logits = model_logits(net, inputs, device)
+    loss = cross_entropy(logits, targets, label_smoothing)
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = model_logits(teacher, inputs, device)
+        loss = (1 - distill_weight) * loss + distill_weight * distill_loss(logits, teacher_logits, targets)
+    return loss
+
+
+def compile_layers(model) -> int:
+    """``torch.compile`` each decoder layer of a Llama in place (regional compilation): the layers
+    run the same code, so they share one compiled program per mode (training, scoring) and the
+    compile costs about one layer's whatever the depth; shapes are dynamic from the start, as the
+    batches vary in length. The weights and the checkpoint are unchanged. Returns the layers compiled;
+    an encoder-decoder is a clear error. Whether it pays is the machine's: the steps must save more
+    than the compile costs (``benchmarks/train_step.py`` measures both)."""
+    from ..errors import SpecCascadeError
+    from ..models.base import is_encoder_decoder
+
+    if is_encoder_decoder(model):
+        raise SpecCascadeError("--compile compiles a decoder-only model's layers (--arch llama); train a T5 without it")
+    for layer in model.model.layers:
+        layer.compile(dynamic=True)
+    return len(model.model.layers)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
@@ -507,7 +547,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
           teacher: Path | None = None, distill_weight: float | None = None,
           validation_pairs: int | None = None, sources: tuple[str, ...] | None = None,
           batch_size: int | None = None, lr: float | None = None, init_from: Path | None = None,
-          ema_decay: float | None = None) -> dict:
+          ema_decay: float | None = None, compile: bool = False) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, one step runs and a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
@@ -526,6 +566,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     (``torch.optim.swa_utils.AveragedModel``, updated after every step), the checkpoint averaging that
     translation models gain from; each evaluation scores both, and a new best is saved from whichever
     scored lower (``log["evals"][i]["val_loss_ema"]``; ``log["best"]["weights"]``: "trained" or "ema").
+    ``compile``: ``torch.compile`` the model's decoder layers, and the teacher's (:func:`compile_layers`;
+    Llama only); the compile time counts against ``max_minutes``.
 
     **Data-parallel** under ``torchrun --nproc-per-node N`` (PyTorch's DistributedDataParallel, NCCL
     on GPUs, gloo on a CPU): every rank draws the same batches and takes its 1/N share of each
@@ -554,6 +596,11 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
                      lr=recipe.lr if lr is None else float(lr),
                      ema_decay=recipe.ema_decay if ema_decay is None else float(ema_decay))
     layout = ARCHS[recipe.arch]
+    if compile and recipe.arch != "llama":
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError(f"--compile compiles a decoder-only model's layers (--arch llama); preset {preset!r} "
+                               f"is a {recipe.arch}: train it without --compile")
     if distill_weight is None:
         distill_weight = (recipe.distill_weight or 0.5) if teacher is not None else 0.0
     if teacher is None and distill_weight:
@@ -606,11 +653,11 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98),
-                            fused=True)   # on a CPU too: optimizer_step skips bad steps on the device
+    if compile:   # (after the average's copy, which stays eager)
+        compile_layers(model)
+        if teacher_model is not None:
+            compile_layers(teacher_model)
+    opt = make_optimizer(model, recipe)
     steps_per_epoch = math.ceil(len(train_data) / recipe.batch_size)
     total_steps = max(1, round(epochs * steps_per_epoch))
     warmup = min(200, total_steps // 10 + 1)
@@ -632,7 +679,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
            "sources": None if train_file is not None else list(sources),
            "teacher": None if teacher is None else str(teacher), "distill_weight": distill_weight,
            "init_from": None if init_from is None else str(init_from),
-           "planned_steps": total_steps, "planned_epochs": epochs, "ranks": n_ranks,
+           "planned_steps": total_steps, "planned_epochs": epochs, "ranks": n_ranks, "compiled": compile,
            "skipped_steps": 0}   # steps skipped for a non-finite gradient (optimizer_step); set at the end
     best, start, step = math.inf, time.perf_counter(), 0
     bar = tqdm(total=total_steps, desc=f"train {preset}/{role}", disable=not progress or not lead)
@@ -656,12 +703,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
             continue   # (data-parallel: a remnant batch too small to share; every rank skips it)
         inputs, targets = layout.collate([train_data[i] for i in batch[rank::n_ranks]], dev,
                                          SHAPE_MULTIPLE if dev.type == "cuda" else 1)
-        logits = model_logits(net, inputs, dev)
-        loss = cross_entropy(logits, targets, recipe.label_smoothing)
-        if teacher_model is not None:
-            with torch.no_grad():
-                teacher_logits = model_logits(teacher_model, inputs, dev)
-            loss = (1 - distill_weight) * loss + distill_weight * distill_loss(logits, teacher_logits, targets)
+        loss = step_loss(net, inputs, targets, dev, recipe.label_smoothing, teacher_model, distill_weight)
         scored = (targets != -100).sum()
         rank_tokens += scored
         if n_ranks > 1:   # this rank's mean times its share of the batch's scored tokens (times N: DDP averages)

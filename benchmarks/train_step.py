@@ -1,0 +1,164 @@
+"""Training steps per second on this machine, eager against ``train --compile`` (each decoder layer
+compiled, ``trainer.compile_layers``), and what each makes of a time budget. Writes one JSON record
+naming the card.
+
+    python benchmarks/train_step.py --preset deep --roles verifier,drafter --device cuda \\
+        --batch-sizes verifier=256 --out runs/train_step.json
+    python benchmarks/train_step.py --preset tiny --roles drafter --steps 4 --out /tmp/train_step_cpu.json  # 1 thread
+
+Each role's model is built with random weights (seed 0) in training mode with its recipe's dropout,
+and runs the trainer's own step (``trainer.step_loss`` and ``trainer.optimizer_step``: bf16 autocast
+on a GPU, fused AdamW) over the same batches of the shipped training verses in both modes, cut as
+training cuts them (``length_batches``: lengths vary from batch to batch); a drafter distils from a
+teacher of the verifier's shape (random weights, its layers compiled too in the compiled mode), as
+``train --teacher`` does. Per mode: the first ``--warm-up`` steps are timed as one span (the compile
+happens there), then ``--steps`` steps. The record keeps both rates, each warm-up's excess over the
+same steps at the mode's rate (the compile, and the first steps' allocations in both modes), and the
+steps each mode fits in ``--budget-minutes``;
+``pays`` is true where the compiled mode fits at least 3% more (``gpu_deep_pair_run.sh``'s
+``TRAIN_COMPILE=auto`` reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+
+import speccascade
+from speccascade.data.bible import load_split
+from speccascade.eval.sweep import device_name
+from speccascade.models.loading import TOKENIZER_DIR
+from speccascade.train.tokenizer import load_tokenizer
+from speccascade.train.trainer import (
+    ARCHS,
+    PRESETS,
+    SHAPE_MULTIPLE,
+    SOURCES,
+    build_model,
+    compile_layers,
+    encode_pairs,
+    length_batches,
+    make_optimizer,
+    optimizer_step,
+    step_loss,
+)
+
+#: a mode must fit this much more of the budget's steps to count as paying
+PAYS = 1.03
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_mode(preset: str, role: str, compiled: bool, batches: list, device: torch.device, vocab: int,
+             warm_up: int, steps: int, batch_size: int) -> dict:
+    """One mode's warm-up span and rate over ``batches`` (warm-up + steps of them)."""
+    recipe = PRESETS[preset][role]
+    torch.manual_seed(0)
+    model = build_model(recipe.shape, vocab, recipe.attention_dropout, recipe.dropout).to(device).train()
+    teacher = None
+    if role == "drafter":
+        torch.manual_seed(1)
+        teacher = build_model(PRESETS[preset]["verifier"].shape, vocab).to(device).eval().requires_grad_(False)
+    if compiled:
+        compile_layers(model)
+        if teacher is not None:
+            compile_layers(teacher)
+    opt = make_optimizer(model, recipe)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    distill_weight = (recipe.distill_weight or 0.5) if teacher is not None else 0.0
+    collate = ARCHS[recipe.arch].collate
+    multiple = SHAPE_MULTIPLE if device.type == "cuda" else 1
+    losses = []
+
+    def step(batch) -> None:
+        inputs, targets = collate(batch, device, multiple)
+        loss = step_loss(model, inputs, targets, device, recipe.label_smoothing, teacher, distill_weight)
+        optimizer_step(loss, model, opt, sched)
+        losses.append(loss.detach())
+
+    sync(device)
+    start = time.perf_counter()
+    for batch in batches[:warm_up]:
+        step(batch)
+    sync(device)
+    warm_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch in batches[warm_up:warm_up + steps]:
+        step(batch)
+    sync(device)
+    timed_s = time.perf_counter() - start
+    rate = steps / timed_s
+    return {"warm_up_s": warm_s, "timed_s": timed_s, "steps_per_s": rate,
+            "first_loss": float(losses[0]), "last_loss": float(losses[-1]), "batch_size": batch_size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="deep", choices=list(PRESETS))
+    ap.add_argument("--roles", default="verifier,drafter", help="comma-separated: verifier, drafter")
+    ap.add_argument("--batch-sizes", default="",
+                    help="role=N,... (default: each recipe's batch), e.g. verifier=256 as the deep pair's runs use")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--warm-up", type=int, default=10, help="steps timed as one span (the compile happens there)")
+    ap.add_argument("--steps", type=int, default=40, help="steps timed after the warm-up")
+    ap.add_argument("--budget-minutes", default="5.5",
+                    help="the training budget to fit steps into: minutes, or role=M,... (e.g. verifier=5.5,drafter=5)")
+    ap.add_argument("--sources", default="kjv,web", help="the training verses' English sides (trainer.SOURCES)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    roles = [r for r in args.roles.split(",") if r]
+    sizes = dict(kv.split("=") for kv in args.batch_sizes.split(",") if kv)
+    budgets = (dict((r, float(m)) for r, m in (kv.split("=") for kv in args.budget_minutes.split(",")))
+               if "=" in args.budget_minutes else dict.fromkeys(roles, float(args.budget_minutes)))
+    bad = [r for r in roles + list(sizes) + list(budgets)
+           if r not in ("verifier", "drafter") or r not in PRESETS[args.preset]]
+    if bad:
+        raise SystemExit(f"--roles / --batch-sizes: {', '.join(bad)}: preset {args.preset!r} has "
+                         f"{', '.join(PRESETS[args.preset])}")
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    data = encode_pairs(tokenizer, [p for s in args.sources.split(",") for p in load_split(SOURCES[s])])
+    lengths = [len(ids) for ids, _ in data]
+    record = {"benchmark": "train_step", "card": device_name(device), "torch": torch.__version__,
+              "speccascade": speccascade.__version__, "python": platform.python_version(),
+              "threads": args.threads if device.type == "cpu" else None, "preset": args.preset,
+              "warm_up": args.warm_up, "steps": args.steps, "budget_minutes": budgets, "roles": {}}
+    for role in roles:
+        budget = budgets.get(role, 5.5) * 60
+        batch_size = int(sizes.get(role, PRESETS[args.preset][role].batch_size))
+        order = length_batches(lengths, batch_size, random.Random(0))
+        batches = [[data[i] for i in b] for b in order[:args.warm_up + args.steps]]
+        modes = {}
+        for name, compiled in (("eager", False), ("compiled", True)):
+            modes[name] = run_mode(args.preset, role, compiled, batches, device, len(tokenizer), args.warm_up,
+                                   args.steps, batch_size)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()   # (the mode's model and optimiser are gone)
+        for m in modes.values():   # the warm-up's excess over the same steps at the mode's rate: the compile
+            # (and the first steps' allocations, in both modes)
+            m["warm_up_excess_s"] = max(0.0, m["warm_up_s"] - args.warm_up / m["steps_per_s"])
+            m["steps_in_budget"] = max(0, int((budget - m["warm_up_excess_s"]) * m["steps_per_s"]))
+        gain = modes["compiled"]["steps_in_budget"] / max(modes["eager"]["steps_in_budget"], 1)
+        speedup = modes["compiled"]["steps_per_s"] / modes["eager"]["steps_per_s"]
+        record["roles"][role] = {**modes, "speedup": speedup, "budget_gain": gain, "pays": gain >= PAYS}
+        print(json.dumps({role: {k: record["roles"][role][k] for k in ("speedup", "budget_gain", "pays")}}),
+              flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["roles"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
