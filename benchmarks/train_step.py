@@ -42,6 +42,7 @@ from speccascade.train.trainer import (
     SOURCES,
     build_model,
     compile_layers,
+    default_distill_weight,
     encode_pairs,
     length_batches,
     make_optimizer,
@@ -74,7 +75,7 @@ def run_mode(preset: str, role: str, compiled: bool, batches: list, device: torc
             compile_layers(teacher)
     opt = make_optimizer(model, recipe)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    distill_weight = (recipe.distill_weight or 0.5) if teacher is not None else 0.0
+    distill_weight = default_distill_weight(recipe, teacher is not None)
     collate = ARCHS[recipe.arch].collate
     multiple = SHAPE_MULTIPLE if device.type == "cuda" else 1
     losses = []

@@ -371,7 +371,6 @@ def test_the_cache_layout_benchmark_compares_equal_attention(monkeypatch):
             torch.testing.assert_close(out["head_major"][0, i, h * 8:(h + 1) * 8], att @ vc[h // 2, : 6 + i])
 
 
-
 def test_a_replayed_decode_of_one_row_reads_its_flags_at_once_on_a_gpu(simulated_capture, monkeypatch):
     """StepSync's policy: on a GPU the flags are read one step late, except in a replayed (captured)
     decode of one row, which reads each replay's at once (runner.AT_ONCE_ROWS); a forced ``lagged``

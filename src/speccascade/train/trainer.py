@@ -433,6 +433,12 @@ def model_logits(model, inputs: dict, device: torch.device) -> torch.Tensor:
         return model(**inputs, use_cache=False).logits
 
 
+def default_distill_weight(recipe: Recipe, has_teacher: bool) -> float:
+    """The distillation term's weight when none is given: the recipe's (0.5 if it has none) with a
+    teacher, 0 without."""
+    return (recipe.distill_weight or 0.5) if has_teacher else 0.0
+
+
 def step_loss(net, inputs: dict, targets: torch.Tensor, device: torch.device, label_smoothing: float = 0.0,
               teacher=None, distill_weight: float = 0.0) -> torch.Tensor:
     """A training step's loss: the cross-entropy of ``net``'s logits against ``targets``, and with a
@@ -602,7 +608,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         raise SpecCascadeError(f"--compile compiles a decoder-only model's layers (--arch llama); preset {preset!r} "
                                f"is a {recipe.arch}: train it without --compile")
     if distill_weight is None:
-        distill_weight = (recipe.distill_weight or 0.5) if teacher is not None else 0.0
+        distill_weight = default_distill_weight(recipe, teacher is not None)
     if teacher is None and distill_weight:
         from ..errors import SpecCascadeError
 
