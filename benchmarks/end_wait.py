@@ -2,7 +2,9 @@
 with the flags read one step late and the wait on (a GPU's default for batches), one step late with
 the wait off (the loop before it: one step past every end), and read at once (no lag: an idle gap of
 the device after every step; a GPU's default at batch 1 since the deep pair's run 8 measured it
-fastest, runner.AT_ONCE_ROWS). Writes one JSON record naming the card.
+fastest, runner.AT_ONCE_ROWS), and read at once with the pre-fills in the order they had before run 9
+(the drafter's first: ``loop.PREFILL_VERIFIER_FIRST`` off; it matters only to ``sd``). Writes one JSON
+record naming the card.
 
     python benchmarks/end_wait.py --drafter runs/deep/drafter --verifier runs/deep/verifier --device cuda \\
         --out runs/end_wait.json
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 import speccascade
+from speccascade import loop
 from speccascade.eval.sweep import device_name
 from speccascade.eval.tasks import get_task, run_task
 from speccascade.loop import StepSync
@@ -34,7 +37,9 @@ from speccascade.models import make_backend
 from speccascade.models.base import reserve_request
 from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 
-MODES = {"late_with_wait": (True, True), "late_without_wait": (True, False), "at_once": (False, True)}
+#: mode: (flags read one step late, wait near the end, the verifier pre-filled first)
+MODES = {"late_with_wait": (True, True, True), "late_without_wait": (True, False, True), "at_once": (False, True, True),
+         "at_once_drafter_prefilled_first": (False, True, False)}
 
 
 def main() -> None:
@@ -84,14 +89,16 @@ def main() -> None:
             run(method)   # compile and capture (untimed)
         for _ in range(args.rounds):
             for method in methods:
-                for mode, (lagged, wait) in MODES.items():
+                for mode, (lagged, wait, verifier_first) in MODES.items():
                     StepSync.lagged, StepSync.wait_near_end = lagged, wait
+                    loop.PREFILL_VERIFIER_FIRST = verifier_first
                     wall, hyps, stats = run(method)
                     walls[method][mode].append(wall)
                     past[method][mode] = stats.steps_past_end
                     outputs[method][mode] = hyps
     finally:
         StepSync.lagged, StepSync.wait_near_end = None, True
+        loop.PREFILL_VERIFIER_FIRST = True
     med = {m: {mode: statistics.median(w) for mode, w in per.items()} for m, per in walls.items()}
     record = {"benchmark": "end_wait", "card": device_name(torch.device(args.device)), "torch": torch.__version__,
               "speccascade": speccascade.__version__, "backend": backend, "dtype": str(dtype).removeprefix("torch."),

@@ -33,7 +33,7 @@
 # TEMPERATURES ("0 1": the sweep's, in this order),
 # METHODS (all), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
 # EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair;
-# first: before the sweep; 0: not at all),
+# first: before the sweep; end_wait: only benchmarks/end_wait.py, after the sweep; 0: not at all),
 # COSTS_FIRST (0: 1 measures the machine's call costs first, below; COSTS_AUTOTUNE=0 leaves out its
 # autotuned half), SWEEP_AUTOTUNE (auto; below),
 # VERIFIER_EMA (none: a decay, e.g. 0.998, keeps a moving average of the verifier's weights, `train --ema-decay`),
@@ -83,6 +83,9 @@ stage() {  # stage NAME CMD... : run, log, record rc; a stage that ended well in
 # the card's clocks and power limit too (runs 5 and 6 priced a multi-token call higher than runs 2 and 4)
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,power.max_limit,pstate,pci.bus_id \
     --format=csv >> "$dir/gpu.txt" 2>&1
+# and the host's CPU: the loops' host work between replays, the distillation's and the tests' speeds follow
+# it (on the same card, run 9 took 34% longer than run 8 over the GPU tests and 40% longer over the distillation)
+[ "$DEVICE" = cuda ] && { echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs"; } >> "$dir/gpu.txt" 2>&1
 git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true   # can be stale on the device: code.sha1 is the files
 (source scripts/parts.sh; code_hash > "$dir/code.sha1")
 
@@ -299,18 +302,18 @@ sweep_part() {  # sweep_part STAGE METHODS: gamma 5 cells of these methods into 
       "${grid[@]}" --gammas 5 --workers "$GPUS" --out "$dir/sweep.jsonl"
 }
 # two short measurements on the trained pair (EXTRAS=0 skips them; EXTRAS=first runs them before the
-# sweep, 1 after Table 2's methods): the per-width call costs (is a 6-token verifier call ~1.04 one-token
+# sweep, 1 after Table 2's methods; end_wait: only the second, after them): the per-width call costs (is a 6-token verifier call ~1.04 one-token
 # steps on this machine, as in runs 2 and 4, or 1.17-1.24, as in runs 5 and 6?) and what the host's wait
 # near the end of a decode buys (benchmarks/end_wait.py)
 extras() {
   (export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    # with COSTS_FIRST=1 the machine's costs are measured already (random weights of the same shapes)
-   [ "${COSTS_FIRST:-0}" = 1 ] ||
+   [ "${COSTS_FIRST:-0}" = 1 ] || [ "$EXTRAS" = end_wait ] ||
    stage call_costs python benchmarks/call_costs.py "${pair[@]}" --device "$DEVICE" --examples "$EXAMPLES" \
        $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --arithmetic-methods "" --out "$dir/call_costs.json"
    # the same shapes with random weights: the machine's costs apart from the trained weights, the verifier's
    # kernels and the block's arithmetic
-   [ "${COSTS_FIRST:-0}" = 1 ] ||
+   [ "${COSTS_FIRST:-0}" = 1 ] || [ "$EXTRAS" = end_wait ] ||
    stage call_costs_random python benchmarks/call_costs.py --preset "$PRESET" --device "$DEVICE" --examples "$EXAMPLES" \
        $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --profile --arithmetic-methods sd,diff \
        --out "$dir/call_costs_random.json") &
@@ -326,7 +329,7 @@ extras() {
 EXTRAS="${EXTRAS:-1}"
 [ "$EXTRAS" = first ] && extras
 sweep_part "${parts[0]}" "${parts[1]}"
-[ "$EXTRAS" = 1 ] && extras
+{ [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = end_wait ]; } && extras
 # then gamma 3 and 8 (the issue's block-size cells), then the other methods: the session's end cuts the last
 gm="sd,diff,opt_log"; [ "$METHODS" = all ] || gm="$(echo "$gm" | tr , '\n' | grep -xF -f <(echo "$METHODS" | tr , '\n') | paste -sd,)"
 gma="$(METHODS=$gm alphas_for "$GAMMA_ALPHAS")"   # (empty when only sd is swept)

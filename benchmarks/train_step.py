@@ -11,12 +11,18 @@ and runs the trainer's own step (``trainer.step_loss`` and ``trainer.optimizer_s
 on a GPU, fused AdamW) over the same batches of the shipped training verses in both modes, cut as
 training cuts them (``length_batches``: lengths vary from batch to batch); a drafter distils from a
 teacher of the verifier's shape (random weights, its layers compiled too in the compiled mode), as
-``train --teacher`` does. Per mode: the first ``--warm-up`` steps are timed as one span (the compile
-happens there), then ``--steps`` steps. The record keeps both rates, each warm-up's excess over the
-same steps at the mode's rate (the compile, and the first steps' allocations in both modes), and the
-steps each mode fits in ``--budget-minutes``;
+``train --teacher`` does. Per mode: the first ``--warm-up`` steps, and then one batch of each padded
+width the timed steps meet that those did not (a width's first step is slow in both modes), are timed
+as one span (the compile happens there), then ``--steps`` steps. The record keeps both rates, each
+warm-up's excess over the same steps at the mode's rate (the compile, and the first steps' allocations
+in both modes), and the steps each mode fits in ``--budget-minutes``;
 ``pays`` is true where the compiled mode fits at least 3% more (``gpu_deep_pair_run.sh``'s
 ``TRAIN_COMPILE=auto`` reads it).
+
+On an H200 (the deep pair's run 9, ``results/deep_pair/run9/NOTE.md``) compiling paid for neither role:
+the verifier's compiled step ran at 0.64x the eager rate, and the drafter's compiled training ran at the
+rate of an earlier run's eager one (18.2 against 18.7 steps/s) after ~50 s of compiling; that run's
+benchmark, timed before the width warm-up existed, had called the drafter's compile a 1.49x gain.
 """
 
 from __future__ import annotations
@@ -59,6 +65,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def width(batch, collate, multiple: int) -> tuple[int, ...]:
+    """The padded widths a batch is trained at (each input's, rounded up as training rounds them)."""
+    inputs, _ = collate(batch, torch.device("cpu"), multiple)
+    return tuple(t.shape[-1] for t in inputs.values())
+
+
+def width_warm_ups(warm: list, timed: list, collate, multiple: int) -> list:
+    """One batch of each padded width the timed batches meet that the warm-up's did not: a width's first
+    step is slow in both modes (kernel selection, allocations; the run 9 record, results/deep_pair/run9,
+    timed the eager mode inside those first steps and overrated compiling), so both modes meet each width
+    once before the timing."""
+    seen = {width(b, collate, multiple) for b in warm}
+    extra = []
+    for b in timed:
+        w = width(b, collate, multiple)
+        if w not in seen:
+            seen.add(w)
+            extra.append(b)
+    return extra
+
+
 def run_mode(preset: str, role: str, compiled: bool, batches: list, device: torch.device, vocab: int,
              warm_up: int, steps: int, batch_size: int) -> dict:
     """One mode's warm-up span and rate over ``batches`` (warm-up + steps of them)."""
@@ -88,7 +115,8 @@ def run_mode(preset: str, role: str, compiled: bool, batches: list, device: torc
 
     sync(device)
     start = time.perf_counter()
-    for batch in batches[:warm_up]:
+    warm = batches[:warm_up] + width_warm_ups(batches[:warm_up], batches[warm_up:], collate, multiple)
+    for batch in warm:
         step(batch)
     sync(device)
     warm_s = time.perf_counter() - start
@@ -98,7 +126,7 @@ def run_mode(preset: str, role: str, compiled: bool, batches: list, device: torc
     sync(device)
     timed_s = time.perf_counter() - start
     rate = steps / timed_s
-    return {"warm_up_s": warm_s, "timed_s": timed_s, "steps_per_s": rate,
+    return {"warm_up_s": warm_s, "warm_up_steps": len(warm), "timed_s": timed_s, "steps_per_s": rate,
             "first_loss": float(losses[0]), "last_loss": float(losses[-1]), "batch_size": batch_size}
 
 
@@ -149,7 +177,7 @@ def main() -> None:
                 torch.cuda.empty_cache()   # (the mode's model and optimiser are gone)
         for m in modes.values():   # the warm-up's excess over the same steps at the mode's rate: the compile
             # (and the first steps' allocations, in both modes)
-            m["warm_up_excess_s"] = max(0.0, m["warm_up_s"] - args.warm_up / m["steps_per_s"])
+            m["warm_up_excess_s"] = max(0.0, m["warm_up_s"] - m["warm_up_steps"] / m["steps_per_s"])
             m["steps_in_budget"] = max(0, int((budget - m["warm_up_excess_s"]) * m["steps_per_s"]))
         gain = modes["compiled"]["steps_in_budget"] / max(modes["eager"]["steps_in_budget"], 1)
         speedup = modes["compiled"]["steps_per_s"] / modes["eager"]["steps_per_s"]

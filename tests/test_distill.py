@@ -456,5 +456,25 @@ def test_the_train_step_benchmark_times_the_same_steps_eager_and_compiled(tmp_pa
     assert abs(eager["last_loss"] - compiled["last_loss"]) < 1e-4 and eager["last_loss"] != eager["first_loss"]
     for m in (eager, compiled):
         assert m["steps_in_budget"] == max(0, int((60 - m["warm_up_excess_s"]) * m["steps_per_s"]))
+        assert m["warm_up_excess_s"] == max(0.0, m["warm_up_s"] - m["warm_up_steps"] / m["steps_per_s"])
+    assert eager["warm_up_steps"] == compiled["warm_up_steps"] >= 1
     assert role["pays"] == (compiled["steps_in_budget"] >= 1.03 * max(eager["steps_in_budget"], 1))
     assert rec["card"].startswith("cpu") and rec["threads"] == 1
+
+
+def test_the_train_step_benchmark_warms_up_every_width_it_times(monkeypatch):
+    """Both modes meet each padded width of the timed steps once before the timing (a width's first step
+    is slow): the warm-up adds one batch per width the timed batches meet and the first steps did not."""
+    from speccascade.train.trainer import collate
+
+    monkeypatch.syspath_prepend(str(SRC_ROOT / "benchmarks"))
+    import train_step
+
+    def batch(n):   # one pair of n source tokens and one target token
+        return [(list(range(3, 3 + n)), 1)]
+
+    warm, timed = [batch(5)], [batch(6), batch(20), batch(7), batch(21), batch(40)]
+    widths = [train_step.width(b, collate, 8) for b in warm + timed]
+    assert widths[0] == widths[1] == widths[3] and widths[2] == widths[4] != widths[0] != widths[5]
+    assert train_step.width_warm_ups(warm, timed, collate, 8) == [timed[1], timed[4]]
+    assert train_step.width_warm_ups(warm, timed, collate, 1) == timed   # unrounded, every length is new

@@ -173,3 +173,35 @@ def test_a_drafter_equal_to_the_verifier_has_every_greedy_draft_accepted(method,
     assert out.tokens == ref.tokens
     assert s.blocks >= 5 * len(PROMPTS) and s.accepted == s.drafted and s.rejected == 0
     assert s.drafter_calls == sc.METHODS[method].drafter_calls_per_block(3) * s.verifier_calls
+
+
+@pytest.mark.parametrize("method", ["sd", "token_v3", "token_cascade"])
+def test_the_verifier_is_prefilled_before_the_drafter(method, monkeypatch):
+    """Both models' pre-fills see the same prompt, the verifier's first: on a GPU the drafter's pre-fill
+    is host work that then overlaps the verifier's on the device (``loop.prefill_both``). A spy on each
+    backend's ``reset`` records the order and the prompt each was given; the benchmarks' switch
+    (``loop.PREFILL_VERIFIER_FIRST``, off) restores the drafter-first order with the same tokens."""
+    from speccascade import loop
+    from speccascade.models import make_backend
+
+    d, v = tiny_pair(0, noise=0.05)
+    calls = []
+    backends = {name: make_backend(m, name, "fused") for name, m in (("drafter", d), ("verifier", v))}
+    for name, be in backends.items():
+        def spy(ids, mask, _name=name, _reset=be.reset):
+            calls.append((_name, ids.tolist(), mask.tolist()))
+            return _reset(ids, mask)
+        be.reset = spy
+    out = sc.generate(backends["drafter"], backends["verifier"], [[5, 6, 7, 8]], method=method,
+                      alpha=None if method == "sd" else 0.5, temperature=0.0, max_new_tokens=6, eos_token_id=[])
+    assert [c[0] for c in calls] == ["verifier", "drafter"]
+    assert calls[0][1:] == calls[1][1:] == ([[5, 6, 7, 8]], [[1, 1, 1, 1]])
+    ref = sc.generate(d, v, [[5, 6, 7, 8]], method="verifier_only", temperature=0.0, max_new_tokens=6,
+                      eos_token_id=[])
+    if method == "sd":
+        assert out.tokens == ref.tokens
+    calls.clear()
+    monkeypatch.setattr(loop, "PREFILL_VERIFIER_FIRST", False)
+    again = sc.generate(backends["drafter"], backends["verifier"], [[5, 6, 7, 8]], method=method,
+                        alpha=None if method == "sd" else 0.5, temperature=0.0, max_new_tokens=6, eos_token_id=[])
+    assert [c[0] for c in calls] == ["drafter", "verifier"] and again.tokens == out.tokens

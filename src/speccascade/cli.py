@@ -526,9 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep an exponential moving average of the weights with this decay (e.g. 0.998); "
                         "each evaluation saves the better of the trained and the averaged weights")
     t.add_argument("--compile", action="store_true",
-                   help="torch.compile each decoder layer, and the teacher's (Llama presets): faster steps after "
-                        "a compile that counts against --minutes; whether it pays on a machine: "
-                        "benchmarks/train_step.py")
+                   help="torch.compile each decoder layer, and the teacher's (Llama presets), after a compile "
+                        "that counts against --minutes; on an H200 it did not pay for the deep pair (verifier "
+                        "steps 0.64x eager, the drafter's no faster); on another machine: benchmarks/train_step.py")
     t.set_defaults(fn=_train)
 
     x = sub.add_parser("distill", help="write a verifier's own translations of the training sources (for a drafter)")
