@@ -44,7 +44,8 @@
 # the teacher's too); auto first times both ways on random weights of the pair's shapes (stage train_step,
 # benchmarks/train_step.py) and compiles a role only where the compiled steps fit at least 3% more of its
 # budget (TRAIN_STEP_OPTS: more of its options, e.g. "--warm-up 1 --steps 1" in a CPU rehearsal). A compiled
-# training that fails is run again eagerly.
+# training that fails is run again eagerly. Run 9 (one H200) found no gain for either role
+# (results/deep_pair/run9/NOTE.md), hence the default 0.
 # A CPU rehearsal of the plumbing:
 #   DEVICE=cpu PRESET=tiny VERIFIER_MINUTES=0.2 DRAFTER_MINUTES=0.2 DISTILL_LIMIT=16 EXAMPLES=2 TEST_PAIRS=10 \
 #     METHODS=verifier_only,sd,token_v3,opt SKIP_TESTS=1 BACKEND=dynamic bash benchmarks/gpu_deep_pair_run.sh runs/rehearsal
