@@ -85,7 +85,7 @@ stage() {  # stage NAME CMD... : run, log, record rc; a stage that ended well in
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,power.max_limit,pstate,pci.bus_id \
     --format=csv >> "$dir/gpu.txt" 2>&1
 # and the host's CPU: the loops' host work between replays, the distillation's and the tests' speeds follow
-# it (on the same card, run 9 took 34% longer than run 8 over the GPU tests and 40% longer over the distillation)
+# it (on the same card, run 9 took 34% longer than run 8 over the GPU tests and 37% longer over the distillation)
 [ "$DEVICE" = cuda ] && { echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs"; } >> "$dir/gpu.txt" 2>&1
 git rev-parse HEAD > "$dir/commit.txt" 2>/dev/null || true   # can be stale on the device: code.sha1 is the files
 (source scripts/parts.sh; code_hash > "$dir/code.sha1")
