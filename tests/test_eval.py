@@ -242,6 +242,25 @@ def test_sweep_resumes_without_repeating_or_losing_cells(pair, tmp_path):
     assert len(run_sweep(drafter, verifier, tok, task, cfg, out, progress=False)) == len(records)
 
 
+def test_a_run_that_appends_other_gammas_times_its_cells_against_its_own_baseline(pair, tmp_path):
+    """A second sweep into the same file (the gamma = 3 / 8 stage after gamma = 5) runs its own
+    ``verifier_only`` first and its cells' relative latency is against that one (same process, same
+    host state), not against the first run's."""
+    drafter, verifier, tok = pair
+    task, out = get_task("bible_en_es"), tmp_path / "sweep.jsonl"
+    run_sweep(drafter, verifier, tok, task, SweepConfig(methods=["sd"], gammas=[5], n_examples=2,
+                                                        max_new_tokens=5), out, progress=False)
+    records = run_sweep(drafter, verifier, tok, task, SweepConfig(methods=["sd"], gammas=[3], n_examples=2,
+                                                                  max_new_tokens=5), out, progress=False)
+    cells = [r for r in records if r["type"] == "cell"]
+    assert [(r["method"], r["gamma"]) for r in cells] == [("verifier_only", 5), ("sd", 5), ("verifier_only", 3),
+                                                          ("sd", 3)]
+    base5, sd5, base3, sd3 = cells
+    assert base5["relative_latency"] == base3["relative_latency"] == 1.0
+    assert sd5["relative_latency"] == sd5["latency_s"] / base5["latency_s"]
+    assert sd3["relative_latency"] == sd3["latency_s"] / base3["latency_s"]
+
+
 def test_report_renders(pair, tmp_path):
     drafter, verifier, tok = pair
     out = tmp_path / "s.jsonl"

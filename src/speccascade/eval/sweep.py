@@ -542,9 +542,13 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
         for cell in tqdm(todo, desc="sweep", unit="cell", disable=not progress):
             hyps, stats = run_cell(d_be, v_be, tokenizer, task, examples, cell, config.max_new_tokens)
             quality = task.score(hyps, refs)
-            base = next((r for r in records if r.get("type") == "cell" and r["method"] == BASELINE
-                         and r["temperature"] == cell.temperature and r["seed"] == cell.seed
-                         and r["batch_size"] == cell.batch_size), None)
+            # the reference: a baseline cell is its own; any other cell's is the group's latest baseline, this
+            # process's own where it ran one (a later run that appends other gammas runs its own baseline
+            # first: same host state), else the one a resumed file holds
+            base = None if cell.method == BASELINE else next(
+                (r for r in reversed(records) if r.get("type") == "cell" and r["method"] == BASELINE
+                 and r["temperature"] == cell.temperature and r["seed"] == cell.seed
+                 and r["batch_size"] == cell.batch_size), None)
             latency = stats.wall_time_s
             rec = {"type": "cell", "key": cell.key, "method": cell.method, "alpha": cell.alpha, "gamma": cell.gamma,
                    "temperature": cell.temperature, "seed": cell.seed, "batch_size": cell.batch_size,
