@@ -331,10 +331,14 @@ EXTRAS="${EXTRAS:-1}"
 [ "$EXTRAS" = first ] && extras
 sweep_part "${parts[0]}" "${parts[1]}"
 { [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = end_wait ]; } && extras
-# then gamma 3 and 8 (the issue's block-size cells), then the other methods: the session's end cuts the last
+# then gamma 3, then 8 (the issue's block-size cells; gamma 3 first, both temperatures: at run 10's acceptance
+# it was the faster block, sd 1.55x against 1.47x at T = 0), then the other methods: the session's end cuts
+# the last. Each stage times its cells against the verifier_only it runs first (same process).
 gm="sd,diff,opt_log"; [ "$METHODS" = all ] || gm="$(echo "$gm" | tr , '\n' | grep -xF -f <(echo "$METHODS" | tr , '\n') | paste -sd,)"
 gma="$(METHODS=$gm alphas_for "$GAMMA_ALPHAS")"   # (empty when only sd is swept)
-[ -n "$gm" ] && stage sweep_gammas sc sweep "${pair[@]}" --methods "$gm" ${gma:+--alphas "$gma"} \
-    "${grid[@]}" --gammas 3 8 --workers "$GPUS" --out "$dir/sweep.jsonl"
+for g in 3 8; do
+  [ -n "$gm" ] && stage "sweep_gamma$g" sc sweep "${pair[@]}" --methods "$gm" ${gma:+--alphas "$gma"} \
+      "${grid[@]}" --gammas "$g" --workers "$GPUS" --out "$dir/sweep.jsonl"
+done
 [ ${#parts[@]} -gt 2 ] && sweep_part "${parts[2]}" "${parts[3]}"
 echo "$(date -u +%FT%TZ) all done" >> "$dir/stages.log"
