@@ -40,7 +40,7 @@
 # DRAFTER_BATCH / DRAFTER_LR (the recipe's: 128, 2e-3; each step also runs the 30-layer teacher, so a larger
 # batch amortises its per-step launches: runs 4-6 trained 17-28 steps/s).
 # `distill` decodes batches of 1024 ragged rows with DISTILL_BACKEND (below; the compiled fused one would compile per batch shape).
-# TRAIN_COMPILE (0): 1 trains the verifier and the drafter with `train --compile` (each decoder layer compiled,
+# TRAIN_PROFILE (0): 1 profiles each role's eager training step first (below). TRAIN_COMPILE (0): 1 trains the verifier and the drafter with `train --compile` (each decoder layer compiled,
 # the teacher's too); auto first times both ways on random weights of the pair's shapes (stage train_step,
 # benchmarks/train_step.py) and compiles a role only where the compiled steps fit at least 3% more of its
 # budget (TRAIN_STEP_OPTS: more of its options, e.g. "--warm-up 1 --steps 1" in a CPU rehearsal). A compiled
@@ -189,6 +189,15 @@ if [ "$TRAIN_COMPILE" = auto ]; then   # on the idle GPU 0, before anything trai
    stage train_step python benchmarks/train_step.py --preset "$PRESET" --roles verifier,drafter --device "$DEVICE" \
        --batch-sizes "verifier=$VERIFIER_BATCH${DRAFTER_BATCH:+,drafter=$DRAFTER_BATCH}" \
        --budget-minutes "verifier=$VERIFIER_MINUTES,drafter=$DRAFTER_MINUTES" ${TRAIN_STEP_OPTS:-} --out "$dir/train_step.json")
+fi
+# TRAIN_PROFILE=1: first, on the idle GPU 0, what bounds each role's eager training step (the device's
+# kernels or the host), 20 timed steps and 5 profiled, random weights (benchmarks/train_step.py --profile-steps;
+# ~1 minute on an H200): the verifier's test BLEU follows the steps a session's minutes fit
+if [ "${TRAIN_PROFILE:-0}" = 1 ]; then
+  (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+   stage train_profile python benchmarks/train_step.py --preset "$PRESET" --roles verifier,drafter --device "$DEVICE" \
+       --modes eager --batch-sizes "verifier=$VERIFIER_BATCH${DRAFTER_BATCH:+,drafter=$DRAFTER_BATCH}" --warm-up 5 \
+       --steps 20 $([ "$DEVICE" = cuda ] && echo --profile-steps 5) ${TRAIN_STEP_OPTS:-} --out "$dir/train_profile.json")
 fi
 compile_flag() {  # compile_flag ROLE: --compile where TRAIN_COMPILE says so for ROLE (auto: the benchmark's `pays`)
   case "$TRAIN_COMPILE" in

@@ -17,7 +17,18 @@ as one span (the compile happens there), then ``--steps`` steps. The record keep
 warm-up's excess over the same steps at the mode's rate (the compile, and the first steps' allocations
 in both modes), and the steps each mode fits in ``--budget-minutes``;
 ``pays`` is true where the compiled mode fits at least 3% more (``gpu_deep_pair_run.sh``'s
-``TRAIN_COMPILE=auto`` reads it).
+``TRAIN_COMPILE=auto`` reads it). ``--modes eager`` times the eager mode alone (no ``pays``).
+
+``--profile-steps N`` (a GPU) then profiles N more eager steps (torch.profiler; ``gpu_speed.kernel_time_share``):
+per step the host's wall, the device's kernel time and their ratio (``device_busy_fraction``: near 1, the
+step waits on the device's kernels, and the top kernels say which; well below 1, on the host: launches,
+the data's collation, Python), the kernels launched and the top kernels by time. That is what decides
+how a role's training could go faster (run 10: the verifier 5.2 steps/s at 256 sequences a step, the drafter
+13.7 at 128 with its 30-layer teacher; a session's minutes of verifier training are what its test BLEU
+follows).
+
+    python benchmarks/train_step.py --preset deep --roles verifier,drafter --device cuda --modes eager \
+        --batch-sizes verifier=256 --steps 20 --profile-steps 5 --out runs/train_profile.json
 
 On an H200 (the deep pair's run 9, ``results/deep_pair/run9/NOTE.md``) compiling paid for neither role:
 the verifier's compiled step ran at 0.64x the eager rate, and the drafter's compiled training ran at the
@@ -87,8 +98,9 @@ def width_warm_ups(warm: list, timed: list, collate, multiple: int) -> list:
 
 
 def run_mode(preset: str, role: str, compiled: bool, batches: list, device: torch.device, vocab: int,
-             warm_up: int, steps: int, batch_size: int) -> dict:
-    """One mode's warm-up span and rate over ``batches`` (warm-up + steps of them)."""
+             warm_up: int, steps: int, batch_size: int, profile_steps: int = 0) -> dict:
+    """One mode's warm-up span and rate over ``batches`` (warm-up + steps of them); with
+    ``profile_steps``, also the profile of that many more steps (:func:`profile_steps_of`)."""
     recipe = PRESETS[preset][role]
     torch.manual_seed(0)
     model = build_model(recipe.shape, vocab, recipe.attention_dropout, recipe.dropout).to(device).train()
@@ -126,8 +138,26 @@ def run_mode(preset: str, role: str, compiled: bool, batches: list, device: torc
     sync(device)
     timed_s = time.perf_counter() - start
     rate = steps / timed_s
-    return {"warm_up_s": warm_s, "warm_up_steps": len(warm), "timed_s": timed_s, "steps_per_s": rate,
-            "first_loss": float(losses[0]), "last_loss": float(losses[-1]), "batch_size": batch_size}
+    out = {"warm_up_s": warm_s, "warm_up_steps": len(warm), "timed_s": timed_s, "steps_per_s": rate,
+           "first_loss": float(losses[0]), "last_loss": float(losses[-1]), "batch_size": batch_size}
+    if profile_steps:
+        # the timed steps' batches again: every width is warm
+        profiled = batches[warm_up:warm_up + steps][:profile_steps]
+        out["profile"] = profile_steps_of(lambda: [step(b) for b in profiled], len(profiled))
+    return out
+
+
+def profile_steps_of(run, steps: int, top: int = 15) -> dict:
+    """``run`` (``steps`` training steps) under torch.profiler, per step: the host's wall, the device's
+    kernel time, their ratio, the kernels launched and the ``top`` kernels by time
+    (``gpu_speed.kernel_time_share``, which runs ``run`` once unprofiled first)."""
+    from gpu_speed import kernel_time_share  # this folder is on sys.path when the script runs
+
+    r = kernel_time_share(run, top)
+    return {"steps": steps, "wall_s_per_step": r["wall_s"] / steps, "kernel_s_per_step": r["device_kernel_s"] / steps,
+            "device_busy_fraction": r["device_busy_fraction"], "kernels_per_step": r["kernel_launches"] / steps,
+            "top": [{"name": k["name"], "per_step": k["calls"] / steps, "s_per_step": k["total_s"] / steps}
+                    for k in r["top_kernels"]]}
 
 
 def main() -> None:
@@ -143,9 +173,17 @@ def main() -> None:
                     help="the training budget to fit steps into: minutes, or role=M,... (e.g. verifier=5.5,drafter=5)")
     ap.add_argument("--sources", default="kjv,web", help="the training verses' English sides (trainer.SOURCES)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
+    ap.add_argument("--modes", default="eager,compiled", help="eager and / or compiled (pays needs both)")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="profile this many more eager steps (a GPU): device busy fraction, top kernels")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     device = torch.device(args.device)
+    modes_asked = [m for m in args.modes.split(",") if m]
+    if not modes_asked or any(m not in ("eager", "compiled") for m in modes_asked):
+        raise SystemExit(f"--modes {args.modes!r}: give eager and / or compiled, e.g. --modes eager")
+    if args.profile_steps and ("eager" not in modes_asked or device.type != "cuda"):
+        raise SystemExit("--profile-steps profiles eager steps on a GPU: give --device cuda and eager in --modes")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     roles = [r for r in args.roles.split(",") if r]
@@ -171,19 +209,23 @@ def main() -> None:
         batches = [[data[i] for i in b] for b in order[:args.warm_up + args.steps]]
         modes = {}
         for name, compiled in (("eager", False), ("compiled", True)):
+            if name not in modes_asked:
+                continue
             modes[name] = run_mode(args.preset, role, compiled, batches, device, len(tokenizer), args.warm_up,
-                                   args.steps, batch_size)
+                                   args.steps, batch_size, args.profile_steps if name == "eager" else 0)
             if device.type == "cuda":
                 torch.cuda.empty_cache()   # (the mode's model and optimiser are gone)
         for m in modes.values():   # the warm-up's excess over the same steps at the mode's rate: the compile
             # (and the first steps' allocations, in both modes)
             m["warm_up_excess_s"] = max(0.0, m["warm_up_s"] - m["warm_up_steps"] / m["steps_per_s"])
             m["steps_in_budget"] = max(0, int((budget - m["warm_up_excess_s"]) * m["steps_per_s"]))
-        gain = modes["compiled"]["steps_in_budget"] / max(modes["eager"]["steps_in_budget"], 1)
-        speedup = modes["compiled"]["steps_per_s"] / modes["eager"]["steps_per_s"]
-        record["roles"][role] = {**modes, "speedup": speedup, "budget_gain": gain, "pays": gain >= PAYS}
-        print(json.dumps({role: {k: record["roles"][role][k] for k in ("speedup", "budget_gain", "pays")}}),
-              flush=True)
+        record["roles"][role] = dict(modes)
+        if len(modes) == 2:
+            gain = modes["compiled"]["steps_in_budget"] / max(modes["eager"]["steps_in_budget"], 1)
+            speedup = modes["compiled"]["steps_per_s"] / modes["eager"]["steps_per_s"]
+            record["roles"][role] |= {"speedup": speedup, "budget_gain": gain, "pays": gain >= PAYS}
+        print(json.dumps({role: {m: {k: v.get(k) for k in ("steps_per_s", "steps_in_budget")} for m, v in modes.items()}
+                          | {k: record["roles"][role].get(k) for k in ("speedup", "pays")}}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["roles"], indent=1))

@@ -462,6 +462,39 @@ def test_the_train_step_benchmark_times_the_same_steps_eager_and_compiled(tmp_pa
     assert rec["card"].startswith("cpu") and rec["threads"] == 1
 
 
+def test_the_train_step_benchmark_times_one_mode_and_profiles_per_step(tmp_path, monkeypatch):
+    """``--modes eager`` times the eager mode alone (no compile, no verdict); ``--profile-steps`` is a
+    GPU's (a clear error on a CPU), and its per-step figures are the profiled run's divided by its steps."""
+    import sys
+
+    from speccascade.data.bible import load_split
+
+    monkeypatch.syspath_prepend(str(SRC_ROOT / "benchmarks"))
+    import gpu_speed
+    import train_step
+
+    monkeypatch.setattr(train_step, "load_split", lambda name: load_split(name)[:32])
+    out = tmp_path / "train_step.json"
+    argv = ["train_step.py", "--preset", "tiny", "--roles", "drafter", "--device", "cpu", "--batch-sizes",
+            "drafter=16", "--warm-up", "1", "--steps", "1", "--sources", "kjv", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv + ["--modes", "eager"])
+    train_step.main()
+    role = json.loads(out.read_text())["roles"]["drafter"]
+    assert set(role) == {"eager"} and role["eager"]["steps_per_s"] > 0 and "profile" not in role["eager"]
+    for bad, says in ((["--modes", "eager", "--profile-steps", "2"], "--device cuda"),
+                      (["--modes", "fast"], "eager and / or compiled")):
+        monkeypatch.setattr(sys, "argv", argv + bad)
+        with pytest.raises(SystemExit, match=says):
+            train_step.main()
+    # the profile's arithmetic, on a CPU (no device kernels; the sync is a GPU's)
+    monkeypatch.setattr(gpu_speed, "sync", lambda: None)
+    runs = []
+    prof = train_step.profile_steps_of(lambda: runs.append(torch.ones(8, 8) @ torch.ones(8, 8)), 4)
+    assert len(runs) == 2   # once unprofiled, once profiled
+    assert prof["steps"] == 4 and prof["wall_s_per_step"] > 0
+    assert prof["kernel_s_per_step"] == prof["kernels_per_step"] == prof["device_busy_fraction"] == 0
+
+
 def test_the_train_step_benchmark_warms_up_every_width_it_times(monkeypatch):
     """Both modes meet each padded width of the timed steps once before the timing (a width's first step
     is slow): the warm-up adds one batch per width the timed batches meet and the first steps did not."""
