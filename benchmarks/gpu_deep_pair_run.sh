@@ -231,7 +231,8 @@ limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
 # fails, the stage is run again on the dynamic backend. Runs 2-6 decoded on the dynamic backend (~360
 # rows/s a process on an H200); run 7 tried fused_eager and its greedy process took 17 min for 58,779
 # rows beside two T = 1 ones (run 6, dynamic: 117,558 rows in 5.4 min), on the cache layout before
-# models.fused.CACHE_ALIGN, which copied each layer's whole cache (1,024 rows of it) every token step
+# models.fused.CACHE_ALIGN, which copied each layer's whole cache (1,024 rows of it) every token step;
+# auto times both on the trained verifier first and takes the faster (below; DECODE_BATCH_OPTS: more options)
 DISTILL_BACKEND="${DISTILL_BACKEND:-dynamic}"
 distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translations at these temperatures
   local gpu="$1" seed="$2" tag; shift 2
@@ -255,6 +256,17 @@ distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translation
   train_stage train_verifier verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" \
       --device "$DEVICE" --minutes "$VERIFIER_MINUTES" "${one_rank[@]}" "${ema[@]}"
 ) && {
+  # DISTILL_BACKEND=auto: the backend that decodes the distillation's batches faster, timed on the trained
+  # verifier first (benchmarks/decode_batch.py: one batch of DISTILL_BATCH rows, 200 tokens a row, dynamic
+  # against fused_eager; ~30 s on an H200 at run 10's rate); fused_eager where it is at least 1.1x faster
+  if [ "$DISTILL_BACKEND" = auto ]; then
+    (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+     stage decode_batch python benchmarks/decode_batch.py --verifier "$dir/verifier" --device "$DEVICE" \
+         --batch-size "$DISTILL_BATCH" ${DECODE_BATCH_OPTS:-} --out "$dir/decode_batch.json")
+    DISTILL_BACKEND=$(python -c 'import json, sys; print("fused_eager" if json.load(open(sys.argv[1])).get("fused_eager_pays") else "dynamic")' \
+        "$dir/decode_batch.json" 2>/dev/null || echo dynamic)
+    echo "$(date -u +%FT%TZ) distill on $DISTILL_BACKEND" >> "$dir/stages.log"
+  fi
   # DISTILL_SAMPLES T = 1 translations of every source, side by side, one process each (seeds 0, 1, ...;
   # files distill_T1, distill_T1_s1, ...), beside the greedy ones on GPU 0; with two GPUs the samples
   # alternate between GPU 1 and GPU 0 (seed 0 on GPU 1), so that each GPU decodes a like share

@@ -495,6 +495,29 @@ def test_the_train_step_benchmark_times_one_mode_and_profiles_per_step(tmp_path,
     assert prof["kernel_s_per_step"] == prof["kernels_per_step"] == prof["device_busy_fraction"] == 0
 
 
+def test_the_decode_batch_benchmark_decodes_the_same_tokens_on_both_backends(tmp_path, monkeypatch):
+    """benchmarks/decode_batch.py (DISTILL_BACKEND=auto's measurement): both backends decode the same
+    batches for exactly --max-new-tokens tokens a row, greedily to the same tokens (float32), and the
+    verdict is the rates'."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(SRC_ROOT / "benchmarks"))
+    import decode_batch
+
+    out = tmp_path / "decode_batch.json"
+    monkeypatch.setattr(sys, "argv", ["decode_batch.py", "--preset", "tiny", "--device", "cpu", "--batch-size", "3",
+                                      "--batches", "2", "--max-new-tokens", "3", "--out", str(out)])
+    decode_batch.main()
+    rec = json.loads(out.read_text())
+    dyn, fused = rec["backends"]["dynamic"], rec["backends"]["fused_eager"]
+    assert dyn["tokens"] == fused["tokens"] == 2 * 3 * 3 and len(dyn["walls_s"]) == len(fused["walls_s"]) == 2
+    assert fused["rows_equal_to_first"] == 1.0
+    rates = {k: v["tokens_per_s"] for k, v in rec["backends"].items()}
+    assert rec["faster"] == max(rates, key=rates.get)
+    assert rec["speedup"] == max(rates.values()) / min(rates.values())
+    assert rec["fused_eager_pays"] == (rates["fused_eager"] >= decode_batch.PAYS * rates["dynamic"])
+
+
 def test_the_train_step_benchmark_warms_up_every_width_it_times(monkeypatch):
     """Both modes meet each padded width of the timed steps once before the timing (a width's first step
     is slow): the warm-up adds one batch per width the timed batches meet and the first steps did not."""
