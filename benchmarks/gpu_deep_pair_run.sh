@@ -290,8 +290,9 @@ fi
   train_stage train_drafter drafter sc train --preset "$PRESET" --role drafter --out "$dir/drafter" --device "$DEVICE" \
       --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" "${drafter_opts[@]}" \
       $([ "$DRAFTER_INIT" = 1 ] && echo --init-from "$dir/verifier") &&
+  # the test set's decode on the distillation's backend (auto: the one decode_batch.py found faster)
   stage pair python benchmarks/train_pair.py --preset "$PRESET" --roles "" --out "$dir" --device "$DEVICE" \
-      --test-pairs "$TEST_PAIRS"
+      --test-pairs "$TEST_PAIRS" --backend "$([ "$DISTILL_BACKEND" = auto ] && echo dynamic || echo "$DISTILL_BACKEND")"
 )
 pair_rc=$?
 if [ -n "${warm_pid:-}" ]; then  # the sweep needs every GPU to itself: stop the warm-up if it still runs

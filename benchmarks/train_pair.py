@@ -37,6 +37,7 @@ from speccascade.errors import SpecCascadeError
 from speccascade.eval.agreement import teacher_forced_agreement
 from speccascade.eval.metrics import signatures
 from speccascade.eval.tasks import score_pairs, translate_pairs
+from speccascade.models import make_backend
 from speccascade.models.loading import TOKENIZER_DIR as TOKENIZER
 from speccascade.models.loading import load_causal_lm
 from speccascade.train.tokenizer import encode_prompt, encode_target, load_tokenizer
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None, help="training time cap per model")
     ap.add_argument("--test-pairs", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--backend", default="dynamic",
+                    help="the test set's batched decode: dynamic (transformers' forward) or fused_eager (ours)")
     ap.add_argument("--drafter-train-file", type=Path, default=None,
                     help="train the drafter on these rows (e.g. `speccascade distill` output) instead of the split")
     args = ap.parse_args()
@@ -69,7 +72,7 @@ def main() -> None:
               "python": platform.python_version(), "speccascade": speccascade.__version__, "device": args.device,
               "metrics": sigs,
               "card": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
-              "training": {}, "test": {}}
+              "backend": args.backend, "training": {}, "test": {}}
     for role in ("drafter", "verifier"):
         if role not in args.roles.split(","):  # trained earlier (e.g. on another GPU): read its log
             record["training"][role] = json.loads((args.out / role / "training.json").read_text())
@@ -85,7 +88,8 @@ def main() -> None:
     for role, model in models.items():
         for temperature in (0.0, 1.0):
             t0 = time.perf_counter()
-            hyps, stats = translate_pairs(model, model, tok, test, method="verifier_only", temperature=temperature,
+            be = model if args.backend == "dynamic" else make_backend(model, role, args.backend)
+            hyps, stats = translate_pairs(be, be, tok, test, method="verifier_only", temperature=temperature,
                                           batch_size=args.batch_size)
             res = {"seconds": time.perf_counter() - t0, "tokens": stats.emitted, "hypotheses": hyps}
             try:
