@@ -20,9 +20,11 @@ in both modes), and the steps each mode fits in ``--budget-minutes``;
 ``TRAIN_COMPILE=auto`` reads it). ``--modes eager`` times the eager mode alone (no ``pays``).
 
 ``--profile-steps N`` (a GPU) then profiles N more eager steps (torch.profiler; ``gpu_speed.kernel_time_share``):
-per step the host's wall, the device's kernel time and their ratio (``device_busy_fraction``: near 1, the
-step waits on the device's kernels, and the top kernels say which; well below 1, on the host: launches,
-the data's collation, Python), the kernels launched and the top kernels by time. That is what decides
+per step the host's wall, the device's kernel time and their ratio (``device_busy_fraction``, and
+``device_busy_fraction_unprofiled`` against the unprofiled steps' rate, which the profiler's own host
+overhead does not slow: near 1, the step waits on the device's kernels, and the top kernels say which;
+well below 1, on the host: launches, the data's collation, Python), the kernels launched and the top
+kernels by time. That is what decides
 how a role's training could go faster (run 10: the verifier 5.2 steps/s at 256 sequences a step, the drafter
 13.7 at 128 with its 30-layer teacher; a session's minutes of verifier training are what its test BLEU
 follows).
@@ -143,7 +145,9 @@ def run_mode(preset: str, role: str, compiled: bool, batches: list, device: torc
     if profile_steps:
         # the timed steps' batches again: every width is warm
         profiled = batches[warm_up:warm_up + steps][:profile_steps]
-        out["profile"] = profile_steps_of(lambda: [step(b) for b in profiled], len(profiled))
+        out["profile"] = prof = profile_steps_of(lambda: [step(b) for b in profiled], len(profiled))
+        # the profiler's own host overhead slows the profiled steps: against the unprofiled rate instead
+        prof["device_busy_fraction_unprofiled"] = prof["kernel_s_per_step"] * rate
     return out
 
 
