@@ -310,7 +310,8 @@ if [ "$SWEEP_AUTOTUNE" = 1 ]; then   # the sweep and the measurements after it, 
 fi
 echo "$(date -u +%FT%TZ) sweep with inductor's GEMM autotuning: $SWEEP_AUTOTUNE" >> "$dir/stages.log"
 # with every method: Table 2's methods first (the session's end may cut a sweep; cells land as they
-# finish), then the rest into the same file (each worker re-times its own verifier_only for them)
+# finish), then the rest into the same file (with --workers 2 each worker re-times its own verifier_only for
+# them; one process, whose baseline key is already in the file, times them against the first stage's)
 FIRST="verifier_only,drafter_only,sd,lossy,lossy_tuned,bild_star,chow,diff,opt,opt_log,token_v3"
 if [ "$METHODS" = all ]; then
   rest=$(python -c "from speccascade.registry import METHODS; f='$FIRST'.split(','); print(','.join(m for m in METHODS if m not in f))")
