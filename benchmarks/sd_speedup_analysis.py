@@ -118,7 +118,11 @@ def analyse(records: list[dict]) -> dict:
         per_pos = r["stats"]["accepted_per_position"]
         reached = [r["stats"]["blocks"]] + per_pos[:-1]     # drafts examined at each position
         a = sum(per_pos) / sum(reached)
-        measured = 1 / r["relative_latency"]
+        run = (r["temperature"], r.get("worker", 0))
+        ref = base.get(run + (r["gamma"],)) or base_any.get(run)
+        # against the baseline its own sweep run timed (the sweep's rule since run 10; a file written before
+        # it may hold a ratio against an earlier run's baseline, as run 10's gamma = 3 cell does)
+        measured = ref["latency_s"] / r["latency_s"] if ref is not None else 1 / r["relative_latency"]
         modelled = modelled_speedup(a, r["gamma"], c, b)
         realised = measured / modelled
         row = {"temperature": r["temperature"], "gamma": r["gamma"], "worker": r.get("worker", 0),
@@ -127,8 +131,6 @@ def analyse(records: list[dict]) -> dict:
                "cost_ratio_c": c, "block_over_step_b": b, "measured_speedup": measured,
                "modelled_speedup": modelled, "realised_share": realised,
                "acceptance_needed": {f"{t:g}x": needed_acceptance(t, r["gamma"], c, b, realised) for t in TARGETS}}
-        run = (r["temperature"], r.get("worker", 0))
-        ref = base.get(run + (r["gamma"],)) or base_any.get(run)
         if ref is not None:
             row["speedup_steps"] = speedup_steps(r, ref, cost, modelled, measured)
         if r["temperature"] == 0 and ref is not None:

@@ -86,9 +86,9 @@ def main() -> None:
               for r in ("drafter", "verifier")}
     test = load_split("test")[: args.test_pairs]
     for role, model in models.items():
+        be = model if args.backend == "dynamic" else make_backend(model, role, args.backend)   # once a role
         for temperature in (0.0, 1.0):
             t0 = time.perf_counter()
-            be = model if args.backend == "dynamic" else make_backend(model, role, args.backend)
             hyps, stats = translate_pairs(be, be, tok, test, method="verifier_only", temperature=temperature,
                                           batch_size=args.batch_size)
             res = {"seconds": time.perf_counter() - t0, "tokens": stats.emitted, "hypotheses": hyps}

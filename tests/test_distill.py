@@ -486,13 +486,20 @@ def test_the_train_step_benchmark_times_one_mode_and_profiles_per_step(tmp_path,
         monkeypatch.setattr(sys, "argv", argv + bad)
         with pytest.raises(SystemExit, match=says):
             train_step.main()
-    # the profile's arithmetic, on a CPU (no device kernels; the sync is a GPU's)
+    # the profile on a CPU (no device kernels; the sync is a GPU's), then its per-step arithmetic on a
+    # profile of known totals
     monkeypatch.setattr(gpu_speed, "sync", lambda: None)
     runs = []
     prof = train_step.profile_steps_of(lambda: runs.append(torch.ones(8, 8) @ torch.ones(8, 8)), 4)
     assert len(runs) == 2   # once unprofiled, once profiled
     assert prof["steps"] == 4 and prof["wall_s_per_step"] > 0
     assert prof["kernel_s_per_step"] == prof["kernels_per_step"] == prof["device_busy_fraction"] == 0
+    totals = {"wall_s": 2.0, "device_kernel_s": 1.0, "device_busy_fraction": 0.5, "kernel_launches": 40,
+              "top_kernels": [{"name": "gemm", "calls": 8, "total_s": 0.6}]}
+    monkeypatch.setattr(gpu_speed, "kernel_time_share", lambda fn, top: totals)
+    prof = train_step.profile_steps_of(lambda: None, 4)
+    assert (prof["wall_s_per_step"], prof["kernel_s_per_step"], prof["kernels_per_step"]) == (0.5, 0.25, 10)
+    assert prof["top"] == [{"name": "gemm", "per_step": 2, "s_per_step": 0.15}]
 
 
 def test_the_decode_batch_benchmark_decodes_the_same_tokens_on_both_backends(tmp_path, monkeypatch):

@@ -493,6 +493,15 @@ def test_sd_speedup_analysis_steps_reach_the_measured_speedup_when_the_model_is_
     (row,) = sa.analyse([cost, base, lean])["sd"]
     assert row["speedup_steps"]["drafter_calls_per_block"] == gamma
     assert row["speedup_steps"]["with_the_loops_drafter_calls"] == pytest.approx(steps["modelled"])
+    # a later sweep run at another gamma timed its own baseline: the speed-up is against that one, even
+    # where the stored ratio (a file from before the sweep's own-baseline rule) is against the first run's
+    g3 = {"gamma": 3, "worker": 0}
+    base3 = base | g3 | {"latency_s": base_wall * 0.9}
+    sd3 = sd | g3 | {"relative_latency": sd_wall / base_wall}
+    rows = sa.analyse([cost, base, sd, base3, sd3])["sd"]
+    assert [r["gamma"] for r in rows] == [5, 3]
+    assert rows[0]["measured_speedup"] == pytest.approx(base_wall / sd_wall)
+    assert rows[1]["measured_speedup"] == pytest.approx(0.9 * base_wall / sd_wall)
 
 
 def test_call_costs_times_the_block_arithmetic_on_stand_ins_that_run_algorithm_4(monkeypatch):
