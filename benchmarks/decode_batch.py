@@ -12,11 +12,17 @@ here decodes the same ``--batches`` batches of training verses (sorted by length
 batches them) for exactly ``--max-new-tokens`` tokens a row (default 200, the distillation's, which also
 sizes the fused backend's cache; no EOS, so a trained and a random verifier cost the same), after one
 warm-up batch of 4 tokens; the record keeps each batch's wall, tokens per second, milliseconds a
-decoding step (the prompts' pre-fill included) and, as a check, how many rows' tokens equal the first
-backend's (greedy; bf16 rounding can split near-ties). ``faster`` names the backend with the most tokens per
-second, ``speedup`` its rate over the other's (`gpu_deep_pair_run.sh`'s ``DISTILL_BACKEND=auto`` takes
-``fused_eager`` where it is at least :data:`PAYS` times faster). Random weights of ``--preset``'s
-verifier shape unless ``--verifier`` names a checkpoint.
+decoding step (the prompts' pre-fill included) and, as a check, how far the rows' tokens agree with the
+first backend's (greedy; bf16 rounding can split near-ties, and a split runs on to the row's end): whole
+rows, rows up to their first EOS (what the distillation keeps), and the mean position of the first
+difference (run 11 on an H200: 27% of 1,024 whole 200-token rows equal, before this count existed);
+``--reference-float32`` also counts each backend's agreement with a float32 decode of the same rows
+(``results/decode_bf16_cpu.json``: the shipped tiny verifier on one CPU thread). ``faster`` names the
+backend with the most tokens per second, ``speedup`` its rate over the other's
+(`gpu_deep_pair_run.sh`'s ``DISTILL_BACKEND=auto`` takes ``fused_eager`` where it is at least
+:data:`PAYS` times faster; run 11: 7.2×, so the script now distils on it by default). Random weights of
+``--preset``'s verifier shape unless ``--verifier`` names a checkpoint (the shipped tiny one uses the
+shipped tokenizer).
 """
 
 from __future__ import annotations
@@ -36,16 +42,12 @@ from speccascade.data.prompt import encode_prompt
 from speccascade.eval.sweep import device_name
 from speccascade.models import make_backend
 from speccascade.models.loading import TOKENIZER_DIR, load_causal_lm
+from speccascade.models.timing import sync
 from speccascade.train.tokenizer import load_tokenizer
 from speccascade.train.trainer import PRESETS, build_model
 
 #: how much faster ``fused_eager`` must decode for DISTILL_BACKEND=auto to take it over ``dynamic``
 PAYS = 1.1
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def batches_of(tokenizer, batch_size: int, n_batches: int) -> list[list[list[int]]]:
@@ -54,6 +56,22 @@ def batches_of(tokenizer, batch_size: int, n_batches: int) -> list[list[list[int
     prompts = [encode_prompt(tokenizer, p["en"]) for p in load_split("train")[:batch_size * n_batches]]
     prompts.sort(key=len)
     return [prompts[k:k + batch_size] for k in range(0, len(prompts), batch_size)]
+
+
+def agreement(tokens: list[list[int]], first: list[list[int]], eos: int | None) -> dict:
+    """How far each row's tokens agree with the first backend's: whole rows equal, rows equal up to and
+    including the first backend's first ``eos`` (what the distillation keeps of a row), and the mean
+    position of a row's first differing token (the row's length where none differs)."""
+    def kept(row):
+        return row[:row.index(eos) + 1] if eos is not None and eos in row else row
+
+    def first_difference(a, b):
+        return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    n = len(first)
+    return {"rows_equal_to_first": sum(a == b for a, b in zip(tokens, first)) / n,
+            "rows_equal_to_first_to_eos": sum(kept(b) == a[:len(kept(b))] for a, b in zip(tokens, first)) / n,
+            "mean_first_difference": sum(first_difference(a, b) for a, b in zip(tokens, first)) / n}
 
 
 def decode(backend, prompts, max_new_tokens: int, device: torch.device) -> tuple[float, list[list[int]]]:
@@ -77,6 +95,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=200,
                     help="tokens a row (default: `distill`'s --max-new-tokens, which sizes the fused cache)")
+    ap.add_argument("--reference-float32", action="store_true",
+                    help="also decode the batches on `dynamic` in float32 and count each backend's agreement with "
+                         "that (`against_float32`): how far each one's bf16 rounding moves the greedy tokens")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -85,13 +106,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     backends = [b for b in args.backends.split(",") if b]
-    tokenizer = load_tokenizer(args.verifier or TOKENIZER_DIR)
-    if args.verifier is not None:
-        model = load_causal_lm(args.verifier, device=str(device), dtype=dtype)
-    else:
+    has_own = args.verifier is not None and (args.verifier / "tokenizer.json").is_file()
+    tokenizer = load_tokenizer(args.verifier if has_own else TOKENIZER_DIR)   # the shipped models use the shipped one
+    def load(dtype):
+        if args.verifier is not None:
+            return load_causal_lm(args.verifier, device=str(device), dtype=dtype).eval()
         torch.manual_seed(0)
-        model = build_model(PRESETS[args.preset]["verifier"].shape, len(tokenizer)).to(device=device, dtype=dtype)
-    model.eval()
+        return build_model(PRESETS[args.preset]["verifier"].shape, len(tokenizer)).to(device=device, dtype=dtype).eval()
+
+    model = load(dtype)
     batches = batches_of(tokenizer, args.batch_size, args.batches)
     record = {"benchmark": "decode_batch", "card": device_name(device), "torch": torch.__version__,
               "speccascade": speccascade.__version__, "python": platform.python_version(),
@@ -99,7 +122,11 @@ def main() -> None:
               "verifier": str(args.verifier) if args.verifier else f"random {args.preset} verifier",
               "batch_size": args.batch_size, "batches": len(batches), "max_new_tokens": args.max_new_tokens,
               "backends": {}}
-    first_tokens = None
+    first_tokens = reference = None
+    if args.reference_float32:   # the same batches on `dynamic` in float32: what each backend's rounding is against
+        reference = []
+        for prompts in batches:
+            reference += decode(load(torch.float32), prompts, args.max_new_tokens, device)[1]
     for name in backends:
         backend = model if name == "dynamic" else make_backend(model, "verifier", name)
         decode(backend, batches[0], 4, device)   # warm-up: allocations, kernel selection
@@ -114,7 +141,9 @@ def main() -> None:
         if first_tokens is None:
             first_tokens = tokens
         else:
-            rec["rows_equal_to_first"] = sum(a == b for a, b in zip(tokens, first_tokens)) / len(tokens)
+            rec.update(agreement(tokens, first_tokens, tokenizer.eos_token_id))
+        if reference is not None:
+            rec["against_float32"] = agreement(tokens, reference, tokenizer.eos_token_id)
         record["backends"][name] = rec
         print(json.dumps({name: {k: rec[k] for k in ("tokens_per_s", "ms_per_step")}}), flush=True)
         del backend

@@ -44,15 +44,12 @@ import torch
 import speccascade as sc
 from speccascade import runner
 from speccascade.models import FusedLlamaBackend, make_backend
+from speccascade.models.timing import sync
 from speccascade.sampling import SamplingConfig, draw, sampling_probs
 from speccascade.stats import Stats
 from speccascade.train.trainer import copy_first_layers
 
 DTYPE = torch.bfloat16
-
-
-def sync():
-    torch.cuda.synchronize()
 
 
 def copy_bandwidth() -> float:

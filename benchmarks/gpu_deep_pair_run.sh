@@ -38,7 +38,7 @@
 # autotuned half), SWEEP_AUTOTUNE (auto; below),
 # VERIFIER_EMA (none: a decay, e.g. 0.998, keeps a moving average of the verifier's weights, `train --ema-decay`),
 # DRAFTER_BATCH / DRAFTER_LR (the recipe's: 128, 2e-3; each step also runs the 30-layer teacher, so a larger
-# batch amortises its per-step launches: runs 4-6 trained 17-28 steps/s).
+# batch amortises its per-step launches: runs 4-6 trained 17-28 steps/s), DRAFTER_INTERMEDIATE (below).
 # `distill` decodes batches of 1024 ragged rows with DISTILL_BACKEND (below; the compiled fused one would compile per batch shape).
 # TRAIN_PROFILE (0): 1 profiles each role's eager training step first (below). TRAIN_COMPILE (0): 1 trains the verifier and the drafter with `train --compile` (each decoder layer compiled,
 # the teacher's too); auto first times both ways on random weights of the pair's shapes (stage train_step,
@@ -61,6 +61,9 @@ ema=(); [ -n "${VERIFIER_EMA:-}" ] && ema=(--ema-decay "$VERIFIER_EMA")   # the 
 drafter_opts=()   # DRAFTER_BATCH / DRAFTER_LR: the drafter's batch and peak learning rate (default: the recipe's)
 [ -n "${DRAFTER_BATCH:-}" ] && drafter_opts+=(--batch-size "$DRAFTER_BATCH")
 [ -n "${DRAFTER_LR:-}" ] && drafter_opts+=(--lr "$DRAFTER_LR")
+# DRAFTER_INTERMEDIATE: the drafter's MLP width (the recipe's 1536 unless given; wider keeps one layer, and
+# with DRAFTER_INIT=1 starts as the verifier's first layer, its extra units' outputs at zero)
+[ -n "${DRAFTER_INTERMEDIATE:-}" ] && drafter_opts+=(--intermediate "$DRAFTER_INTERMEDIATE")
 VERIFIER_BATCH="${VERIFIER_BATCH:-128}"; VERIFIER_LR="${VERIFIER_LR:-8e-4}"; VERIFIER_EPOCHS="${VERIFIER_EPOCHS:-12}"
 DISTILL_BATCH="${DISTILL_BATCH:-1024}"; DISTILL_SAMPLES="${DISTILL_SAMPLES:-1}"; DISTILL_SOURCES="${DISTILL_SOURCES:-kjv}"
 TEMPERATURES="${TEMPERATURES:-0 1}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
@@ -227,13 +230,13 @@ if [ "$VERIFIER_GPUS" -ge 2 ]; then
     || echo "$(date -u +%FT%TZ) the data-parallel verifier failed: GPU 0 trains it alone" >> "$dir/stages.log"
 fi
 limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
-# DISTILL_BACKEND (dynamic): the backend that decodes the verifier's translations; where another one
-# fails, the stage is run again on the dynamic backend. Runs 2-6 decoded on the dynamic backend (~360
-# rows/s a process on an H200); run 7 tried fused_eager and its greedy process took 17 min for 58,779
-# rows beside two T = 1 ones (run 6, dynamic: 117,558 rows in 5.4 min), on the cache layout before
-# models.fused.CACHE_ALIGN, which copied each layer's whole cache (1,024 rows of it) every token step;
+# DISTILL_BACKEND (fused_eager): the backend that decodes the verifier's translations; where another one
+# fails, the stage is run again on the dynamic backend. Runs 2-10 decoded on the dynamic backend (~360
+# rows/s a process on an H200; run 7's fused_eager try predates models.fused.CACHE_ALIGN); run 11 timed
+# both on its trained verifier (results/deep_pair/run11/decode_batch.json: fused_eager 7.2x faster at
+# 1,024 rows) and distilled 117,558 rows on fused_eager in 2 min 5 s (run 10, dynamic: 5 min 38 s).
 # auto times both on the trained verifier first and takes the faster (below; DECODE_BATCH_OPTS: more options)
-DISTILL_BACKEND="${DISTILL_BACKEND:-dynamic}"
+DISTILL_BACKEND="${DISTILL_BACKEND:-fused_eager}"
 distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translations at these temperatures
   local gpu="$1" seed="$2" tag; shift 2
   tag=$(IFS=_; echo "$*")$([ "$seed" -gt 0 ] && echo "_s$seed")   # 1 with seed 2 -> 1_s2

@@ -26,12 +26,9 @@ import torch
 
 import speccascade as sc
 from speccascade.models import GraphHFBackend, HFBackend, StaticHFBackend
+from speccascade.models.timing import sync
 
 DTYPE = torch.bfloat16
-
-
-def sync():
-    torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float]]:

@@ -42,17 +42,14 @@ from pathlib import Path
 import torch
 from smollm2_drafter import answer_batches, answer_tensors, chat_ids, gguf_path, read_prompts, train_step
 
+from speccascade.models.timing import sync
+
 
 def _verifier(path: str, device: str):
     """The verifier (a .gguf file or a checkpoint folder), bfloat16, on ``device``."""
     from speccascade.models.loading import load_causal_lm
 
     return load_causal_lm(path, role="verifier", dtype=torch.bfloat16).to(device).eval()
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _generate(model, rows: list[list[int]], eos: int, max_new: int, sampled: bool, seed: int, device: str):
@@ -194,7 +191,7 @@ def distill(out: Path, gguf: str, init: Path, dest: Path, minutes: float, steps:
             train_step(loss, model, opt, sched)
             step += 1
             if not steps and step in PROBE_STEPS:
-                _sync(device)
+                sync(device)
                 marks[step] = time.perf_counter()
             if not steps and step == PROBE_STEPS[1]:  # plan the schedule from the rate after the warm-up
                 rate = (PROBE_STEPS[1] - PROBE_STEPS[0]) / (marks[step] - marks[PROBE_STEPS[0]])

@@ -53,6 +53,7 @@ import speccascade
 from speccascade.data.bible import load_split
 from speccascade.eval.sweep import device_name
 from speccascade.models.loading import TOKENIZER_DIR
+from speccascade.models.timing import sync
 from speccascade.train.tokenizer import load_tokenizer
 from speccascade.train.trainer import (
     ARCHS,
@@ -71,11 +72,6 @@ from speccascade.train.trainer import (
 
 #: a mode must fit this much more of the budget's steps to count as paying
 PAYS = 1.03
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def width(batch, collate, multiple: int) -> tuple[int, ...]:

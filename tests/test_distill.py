@@ -395,6 +395,56 @@ def test_init_from_starts_a_drafter_with_the_verifiers_embeddings_and_first_laye
     assert log["init_from"] == str(wide)
 
 
+def test_init_from_into_a_wider_mlp_starts_as_the_cut_verifier_and_then_uses_the_new_units(tmp_path):
+    """``train --intermediate``: a 1-layer drafter whose MLP is wider than the verifier's starts, after
+    ``--init-from``, with exactly the truncated verifier's logits (the copied units first, the new units'
+    output weights zero), and training moves the new units' output weights off zero. A narrower MLP is a
+    clear error naming --intermediate; the trained model keeps the width it was given."""
+    from speccascade.train.trainer import Shape, build_model, init_from_model
+
+    _, v_dir = embedded_pair_dirs("tiny")
+    verifier = load_causal_lm(v_dir).float().eval()
+    units = verifier.config.intermediate_size
+    torch.manual_seed(0)
+    drafter = build_model(Shape(384, 1, 6, 2, 3 * units), verifier.config.vocab_size).eval()
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    init_from_model(drafter, v_dir)
+    down = drafter.model.layers[0].mlp.down_proj.weight
+    assert torch.count_nonzero(down[:, units:]) == 0 and torch.count_nonzero(down[:, :units]) > 0
+    assert torch.count_nonzero(drafter.model.layers[0].mlp.up_proj.weight[units:]) > 0   # random, so gradients flow
+    verifier.model.layers = verifier.model.layers[:1]
+    with torch.no_grad():
+        assert torch.allclose(drafter(input_ids=ids).logits, verifier(input_ids=ids).logits, atol=1e-5)
+
+    with pytest.raises(SpecCascadeError, match="--intermediate"):
+        init_from_model(build_model(Shape(384, 1, 6, 2, units // 2), verifier.config.vocab_size), v_dir)
+    log = train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.002, progress=False, bleu_pairs=0,
+                validation_pairs=4, intermediate=3 * units, init_from=None)
+    assert log["recipe"]["shape"]["intermediate"] == 3 * units
+    assert load_causal_lm(tmp_path / "d").config.intermediate_size == 3 * units
+    with pytest.raises(SpecCascadeError, match="--intermediate must be > 0"):
+        train("tiny", "drafter", tmp_path / "e", TOKENIZER_DIR, epochs=0.002, progress=False, intermediate=0)
+
+
+def test_a_wider_mlp_learns_past_its_zero_start(tmp_path):
+    """The new units' output weights (zero after ``--init-from``) take gradient: one optimiser step on
+    a batch moves them off zero."""
+    from speccascade.train.trainer import Shape, build_model, init_from_model
+
+    _, v_dir = embedded_pair_dirs("tiny")
+    config = load_causal_lm(v_dir).config
+    units = config.intermediate_size
+    torch.manual_seed(0)
+    drafter = build_model(Shape(384, 1, 6, 2, 2 * units), config.vocab_size)
+    init_from_model(drafter, v_dir)
+    drafter.train()
+    opt = torch.optim.SGD(drafter.parameters(), lr=0.1)
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    drafter(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert torch.count_nonzero(drafter.model.layers[0].mlp.down_proj.weight[:, units:]) > 0
+
+
 def test_gpu_distill_script_brings_the_drafter_closer_to_its_teacher(tmp_path, monkeypatch):
     """benchmarks/smollm2_gpu_distill.py's ``distill`` step, run on a CPU with the shipped tiny pair
     (the verifier as the teacher, the drafter as the start) on the verifier's own greedy answers to
@@ -513,16 +563,33 @@ def test_the_decode_batch_benchmark_decodes_the_same_tokens_on_both_backends(tmp
 
     out = tmp_path / "decode_batch.json"
     monkeypatch.setattr(sys, "argv", ["decode_batch.py", "--preset", "tiny", "--device", "cpu", "--batch-size", "3",
-                                      "--batches", "2", "--max-new-tokens", "3", "--out", str(out)])
+                                      "--batches", "2", "--max-new-tokens", "3", "--reference-float32",
+                                      "--out", str(out)])
     decode_batch.main()
     rec = json.loads(out.read_text())
     dyn, fused = rec["backends"]["dynamic"], rec["backends"]["fused_eager"]
     assert dyn["tokens"] == fused["tokens"] == 2 * 3 * 3 and len(dyn["walls_s"]) == len(fused["walls_s"]) == 2
-    assert fused["rows_equal_to_first"] == 1.0
+    assert fused["rows_equal_to_first"] == fused["rows_equal_to_first_to_eos"] == 1.0
+    assert fused["mean_first_difference"] == 3
+    assert dyn["against_float32"]["rows_equal_to_first"] == fused["against_float32"]["rows_equal_to_first"] == 1.0
     rates = {k: v["tokens_per_s"] for k, v in rec["backends"].items()}
     assert rec["faster"] == max(rates, key=rates.get)
     assert rec["speedup"] == max(rates.values()) / min(rates.values())
     assert rec["fused_eager_pays"] == (rates["fused_eager"] >= decode_batch.PAYS * rates["dynamic"])
+
+
+def test_the_decode_batch_agreement_counts_rows_up_to_the_first_eos(monkeypatch):
+    """A row that differs only after the first backend's EOS counts as equal up to the EOS, not as a
+    whole row; the first difference is the first position where the rows part."""
+    monkeypatch.syspath_prepend(str(SRC_ROOT / "benchmarks"))
+    import decode_batch
+
+    first = [[5, 6, 2, 7, 7], [5, 6, 8, 9, 9], [4, 2, 3, 3, 3]]
+    other = [[5, 6, 2, 8, 8], [5, 6, 8, 9, 9], [4, 3, 3, 3, 3]]
+    got = decode_batch.agreement(other, first, eos=2)
+    assert got == {"rows_equal_to_first": 1 / 3, "rows_equal_to_first_to_eos": 2 / 3,
+                   "mean_first_difference": (3 + 5 + 1) / 3}
+    assert decode_batch.agreement(other, first, eos=None)["rows_equal_to_first_to_eos"] == 1 / 3
 
 
 def test_the_train_step_benchmark_warms_up_every_width_it_times(monkeypatch):

@@ -150,7 +150,8 @@ def _train(args) -> int:
                     epochs=args.epochs, max_minutes=args.minutes, train_file=args.train_file,
                     sources=None if args.sources is None else _sources(args.sources),
                     teacher=args.teacher, distill_weight=args.distill_weight, batch_size=args.batch_size,
-                    lr=args.lr, init_from=args.init_from, ema_decay=args.ema_decay, compile=args.compile)
+                    lr=args.lr, init_from=args.init_from, ema_decay=args.ema_decay, compile=args.compile,
+                    intermediate=args.intermediate)
         print(json.dumps({k: log.get(k) for k in ("preset", "arch", "role", "params", "steps", "train_seconds",
                                                   "best")}))
     return 0
@@ -522,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", type=Path, default=None,
                    help="a trained model as wide as this one (e.g. the verifier, for a drafter): its embeddings, "
                         "final norm and first layers start this model")
+    t.add_argument("--intermediate", type=int, default=None,
+                   help="the feed-forward (MLP) width, replacing the recipe's; with --init-from at least the "
+                        "source's (its units come first, the others start with zero output)")
     t.add_argument("--ema-decay", type=float, default=None,
                    help="also keep an exponential moving average of the weights with this decay (e.g. 0.998); "
                         "each evaluation saves the better of the trained and the averaged weights")

@@ -11,6 +11,16 @@ import time
 import torch
 
 
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait until ``device`` has run what was queued on it (CUDA); nothing to wait for on a CPU.
+    ``None``: the current CUDA device where there is one."""
+    if device is None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    elif torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def call_seconds(backend, prompt: list[int], width: int = 1, repeats: int = 20, ragged: bool = False) -> float:
     """Median seconds of one call of ``backend`` on ``width`` new tokens after ``prompt`` (extend,
     then a commit of none, so every call sees the same cache), warm-up excluded. A backend the
@@ -44,8 +54,7 @@ def fn_seconds(fn, device: torch.device, repeats: int = 20, captured: bool = Fal
     for _ in range(repeats + 3):
         t = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times[3:])
 
@@ -61,15 +70,11 @@ class TimedBackend:
             if hasattr(inner, attr):
                 setattr(self, attr, getattr(inner, attr))
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _timed(self, fn, *args):
-        self._sync()
+        sync(self.device)
         t = time.perf_counter()
         out = fn(*args)
-        self._sync()
+        sync(self.device)
         self.seconds += time.perf_counter() - t
         self.calls += 1
         return out

@@ -324,20 +324,26 @@ def copy_first_layers(model, source) -> list[str]:
     """Copy ``source``'s token embeddings (tied to the output head), final norm and first
     ``len(model.model.layers)`` decoder layers into ``model``: a decoder-only model as wide as
     ``source`` (e.g. a 1-layer drafter of a 30-layer verifier) that then starts as ``source`` cut
-    after those layers. Returns the copied parameter names; another width, head layout or
-    vocabulary, or an encoder-decoder, is a clear error."""
+    after those layers. Its MLPs may be wider (``train --intermediate``): each copied MLP fills the
+    first units, and the other units' output weights start at zero, so the model still starts as
+    ``source`` cut, with the extra units free to learn. Returns the copied parameter names; another
+    width, head layout or vocabulary, a narrower MLP, or an encoder-decoder, is a clear error."""
     from ..errors import SpecCascadeError
     from ..models.base import is_encoder_decoder
 
     if is_encoder_decoder(model) or is_encoder_decoder(source):
         raise SpecCascadeError("--init-from copies a decoder-only model's layers into a decoder-only model "
                                "(--arch llama), not a T5")
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    keys = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads")
     mine, theirs = ({k: getattr(m.config, k) for k in keys} for m in (model, source))
     if mine != theirs:
         diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in keys if mine[k] != theirs[k])
         raise SpecCascadeError(f"--init-from: the model's shape differs from this one's ({diff}); it must be as "
-                               f"wide as the model trained here (only the number of layers may differ)")
+                               f"wide as the model trained here (only the number of layers and a wider MLP may differ)")
+    wide, narrow = model.config.intermediate_size, source.config.intermediate_size
+    if wide < narrow:
+        raise SpecCascadeError(f"--init-from: the model's MLP has {narrow} units, this one's {wide}: give "
+                               f"--intermediate {narrow} or more (a wider MLP starts with the copied units)")
     n = len(model.model.layers)
     if len(source.model.layers) < n:
         raise SpecCascadeError(f"--init-from: the model has {len(source.model.layers)} layers; this one has {n}")
@@ -348,8 +354,19 @@ def copy_first_layers(model, source) -> list[str]:
     with torch.no_grad():
         mine = model.state_dict()
         for k in copied:
-            mine[k].copy_(theirs[k])
+            if mine[k].shape == theirs[k].shape:
+                mine[k].copy_(theirs[k])
+                continue
+            # an MLP wider than the source's: gate / up [units, hidden], down [hidden, units]
+            mine[k][tuple(slice(0, d) for d in theirs[k].shape)].copy_(theirs[k])
+            if ".mlp.down_proj." in k:
+                mine[k][:, narrow:].zero_()
     return copied
+
+
+def with_intermediate(shape: Shape | T5Shape, units: int) -> Shape | T5Shape:
+    """``shape`` with its feed-forward width set to ``units`` (``train --intermediate``)."""
+    return replace(shape, d_ff=units) if isinstance(shape, T5Shape) else replace(shape, intermediate=units)
 
 
 def init_from_model(model, path: Path) -> list[str]:
@@ -553,7 +570,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
           teacher: Path | None = None, distill_weight: float | None = None,
           validation_pairs: int | None = None, sources: tuple[str, ...] | None = None,
           batch_size: int | None = None, lr: float | None = None, init_from: Path | None = None,
-          ema_decay: float | None = None, compile: bool = False) -> dict:
+          ema_decay: float | None = None, compile: bool = False, intermediate: int | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, one step runs and a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
@@ -568,6 +585,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     ``batch_size`` / ``lr``: replace the recipe's (sequences per optimisation step, over all ranks; peak
     learning rate); the log's ``recipe`` holds what was used. ``init_from``: a trained model of the
     same width whose embeddings, final norm and first layers start this one (:func:`init_from_model`).
+    ``intermediate``: the feed-forward width, replacing the recipe's (e.g. a 1-layer drafter with a
+    wider MLP: more capacity at almost the same decode cost, where a step is bound by launches).
     ``ema_decay`` (default the recipe's): also keep an exponential moving average of the weights
     (``torch.optim.swa_utils.AveragedModel``, updated after every step), the checkpoint averaging that
     translation models gain from; each evaluation scores both, and a new best is saved from whichever
@@ -589,7 +608,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     preset = check_train_args(preset, role, epochs, max_minutes, arch)
     check_device(device, f"{role} to train")
     recipe = PRESETS[preset][role]
-    for name, value in (("--batch-size", batch_size), ("--lr", lr)):
+    for name, value in (("--batch-size", batch_size), ("--lr", lr), ("--intermediate", intermediate)):
         if value is not None and not value > 0:
             from ..errors import SpecCascadeError
 
@@ -600,7 +619,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         raise SpecCascadeError(f"--ema-decay must be in (0, 1), e.g. 0.998, got {ema_decay}")
     recipe = replace(recipe, batch_size=recipe.batch_size if batch_size is None else int(batch_size),
                      lr=recipe.lr if lr is None else float(lr),
-                     ema_decay=recipe.ema_decay if ema_decay is None else float(ema_decay))
+                     ema_decay=recipe.ema_decay if ema_decay is None else float(ema_decay),
+                     shape=recipe.shape if intermediate is None else with_intermediate(recipe.shape, int(intermediate)))
     layout = ARCHS[recipe.arch]
     if compile and recipe.arch != "llama":
         from ..errors import SpecCascadeError
