@@ -108,6 +108,7 @@ def main() -> None:
     backends = [b for b in args.backends.split(",") if b]
     has_own = args.verifier is not None and (args.verifier / "tokenizer.json").is_file()
     tokenizer = load_tokenizer(args.verifier if has_own else TOKENIZER_DIR)   # the shipped models use the shipped one
+
     def load(dtype):
         if args.verifier is not None:
             return load_causal_lm(args.verifier, device=str(device), dtype=dtype).eval()
@@ -124,9 +125,9 @@ def main() -> None:
               "backends": {}}
     first_tokens = reference = None
     if args.reference_float32:   # the same batches on `dynamic` in float32: what each backend's rounding is against
-        reference = []
-        for prompts in batches:
-            reference += decode(load(torch.float32), prompts, args.max_new_tokens, device)[1]
+        exact = load(torch.float32)
+        reference = [row for prompts in batches for row in decode(exact, prompts, args.max_new_tokens, device)[1]]
+        del exact
     for name in backends:
         backend = model if name == "dynamic" else make_backend(model, "verifier", name)
         decode(backend, batches[0], 4, device)   # warm-up: allocations, kernel selection

@@ -395,11 +395,11 @@ def test_init_from_starts_a_drafter_with_the_verifiers_embeddings_and_first_laye
     assert log["init_from"] == str(wide)
 
 
-def test_init_from_into_a_wider_mlp_starts_as_the_cut_verifier_and_then_uses_the_new_units(tmp_path):
+def test_init_from_into_a_wider_mlp_starts_as_the_cut_verifier(tmp_path):
     """``train --intermediate``: a 1-layer drafter whose MLP is wider than the verifier's starts, after
     ``--init-from``, with exactly the truncated verifier's logits (the copied units first, the new units'
-    output weights zero), and training moves the new units' output weights off zero. A narrower MLP is a
-    clear error naming --intermediate; the trained model keeps the width it was given."""
+    output weights zero, the other new weights random). A narrower MLP is a clear error naming
+    --intermediate; the trained model keeps the width it was given; a width of 0 is a clear error."""
     from speccascade.train.trainer import Shape, build_model, init_from_model
 
     _, v_dir = embedded_pair_dirs("tiny")
@@ -419,7 +419,7 @@ def test_init_from_into_a_wider_mlp_starts_as_the_cut_verifier_and_then_uses_the
     with pytest.raises(SpecCascadeError, match="--intermediate"):
         init_from_model(build_model(Shape(384, 1, 6, 2, units // 2), verifier.config.vocab_size), v_dir)
     log = train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.002, progress=False, bleu_pairs=0,
-                validation_pairs=4, intermediate=3 * units, init_from=None)
+                validation_pairs=4, intermediate=3 * units)
     assert log["recipe"]["shape"]["intermediate"] == 3 * units
     assert load_causal_lm(tmp_path / "d").config.intermediate_size == 3 * units
     with pytest.raises(SpecCascadeError, match="--intermediate must be > 0"):
