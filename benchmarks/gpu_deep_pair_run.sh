@@ -30,7 +30,7 @@
 # VERIFIER_EPOCHS (12; the time budget trims it) with 2 ranks (one rank: the recipe's unless given), DRAFTER_MINUTES (3), DISTILL_BATCH (1024), DISTILL_LIMIT (all), DISTILL_SAMPLES (1: T = 1 translations a source;
 # SmolLM2's drafter gained most from more of its verifier's answers, docs/smollm2.md), DISTILL_SOURCES (kjv: the
 # English sides translated, kjv,web adds the World English Bible's text of the same verses), EXAMPLES (500), PRESET (deep),
-# TEMPERATURES ("0 1": the sweep's, in this order),
+# TEMPERATURES ("0 1": the sweep's, in this order), EXTRA_GAMMAS (3,8: the block sizes swept after Table 2's gamma 5, in this order),
 # METHODS (all), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
 # EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair;
 # first: before the sweep; end_wait: only benchmarks/end_wait.py, after the sweep; 0: not at all),
@@ -287,15 +287,23 @@ if [ "$SKIP_TESTS" != 1 ] && [ "$SIDE" -ne 0 ]; then
 fi
 
 # GPU 0: the drafter and the pair's record
+pair_backend="$([ "$DISTILL_BACKEND" = auto ] && echo dynamic || echo "$DISTILL_BACKEND")"
+pair_record() {  # pair_record BACKEND: the pair's test BLEU and agreement (benchmarks/train_pair.py)
+  stage pair python benchmarks/train_pair.py --preset "$PRESET" --roles "" --out "$dir" --device "$DEVICE" \
+      --test-pairs "$TEST_PAIRS" --backend "$1"
+}
 [ $distill_rc -eq 0 ] && (
   export CUDA_VISIBLE_DEVICES=$(gpu_id 0)
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
   train_stage train_drafter drafter sc train --preset "$PRESET" --role drafter --out "$dir/drafter" --device "$DEVICE" \
       --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" "${drafter_opts[@]}" \
       $([ "$DRAFTER_INIT" = 1 ] && echo --init-from "$dir/verifier") &&
-  # the test set's decode on the distillation's backend (auto: the one decode_batch.py found faster)
-  stage pair python benchmarks/train_pair.py --preset "$PRESET" --roles "" --out "$dir" --device "$DEVICE" \
-      --test-pairs "$TEST_PAIRS" --backend "$([ "$DISTILL_BACKEND" = auto ] && echo dynamic || echo "$DISTILL_BACKEND")"
+  # the test set's decode on the distillation's backend (auto: the one decode_batch.py found faster); where
+  # that backend fails, again on the dynamic backend (as the distillation does)
+  { pair_record "$pair_backend" ||
+    { [ "$pair_backend" != dynamic ] &&
+      echo "$(date -u +%FT%TZ) pair failed on $pair_backend: again on dynamic" >> "$dir/stages.log" &&
+      { cp "$dir/pair.log" "$dir/pair_$pair_backend.log" 2>/dev/null; pair_record dynamic; }; }; }
 )
 pair_rc=$?
 if [ -n "${warm_pid:-}" ]; then  # the sweep needs every GPU to itself: stop the warm-up if it still runs
@@ -357,12 +365,12 @@ EXTRAS="${EXTRAS:-1}"
 [ "$EXTRAS" = first ] && extras
 sweep_part "${parts[0]}" "${parts[1]}"
 { [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = end_wait ]; } && extras
-# then gamma 3, then 8 (the issue's block-size cells; gamma 3 first, both temperatures: at run 10's acceptance
+# then gamma 3, then 8 (EXTRA_GAMMAS: these instead, in this order; the issue's block-size cells; gamma 3 first, both temperatures: at run 10's acceptance
 # it was the faster block, sd 1.55x against 1.47x at T = 0), then the other methods: the session's end cuts
 # the last. Each stage times its cells against the verifier_only it runs first (same process).
 gm="sd,diff,opt_log"; [ "$METHODS" = all ] || gm="$(echo "$gm" | tr , '\n' | grep -xF -f <(echo "$METHODS" | tr , '\n') | paste -sd,)"
 gma="$(METHODS=$gm alphas_for "$GAMMA_ALPHAS")"   # (empty when only sd is swept)
-for g in 3 8; do
+for g in $(echo "${EXTRA_GAMMAS:-3,8}" | tr , " "); do
   [ -n "$gm" ] && stage "sweep_gamma$g" sc sweep "${pair[@]}" --methods "$gm" ${gma:+--alphas "$gma"} \
       "${grid[@]}" --gammas "$g" --workers "$GPUS" --out "$dir/sweep.jsonl"
 done
