@@ -401,3 +401,74 @@ def test_a_replayed_decode_of_one_row_reads_its_flags_at_once_on_a_gpu(simulated
             sc.generate(fd, fv, prompts, method=method, gamma=3, max_new_tokens=6, temperature=1.0,
                         generator=torch.Generator().manual_seed(0))
     assert seen == [1, 1, 2, 2] and runner.AT_ONCE_ROWS == 1
+
+
+def test_an_extend_launches_one_device_op_of_its_own(monkeypatch):
+    """The feed's positions are worked out inside the step (its compiled prologue, from each row's
+    first position: a view of the cached-token count), so a plain ``extend`` dispatches one device
+    op of its own, the count's update, and a ragged one two (its mask, the update); before, a plain
+    extend made three (positions, mask, update), each a kernel in every call of a speculative
+    block. The step still sees each row's count before the update."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.in_step = [], False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            view = not func._schema.is_mutable and any(r.alias_info for r in func._schema.returns)
+            if not view and not self.in_step:   # (a view, e.g. slice or unsqueeze, launches no kernel)
+                self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    d, _ = tiny_pair(0)
+    fd = FusedLlamaBackend(d, "drafter")
+    fd.reserve(2, 32)
+    fd.reset(torch.tensor([[5, 6, 7], [0, 8, 9]]), torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    seen, count = [], Count()
+    out = torch.zeros(2, 3, fd.vocab_size)
+
+    def step(tokens, positions, valid, k_cache, v_cache):   # the step's own ops are not the extend's
+        count.in_step = True
+        seen.append((fd._feed(positions, valid, tokens.shape[1])[0].clone(), valid))
+        count.in_step = False
+        return out
+
+    monkeypatch.setattr(fd, "_step_fn", step)
+    for feed, lengths, own in ((torch.tensor([[3], [4]]), None, ["add_.Tensor"]),
+                               (torch.tensor([[3, 4, 5], [6, 7, 8]]), torch.tensor([3, 1]), ["lt.Tensor", "add_.Tensor"])):
+        before = fd.n_pos.clone()
+        count.ops = []
+        with count:
+            fd.extend(feed, lengths)
+        assert count.ops == own
+        positions, valid = seen[-1]
+        assert positions.tolist() == (before.unsqueeze(1) + torch.arange(feed.shape[1])).tolist()
+        assert (valid is None) == (lengths is None)
+        assert fd.n_pos.tolist() == (before + (feed.shape[1] if lengths is None else lengths)).tolist()
+
+
+def test_compiled_regions_trace_whole_and_match_eager(monkeypatch):
+    """``compile=True`` compiles the prologue (which now makes a feed's positions from each row's
+    first position), one decoder layer and the head, each with ``fullgraph=True``; traced by dynamo +
+    AOT autograd (``aot_eager``: the graph inductor would compile, without its C++ build), a compiled
+    backend gives the eager one's logits, ragged feeds (padded to bucket widths) and a rollback included."""
+    import torch._dynamo
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **(kw | {"backend": "aot_eager",
+                                                                                     "options": None})))
+    d, _ = tiny_pair(0)
+    compiled, eager = FusedLlamaBackend(d, "d", compile=True), FusedLlamaBackend(d, "d")
+    assert compiled.compiled
+    outs = []
+    for be in (compiled, eager):
+        be.reserve(2, 24)
+        be.reset(torch.tensor([[5, 6, 7], [0, 8, 9]]), torch.tensor([[1, 1, 1], [0, 1, 1]]))
+        a = be.extend(torch.tensor([[3, 5, 6], [4, 7, 8]]))
+        be.commit(torch.tensor([2, 3]))
+        b = be.extend(torch.tensor([[9, 10, 4], [11, 3, 4]]), torch.tensor([1, 3]))
+        c = be.extend(torch.tensor([[12], [13]]))
+        outs.append(torch.cat([a, b, c], 1))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)

@@ -257,9 +257,10 @@ def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, r
     if carry:   # a stand-in at the bonus position, where nothing is drawn from pi
         q_logits.append(q_logits[-1])
         q_probs.append(q_probs[-1])
-    drafts = torch.stack(drafts, 1)                                          # [B, gamma]
     # 2. score: one verifier call on gamma + 1 positions
-    p_logits = verifier.extend(torch.cat([state.pending.unsqueeze(1), drafts], 1))  # [B, gamma + 1, V]
+    feed = torch.stack([state.pending, *drafts], 1)                          # [B, gamma + 1]: pending, drafts
+    drafts = feed[:, 1:]                                                     # [B, gamma]
+    p_logits = verifier.extend(feed)                                         # [B, gamma + 1, V]
     # 3.-4. verify, advance, emit (the draws of Algorithm 4 first)
     u = torch.rand((drafts.shape[0], gamma), generator=generator, dtype=torch.float32, device=drafts.device)
     noise = exponential_noise(p_logits[:, 0].shape, p_logits, generator, cfg.greedy)

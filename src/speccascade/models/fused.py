@@ -135,7 +135,10 @@ class PositionIndexedCache:
     * ``extend`` places a feed at each row's next positions (a ragged feed's padding is not
       ``valid`` and goes to the trash slot); ``commit`` lowers ``n_pos`` to the kept count: a
       rollback copies nothing, the next feed overwrites the dropped slots;
-    * :meth:`_cache_slots` gives a step where its K/V go and which slots each query sees.
+    * :meth:`_cache_slots` gives a step where its K/V go and which slots each query sees; a step's
+      ``positions`` are ``[B, w]``, or ``[B, 1]``: each row's first position, the feed's tokens at
+      the positions after it (what ``extend`` passes, so that the step's compiled prologue works the
+      positions out inside its own kernels), and ``valid`` is None where every token is real.
 
     A subclass sets ``name``, ``device``, ``dtype``, ``eps``, ``n_layers``, ``n_kv``, ``head_dim``
     and ``max_positions``, defines ``_prologue`` / ``_layer`` / ``_head`` and ``_step(tokens,
@@ -201,18 +204,20 @@ class PositionIndexedCache:
         width = bucket(k) if self.compiled and lengths is not None else k
         if width > k:
             tokens = F.pad(tokens, (0, width - k))
-            if lengths is None:
-                lengths = torch.full((B,), k, dtype=torch.long, device=self.device)
-        offsets = self.ar[:width].unsqueeze(0)                                        # [1, width]
-        positions = self.n_pos.unsqueeze(1) + offsets                                 # [B, width]
+        # each row's feed starts at its count of cached tokens: a view of n_pos, which the step reads
+        # before the count is advanced below (its kernels come first on the stream). The step's
+        # compiled prologue adds the offsets, so an extend launches one kernel of its own (the count's
+        # update), not three: a speculative block makes gamma + 2 calls
+        start = self.n_pos.unsqueeze(1)                                               # [B, 1]
         if lengths is None:
-            valid = None
+            logits = self._forward(tokens, start, None)
             self.n_pos.add_(k)
         else:
             lengths = lengths.to(self.device)
-            valid = offsets < lengths.unsqueeze(1)                                    # [B, width]
+            valid = self.ar[:width].unsqueeze(0) < lengths.unsqueeze(1)               # [B, width]
+            logits = self._forward(tokens, start, valid)
             self.n_pos.add_(lengths)
-        return self._forward(tokens, positions, valid)[:, :k]
+        return logits[:, :k]
 
     @torch.no_grad()
     def commit(self, n_keep: torch.Tensor) -> None:
@@ -223,8 +228,10 @@ class PositionIndexedCache:
     # -- the step ------------------------------------------------------------------------------
 
     def _forward(self, tokens, positions, valid) -> torch.Tensor:
-        valid = valid if valid is not None else positions >= 0
         if self._replays():   # a host-driven call (a sequential method's step): one graph launch
+            positions, valid = self._feed(positions, valid, tokens.shape[1])   # whole, for the graph's buffers
+            if valid is None:
+                valid = torch.ones_like(positions, dtype=torch.bool)
             return self._replay(tokens, positions, valid, logits=True).clone()   # the next replay overwrites it
         return self._step_fn(tokens, positions, valid, self.k_cache, self.v_cache)
 
@@ -266,13 +273,21 @@ class PositionIndexedCache:
         graph.replay()
         return result
 
+    def _feed(self, positions, valid, w: int):
+        """A step's ``positions`` whole (``[B, w]``; given ``[B, 1]``, the feed's tokens follow each
+        row's first position) and its ``valid`` as given (None: every token real)."""
+        if positions.shape[1] != w:
+            positions = positions + self.ar[:w].unsqueeze(0)
+        return positions, valid
+
     def _cache_slots(self, positions, valid):
         """Where a feed's K/V go and what its queries see: ``rows``, ``slots  # [B, w]`` (slot =
         position; the trash slot where not ``valid`` or past the capacity) and ``seen  # [B, w, C]``
         (each query sees its own row's slots up to its own position, never the trash slot or the
-        alignment slots after it)."""
+        alignment slots after it). ``positions`` whole (:meth:`_feed`), ``valid`` None: all real."""
         B, w = positions.shape
-        slots = torch.where(valid & (positions < self.slots), positions, self.slots)   # [B, w]
+        inside = positions < self.slots
+        slots = torch.where(inside if valid is None else valid & inside, positions, self.slots)   # [B, w]
         rows = torch.arange(B, device=positions.device).unsqueeze(1).expand(B, w)
         seen = self.ar.view(1, 1, -1) <= positions.unsqueeze(-1)                      # [B, w, C]
         seen[..., self.slots:] = False
@@ -444,8 +459,8 @@ class FusedLlamaBackend(PositionIndexedCache):
         return y if b is None else y + b
 
     def _step(self, tokens, positions, valid, k_cache, v_cache, logits: bool = True) -> torch.Tensor | None:
-        """Logits of ``tokens  # [B, w]`` at ``positions  # [B, w]``; writes their K/V into slot =
-        position (the trash slot where not ``valid`` or past the capacity).  # -> [B, w, V] float32
+        """Logits of ``tokens  # [B, w]`` at ``positions  # [B, w]`` (or ``[B, 1]``: :meth:`_feed`); writes
+        their K/V into slot = position (the trash slot where not ``valid`` or past the capacity).  # -> [B, w, V] float32
         (``logits=False``: only the K/V, for a prompt)"""
         h, cos, sin, bias, rows, slots = self._prologue_fn(tokens, positions, valid)
         for i, L in enumerate(self.layers):
@@ -456,6 +471,7 @@ class FusedLlamaBackend(PositionIndexedCache):
         """What every layer shares: the embeddings ``h``, the rotary tables, the attention bias
         (each query sees its own row's slots up to its own position) and where the new K/V go."""
         B, w = tokens.shape
+        positions, valid = self._feed(positions, valid, w)
         rows, slots, seen = self._cache_slots(positions, valid)
         bias = torch.where(seen, 0.0, float("-inf")).view(B, 1, 1, w, -1)            # [B, 1, 1, w, C]
         freqs = positions.unsqueeze(-1).float() * self.inv_freq                       # [B, w, D/2]

@@ -211,8 +211,8 @@ class FusedT5Backend(PositionIndexedCache):
     # -- the step ------------------------------------------------------------------------------
 
     def _step(self, tokens, positions, valid, k_cache, v_cache) -> torch.Tensor:
-        """Logits of decoder ``tokens  # [B, w]`` at ``positions  # [B, w]``; writes their K/V into
-        slot = position (the trash slot where not ``valid``).  # -> [B, w, V] float32"""
+        """Logits of decoder ``tokens  # [B, w]`` at ``positions  # [B, w]`` (or ``[B, 1]``: :meth:`_feed`);
+        writes their K/V into slot = position (the trash slot where not ``valid``).  # -> [B, w, V] float32"""
         h, bias, rows, slots = self._prologue_fn(tokens, positions, valid)
         for i, L in enumerate(self.layers):
             h = self._layer_fn(h, L, bias, rows, slots, k_cache[i], v_cache[i], self.cross_k[i], self.cross_v[i],
@@ -222,6 +222,7 @@ class FusedT5Backend(PositionIndexedCache):
     def _prologue(self, tokens, positions, valid):
         """The embeddings, where the new K/V go, and the self-attention bias every layer shares:
         T5's relative position bias of (slot - position), -inf where the query does not see the slot."""
+        positions, valid = self._feed(positions, valid, tokens.shape[1])
         rows, slots, seen = self._cache_slots(positions, valid)
         rel = self.ar.view(1, 1, -1) - positions.unsqueeze(-1)                             # [B, w, C]
         pos = F.embedding(relative_bucket(rel, self.num_buckets, self.max_distance), self.pos_table)
