@@ -608,3 +608,37 @@ def test_the_train_step_benchmark_warms_up_every_width_it_times(monkeypatch):
     assert widths[0] == widths[1] == widths[3] and widths[2] == widths[4] != widths[0] != widths[5]
     assert train_step.width_warm_ups(warm, timed, collate, 8) == [timed[1], timed[4]]
     assert train_step.width_warm_ups(warm, timed, collate, 1) == timed   # unrounded, every length is new
+
+
+def test_feature_drafter_experiment_starts_equal_and_reads_the_features(monkeypatch):
+    """benchmarks/feature_drafter.py compares a 1-layer drafter fed the verifier's features with one
+    that is not. The two start equal (the feature map is [I, 0]: the comparison is of what training
+    makes of the features), the feature drafter's logits at position i depend on the verifier's
+    feature at i - 1 and not at i (it reads the state that predicted x_i, never the future), and
+    the measured acceptance is E[sum min(p, q)], 1 for the verifier against itself."""
+    monkeypatch.syspath_prepend(str(SRC_ROOT / "benchmarks"))
+    import feature_drafter as fd
+
+    verifier, data, test = fd.load(8, 4, 0)
+    ids, _ = next(fd.batches(data, 4))
+    _, feats = fd.verifier_view(verifier, ids)
+    torch.manual_seed(0)
+    plain, featured = fd.Drafter(verifier, False).eval(), fd.Drafter(verifier, True).eval()   # (no dropout)
+    torch.testing.assert_close(plain(ids, feats), featured(ids, feats))
+    with torch.no_grad():
+        featured.mix.weight.normal_(0, 0.05)
+    i = 5
+    moved = feats.clone()
+    moved[:, i - 1] += 1.0
+    later = feats.clone()
+    later[:, i] += 1.0
+    base = featured(ids, feats)
+    assert not torch.allclose(featured(ids, moved)[:, i], base[:, i])
+    torch.testing.assert_close(featured(ids, later)[:, : i + 1], base[:, : i + 1])
+
+    class Itself(torch.nn.Module):
+        def forward(self, ids, feats):
+            return fd.verifier_view(verifier, ids)[0]
+
+    same = fd.measure(Itself(), verifier, test, 4)
+    assert same["acceptance_T1"] == pytest.approx(1.0, abs=1e-5) and same["top1_agreement"] == 1.0

@@ -436,8 +436,8 @@ def test_an_extend_launches_one_device_op_of_its_own(monkeypatch):
         return out
 
     monkeypatch.setattr(fd, "_step_fn", step)
-    for feed, lengths, own in ((torch.tensor([[3], [4]]), None, ["add_.Tensor"]),
-                               (torch.tensor([[3, 4, 5], [6, 7, 8]]), torch.tensor([3, 1]), ["lt.Tensor", "add_.Tensor"])):
+    ragged = (torch.tensor([[3, 4, 5], [6, 7, 8]]), torch.tensor([3, 1]), ["lt.Tensor", "add_.Tensor"])
+    for feed, lengths, own in ((torch.tensor([[3], [4]]), None, ["add_.Tensor"]), ragged):
         before = fd.n_pos.clone()
         count.ops = []
         with count:

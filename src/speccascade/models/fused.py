@@ -459,9 +459,9 @@ class FusedLlamaBackend(PositionIndexedCache):
         return y if b is None else y + b
 
     def _step(self, tokens, positions, valid, k_cache, v_cache, logits: bool = True) -> torch.Tensor | None:
-        """Logits of ``tokens  # [B, w]`` at ``positions  # [B, w]`` (or ``[B, 1]``: :meth:`_feed`); writes
-        their K/V into slot = position (the trash slot where not ``valid`` or past the capacity).  # -> [B, w, V] float32
-        (``logits=False``: only the K/V, for a prompt)"""
+        """Logits of ``tokens  # [B, w]`` at ``positions  # [B, w]`` (or ``[B, 1]``: :meth:`_feed`);
+        writes their K/V into slot = position (the trash slot where not ``valid`` or past the capacity).
+        # -> [B, w, V] float32 (``logits=False``: only the K/V, for a prompt)"""
         h, cos, sin, bias, rows, slots = self._prologue_fn(tokens, positions, valid)
         for i, L in enumerate(self.layers):
             h = self._layer_fn(h, L, cos, sin, bias, rows, slots, k_cache[i], v_cache[i])
