@@ -198,7 +198,7 @@ class PositionIndexedCache:
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         tokens = tokens.to(self.device)
-        B, k = tokens.shape
+        k = tokens.shape[1]
         # compiled: ragged feeds (token_cascade / BiLD, given `lengths`) pad up to a few widths, so they
         # meet a few compiled shapes; full feeds (the block's 1 and gamma + 1) keep their own width
         width = bucket(k) if self.compiled and lengths is not None else k
