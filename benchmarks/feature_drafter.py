@@ -36,6 +36,7 @@ import json
 import platform
 import random
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -56,19 +57,16 @@ def load(n_train: int, n_test: int, seed: int):
 
 
 def batches(data, size: int, rng: random.Random | None = None):
-    """Batches of (ids [B, L], Spanish mask [B, L]: position i is scored when x_{i+1} is Spanish)."""
+    """Batches of (ids [B, L], Spanish mask [B, L]: position i is scored when x_{i+1} is Spanish), as
+    the trainer collates them."""
+    from speccascade.train.trainer import collate
+
     order = list(range(len(data)))
     if rng:
         rng.shuffle(order)
     for k in range(0, len(order), size):
-        chunk = [data[j] for j in order[k:k + size]]
-        L = max(len(s) for s, _ in chunk)
-        ids = torch.zeros(len(chunk), L, dtype=torch.long)
-        scored = torch.zeros(len(chunk), L, dtype=torch.bool)
-        for b, (seq, n_src) in enumerate(chunk):
-            ids[b, :len(seq)] = torch.tensor(seq)
-            scored[b, n_src - 1:len(seq) - 1] = True
-        yield ids, scored
+        inputs, targets = collate([data[j] for j in order[k:k + size]], "cpu")
+        yield inputs["input_ids"], targets != -100
 
 
 @torch.no_grad()
@@ -110,18 +108,17 @@ class Drafter(torch.nn.Module):
 
 
 def measure(drafter, verifier, test, batch: int) -> dict:
-    accept, agree, n = 0.0, 0, 0
+    """:func:`speccascade.eval.agreement.teacher_forced_agreement` of the drafter, fed the verifier's
+    features of each batch: acceptance E[sum min(p, q)] at T = 1 and top-1 agreement."""
+    from speccascade.eval.agreement import teacher_forced_agreement
+
+    def reading(input_ids, attention_mask=None):   # right padding: the real positions are unaffected
+        return SimpleNamespace(logits=drafter(input_ids, verifier_view(verifier, input_ids)[1]))
+
     drafter.eval()
-    with torch.no_grad():
-        for ids, scored in batches(test, batch):
-            p_logits, feats = verifier_view(verifier, ids)
-            q_logits = drafter(ids, feats)
-            p, q = p_logits[scored].softmax(-1), q_logits[scored].softmax(-1)
-            accept += torch.minimum(p, q).sum().item()
-            agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
-            n += int(scored.sum())
+    r = teacher_forced_agreement(reading, verifier, test, batch_size=batch, device=torch.device("cpu"))
     drafter.train()
-    return {"acceptance_T1": accept / n, "top1_agreement": agree / n, "positions": n}
+    return {"acceptance_T1": r["sd_acceptance_T1"], "top1_agreement": r["top1_agreement"], "positions": r["positions"]}
 
 
 def verifier_batches(verifier, data, batch: int, seed: int) -> list:
