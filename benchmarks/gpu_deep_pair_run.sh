@@ -365,6 +365,15 @@ EXTRAS="${EXTRAS:-1}"
 [ "$EXTRAS" = first ] && extras
 sweep_part "${parts[0]}" "${parts[1]}"
 { [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = end_wait ]; } && extras
+# FEATURES=1: the offline EAGLE question on the trained verifier (benchmarks/feature_drafter.py, ~2-3 minutes
+# on an H200): 1-layer drafters with and without its features, teacher-forced and in greedy blocks of 5,
+# beside the trained drafter measured the same way. FEATURE_OPTS replaces its training options.
+if [ "${FEATURES:-0}" = 1 ]; then
+  (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+   stage feature_drafter python benchmarks/feature_drafter.py --verifier "$dir/verifier" --reference-drafter "$dir/drafter" \
+       --device "$DEVICE" ${FEATURE_OPTS:---train-pairs 30000 --test-pairs 500 --epochs 3 --batch-size 64 --objective kl} \
+       --out "$dir/feature_drafter.json")
+fi
 # then gamma 3, then 8 (EXTRA_GAMMAS: these instead, in this order; the issue's block-size cells; gamma 3 first, both temperatures: at run 10's acceptance
 # it was the faster block, sd 1.55x against 1.47x at T = 0), then the other methods: the session's end cuts
 # the last. Each stage times its cells against the verifier_only it runs first (same process).

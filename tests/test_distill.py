@@ -642,3 +642,51 @@ def test_feature_drafter_experiment_starts_equal_and_reads_the_features(monkeypa
 
     same = fd.measure(Itself(), verifier, test, 4)
     assert same["acceptance_T1"] == pytest.approx(1.0, abs=1e-5) and same["top1_agreement"] == 1.0
+
+
+def test_feature_drafter_blocks_read_the_drafters_own_states_and_count_the_verifiers_tokens(monkeypatch):
+    """benchmarks/feature_drafter.py's block measurement (T = 0): from position n the first draft reads
+    the verifier's feature f_{n-1}, each later one the drafter's own last state at the position before,
+    over a cache of true-feature states; a draft counts while the block's drafts so far are the
+    verifier's own greedy tokens. Checked against the definition recomputed without a cache, and the
+    verifier measured against itself accepts every draft a sequence has room for."""
+    monkeypatch.syspath_prepend(str(SRC_ROOT / "benchmarks"))
+    import feature_drafter as fd
+
+    verifier, _, test = fd.load(8, 4, 0)
+    seqs = fd.greedy_sequences(verifier, test, 4)
+    assert all(len(s) > start for s, start in seqs)
+    gamma = 3
+    me = fd.Drafter(verifier, False, lm=verifier)
+    r = fd.block_acceptance(me, verifier, seqs, gamma, 4)
+    starts = [(n, len(s)) for s, start in seqs for n in range(start - 1, len(s) - 1)]
+    assert r["blocks"] == len(starts)
+    expected = [sum(n + k < length for n, length in starts) / len(starts) for k in range(1, gamma + 1)]
+    assert r["p_at_least"] == pytest.approx(expected, abs=1e-12)
+    assert r["mean_accepted"] == pytest.approx(sum(expected))
+    assert sum(r["per_position_equivalent"] ** k for k in range(1, gamma + 1)) == pytest.approx(sum(expected))
+
+    torch.manual_seed(0)
+    d = fd.Drafter(verifier, True).eval()
+    with torch.no_grad():
+        d.mix.weight.normal_(0, 0.05)
+    seq, start = seqs[0]
+    ids = torch.tensor([seq])
+    feats = fd.verifier_view(verifier, ids)[1]
+    n = start + 1
+    _, full = d.hidden(ids, feats, use_cache=True)
+    drafts, states = fd.draft_block(d, fd._prefix_cache(full.past_key_values, n, d.lm.config), ids[:, n],
+                                    feats[:, n - 1], n, gamma)
+    assert drafts.shape == (1, gamma) and states.shape == (1, gamma, feats.shape[-1])
+    with torch.no_grad():
+        for j in range(gamma):   # without a cache: x_0..x_n, then the drafts; f_{n+i} replaced by the own state
+            x = torch.cat([ids[:, :n + 1], drafts[:, :j]], 1)
+            f = feats[:, :n + 1 + j].clone()
+            f[:, n:n + j] = states[:, :j]
+            h = d.hidden(x, f)[0][:, -1]
+            torch.testing.assert_close(h, states[:, j], rtol=1e-4, atol=1e-4)
+            assert int(d.lm.lm_head(h).argmax(-1)) == int(drafts[0, j])
+        # and the own states are read: with the true features at the later positions the drafts' states differ
+        f = feats[:, :n + gamma].clone()
+        x = torch.cat([ids[:, :n + 1], drafts[:, :gamma - 1]], 1)
+        assert not torch.allclose(d.hidden(x, f[:, :x.shape[1]])[0][:, -1], states[:, -1], atol=1e-4)

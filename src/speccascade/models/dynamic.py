@@ -17,6 +17,12 @@ import torch
 from ..errors import SpecCascadeError
 
 
+def cache_keyword(model) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: transformers renamed ``past_key_values``
+    to ``cache`` (5.2x); whichever this version takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _new_cache(config):
     from transformers import DynamicCache
 
@@ -42,9 +48,7 @@ class HFBackend:
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self.cache = None
-        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_keyword(model)
 
     # -- the Backend interface -----------------------------------------------------------------
 
