@@ -100,7 +100,8 @@ def verifier_view(verifier, ids):
 
 
 class Drafter(torch.nn.Module):
-    """A 1-layer Llama cut from the verifier; ``features``: its input embedding is
+    """A 1-layer Llama cut from the verifier; ``features``: a
+    :class:`speccascade.models.LlamaFeatureDrafter` made from it, whose input embedding is
     ``W [embed(x_i); f_{i-1}]`` (W starts as [I, 0]), EAGLE's mix of token and verifier feature."""
 
     def __init__(self, verifier, features: bool, lm=None):
@@ -108,31 +109,22 @@ class Drafter(torch.nn.Module):
         super().__init__()
         from transformers import LlamaForCausalLM
 
+        from speccascade.models import LlamaFeatureDrafter
         from speccascade.train.trainer import copy_first_layers
 
-        self.mix = None
-        if lm is not None:
-            self.lm = lm
-            return
-        cfg = verifier.config.__class__(**(verifier.config.to_dict() | {"num_hidden_layers": 1}))
-        self.lm = LlamaForCausalLM(cfg).to(next(verifier.parameters()).device)
-        copy_first_layers(self.lm, verifier)
-        if features:   # the features (RMS ~1.7 in the tiny verifier) scaled to the embeddings' RMS (~0.06)
-            H = cfg.hidden_size
-            self.feature_rms = float(self.lm.model.embed_tokens.weight.detach().pow(2).mean().sqrt())
-            self.mix = torch.nn.Linear(2 * H, H, bias=False).to(self.lm.device)
-            with torch.no_grad():
-                self.mix.weight.zero_()
-                self.mix.weight[:, :H].copy_(torch.eye(H))
+        if lm is None:
+            cfg = verifier.config.__class__(**(verifier.config.to_dict() | {"num_hidden_layers": 1}))
+            lm = LlamaForCausalLM(cfg).to(next(verifier.parameters()).device)
+            copy_first_layers(lm, verifier)
+            if features:
+                lm = LlamaFeatureDrafter.from_drafter(lm)
+        self.lm = lm
+        self.features = isinstance(lm, LlamaFeatureDrafter)
 
     def embed(self, ids, prev):
         """The input at each position: the token's embedding, mixed with ``prev``, the feature of the
         position before (``prev[:, i] = f_{i-1}``), for a feature drafter."""
-        emb = self.lm.model.embed_tokens(ids)
-        if self.mix is None:
-            return emb
-        prev = prev * (self.feature_rms / prev.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
-        return self.mix(torch.cat([emb, prev.to(emb.dtype)], -1))
+        return self.lm.feature_embeddings(ids, prev) if self.features else self.lm.model.embed_tokens(ids)
 
     def hidden(self, ids, feats, **kw):
         """The drafter's last hidden state (after its final norm) at every position, fed the verifier's
@@ -317,6 +309,8 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=5, help="the block's drafts (0: no block measurement)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (this measures acceptance, not speed)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", help="save each variant's trained drafter in DIR/VARIANT (fp16, with the tokenizer; "
+                                   "the feature drafters run in the speculative loop: speccascade.models.features)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     variants = args.variants.split(",")
@@ -366,6 +360,16 @@ def main() -> None:
                                    "training": fit, "trained": measured(drafter)}
         print(name, json.dumps(record["results"][name]), flush=True)
         save()
+        if args.save:
+            from pathlib import Path
+
+            from speccascade.models.loading import TOKENIZER_DIR
+            from speccascade.train.tokenizer import load_tokenizer
+            from speccascade.train.trainer import save_checkpoint
+
+            save_checkpoint(drafter.lm, load_tokenizer(TOKENIZER_DIR), Path(args.save) / name)
+            record["results"][name]["saved"] = str(Path(args.save) / name)
+            save()
     record["summary"] = {"order": variants, **{
         key: [record["results"][v]["trained"]["teacher_forced"][key] for v in variants]
         for key in ("acceptance_T1", "top1_agreement")}}

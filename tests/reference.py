@@ -146,11 +146,13 @@ def lossy_law(q, p, alpha, beta=1.0):
     return np.array([q[v] * kappa[v] + (reject * res[v] / z if z > 0 else 0.0) for v in range(V)])
 
 
-def algorithm4_law(q_at, p_at, target_at, bonus_at, gamma, prompt, n):
+def algorithm4_law(q_at, p_at, target_at, bonus_at, gamma, prompt, n, in_block=False):
     """Exact law of the first ``n`` tokens emitted by repeated Algorithm 4 blocks, by enumeration.
 
     q_at(prefix) / p_at(prefix): sampling distributions; target_at(q, p, prefix) -> pi;
     bonus_at(q, p, pi) -> the bonus distribution. State: (prefix, index j within the block).
+    ``in_block``: the drafter's q also depends on j (a drafter reading the verifier's states:
+    q_at(prefix, j), target_at(q, p, prefix, j)).
     """
     out: dict[tuple, float] = {}
 
@@ -158,8 +160,8 @@ def algorithm4_law(q_at, p_at, target_at, bonus_at, gamma, prompt, n):
         if len(emitted) == n:
             out[tuple(emitted)] = out.get(tuple(emitted), 0.0) + prob
             return
-        q, p = q_at(prefix), p_at(prefix)
-        pi = target_at(q, p, prefix)
+        q, p = (q_at(prefix, j) if in_block else q_at(prefix)), p_at(prefix)
+        pi = target_at(q, p, prefix, j) if in_block else target_at(q, p, prefix)
         V = len(q)
         if j == gamma:
             b = bonus_at(q, p, pi)

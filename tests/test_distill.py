@@ -626,7 +626,7 @@ def test_feature_drafter_experiment_starts_equal_and_reads_the_features(monkeypa
     plain, featured = fd.Drafter(verifier, False).eval(), fd.Drafter(verifier, True).eval()   # (no dropout)
     torch.testing.assert_close(plain(ids, feats), featured(ids, feats))
     with torch.no_grad():
-        featured.mix.weight.normal_(0, 0.05)
+        featured.lm.feature_mix.weight.normal_(0, 0.05)
     i = 5
     moved = feats.clone()
     moved[:, i - 1] += 1.0
@@ -669,7 +669,7 @@ def test_feature_drafter_blocks_read_the_drafters_own_states_and_count_the_verif
     torch.manual_seed(0)
     d = fd.Drafter(verifier, True).eval()
     with torch.no_grad():
-        d.mix.weight.normal_(0, 0.05)
+        d.lm.feature_mix.weight.normal_(0, 0.05)
     seq, start = seqs[0]
     ids = torch.tensor([seq])
     feats = fd.verifier_view(verifier, ids)[1]

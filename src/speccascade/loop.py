@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from . import runner
+from .errors import SpecCascadeError
 from .models.base import Backend, first_pending, prefill_calls
 from .registry import MethodSpec
 from .rules import Dists
@@ -115,6 +116,33 @@ def prefill_both(drafter: Backend, verifier: Backend, input_ids: torch.Tensor,
 
 #: the pre-fills' order (benchmarks/end_wait.py switches it off to time the drafter-first order it replaced)
 PREFILL_VERIFIER_FIRST = True
+
+
+def prefill_with_states(drafter: Backend, verifier: Backend, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`prefill_both` for a feature drafter (:mod:`.models.features`): the verifier first, whose
+    states of the prompt are the drafter's features; returns ``input_ids`` on the device and the
+    verifier's state of each row's last cached prompt token  # [B, H]  (None: one-token prompts)."""
+    from .models.features import prompt_features
+
+    input_ids, attention_mask = input_ids.to(verifier.device), attention_mask.to(verifier.device)
+    before, last = prompt_features(verifier.reset_hidden(input_ids, attention_mask), attention_mask)
+    drafter.reset(input_ids, attention_mask, features=before)
+    return input_ids, last
+
+
+def check_feature_pair(drafter: Backend, verifier: Backend) -> bool:
+    """True where the drafter reads the verifier's states (:mod:`.models.features`); then the verifier's
+    backend must give them (the dynamic one does)."""
+    from .models.features import is_feature_drafter
+
+    if not is_feature_drafter(drafter):
+        return False
+    if not getattr(verifier, "gives_states", False):
+        raise SpecCascadeError(f"the drafter reads the verifier's states, which the verifier's "
+                               f"{type(verifier).__name__} does not give: run both models on the dynamic "
+                               f"backend (backend='dynamic', --backend dynamic)")
+    return True
 
 
 def start_both(drafter: Backend, verifier: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -201,6 +229,12 @@ class DecodeState:
         # [B] a draft accepted but not yet fed to the drafter (sd / lossy: see extend_carried)
         self.carry = torch.zeros(batch, dtype=torch.long, device=device)
         self.carried = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.feed: FeatureFeed | None = None   # a drafter that reads the verifier's states (with_features)
+
+    def with_features(self, gamma: int, size: int) -> "DecodeState":
+        """The state of a decode whose drafter reads the verifier's states (:mod:`.models.features`)."""
+        self.feed = FeatureFeed(self.pending.shape[0], gamma, size, self.pending.device)
+        return self
 
     def start(self, pending: torch.Tensor, alpha) -> None:
         """Copy a new request's prompts' last tokens and ``alpha`` (a float, or one per row) in."""
@@ -227,6 +261,45 @@ class DecodeState:
         return self.emitter.n_out + per_step >= self.emitter.max_new
 
 
+class FeatureFeed:
+    """A feature drafter's next first feed (:mod:`.models.features`): the last block's accepted drafts
+    and its new token, each with the verifier's state at the position before, from the verifier's
+    scoring call; row b's first ``lengths[b]`` are real."""
+
+    def __init__(self, batch: int, gamma: int, size: int, device):
+        self.tokens = torch.zeros(batch, gamma + 1, dtype=torch.long, device=device)   # [B, gamma + 1]
+        self.states = torch.zeros(batch, gamma + 1, size, device=device)              # [B, gamma + 1, H]
+        self.lengths = torch.ones(batch, dtype=torch.long, device=device)             # [B]
+
+    def start(self, pending: torch.Tensor, before: torch.Tensor | None) -> None:
+        """A decode's first feed: each row's pending token with the verifier's state of the prompt's
+        last cached token  # [B, H]  (None: one-token prompts, no state)."""
+        self.tokens.zero_()
+        self.tokens[:, 0] = pending
+        self.states.zero_()
+        if before is not None:
+            self.states[:, 0] = before
+        self.lengths.fill_(1)
+
+    def advance(self, drafts: torch.Tensor, n_acc: torch.Tensor, new_token: torch.Tensor,
+                verifier_states: torch.Tensor) -> None:
+        """After a block: [x_t+1 .. x_t+n_acc (accepted drafts), new token], whose states before them
+        are the verifier's at the block's positions t .. t + n_acc  (``verifier_states  # [B, gamma + 1, H]``)."""
+        slot = torch.arange(self.tokens.shape[1], device=drafts.device).unsqueeze(0)
+        tokens = torch.cat([drafts, new_token.unsqueeze(1)], 1)
+        self.tokens.copy_(torch.where(slot == n_acc.unsqueeze(1), new_token.unsqueeze(1), tokens))
+        self.states.copy_(verifier_states)
+        self.lengths.copy_(n_acc + 1)
+
+    def extend(self, drafter: Backend) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block's first drafter call: this feed, ragged; returns each row's logits and the drafter's
+        own state after its last real token (its pending one).  # [B, V], [B, H]"""
+        logits, own = drafter.extend_features(self.tokens, self.states, self.lengths)
+        last = (self.lengths - 1).view(-1, 1, 1)
+        return (logits.gather(1, last.expand(-1, 1, logits.shape[-1])).squeeze(1),
+                own.gather(1, last.expand(-1, 1, own.shape[-1])).squeeze(1))
+
+
 def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, req: DecodeRequest,
                       alpha, generator: torch.Generator | None, compiled: bool = False) -> None:
     """One block of Algorithm 4 (GenSpecSample) for every row, in place on ``state``; no host read.
@@ -240,10 +313,17 @@ def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, r
     finish = _compiled(finish_block) if compiled else finish_block
     active = ~state.emitter.done                                             # [B]
     # 1. draft: gamma + 1 drafter calls (gamma where q at the bonus position is unused)
-    carry = req.spec.bonus_from_verifier
+    feed = state.feed   # a feature drafter: the verifier's states in, its own between drafts
+    carry = req.spec.bonus_from_verifier and feed is None
     token, q_logits, q_probs, drafts = state.pending, [], [], []
     for j in range(req.spec.drafter_calls_per_block(gamma)):
-        if j == 0 and carry:
+        if feed is not None:
+            if j == 0:
+                logits, own = feed.extend(drafter)                           # [B, V], [B, H]
+            else:
+                logits, own = drafter.extend_features(token.unsqueeze(1), own.unsqueeze(1))
+                logits, own = logits[:, -1], own[:, -1]
+        elif j == 0 and carry:
             logits = extend_carried(drafter, state, token)                   # [B, V]
         else:
             logits = drafter.extend(token.unsqueeze(1))[:, -1]               # [B, V]
@@ -254,17 +334,20 @@ def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, r
         q_probs.append(probs)
         if j < gamma:
             drafts.append(token)
-    if carry:   # a stand-in at the bonus position, where nothing is drawn from pi
+    if req.spec.bonus_from_verifier:   # a stand-in at the bonus position, where nothing is drawn from pi
         q_logits.append(q_logits[-1])
         q_probs.append(q_probs[-1])
     # 2. score: one verifier call on gamma + 1 positions
-    feed = torch.stack([state.pending, *drafts], 1)                          # [B, gamma + 1]: pending, drafts
-    drafts = feed[:, 1:]                                                     # [B, gamma]
-    p_logits = verifier.extend(feed)                                         # [B, gamma + 1, V]
+    scored = torch.stack([state.pending, *drafts], 1)                        # [B, gamma + 1]: pending, drafts
+    drafts = scored[:, 1:]                                                   # [B, gamma]
+    if feed is None:
+        p_logits, states = verifier.extend(scored), None                     # [B, gamma + 1, V]
+    else:
+        p_logits, states = verifier.extend_hidden(scored)                    # and its states  # [B, gamma + 1, H]
     # 3.-4. verify, advance, emit (the draws of Algorithm 4 first)
     u = torch.rand((drafts.shape[0], gamma), generator=generator, dtype=torch.float32, device=drafts.device)
     noise = exponential_noise(p_logits[:, 0].shape, p_logits, generator, cfg.greedy)
-    finish(drafter, verifier, state, req, alpha, active, q_logits, q_probs, drafts, p_logits, u, noise)
+    finish(drafter, verifier, state, req, alpha, active, q_logits, q_probs, drafts, p_logits, u, noise, states)
 
 
 def extend_carried(drafter: Backend, state: DecodeState, pending: torch.Tensor) -> torch.Tensor:
@@ -289,7 +372,8 @@ def draft_token(logits: torch.Tensor, noise: torch.Tensor | None, cfg: SamplingC
 
 def finish_block(drafter: Backend, verifier: Backend, state: DecodeState, req: DecodeRequest, alpha,
                  active: torch.Tensor, q_logits: list, q_probs: list, drafts: torch.Tensor,
-                 p_logits: torch.Tensor, u: torch.Tensor, noise: torch.Tensor) -> None:
+                 p_logits: torch.Tensor, u: torch.Tensor, noise: torch.Tensor,
+                 verifier_states: torch.Tensor | None = None) -> None:
     """Steps 3 and 4 of a block: pi = T(q, p), Algorithm 4's accept / recover / bonus with the
     given draws (``u  # [B, gamma]``, ``noise  # [B, V]``), both caches committed, the tokens
     emitted, the counters and the host's flags updated."""
@@ -300,7 +384,10 @@ def finish_block(drafter: Backend, verifier: Backend, state: DecodeState, req: D
     bonus = d.target_probs[:, gamma] if spec.bonus_from_verifier else target.pi[:, gamma]
     res = verify_block(drafts, d.draft_probs[:, :gamma], target.pi[:, :gamma], bonus, None, u=u, noise=noise)
     n_acc = res.n_accepted                                                   # [B]
-    if spec.bonus_from_verifier:   # the drafter fed [carried draft,] pending and drafts 0 .. gamma-2
+    if state.feed is not None:   # keep the first call's feed (true features); re-feed the rest next block
+        drafter.commit(state.feed.lengths)
+        state.feed.advance(drafts, n_acc, res.new_token, verifier_states)
+    elif spec.bonus_from_verifier:   # the drafter fed [carried draft,] pending and drafts 0 .. gamma-2
         all_in = n_acc == gamma
         drafter.commit(state.carried.long() + torch.where(all_in, gamma, n_acc + 1))
         state.carry.copy_(drafts[:, -1])
@@ -359,15 +446,23 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
     device = drafter.device
     B = input_ids.shape[0]
     captured, per_replay = None, runner.BLOCKS_PER_REPLAY
-    capturable = runner.can_capture(drafter, verifier)
+    features = check_feature_pair(drafter, verifier)
+    capturable = runner.can_capture(drafter, verifier) and not features
     if capturable:
         key = ("speculative", B, per_replay, req.key(), id(drafter), drafter.generation, verifier.generation)
         captured = runner.graph_cache(verifier).get(key)
     state = captured.state if captured else DecodeState(B, req, req.gamma + 1, req.gamma, device)
+    if features:
+        state.with_features(req.gamma, drafter.feature_size)
 
     def start() -> None:
-        ids = prefill_both(drafter, verifier, input_ids, attention_mask)
+        if not features:
+            ids = prefill_both(drafter, verifier, input_ids, attention_mask)
+            state.start(first_pending(verifier, ids), req.alpha)
+            return
+        ids, before = prefill_with_states(drafter, verifier, input_ids, attention_mask)
         state.start(first_pending(verifier, ids), req.alpha)
+        state.feed.start(state.pending, before)
 
     start()
     stats.prefill_calls += prefill_calls(drafter, input_ids) + prefill_calls(verifier, input_ids)

@@ -47,6 +47,7 @@ import warnings
 from ..errors import SpecCascadeError
 from .base import Backend, as_backend, is_encoder_decoder
 from .dynamic import HFBackend
+from .features import FeatureHFBackend, LlamaFeatureDrafter, is_feature_drafter
 from .fused import FusedLlamaBackend, UnsupportedModel
 from .fused_t5 import FusedT5Backend
 from .graphs import GraphHFBackend
@@ -137,12 +138,18 @@ def make_backend(model, name: str, kind: str = "dynamic", max_cache_len: int = 2
                 f"(dynamic cache, eager): use backend 'dynamic', 'auto' or 'seq2seq', or 'fused' for a T5 (the "
                 f"GPU fast paths static / compiled / graphs do not apply to encoder-decoders)")
         return SEQ2SEQ_FACTORIES[kind](model, name, max_cache_len)
+    elif is_feature_drafter(model) and not isinstance(model, FeatureHFBackend):
+        if kind not in ("dynamic", "auto"):
+            raise SpecCascadeError(f"the {name} reads the verifier's states (a feature drafter), which only the "
+                                   f"dynamic backend implements so far: use backend 'dynamic' (or 'auto'), for both "
+                                   f"models")
+        return FeatureHFBackend(model, name)
     elif kind == "seq2seq":
         raise SpecCascadeError(f"the seq2seq backend is for encoder-decoder models (config.is_encoder_decoder); "
                                f"the {name} ({type(model).__name__}) is not one: use backend 'dynamic' or 'auto'")
     return BACKENDS[kind](model, name, max_cache_len)
 
 
-__all__ = ["BACKENDS", "Backend", "FusedLlamaBackend", "FusedT5Backend", "GraphHFBackend", "HFBackend", "SEQ2SEQ_KINDS",
-           "Seq2SeqBackend", "StaticHFBackend", "UnsupportedModel", "as_backend", "bucket", "is_encoder_decoder",
-           "make_backend"]
+__all__ = ["BACKENDS", "Backend", "FeatureHFBackend", "FusedLlamaBackend", "FusedT5Backend", "GraphHFBackend",
+           "HFBackend", "LlamaFeatureDrafter", "SEQ2SEQ_KINDS", "Seq2SeqBackend", "StaticHFBackend", "UnsupportedModel",
+           "as_backend", "bucket", "is_encoder_decoder", "make_backend"]

@@ -92,13 +92,18 @@ def prefill_calls(backend, input_ids: torch.Tensor) -> int:
 
 def as_backend(model, name: str) -> Backend:
     """A backend for ``model``: a backend is returned as is, a ``transformers`` model is wrapped
-    (an encoder-decoder in :class:`.seq2seq.Seq2SeqBackend`, a causal LM in :class:`.dynamic.HFBackend`)."""
+    (an encoder-decoder in :class:`.seq2seq.Seq2SeqBackend`, a feature drafter in
+    :class:`.features.FeatureHFBackend`, another causal LM in :class:`.dynamic.HFBackend`)."""
     if isinstance(model, Backend) and not isinstance(model, torch.nn.Module):
         return model
     if is_encoder_decoder(model):
         from .seq2seq import Seq2SeqBackend
 
         return Seq2SeqBackend(model, name=name)
+    from .features import FeatureHFBackend, is_feature_drafter
+
+    if is_feature_drafter(model):
+        return FeatureHFBackend(model, name=name)
     from .dynamic import HFBackend
 
     return HFBackend(model, name=name)

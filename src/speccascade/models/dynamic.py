@@ -33,6 +33,10 @@ def _new_cache(config):
 
 
 class HFBackend:
+    #: ``reset_hidden`` / ``extend_hidden`` give the model's last hidden states (this class's own
+    #: ``_forward``; a subclass with another model call sets it False)
+    gives_states = True
+
     def __init__(self, model: torch.nn.Module, name: str = "model"):
         if not hasattr(model, "config") or not callable(getattr(model, "forward", None)):
             raise SpecCascadeError(
@@ -49,6 +53,8 @@ class HFBackend:
         self.device = next(model.parameters()).device
         self.cache = None
         self._cache_kw = cache_keyword(model)
+        self._keep_hidden = False   # keep the last hidden states of each call (extend_hidden)
+        self.hidden = None
 
     # -- the Backend interface -----------------------------------------------------------------
 
@@ -70,6 +76,30 @@ class HFBackend:
         logits = masked_feed(self, tokens, lengths)
         self.n_tentative_slots += tokens.shape[1]
         return logits
+
+    # -- the verifier's states, for a drafter that reads them (models.features) ----------------
+
+    @torch.no_grad()
+    def reset_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`reset`, returning the last hidden states (after the final norm) of the cached prompt
+        tokens  # [B, L - 1, H]  (None for one-token prompts: nothing is cached)."""
+        self._keep_hidden, self.hidden = True, None
+        try:
+            self.reset(input_ids, attention_mask)
+        finally:
+            self._keep_hidden = False
+        return None if self.hidden is None else self.hidden.float()
+
+    @torch.no_grad()
+    def extend_hidden(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
+        """:meth:`extend`, returning the logits  # [B, k, V]  and the last hidden states (after the
+        final norm: what the head reads)  # [B, k, H]."""
+        self._keep_hidden = True
+        try:
+            logits = self.extend(tokens, lengths)
+        finally:
+            self._keep_hidden = False
+        return logits, self.hidden.float()
 
     @torch.no_grad()
     def commit(self, n_keep: torch.Tensor) -> None:
@@ -94,9 +124,14 @@ class HFBackend:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _inputs(self, tokens: torch.Tensor) -> dict:
+        """The model's inputs for ``tokens`` (a feature drafter's backend feeds embeddings instead)."""
+        return {"input_ids": tokens}
+
     def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions,
-                         use_cache=True, **{self._cache_kw: self.cache})
+        out = self.model(**self._inputs(tokens), attention_mask=mask.long(), position_ids=positions, use_cache=True,
+                         output_hidden_states=self._keep_hidden, **{self._cache_kw: self.cache})
+        self.hidden = out.hidden_states[-1] if self._keep_hidden else None
         return out.logits
 
 

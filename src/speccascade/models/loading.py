@@ -139,16 +139,21 @@ def check_model_path(path: str | Path, role: str = "model", gguf_file: str | Non
     return path, gguf_file
 
 
-def _is_encoder_decoder(path: Path) -> bool:
-    """The checkpoint's config.json declares an encoder-decoder (T5, BART, Marian, ...)."""
+def _config_value(path: Path, key: str):
+    """``key`` of the checkpoint's config (None where it has none, or the config cannot be read:
+    the loader then reports why)."""
     try:
         from transformers import AutoConfig
 
         with _quiet_transformers():
-            return bool(getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "is_encoder_decoder",
-                                False))
+            return getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), key, None)
     except Exception:  # an unknown model_type etc.: let the loader report it
-        return False
+        return None
+
+
+def _is_encoder_decoder(path: Path) -> bool:
+    """The checkpoint's config.json declares an encoder-decoder (T5, BART, Marian, ...)."""
+    return bool(_config_value(path, "is_encoder_decoder"))
 
 
 def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -169,6 +174,8 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: 
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     auto = AutoModelForSeq2SeqLM if gguf_file is None and _is_encoder_decoder(path) else AutoModelForCausalLM
+    if gguf_file is None and _config_value(path, "feature_size") is not None:   # a feature drafter (models.features)
+        from .features import LlamaFeatureDrafter as auto
     try:
         with _quiet_transformers():
             loaded = auto.from_pretrained(str(path), **kwargs)

@@ -52,6 +52,8 @@ class StaticHFBackend(HFBackend):
     The cache (and the captured graphs) are kept across generations of the same batch size.
     """
 
+    gives_states = False   # (its own model call keeps no hidden states)
+
     def __init__(self, model: torch.nn.Module, name: str = "model", max_cache_len: int = 1024, compile: bool = False):
         super().__init__(model, name)
         self.max_cache_len = max_cache_len
