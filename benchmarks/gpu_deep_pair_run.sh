@@ -367,19 +367,28 @@ sweep_part "${parts[0]}" "${parts[1]}"
 { [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = end_wait ]; } && extras
 # FEATURES=1: the offline EAGLE question on the trained verifier (benchmarks/feature_drafter.py, ~2-3 minutes
 # on an H200): 1-layer drafters with and without its features, teacher-forced and in greedy blocks of 5,
-# beside the trained drafter measured the same way. FEATURE_OPTS replaces its training options.
+# beside the trained drafter measured the same way; each is saved under feature_drafters/. FEATURE_OPTS
+# replaces its training options. FEATURE_SWEEP=1 then sweeps the feature drafter (with EAGLE's regression) in
+# the loop (speccascade.models.features; the fused backends), Table 2's gamma 5 cells of FEATURE_METHODS
+# (verifier_only,sd,diff,opt_log), into sweep_features.jsonl (its own verifier_only baseline).
 if [ "${FEATURES:-0}" = 1 ]; then
   (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage feature_drafter python benchmarks/feature_drafter.py --verifier "$dir/verifier" --reference-drafter "$dir/drafter" \
        --device "$DEVICE" ${FEATURE_OPTS:---train-pairs 30000 --test-pairs 500 --epochs 3 --batch-size 64 --objective kl} \
-       --out "$dir/feature_drafter.json")
+       --save "$dir/feature_drafters" --out "$dir/feature_drafter.json")
+  if [ "${FEATURE_SWEEP:-0}" = 1 ] && [ -d "$dir/feature_drafters/features_and_regression" ]; then
+    fm="${FEATURE_METHODS:-verifier_only,sd,diff,opt_log}"
+    fa="$(METHODS=$fm alphas_for "$ALPHAS")"
+    stage sweep_features sc sweep --drafter "$dir/feature_drafters/features_and_regression" --verifier "$dir/verifier" \
+        --methods "$fm" ${fa:+--alphas "$fa"} "${grid[@]}" --gammas 5 --workers "$GPUS" --out "$dir/sweep_features.jsonl"
+  fi
 fi
 # then gamma 3, then 8 (EXTRA_GAMMAS: these instead, in this order; the issue's block-size cells; gamma 3 first, both temperatures: at run 10's acceptance
 # it was the faster block, sd 1.55x against 1.47x at T = 0), then the other methods: the session's end cuts
 # the last. Each stage times its cells against the verifier_only it runs first (same process).
 gm="sd,diff,opt_log"; [ "$METHODS" = all ] || gm="$(echo "$gm" | tr , '\n' | grep -xF -f <(echo "$METHODS" | tr , '\n') | paste -sd,)"
 gma="$(METHODS=$gm alphas_for "$GAMMA_ALPHAS")"   # (empty when only sd is swept)
-for g in $(echo "${EXTRA_GAMMAS:-3,8}" | tr , " "); do
+for g in $(echo "${EXTRA_GAMMAS-3,8}" | tr , " "); do   # (EXTRA_GAMMAS= : none)
   [ -n "$gm" ] && stage "sweep_gamma$g" sc sweep "${pair[@]}" --methods "$gm" ${gma:+--alphas "$gma"} \
       "${grid[@]}" --gammas "$g" --workers "$GPUS" --out "$dir/sweep.jsonl"
 done

@@ -186,3 +186,86 @@ def seq2seq_loop_law_pvalue(drafter, verifier, name, alpha, src, lq, lp, start_t
     assert abs(sum(law.values()) - 1) < 1e-9
     assert all(len(t) == n_tokens for t in out.tokens)
     return chi2_pvalue(empirical(out.tokens), law, n_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# a drafter that reads the verifier's states (speccascade.models.features)
+
+
+def feature_pair(seed=0, mix=4.0, vocab=6, sharp=6.0, device="cpu"):
+    """A tiny verifier (``vocab`` tokens) and a feature drafter made from a noisy copy of it, its feature
+    map moved off [I, 0] so that the features change its logits; both heads scaled by ``sharp``, so
+    that the distributions are far from uniform and the drafter's q differs from p."""
+    from speccascade.models import LlamaFeatureDrafter
+
+    d, v = tiny_pair(seed, noise=0.3, vocab=vocab)
+    fd = LlamaFeatureDrafter.from_drafter(d)
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        fd.feature_mix.weight.add_(torch.randn(fd.feature_mix.weight.shape, generator=g) * mix / 8)
+        for m in (fd, v):
+            m.lm_head.weight.mul_(sharp)
+    return fd.eval().to(device), v.to(device)
+
+
+def feature_definition(fd, v):
+    """q's logits at (prefix, j) from the definition, without a cache: positions up to the block's
+    pending one (P = len - 1 - j) read the verifier's state at the position before (zeros at 0),
+    later ones the drafter's own state there, itself computed the same way. Also p's logits."""
+    memo_v, memo_d = {}, {}
+
+    def verifier_states(prefix):
+        if prefix not in memo_v:
+            with torch.no_grad():
+                h = v.model(input_ids=torch.tensor([list(prefix)], device=v.device)).last_hidden_state
+                memo_v[prefix] = (h[0], v.lm_head(h)[0, -1].double().cpu().numpy())
+        return memo_v[prefix]
+
+    def drafter_at(prefix, j):   # -> (logits at the last position, own state there)
+        key = (prefix, j)
+        if key not in memo_d:
+            m = len(prefix)
+            P = m - 1 - j
+            f = verifier_states(prefix[:P + 1])[0] if P >= 1 else None
+            feats = torch.zeros(m, fd.config.hidden_size, device=fd.device)
+            for i in range(1, m):
+                feats[i] = f[i - 1] if i <= P else drafter_at(prefix[:i], i - 1 - P)[1]
+            with torch.no_grad():
+                ids = torch.tensor([list(prefix)], device=fd.device)
+                h = fd.model(inputs_embeds=fd.feature_embeddings(ids, feats[None])).last_hidden_state[0, -1]
+                memo_d[key] = (fd.lm_head(h).double().cpu().numpy(), h)
+        return memo_d[key]
+
+    return (lambda prefix, j: drafter_at(tuple(prefix), j)[0]), (lambda prefix: verifier_states(tuple(prefix))[1])
+
+def check_feature_law(name, fd, v, bd, bv, gamma=3):
+    """A feature drafter ``fd`` and verifier ``v`` through backends ``bd`` / ``bv``: LAW_ROWS rows'
+    law of LAW_TOKENS tokens against Algorithm 4's, enumerated with q from its definition
+    (:func:`feature_definition`); for a rule that reads q, also the power to reject a drafter that
+    read the verifier's state at every draft; for sd, that law is the verifier's own."""
+    from reference import algorithm4_law, reference_rule, sampling_dist, softmax
+
+    q_logits, p_logits = feature_definition(fd, v)
+    alpha = ALPHA[name]
+    out = sc.generate(bd, bv, torch.tensor([LAW_PROMPT] * LAW_ROWS), method=name, alpha=alpha, gamma=gamma,
+                      max_new_tokens=LAW_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
+    assert all(len(t) == LAW_TOKENS for t in out.tokens)
+    spec = sc.METHODS[name]
+
+    def law_of(q_at):
+        return algorithm4_law(lambda pre, j: sampling_dist(q_at(pre, j)), lambda pre: sampling_dist(p_logits(pre)),
+                              lambda q, p, pre, j: reference_rule(name, q, p, softmax(q_at(pre, j)),
+                                                                  softmax(p_logits(pre)), alpha)[0],
+                              (lambda q, p, pi: p) if spec.bonus_from_verifier else (lambda q, p, pi: pi),
+                              gamma=gamma, prompt=LAW_PROMPT, n=LAW_TOKENS, in_block=True)
+
+    law = law_of(q_logits)
+    assert abs(sum(law.values()) - 1) < 1e-9
+    counts = empirical(out.tokens)
+    assert chi2_pvalue(counts, law, LAW_ROWS) > LAW_LEVEL
+    if name == "sd":   # lossless: the verifier's own law
+        seq = algorithm4_law(lambda pre: sampling_dist(p_logits(pre)), lambda pre: sampling_dist(p_logits(pre)),
+                             lambda q, p, pre: p, lambda q, p, pi: p, gamma=1, prompt=LAW_PROMPT, n=LAW_TOKENS)
+        assert max(abs(law[k] - seq.get(k, 0.0)) for k in law) < 1e-9
+    else:   # the test has the power to see a drafter reading the verifier's state at every draft
+        assert chi2_pvalue(counts, law_of(lambda pre, j: q_logits(pre, 0)), LAW_ROWS) < LAW_LEVEL

@@ -3,8 +3,9 @@
 The law: with such a drafter, q at a position depends on the prefix and on where the block
 started (the first draft reads the verifier's true state, later ones the drafter's own). The whole
 loop's law of 3 tokens (20,000 rows, chi-square at level 1e-3) is tested against Algorithm 4's law
-enumerated with that q, recomputed here from its definition with fresh, cache-free forward passes
-of both models; for sd that law is the verifier's own.
+enumerated with that q, recomputed from its definition with fresh, cache-free forward passes of
+both models (helpers.check_feature_law), through the dynamic and the fused backends; for sd that
+law is the verifier's own. On a GPU, tests/test_gpu.py runs it through the compiled fused backends.
 """
 
 import pytest
@@ -14,54 +15,8 @@ import speccascade as sc
 from speccascade.models import FeatureHFBackend, HFBackend, LlamaFeatureDrafter, make_backend
 from speccascade.models.loading import load_causal_lm
 
-from helpers import ALPHA, LAW_LEVEL, LAW_PROMPT, LAW_ROWS, LAW_TOKENS, chi2_pvalue, empirical
-from reference import algorithm4_law, reference_rule, sampling_dist, softmax
+from helpers import ALPHA, check_feature_law, feature_pair
 from tiny_models import tiny_pair
-
-
-def feature_pair(seed=0, mix=4.0, vocab=6, sharp=6.0):
-    """A tiny verifier (``vocab`` tokens) and a feature drafter made from a noisy copy of it, its feature
-    map moved off [I, 0] so that the features change its logits; both heads scaled by ``sharp``, so
-    that the distributions are far from uniform and the drafter's q differs from p."""
-    d, v = tiny_pair(seed, noise=0.3, vocab=vocab)
-    fd = LlamaFeatureDrafter.from_drafter(d)
-    g = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        fd.feature_mix.weight.add_(torch.randn(fd.feature_mix.weight.shape, generator=g) * mix / 8)
-        for m in (fd, v):
-            m.lm_head.weight.mul_(sharp)
-    return fd.eval(), v
-
-
-def definition(fd, v):
-    """q's logits at (prefix, j) from the definition, without a cache: positions up to the block's
-    pending one (P = len - 1 - j) read the verifier's state at the position before (zeros at 0),
-    later ones the drafter's own state there, itself computed the same way. Also p's logits."""
-    memo_v, memo_d = {}, {}
-
-    def verifier_states(prefix):
-        if prefix not in memo_v:
-            with torch.no_grad():
-                h = v.model(input_ids=torch.tensor([list(prefix)])).last_hidden_state
-                memo_v[prefix] = (h[0], v.lm_head(h)[0, -1].double().numpy())
-        return memo_v[prefix]
-
-    def drafter_at(prefix, j):   # -> (logits at the last position, own state there)
-        key = (prefix, j)
-        if key not in memo_d:
-            m = len(prefix)
-            P = m - 1 - j
-            f = verifier_states(prefix[:P + 1])[0] if P >= 1 else None
-            feats = torch.zeros(m, fd.config.hidden_size)
-            for i in range(1, m):
-                feats[i] = f[i - 1] if i <= P else drafter_at(prefix[:i], i - 1 - P)[1]
-            with torch.no_grad():
-                h = fd.model(inputs_embeds=fd.feature_embeddings(torch.tensor([list(prefix)]), feats[None]))
-                h = h.last_hidden_state[0, -1]
-                memo_d[key] = (fd.lm_head(h).double().numpy(), h)
-        return memo_d[key]
-
-    return (lambda prefix, j: drafter_at(tuple(prefix), j)[0]), (lambda prefix: verifier_states(tuple(prefix))[1])
 
 
 def test_the_verifiers_states_are_what_its_head_reads():
@@ -101,36 +56,20 @@ def test_a_feature_drafter_starts_as_its_drafter_and_saves(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(inputs_embeds=back.feature_embeddings(ids, feats)).logits, moved)
     assert isinstance(make_backend(back, "drafter", "dynamic"), FeatureHFBackend)
-    with pytest.raises(sc.SpecCascadeError, match="feature drafter.*dynamic"):
+    with pytest.raises(sc.SpecCascadeError, match="feature drafter.*dynamic, fused"):
         make_backend(back, "drafter", "static")
 
 
-@pytest.mark.parametrize("name", ["sd", "opt"])
-def test_loop_law_with_a_feature_drafter(name):
-    fd, v = feature_pair()
-    q_logits, p_logits = definition(fd, v)
-    gamma, alpha = 3, ALPHA[name]
-    out = sc.generate(fd, v, torch.tensor([LAW_PROMPT] * LAW_ROWS), method=name, alpha=alpha, gamma=gamma,
-                      max_new_tokens=LAW_TOKENS, seed=0, temperature=1.0, eos_token_id=[])
-    assert all(len(t) == LAW_TOKENS for t in out.tokens)
-    spec = sc.METHODS[name]
-    def law_of(q_at):
-        return algorithm4_law(lambda pre, j: sampling_dist(q_at(pre, j)), lambda pre: sampling_dist(p_logits(pre)),
-                              lambda q, p, pre, j: reference_rule(name, q, p, softmax(q_at(pre, j)),
-                                                                  softmax(p_logits(pre)), alpha)[0],
-                              (lambda q, p, pi: p) if spec.bonus_from_verifier else (lambda q, p, pi: pi),
-                              gamma=gamma, prompt=LAW_PROMPT, n=LAW_TOKENS, in_block=True)
+def backends(fd, v, kind):
+    return (fd, v) if kind == "models" else (make_backend(fd, "drafter", kind), make_backend(v, "verifier", kind))
 
-    law = law_of(q_logits)
-    assert abs(sum(law.values()) - 1) < 1e-9
-    counts = empirical(out.tokens)
-    assert chi2_pvalue(counts, law, LAW_ROWS) > LAW_LEVEL
-    if name != "sd":   # the test has the power to see a drafter reading the verifier's state at every draft
-        assert chi2_pvalue(counts, law_of(lambda pre, j: q_logits(pre, 0)), LAW_ROWS) < LAW_LEVEL
-    if name == "sd":   # lossless: the verifier's own law
-        seq = algorithm4_law(lambda pre: sampling_dist(p_logits(pre)), lambda pre: sampling_dist(p_logits(pre)),
-                             lambda q, p, pre: p, lambda q, p, pi: p, gamma=1, prompt=LAW_PROMPT, n=LAW_TOKENS)
-        assert max(abs(law[k] - seq.get(k, 0.0)) for k in law) < 1e-9
+
+@pytest.mark.parametrize("kind", ["models", "fused"])
+@pytest.mark.parametrize("name", ["sd", "opt"])
+def test_loop_law_with_a_feature_drafter(name, kind):
+    """Through the dynamic backends (models given as they are) and the fused ones (eager on a CPU)."""
+    fd, v = feature_pair()
+    check_feature_law(name, fd, v, *backends(fd, v, kind))
 
 
 def test_rows_of_a_padded_batch_decode_as_alone_with_a_feature_drafter():
@@ -148,9 +87,65 @@ def test_rows_of_a_padded_batch_decode_as_alone_with_a_feature_drafter():
     assert sc.generate(fd, v, prompts, **kw).tokens != together
 
 
-def test_a_feature_drafter_needs_the_dynamic_backend_and_the_speculative_loop():
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_fused_backends_decode_a_feature_drafter_as_the_dynamic_ones(temperature, simulated_capture):
+    """The same tokens from the fused backends (whose block is captured: simulated here) as from the
+    dynamic ones, for every kind of block: sd (the bonus from p), a cascade (q at the bonus position),
+    ragged rows and left padding; and the fused verifier's states are its head's input."""
+    fd, v = feature_pair(2)
+    prompts = [[1, 2, 3, 4, 5], [3, 4], [5, 1, 2]]
+    for name in ("sd", "opt", "token_v3"):
+        kw = dict(method=name, alpha=ALPHA[name], gamma=3, temperature=temperature, max_new_tokens=14,
+                  eos_token_id=[], seed=3)
+        assert sc.generate(*backends(fd, v, "fused"), prompts, **kw).tokens == \
+            sc.generate(fd, v, prompts, **kw).tokens, name
+    assert simulated_capture, "the fused feature block was not captured"
+    fv = make_backend(v, "verifier", "fused")
+    ids, mask = torch.tensor([[0, 1, 2, 3], [4, 5, 1, 2]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    fv.reserve(2, 16)
+    prompt_states = fv.reset_hidden(ids, mask)
+    logits, states = fv.extend_hidden(torch.tensor([[3, 4], [2, 5]]))
+    with torch.no_grad():
+        whole = v.model(input_ids=torch.tensor([[4, 5, 1, 2, 5]])).last_hidden_state[0]
+        torch.testing.assert_close(prompt_states[1], whole[:3], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(states[1], whole[3:], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[1], v.lm_head(whole[3:]).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_feature_drafter_needs_a_backend_that_gives_states_and_the_speculative_loop():
     fd, v = feature_pair()
-    with pytest.raises(sc.SpecCascadeError, match="dynamic"):
+    with pytest.raises(sc.SpecCascadeError, match="dynamic or fused"):
         sc.generate(fd, make_backend(v, "verifier", "static"), [[1, 2]], method="sd", max_new_tokens=4)
+    for backend in (fd, make_backend(fd, "drafter", "fused")):
+        with pytest.raises(sc.SpecCascadeError, match="feature drafter"):
+            sc.generate(backend, v, [[1, 2, 3]], method="drafter_only", max_new_tokens=4)
     with pytest.raises(sc.SpecCascadeError, match="feature drafter"):
-        sc.generate(fd, v, [[1, 2, 3]], method="drafter_only", max_new_tokens=4)
+        make_backend(fd, "drafter", "graphs")
+    _, wider = tiny_pair(0, hidden=64, vocab=6)
+    with pytest.raises(sc.SpecCascadeError, match="states 32 wide; the verifier's are 64"):
+        sc.generate(fd, wider, [[1, 2]], method="sd", max_new_tokens=4)
+
+
+@pytest.mark.parametrize("backend", ["dynamic", "fused"])
+def test_a_sweep_runs_a_feature_drafter(backend, tmp_path):
+    """The sweep (its warm-up, its per-call costs, its timed cells) with a feature drafter of the
+    shipped tiny verifier's width (its first layer, as a 1-layer drafter)."""
+    from transformers import LlamaForCausalLM
+
+    from speccascade.eval.sweep import SweepConfig, run_sweep
+    from speccascade.eval.tasks import get_task
+    from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs
+    from speccascade.train.tokenizer import load_tokenizer
+    from speccascade.train.trainer import copy_first_layers
+
+    v = load_causal_lm(embedded_pair_dirs("tiny")[1], role="verifier")
+    cut = LlamaForCausalLM(v.config.__class__(**(v.config.to_dict() | {"num_hidden_layers": 1})))
+    copy_first_layers(cut, v)
+    fd = LlamaFeatureDrafter.from_drafter(cut).eval()
+    cfg = SweepConfig(methods=["sd", "opt"], alphas={"opt": [0.5]}, temperatures=[0.0], n_examples=2,
+                      max_new_tokens=6)
+    records = run_sweep(fd, v, load_tokenizer(TOKENIZER_DIR), get_task("bible_en_es"), cfg, tmp_path / "s.jsonl",
+                        progress=False, backend=backend)
+    cells = {r["method"]: r for r in records if r["type"] == "cell"}
+    assert set(cells) == {"verifier_only", "sd", "opt"}
+    assert cells["sd"]["stats"]["drafted"] > 0 and cells["sd"]["quality"] == cells["verifier_only"]["quality"]

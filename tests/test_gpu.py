@@ -18,10 +18,12 @@ from helpers import (
     LAW_PROMPT,
     LAW_ROWS,
     LAW_TOKENS,
+    check_feature_law,
     check_loop_law,
     check_static_matches_dynamic,
     chi2_pvalue,
     empirical,
+    feature_pair,
     logits_at,
 )
 from reference import algorithm4_law, sampling_dist
@@ -86,6 +88,20 @@ def test_captured_block_law_on_gpu(name, alpha, compile):
     pair = fused_pair(compile=compile)
     check_loop_law(name, alpha, *pair)
     assert runner.graph_cache(pair[3]), "the block was not captured"
+
+
+@pytest.mark.parametrize("name", ["sd", "opt"])
+def test_captured_feature_drafter_law_on_gpu(name):
+    """A drafter reading the verifier's states (speccascade.models.features) through the compiled
+    fused backends, the whole block captured: Algorithm 4's law with that drafter's q."""
+    from speccascade import runner
+    from speccascade.models import make_backend
+
+    fd, v = feature_pair(device="cuda")
+    bd, bv = make_backend(fd, "drafter", "fused"), make_backend(v, "verifier", "fused")
+    assert bd.compiled and bv.compiled
+    check_feature_law(name, fd, v, bd, bv)
+    assert runner.graph_cache(bv), "the block was not captured"
 
 
 def test_captured_single_model_law_on_gpu():

@@ -133,15 +133,19 @@ def prefill_with_states(drafter: Backend, verifier: Backend, input_ids: torch.Te
 
 def check_feature_pair(drafter: Backend, verifier: Backend) -> bool:
     """True where the drafter reads the verifier's states (:mod:`.models.features`); then the verifier's
-    backend must give them (the dynamic one does)."""
+    backend must give them (the dynamic and fused ones do)."""
     from .models.features import is_feature_drafter
 
     if not is_feature_drafter(drafter):
         return False
     if not getattr(verifier, "gives_states", False):
         raise SpecCascadeError(f"the drafter reads the verifier's states, which the verifier's "
-                               f"{type(verifier).__name__} does not give: run both models on the dynamic "
-                               f"backend (backend='dynamic', --backend dynamic)")
+                               f"{type(verifier).__name__} does not give: run both models on the dynamic or "
+                               f"fused backend (e.g. --backend fused)")
+    width = getattr(verifier, "state_size", None)
+    if width is not None and width != drafter.feature_size:
+        raise SpecCascadeError(f"the drafter reads states {drafter.feature_size} wide; the verifier's are {width}: "
+                               f"a feature drafter is made for its verifier's width")
     return True
 
 
@@ -447,12 +451,12 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
     B = input_ids.shape[0]
     captured, per_replay = None, runner.BLOCKS_PER_REPLAY
     features = check_feature_pair(drafter, verifier)
-    capturable = runner.can_capture(drafter, verifier) and not features
+    capturable = runner.can_capture(drafter, verifier)
     if capturable:
         key = ("speculative", B, per_replay, req.key(), id(drafter), drafter.generation, verifier.generation)
         captured = runner.graph_cache(verifier).get(key)
     state = captured.state if captured else DecodeState(B, req, req.gamma + 1, req.gamma, device)
-    if features:
+    if features and state.feed is None:   # (a captured program's state has its feed already)
         state.with_features(req.gamma, drafter.feature_size)
 
     def start() -> None:

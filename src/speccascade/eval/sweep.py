@@ -376,6 +376,7 @@ def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int
     replays where the loops capture the calls): one drafter step (1 token), one verifier step
     (1 token) and one verifier block call (gamma + 1 tokens) on a cached prefix, and each model's
     pre-fill of ``prompt`` (median wall time). ``drafter`` / ``verifier`` are backends."""
+    from ..models.features import timing_reset
     from ..models.timing import call_seconds
 
     def prefill(be):
@@ -385,7 +386,7 @@ def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int
             if be.device.type == "cuda":
                 torch.cuda.synchronize(be.device)
             t = time.perf_counter()
-            be.reset(x, torch.ones_like(x))
+            timing_reset(be, x, torch.ones_like(x))
             if be.device.type == "cuda":
                 torch.cuda.synchronize(be.device)
             times.append(time.perf_counter() - t)
@@ -415,6 +416,7 @@ def warm_up(drafter, verifier, tokenizer, task: Task, examples, cells: list[Cell
     re-capture every graph inside the timing)."""
     from ..models import bucket
     from ..models.base import reserve_request
+    from ..models.features import timing_feed, timing_reset
 
     longest = max(len(task.encode(tokenizer, ex.input)) for ex in examples)
 
@@ -431,8 +433,8 @@ def warm_up(drafter, verifier, tokenizer, task: Task, examples, cells: list[Cell
     x = torch.tensor([task.encode(tokenizer, probe[0].input)])
     for be in (drafter, verifier):
         for w in sorted({1, 2, 4, 8, 16} | {bucket(c.gamma + 1) for c in cells}):
-            be.reset(x, torch.ones_like(x))
-            be.extend(x[:, -1:].expand(1, w))
+            timing_reset(be, x, torch.ones_like(x))
+            timing_feed(be, x[:, -1:].expand(1, w))
             be.commit(torch.zeros(1, dtype=torch.long))
     seen = set()
     for cell in cells:

@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 from ..errors import SpecCascadeError
 from .base import Backend, as_backend, is_encoder_decoder
 from .dynamic import HFBackend
 from .features import FeatureHFBackend, LlamaFeatureDrafter, is_feature_drafter
-from .fused import FusedLlamaBackend, UnsupportedModel
+from .fused import FusedFeatureBackend, FusedLlamaBackend, UnsupportedModel
 from .fused_t5 import FusedT5Backend
 from .graphs import GraphHFBackend
 from .seq2seq import Seq2SeqBackend
@@ -57,8 +59,6 @@ from .static import StaticHFBackend, bucket
 
 def _fused(model, name, max_cache_len, compile: bool = True):
     """:class:`FusedLlamaBackend`, compiled on CUDA unless ``compile`` is False."""
-    import torch
-
     # a verifier marked by speccascade.distributed.mark_tp (--tp N): this rank's shard of it, on the
     # rank's device (the whole model may stay on the host)
     device = torch.device(getattr(model, "speccascade_device", None) or next(model.parameters()).device)
@@ -67,8 +67,6 @@ def _fused(model, name, max_cache_len, compile: bool = True):
 
 
 def _on_cuda(model) -> bool:
-    import torch
-
     return next(model.parameters()).device.type == "cuda" and torch.cuda.is_available()
 
 
@@ -123,6 +121,8 @@ SEQ2SEQ_FACTORIES = {
     "fused_eager": lambda model, name, max_cache_len: _fused_t5(model, name, max_cache_len, compile=False),
 }
 SEQ2SEQ_KINDS = tuple(SEQ2SEQ_FACTORIES)
+#: the backends that run a drafter reading the verifier's states (models.features), and give a verifier's
+FEATURE_KINDS = ("dynamic", "fused", "fused_eager", "auto")
 
 
 def make_backend(model, name: str, kind: str = "dynamic", max_cache_len: int = 2048) -> Backend:
@@ -138,18 +138,21 @@ def make_backend(model, name: str, kind: str = "dynamic", max_cache_len: int = 2
                 f"(dynamic cache, eager): use backend 'dynamic', 'auto' or 'seq2seq', or 'fused' for a T5 (the "
                 f"GPU fast paths static / compiled / graphs do not apply to encoder-decoders)")
         return SEQ2SEQ_FACTORIES[kind](model, name, max_cache_len)
-    elif is_feature_drafter(model) and not isinstance(model, FeatureHFBackend):
-        if kind not in ("dynamic", "auto"):
-            raise SpecCascadeError(f"the {name} reads the verifier's states (a feature drafter), which only the "
-                                   f"dynamic backend implements so far: use backend 'dynamic' (or 'auto'), for both "
-                                   f"models")
-        return FeatureHFBackend(model, name)
+    elif is_feature_drafter(model) and isinstance(model, torch.nn.Module):
+        if kind not in FEATURE_KINDS:
+            raise SpecCascadeError(f"the {name} reads the verifier's states (a feature drafter), which the "
+                                   f"{', '.join(FEATURE_KINDS)} backends implement: use one of them, for both models")
+        if kind == "dynamic":
+            return FeatureHFBackend(model, name)
+        device = next(model.parameters()).device
+        return FusedFeatureBackend(model, name, compile=kind != "fused_eager" and device.type == "cuda"
+                                   and torch.cuda.is_available())
     elif kind == "seq2seq":
         raise SpecCascadeError(f"the seq2seq backend is for encoder-decoder models (config.is_encoder_decoder); "
                                f"the {name} ({type(model).__name__}) is not one: use backend 'dynamic' or 'auto'")
     return BACKENDS[kind](model, name, max_cache_len)
 
 
-__all__ = ["BACKENDS", "Backend", "FeatureHFBackend", "FusedLlamaBackend", "FusedT5Backend", "GraphHFBackend",
-           "HFBackend", "LlamaFeatureDrafter", "SEQ2SEQ_KINDS", "Seq2SeqBackend", "StaticHFBackend", "UnsupportedModel",
-           "as_backend", "bucket", "is_encoder_decoder", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "FEATURE_KINDS", "FeatureHFBackend", "FusedFeatureBackend", "FusedLlamaBackend",
+           "FusedT5Backend", "GraphHFBackend", "HFBackend", "LlamaFeatureDrafter", "SEQ2SEQ_KINDS", "Seq2SeqBackend",
+           "StaticHFBackend", "UnsupportedModel", "as_backend", "bucket", "is_encoder_decoder", "make_backend"]

@@ -55,6 +55,7 @@ class HFBackend:
         self._cache_kw = cache_keyword(model)
         self._keep_hidden = False   # keep the last hidden states of each call (extend_hidden)
         self.hidden = None
+        self.state_size = getattr(model.config, "hidden_size", None)   # their width
 
     # -- the Backend interface -----------------------------------------------------------------
 

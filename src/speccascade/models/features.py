@@ -19,12 +19,13 @@ the drafter fed after that call is dropped at the block's end. The drafter's q a
 a function of the prefix and of where the block started; Algorithm 4 uses it as it is, so every
 method's law is Algorithm 4's with that q (``sd`` stays lossless).
 
-:class:`FeatureHFBackend` is the dynamic backend (:class:`.dynamic.HFBackend`) for such a drafter:
-its ``reset`` and ``extend_features`` take the features of the fed positions and return the
-drafter's own states beside the logits. The verifier's states come from
-:meth:`.dynamic.HFBackend.extend_hidden`. Measured offline on the deep pair's verifier
-(``benchmarks/feature_drafter.py``): acceptance at T = 1 0.76 against 0.56 for the same drafter
-without features.
+:class:`FeatureHFBackend` (dynamic) and :class:`.fused.FusedFeatureBackend` (fused: the features are
+mixed in the compiled prologue, and the block stays one capturable program) run such a drafter: their
+``reset`` and ``extend_features`` take the features of the fed positions and return the drafter's
+own states beside the logits. The verifier's states come from ``extend_hidden`` / ``reset_hidden``
+(:class:`.dynamic.HFBackend`, :class:`.fused.FusedLlamaBackend`; ``gives_states``). Measured offline
+on the deep pair's verifier (``benchmarks/feature_drafter.py``, run 13): acceptance at T = 1 0.76
+against 0.56 for the same drafter without features.
 """
 
 from __future__ import annotations
@@ -134,3 +135,21 @@ def prompt_features(states: torch.Tensor | None, attention_mask: torch.Tensor):
     valid = attention_mask[:, :-1].to(states.device).bool()                       # [B, L - 1]
     before = F.pad(states[:, :-1], (0, 0, 1, 0)) * F.pad(valid[:, :-1], (1, 0)).unsqueeze(-1)
     return before, states[:, -1] * valid[:, -1:].to(states.dtype)
+
+
+def timing_feed(backend, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """One feed whose cost alone matters (warm-ups, call timings): ``backend.extend``, or for a feature
+    drafter ``extend_features`` with zero features (a call of the same shapes).  # -> logits"""
+    if not getattr(backend, "takes_features", False):
+        return backend.extend(tokens, lengths)
+    zeros = torch.zeros(*tokens.shape, backend.feature_size, device=backend.device)
+    return backend.extend_features(tokens, zeros, lengths)[0]
+
+
+def timing_reset(backend, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """``backend.reset`` for a warm-up or a timing: a feature drafter's prompt with zero features."""
+    if not getattr(backend, "takes_features", False) or input_ids.shape[1] < 2:
+        return backend.reset(input_ids, attention_mask)
+    B, L = input_ids.shape
+    backend.reset(input_ids, attention_mask, features=torch.zeros(B, L - 1, backend.feature_size,
+                                                                 device=backend.device))

@@ -157,6 +157,7 @@ class PositionIndexedCache:
         weights and cache as inputs. ``compile=False``: the same functions, eager."""
         self.compiled = compile
         self._prologue_fn, self._layer_fn, self._head_fn = self._prologue, self._layer, self._head
+        self._head_states_fn = getattr(self, "_head_states", None)
         if compile:  # one specialisation per (batch, feed width, cache size): many in a sweep
             from .static import _raise_recompile_limit
 
@@ -165,6 +166,8 @@ class PositionIndexedCache:
             self._prologue_fn = torch.compile(self._prologue, **opts)
             self._layer_fn = torch.compile(self._layer, **opts)
             self._head_fn = torch.compile(self._head, **opts)
+            if self._head_states_fn is not None:
+                self._head_states_fn = torch.compile(self._head_states, **opts)
         self._step_fn = self._step
 
     def _allocated(self) -> None:
@@ -197,6 +200,12 @@ class PositionIndexedCache:
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self._extend(tokens, lengths)
+
+    def _extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None, states: bool = False,
+                features=None):
+        """:meth:`extend`; with ``states``, (logits, the last hidden states), and ``features``: a
+        feature drafter's input (:class:`FusedFeatureBackend`)."""
         tokens = tokens.to(self.device)
         k = tokens.shape[1]
         # compiled: ragged feeds (token_cascade / BiLD, given `lengths`) pad up to a few widths, so they
@@ -204,20 +213,23 @@ class PositionIndexedCache:
         width = bucket(k) if self.compiled and lengths is not None else k
         if width > k:
             tokens = F.pad(tokens, (0, width - k))
+            features = None if features is None else F.pad(features, (0, 0, 0, width - k))
         # each row's feed starts at its count of cached tokens: a view of n_pos, which the step reads
         # before the count is advanced below (its kernels come first on the stream). The step's
         # compiled prologue adds the offsets, so an extend launches one kernel of its own (the count's
         # update), not three: a speculative block makes gamma + 2 calls
         start = self.n_pos.unsqueeze(1)                                               # [B, 1]
-        if lengths is None:
-            logits = self._forward(tokens, start, None)
-            self.n_pos.add_(k)
-        else:
+        valid = None
+        if lengths is not None:
             lengths = lengths.to(self.device)
             valid = self.ar[:width].unsqueeze(0) < lengths.unsqueeze(1)               # [B, width]
-            logits = self._forward(tokens, start, valid)
-            self.n_pos.add_(lengths)
-        return logits[:, :k]
+        if states or features is not None:   # (a direct call: the host-driven replays keep logits only)
+            logits, hidden = self._step_fn(tokens, start, valid, self.k_cache, self.v_cache, states=True,
+                                           features=features)
+        else:
+            logits, hidden = self._forward(tokens, start, valid), None
+        self.n_pos.add_(k if lengths is None else lengths)
+        return logits[:, :k] if not states else (logits[:, :k], hidden[:, :k])
 
     @torch.no_grad()
     def commit(self, n_keep: torch.Tensor) -> None:
@@ -361,6 +373,7 @@ class FusedLlamaBackend(PositionIndexedCache):
         if device is not None and torch.device(device) != self.device:
             self._move_to(torch.device(device))
         self.vocab_size = int(self.lm_head.shape[0])
+        self.state_size = int(self.embed.shape[1])   # the width of its last hidden states (extend_hidden)
         self.n_layers = len(self.layers)
         self._compile_regions(compile, compile_options)
 
@@ -442,6 +455,42 @@ class FusedLlamaBackend(PositionIndexedCache):
             self.n_pos.copy_(valid.sum(1))
             self.n_committed.copy_(self.n_pos)
 
+    # -- the verifier's states, for a drafter that reads them (models.features) ----------------
+
+    gives_states = True   # reset_hidden / extend_hidden (tp = 1)
+
+    @torch.no_grad()
+    def reset_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`reset`, returning the last hidden states (after the final norm) of the cached prompt
+        tokens  # [B, L - 1, H]  (None for one-token prompts). The pre-fill runs as direct calls of
+        the compiled regions, not a graph replay."""
+        self._check_states()
+        input_ids = input_ids.to(self.device)
+        B, L = input_ids.shape
+        if L == 1:
+            self.reset(input_ids, attention_mask)
+            return None
+        if self.batch != B or self.slots < L + 1:
+            self.reserve(B, max(L + 1, self.slots))
+        valid = attention_mask.to(self.device)[:, :-1].bool()
+        positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+        _, states = self._step(input_ids[:, :-1], positions, valid, self.k_cache, self.v_cache, states=True)
+        self.n_pos.copy_(valid.sum(1))
+        self.n_committed.copy_(self.n_pos)
+        return states
+
+    @torch.no_grad()
+    def extend_hidden(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
+        """:meth:`extend`, returning the logits  # [B, k, V]  and the last hidden states (after the
+        final norm: what the head reads)  # [B, k, H]  (float32). No host read: capturable."""
+        self._check_states()
+        return self._extend(tokens, lengths, states=True)
+
+    def _check_states(self) -> None:
+        if self.tp > 1:
+            raise SpecCascadeError(f"the {self.name}'s states for a feature drafter are not implemented with "
+                                   f"tensor parallelism (tp={self.tp})")
+
     # -- the step ------------------------------------------------------------------------------
 
     def _row_parallel(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -458,16 +507,21 @@ class FusedLlamaBackend(PositionIndexedCache):
             dist.all_reduce(y, group=self.tp_group)
         return y if b is None else y + b
 
-    def _step(self, tokens, positions, valid, k_cache, v_cache, logits: bool = True) -> torch.Tensor | None:
+    def _step(self, tokens, positions, valid, k_cache, v_cache, logits: bool = True, states: bool = False,
+              features=None):
         """Logits of ``tokens  # [B, w]`` at ``positions  # [B, w]`` (or ``[B, 1]``: :meth:`_feed`);
         writes their K/V into slot = position (the trash slot where not ``valid`` or past the capacity).
-        # -> [B, w, V] float32 (``logits=False``: only the K/V, for a prompt)"""
-        h, cos, sin, bias, rows, slots = self._prologue_fn(tokens, positions, valid)
+        # -> [B, w, V] float32 (``logits=False``: only the K/V, for a prompt; ``states``: (logits,
+        the last hidden states after the final norm  # [B, w, H] float32)). ``features  # [B, w, H]``:
+        a feature drafter's input beside the tokens (:class:`FusedFeatureBackend`)."""
+        h, cos, sin, bias, rows, slots = self._prologue_fn(tokens, positions, valid, features)
         for i, L in enumerate(self.layers):
             h = self._layer_fn(h, L, cos, sin, bias, rows, slots, k_cache[i], v_cache[i])
+        if states:
+            return self._head_states_fn(h)
         return self._head_fn(h) if logits else None
 
-    def _prologue(self, tokens, positions, valid):
+    def _prologue(self, tokens, positions, valid, features=None):
         """What every layer shares: the embeddings ``h``, the rotary tables, the attention bias
         (each query sees its own row's slots up to its own position) and where the new K/V go."""
         B, w = tokens.shape
@@ -478,7 +532,10 @@ class FusedLlamaBackend(PositionIndexedCache):
         emb = torch.cat([freqs, freqs], -1)
         cos = (emb.cos() * self.rope_scale).to(self.dtype).unsqueeze(2)               # [B, w, 1, D]
         sin = (emb.sin() * self.rope_scale).to(self.dtype).unsqueeze(2)
-        return F.embedding(tokens, self.embed), cos, sin, bias, rows, slots          # h: [B, w, hidden]
+        return self._embed(tokens, features), cos, sin, bias, rows, slots            # h: [B, w, hidden]
+
+    def _embed(self, tokens, features):
+        return F.embedding(tokens, self.embed)
 
     def _layer(self, h, L: dict, cos, sin, bias, rows, slots, k_cache, v_cache) -> torch.Tensor:
         """One decoder layer: ``L`` its fused weights, ``k_cache`` / ``v_cache  # [B, Hkv, C, D]``
@@ -500,6 +557,65 @@ class FusedLlamaBackend(PositionIndexedCache):
 
     def _head(self, h) -> torch.Tensor:
         return F.linear(self._rms(h, self.final_norm), self.lm_head, self.lm_head_bias).float()
+
+    def _head_states(self, h):
+        x = self._rms(h, self.final_norm)
+        return F.linear(x, self.lm_head, self.lm_head_bias).float(), x.float()
+
+
+class FusedFeatureBackend(FusedLlamaBackend):
+    """The fused backend for a :class:`.features.LlamaFeatureDrafter`: every feed carries the features
+    of its positions (mixed with the tokens' embeddings in the compiled prologue), and each call
+    returns the drafter's own last hidden states beside the logits. Capturable, as its parent."""
+
+    takes_features = True
+
+    def __init__(self, model, name: str = "drafter", compile: bool = False, compile_options: dict | None = None,
+                 device=None):
+        super().__init__(model, name, compile=compile, compile_options=compile_options, device=device)
+        self.feature_size = int(model.config.feature_size)
+        self.feature_scale = float(model.config.feature_scale)
+        self.feature_mix = model.feature_mix.weight.detach().to(self.device)
+
+    @torch.no_grad()
+    def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              features: torch.Tensor | None = None) -> None:
+        """As :meth:`FusedLlamaBackend.reset` (the pre-fill as direct calls); ``features  # [B, L - 1,
+        H]``: those of the cached prompt tokens (:func:`.features.prompt_features`)."""
+        input_ids = input_ids.to(self.device)
+        B, L = input_ids.shape
+        if self.batch != B or self.slots < L + 1:
+            self.reserve(B, max(L + 1, self.slots))
+        self.n_pos.zero_()
+        self.n_committed.zero_()
+        if L > 1:
+            if features is None:
+                raise SpecCascadeError(f"the {self.name} is a feature drafter: its prompt needs the verifier's "
+                                       f"states (the speculative loop passes them; methods that run the drafter "
+                                       f"alone cannot)")
+            valid = attention_mask.to(self.device)[:, :-1].bool()
+            positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+            self._step(input_ids[:, :-1], positions, valid, self.k_cache, self.v_cache, False,
+                       features=features.to(self.device))
+            self.n_pos.copy_(valid.sum(1))
+            self.n_committed.copy_(self.n_pos)
+
+    @torch.no_grad()
+    def extend_features(self, tokens: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor | None = None):
+        """Feed ``tokens  # [B, k]`` with their ``features  # [B, k, H]``; returns the logits  # [B, k, V]
+        and the drafter's own last hidden states  # [B, k, H]  (float32)."""
+        return self._extend(tokens, lengths, states=True, features=features.to(self.device))
+
+    def extend(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        raise SpecCascadeError(f"the {self.name} is a feature drafter: it is fed with the verifier's states "
+                               f"(extend_features), not tokens alone")
+
+    def _embed(self, tokens, features):
+        """``W [embed(x_i); s(f_{i-1})]`` (:meth:`.features.LlamaFeatureDrafter.feature_embeddings`)."""
+        emb = F.embedding(tokens, self.embed)
+        f = features.to(emb.dtype)
+        f = f * (self.feature_scale / f.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).to(emb.dtype)
+        return F.linear(torch.cat([emb, f], -1), self.feature_mix)
 
 
 def gqa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor,

@@ -28,15 +28,16 @@ def call_seconds(backend, prompt: list[int], width: int = 1, repeats: int = 20, 
     it: timed as plain calls its steps cost 5-10x more. ``ragged``: the feed comes with per-row
     lengths, as a ragged feed does (the first drafter call of an sd block, ``loop.extend_carried``)."""
     from .. import runner
+    from .features import timing_feed, timing_reset
 
     x = torch.tensor([prompt])
-    backend.reset(x, torch.ones_like(x))
+    timing_reset(backend, x, torch.ones_like(x))
     feed = x[:, -1:].expand(1, width).contiguous().to(backend.device)
     none = torch.zeros(1, dtype=torch.long, device=backend.device)
     lengths = torch.full((1,), width, dtype=torch.long, device=backend.device) if ragged else None
 
     def call():
-        backend.extend(feed, lengths)
+        timing_feed(backend, feed, lengths)   # (a feature drafter: with zero features, the same shapes)
         backend.commit(none)
 
     return fn_seconds(call, backend.device, repeats, captured=runner.can_capture(backend))
@@ -66,7 +67,9 @@ class TimedBackend:
         self.max_positions, self.device = inner.max_positions, inner.device
         self.seconds = 0.0
         self.calls = 0
-        for attr in ("first_pending", "encoder_decoder", "max_source_positions"):  # encoder-decoders
+        # encoder-decoders; a drafter reading the verifier's states and a verifier giving them (models.features)
+        for attr in ("first_pending", "encoder_decoder", "max_source_positions", "takes_features", "feature_size",
+                     "gives_states", "state_size"):
             if hasattr(inner, attr):
                 setattr(self, attr, getattr(inner, attr))
 
@@ -79,11 +82,20 @@ class TimedBackend:
         self.calls += 1
         return out
 
-    def reset(self, input_ids, attention_mask):
-        return self._timed(self.inner.reset, input_ids, attention_mask)
+    def reset(self, input_ids, attention_mask, **features):
+        return self._timed(lambda: self.inner.reset(input_ids, attention_mask, **features))
 
     def extend(self, tokens, lengths=None):
         return self._timed(self.inner.extend, tokens, lengths)
+
+    def reset_hidden(self, input_ids, attention_mask):
+        return self._timed(self.inner.reset_hidden, input_ids, attention_mask)
+
+    def extend_hidden(self, tokens, lengths=None):
+        return self._timed(self.inner.extend_hidden, tokens, lengths)
+
+    def extend_features(self, tokens, features, lengths=None):
+        return self._timed(self.inner.extend_features, tokens, features, lengths)
 
     def commit(self, n_keep):
         return self.inner.commit(n_keep)  # bookkeeping, counted as outside the forwards
