@@ -112,6 +112,27 @@ def test_the_fused_backends_decode_a_feature_drafter_as_the_dynamic_ones(tempera
         torch.testing.assert_close(logits[1], v.lm_head(whole[3:]).float(), rtol=1e-4, atol=1e-4)
 
 
+def test_the_compiled_fused_bookkeeping_with_a_feature_drafter(simulated_capture, monkeypatch):
+    """What the fused backends do differently when compiled, with the regions left eager: prompts
+    pre-filled left-padded to a compiled width (the states of the real positions returned), host-driven
+    calls as (simulated) graph replays; the tokens stay the dynamic backends'."""
+    from speccascade import loop
+
+    monkeypatch.setattr(loop, "_compiled", lambda fn: fn)   # the block's arithmetic eager
+    fd, v = feature_pair(2)
+    bd, bv = make_backend(fd, "drafter", "fused"), make_backend(v, "verifier", "fused")
+    bd.compiled = bv.compiled = True
+    prompts = [[1, 2, 3, 4, 5], [3, 4], [5, 1, 2]]
+    for name, T in (("sd", 0.0), ("opt", 1.0)):
+        kw = dict(method=name, alpha=ALPHA[name], gamma=3, temperature=T, max_new_tokens=10, eos_token_id=[], seed=5)
+        assert sc.generate(bd, bv, prompts, **kw).tokens == sc.generate(fd, v, prompts, **kw).tokens, name
+    bv.reserve(1, 16)
+    states = bv.reset_hidden(torch.tensor([[4, 5, 1, 2]]), torch.ones(1, 4, dtype=torch.long))
+    with torch.no_grad():
+        torch.testing.assert_close(states[0], v.model(input_ids=torch.tensor([[4, 5, 1]])).last_hidden_state[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_a_feature_drafter_needs_a_backend_that_gives_states_and_the_speculative_loop():
     fd, v = feature_pair()
     with pytest.raises(sc.SpecCascadeError, match="dynamic or fused"):

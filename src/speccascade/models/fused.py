@@ -472,12 +472,27 @@ class FusedLlamaBackend(PositionIndexedCache):
             return None
         if self.batch != B or self.slots < L + 1:
             self.reserve(B, max(L + 1, self.slots))
+        _, states = self._prefill(input_ids, attention_mask, states=True)
+        return states
+
+    def _prefill(self, input_ids, attention_mask, states: bool = False, features=None):
+        """Cache every prompt token but the last (``L`` > 1) by a direct call of the step, and count
+        them; compiled, the prompt is left-padded to a width of 64, 128, 256, ... (the padding goes to
+        the trash slot), so that prompts of many lengths meet a few compiled shapes. Returns the step's
+        output for the real positions: (logits, states) with ``states``."""
+        L = input_ids.shape[1]
+        tokens = input_ids[:, :-1]
         valid = attention_mask.to(self.device)[:, :-1].bool()
         positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-        _, states = self._step(input_ids[:, :-1], positions, valid, self.k_cache, self.v_cache, states=True)
+        pad = _capacity(L - 1) - (L - 1) if self.compiled else 0
+        if pad:
+            tokens, positions, valid = F.pad(tokens, (pad, 0)), F.pad(positions, (pad, 0)), F.pad(valid, (pad, 0))
+            features = None if features is None else F.pad(features, (0, 0, pad, 0))
+        out = self._step(tokens, positions, valid, self.k_cache, self.v_cache, logits=states, states=states,
+                         features=features)
         self.n_pos.copy_(valid.sum(1))
         self.n_committed.copy_(self.n_pos)
-        return states
+        return None if out is None else tuple(x[:, pad:] for x in out)
 
     @torch.no_grad()
     def extend_hidden(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
@@ -593,12 +608,7 @@ class FusedFeatureBackend(FusedLlamaBackend):
                 raise SpecCascadeError(f"the {self.name} is a feature drafter: its prompt needs the verifier's "
                                        f"states (the speculative loop passes them; methods that run the drafter "
                                        f"alone cannot)")
-            valid = attention_mask.to(self.device)[:, :-1].bool()
-            positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-            self._step(input_ids[:, :-1], positions, valid, self.k_cache, self.v_cache, False,
-                       features=features.to(self.device))
-            self.n_pos.copy_(valid.sum(1))
-            self.n_committed.copy_(self.n_pos)
+            self._prefill(input_ids, attention_mask, features=features.to(self.device))
 
     @torch.no_grad()
     def extend_features(self, tokens: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor | None = None):
