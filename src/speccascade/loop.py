@@ -18,6 +18,12 @@ Per block (Algorithm 4 of arXiv 2405.19261):
 4. Advance: both caches keep the pending token and the accepted drafts; the new token becomes the
    pending one. Output is truncated at EOS and at ``max_new_tokens`` even when a block overshoots.
 
+A drafter that reads the verifier's states (:mod:`.models.features`, EAGLE-style; ``state.feed``)
+runs through the same block: call 0 re-feeds the last block's accepted drafts and its new token with
+the verifier's states from its scoring call (:class:`FeatureFeed`, a ragged feed of up to gamma + 1),
+later calls feed each draft with the drafter's own last state, the verifier's call also returns its
+states, and the drafter keeps only call 0's tokens, so its cache holds true-feature states only.
+
 The block (:func:`speculative_block`) is one function of device state (:class:`DecodeState`)
 and the request (:class:`DecodeRequest`): it makes no host read and keeps no host-side
 bookkeeping, so :mod:`.runner` either calls it in a host loop (any backend; what the CPU tests

@@ -73,10 +73,16 @@ class LlamaFeatureDrafter(LlamaForCausalLM):
     def feature_embeddings(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``W [embed(x_i); s(f_{i-1})]`` for ``input_ids  # [B, k]`` and ``features  # [B, k, H]``
         (``features[:, i]``: the state of the position before token i; zeros where there is none).  # [B, k, H]"""
-        emb = self.get_input_embeddings()(input_ids)
-        f = features.to(emb.dtype)
-        f = f * (self.config.feature_scale / f.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).to(emb.dtype)
-        return self.feature_mix(torch.cat([emb, f], -1))
+        return mix_features(self.get_input_embeddings()(input_ids), features, self.config.feature_scale,
+                            self.feature_mix.weight)
+
+
+def mix_features(emb: torch.Tensor, features: torch.Tensor, scale: float, weight: torch.Tensor) -> torch.Tensor:
+    """``W [emb; s(f)]``: each feature vector scaled to RMS ``scale`` (zeros stay zeros), beside the
+    token's embedding, through ``weight`` (W).  # [..., H]"""
+    f = features.to(emb.dtype)
+    f = f * (scale / f.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).to(emb.dtype)
+    return F.linear(torch.cat([emb, f], -1), weight)
 
 
 def is_feature_drafter(model) -> bool:

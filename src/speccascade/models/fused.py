@@ -57,6 +57,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import SpecCascadeError
+from .features import mix_features
 from .static import bucket
 
 SUPPORTED = ("llama", "qwen2", "mistral")
@@ -622,10 +623,7 @@ class FusedFeatureBackend(FusedLlamaBackend):
 
     def _embed(self, tokens, features):
         """``W [embed(x_i); s(f_{i-1})]`` (:meth:`.features.LlamaFeatureDrafter.feature_embeddings`)."""
-        emb = F.embedding(tokens, self.embed)
-        f = features.to(emb.dtype)
-        f = f * (self.feature_scale / f.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).to(emb.dtype)
-        return F.linear(torch.cat([emb, f], -1), self.feature_mix)
+        return mix_features(F.embedding(tokens, self.embed), features, self.feature_scale, self.feature_mix)
 
 
 def gqa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor,
