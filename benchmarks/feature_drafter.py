@@ -20,7 +20,8 @@ would accept them on held-out verses:
   relative squared error added to the token loss), so that a block's later drafts, which read the
   drafter's own state in place of the feature the verifier has not computed yet, read a better one;
 * the objective: cross-entropy against the verifier's greedy next token (``--objective hard``) or
-  KL(verifier || drafter) at T = 1 (``kl``), at every Spanish position of the reference verses;
+  KL(verifier || drafter) at T = 1 (``kl``), at every Spanish position of the reference verses (or of
+  ``--train-file``'s rows, e.g. the verifier's own translations from ``speccascade distill``);
 * teacher-forced on the test verses, at every Spanish position: E[sum_v min(p_v, q_v)] at T = 1 (the
   acceptance of one draft, Algorithm 2's) and the top-1 agreement; these read the true feature
   everywhere, which only a block's first draft has;
@@ -62,11 +63,14 @@ import torch.nn.functional as F
 VARIANTS = ("tokens_only", "with_verifier_features", "features_and_regression")
 
 
-def load(n_train: int, n_test: int, seed: int, verifier_dir: str | None = None, device: str = "cpu"):
+def load(n_train: int, n_test: int, seed: int, verifier_dir: str | None = None, device: str = "cpu",
+         train_file: str | None = None):
     """The verifier (``verifier_dir``, else the shipped tiny one) on ``device``, ``n_train`` shuffled
-    training pairs and the first ``n_test`` test pairs, encoded as (ids, first Spanish index)."""
+    training pairs (of the training split, or of ``train_file``: e.g. the verifier's own translations,
+    ``speccascade distill``) and the first ``n_test`` test pairs, encoded as (ids, first Spanish index)."""
     from speccascade.data.bible import load_split
     from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm
+    from speccascade.train.distill import read_pairs
     from speccascade.train.tokenizer import load_tokenizer
     from speccascade.train.trainer import encode_pairs
 
@@ -74,7 +78,7 @@ def load(n_train: int, n_test: int, seed: int, verifier_dir: str | None = None, 
     path = verifier_dir or embedded_pair_dirs("tiny")[1]
     verifier = load_causal_lm(path, dtype=torch.float32).to(device).eval().requires_grad_(False)
     rng = random.Random(seed)
-    train = load_split("train")
+    train = read_pairs(train_file) if train_file else load_split("train")
     rng.shuffle(train)
     return verifier, encode_pairs(tok, train[:n_train]), encode_pairs(tok, load_split("test")[:n_test])
 
@@ -298,6 +302,8 @@ def main() -> None:
     ap.add_argument("--reference-drafter", help="also measure this trained drafter (its own tokens only)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--train-file", help="train on these JSONL rows {en, es} (e.g. `speccascade distill`'s output, "
+                                         "the verifier's own translations) instead of the training split")
     ap.add_argument("--train-pairs", type=int, default=3000)
     ap.add_argument("--test-pairs", type=int, default=300)
     ap.add_argument("--epochs", type=float, default=2.0)
@@ -319,7 +325,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(args.seed)
-    verifier, data, test = load(args.train_pairs, args.test_pairs, args.seed, args.verifier, args.device)
+    verifier, data, test = load(args.train_pairs, args.test_pairs, args.seed, args.verifier, args.device,
+                                args.train_file)
     record = {"benchmark": "feature_drafter", "torch": torch.__version__, "device": args.device,
               "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "cpu": platform.processor() or platform.machine(), "args": vars(args),
