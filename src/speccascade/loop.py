@@ -466,13 +466,13 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
         state.with_features(req.gamma, drafter.feature_size)
 
     def start() -> None:
-        if not features:
+        if features:
+            ids, before = prefill_with_states(drafter, verifier, input_ids, attention_mask)
+        else:
             ids = prefill_both(drafter, verifier, input_ids, attention_mask)
-            state.start(first_pending(verifier, ids), req.alpha)
-            return
-        ids, before = prefill_with_states(drafter, verifier, input_ids, attention_mask)
         state.start(first_pending(verifier, ids), req.alpha)
-        state.feed.start(state.pending, before)
+        if features:
+            state.feed.start(state.pending, before)
 
     start()
     stats.prefill_calls += prefill_calls(drafter, input_ids) + prefill_calls(verifier, input_ids)

@@ -144,9 +144,7 @@ def make_backend(model, name: str, kind: str = "dynamic", max_cache_len: int = 2
                                    f"{', '.join(FEATURE_KINDS)} backends implement: use one of them, for both models")
         if kind == "dynamic":
             return FeatureHFBackend(model, name)
-        device = next(model.parameters()).device
-        return FusedFeatureBackend(model, name, compile=kind != "fused_eager" and device.type == "cuda"
-                                   and torch.cuda.is_available())
+        return FusedFeatureBackend(model, name, compile=kind != "fused_eager" and _on_cuda(model))
     elif kind == "seq2seq":
         raise SpecCascadeError(f"the seq2seq backend is for encoder-decoder models (config.is_encoder_decoder); "
                                f"the {name} ({type(model).__name__}) is not one: use backend 'dynamic' or 'auto'")

@@ -436,25 +436,40 @@ class FusedLlamaBackend(PositionIndexedCache):
 
     @torch.no_grad()
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self._reset(input_ids, attention_mask)
+
+    def _reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, states: bool = False, features=None):
+        """Cache every prompt token but the last (left padding goes to the trash slot) and count them.
+        A plain pre-fill on CUDA is a graph replay; one that returns the last hidden states (``states``:
+        a verifier for a feature drafter) or takes ``features  # [B, L - 1, H]`` (a feature drafter) is a
+        direct call of the step. Compiled, the prompt is left-padded to a width of 64, 128, 256, ..., so
+        that prompts of many lengths meet a few compiled shapes. Returns the real positions' states
+        # [B, L - 1, H]  with ``states`` (None for a one-token prompt: nothing is cached)."""
         input_ids = input_ids.to(self.device)
-        mask = attention_mask.to(self.device).long()
         B, L = input_ids.shape
         if self.batch != B or self.slots < L + 1:
             # a new batch size (e.g. seq_cascade re-decoding some rows) keeps the request's capacity
             self.reserve(B, max(L + 1, self.slots))
         self.n_pos.zero_()
         self.n_committed.zero_()
-        if L > 1:   # cache all prompt tokens but the last; left padding goes to the trash slot
-            valid = mask[:, :-1].bool()
-            positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-            if self._replays():   # the prompt left-padded to a width of 64, 128, 256, ... (padding: trash slot)
-                pad = _capacity(L - 1) - (L - 1)
-                self._replay(F.pad(input_ids[:, :-1], (pad, 0)), F.pad(positions, (pad, 0)),
-                             F.pad(valid, (pad, 0)), logits=False)
-            else:
-                self._step(input_ids[:, :-1], positions, valid, self.k_cache, self.v_cache, False)
-            self.n_pos.copy_(valid.sum(1))
-            self.n_committed.copy_(self.n_pos)
+        if L == 1:
+            return None
+        tokens, valid = input_ids[:, :-1], attention_mask.to(self.device)[:, :-1].bool()
+        positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+        replay = self._replays() and not states and features is None
+        pad = _capacity(L - 1) - (L - 1) if self.compiled else 0
+        if pad:
+            tokens, positions, valid = F.pad(tokens, (pad, 0)), F.pad(positions, (pad, 0)), F.pad(valid, (pad, 0))
+            features = None if features is None else F.pad(features, (0, 0, pad, 0))
+        if replay:
+            self._replay(tokens, positions, valid, logits=False)
+            out = None
+        else:
+            out = self._step(tokens, positions, valid, self.k_cache, self.v_cache, logits=states, states=states,
+                             features=features)
+        self.n_pos.copy_(valid.sum(1))
+        self.n_committed.copy_(self.n_pos)
+        return out[1][:, pad:] if states else None
 
     # -- the verifier's states, for a drafter that reads them (models.features) ----------------
 
@@ -463,37 +478,10 @@ class FusedLlamaBackend(PositionIndexedCache):
     @torch.no_grad()
     def reset_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """:meth:`reset`, returning the last hidden states (after the final norm) of the cached prompt
-        tokens  # [B, L - 1, H]  (None for one-token prompts). The pre-fill runs as direct calls of
-        the compiled regions, not a graph replay."""
+        tokens  # [B, L - 1, H]  (None for one-token prompts). The pre-fill runs as a direct call of
+        the step (its compiled regions), not a graph replay."""
         self._check_states()
-        input_ids = input_ids.to(self.device)
-        B, L = input_ids.shape
-        if L == 1:
-            self.reset(input_ids, attention_mask)
-            return None
-        if self.batch != B or self.slots < L + 1:
-            self.reserve(B, max(L + 1, self.slots))
-        _, states = self._prefill(input_ids, attention_mask, states=True)
-        return states
-
-    def _prefill(self, input_ids, attention_mask, states: bool = False, features=None):
-        """Cache every prompt token but the last (``L`` > 1) by a direct call of the step, and count
-        them; compiled, the prompt is left-padded to a width of 64, 128, 256, ... (the padding goes to
-        the trash slot), so that prompts of many lengths meet a few compiled shapes. Returns the step's
-        output for the real positions: (logits, states) with ``states``."""
-        L = input_ids.shape[1]
-        tokens = input_ids[:, :-1]
-        valid = attention_mask.to(self.device)[:, :-1].bool()
-        positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-        pad = _capacity(L - 1) - (L - 1) if self.compiled else 0
-        if pad:
-            tokens, positions, valid = F.pad(tokens, (pad, 0)), F.pad(positions, (pad, 0)), F.pad(valid, (pad, 0))
-            features = None if features is None else F.pad(features, (0, 0, pad, 0))
-        out = self._step(tokens, positions, valid, self.k_cache, self.v_cache, logits=states, states=states,
-                         features=features)
-        self.n_pos.copy_(valid.sum(1))
-        self.n_committed.copy_(self.n_pos)
-        return None if out is None else tuple(x[:, pad:] for x in out)
+        return self._reset(input_ids, attention_mask, states=True)
 
     @torch.no_grad()
     def extend_hidden(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
@@ -598,18 +586,11 @@ class FusedFeatureBackend(FusedLlamaBackend):
               features: torch.Tensor | None = None) -> None:
         """As :meth:`FusedLlamaBackend.reset` (the pre-fill as direct calls); ``features  # [B, L - 1,
         H]``: those of the cached prompt tokens (:func:`.features.prompt_features`)."""
-        input_ids = input_ids.to(self.device)
-        B, L = input_ids.shape
-        if self.batch != B or self.slots < L + 1:
-            self.reserve(B, max(L + 1, self.slots))
-        self.n_pos.zero_()
-        self.n_committed.zero_()
-        if L > 1:
-            if features is None:
-                raise SpecCascadeError(f"the {self.name} is a feature drafter: its prompt needs the verifier's "
-                                       f"states (the speculative loop passes them; methods that run the drafter "
-                                       f"alone cannot)")
-            self._prefill(input_ids, attention_mask, features=features.to(self.device))
+        if features is None and input_ids.shape[1] > 1:
+            raise SpecCascadeError(f"the {self.name} is a feature drafter: its prompt needs the verifier's "
+                                   f"states (the speculative loop passes them; methods that run the drafter "
+                                   f"alone cannot)")
+        self._reset(input_ids, attention_mask, features=None if features is None else features.to(self.device))
 
     @torch.no_grad()
     def extend_features(self, tokens: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor | None = None):
