@@ -371,11 +371,14 @@ sweep_part "${parts[0]}" "${parts[1]}"
 # replaces its training options. FEATURE_SWEEP=1 then sweeps the feature drafter (with EAGLE's regression) in
 # the loop (speccascade.models.features; the fused backends), Table 2's gamma 5 cells of FEATURE_METHODS
 # (verifier_only,sd,diff,opt_log), into sweep_features.jsonl (its own verifier_only baseline).
+# FEATURE_DATA=distill trains them on the verifier's own translations (distill.jsonl.gz, the token drafter's
+# rows: the prefixes the drafter meets when the verifier decides), where that file exists; else the reference verses.
 if [ "${FEATURES:-0}" = 1 ]; then
+  fdata=(); [ "${FEATURE_DATA:-}" = distill ] && [ -s "$dir/distill.jsonl.gz" ] && fdata=(--train-file "$dir/distill.jsonl.gz")
   (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage feature_drafter python benchmarks/feature_drafter.py --verifier "$dir/verifier" --reference-drafter "$dir/drafter" \
        --device "$DEVICE" ${FEATURE_OPTS:---train-pairs 30000 --test-pairs 500 --epochs 3 --batch-size 64 --objective kl} \
-       --save "$dir/feature_drafters" --out "$dir/feature_drafter.json")
+       "${fdata[@]}" --save "$dir/feature_drafters" --out "$dir/feature_drafter.json")
   if [ "${FEATURE_SWEEP:-0}" = 1 ] && [ -d "$dir/feature_drafters/features_and_regression" ]; then
     fm="${FEATURE_METHODS:-verifier_only,sd,diff,opt_log}"
     fa="$(METHODS=$fm alphas_for "$ALPHAS")"
