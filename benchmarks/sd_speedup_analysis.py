@@ -74,8 +74,10 @@ def speedup_steps(r: dict, ref: dict, cost: dict, modelled: float, measured: flo
     # per example and model loop: the flags were always read one step late)
     past_v, past_sd = vt.get("steps_past_end", n), st.get("steps_past_end", n)
     base_past, sd_past = base_steps + past_v * s_v, sd_blocks + past_sd * block
+    # sd's pre-fills: a feature drafter's verifier pre-fill returns its states (timed apart where the sweep did)
+    sd_prefill = cost.get("verifier_prefill_states_s", cost["verifier_prefill_s"]) + cost["drafter_prefill_s"]
     base_all = base_past + n * cost["verifier_prefill_s"]
-    sd_all = sd_past + n * (cost["verifier_prefill_s"] + cost["drafter_prefill_s"])
+    sd_all = sd_past + n * sd_prefill
     return {"modelled": modelled,
             "drafter_calls_per_block": per_block,
             "with_the_loops_drafter_calls": modelled * (gamma * s_d + blk) / block,
@@ -88,7 +90,7 @@ def speedup_steps(r: dict, ref: dict, cost: dict, modelled: float, measured: flo
             # each step's wall (pre-fills taken out, steps past the end counted) against its model calls:
             # what is left is the work between the calls and the host's (waits near the end included)
             "per_step_s": {
-                "sd": _per_step(r["latency_s"] - n * (cost["verifier_prefill_s"] + cost["drafter_prefill_s"]),
+                "sd": _per_step(r["latency_s"] - n * sd_prefill,
                                 st["blocks"] + past_sd, block),
                 "verifier_only": _per_step(ref["latency_s"] - n * cost["verifier_prefill_s"],
                                            vt["verifier_calls"] + past_v, s_v)},

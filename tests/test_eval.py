@@ -418,6 +418,24 @@ def test_latency_model_counts_one_prefill_per_model_per_example():
     assert _model_cost({"method": "sd", "stats": stats}, *costs[:3]) == 10 * 0.5 + 4 * 2.0   # older records
 
 
+def test_latency_model_prices_a_feature_drafters_verifier_prefill_with_its_own_timing():
+    """A sweep with a feature drafter times the verifier's pre-fill that returns its states apart
+    (``verifier_prefill_states_s``): the speculative cells are priced with it, ``verifier_only`` with
+    the plain one; records without it keep the plain one for both."""
+    from speccascade.eval.report import latency_model
+
+    costs = {"type": "costs", "gamma": 3, "drafter_step_s": 0.5, "verifier_step_s": 1.0, "verifier_block_s": 2.0,
+             "drafter_prefill_s": 0.25, "verifier_prefill_s": 3.0}
+    stats = {"drafter_calls": 10, "verifier_calls": 4}
+    cells = [{"type": "cell", "key": m, "method": m, "gamma": 3, "batch_size": 1, "latency_s": 100.0,
+              "stats": stats, "signature": {"examples": 7}} for m in ("verifier_only", "sd")]
+    plain = {c["key"]: c["predicted_s"] for c in latency_model([costs, *cells])["cells"]}
+    feature = {c["key"]: c["predicted_s"]
+               for c in latency_model([costs | {"verifier_prefill_states_s": 5.0}, *cells])["cells"]}
+    assert plain == {"verifier_only": 10 * 0.5 + 4 * 1.0 + 7 * 3.0, "sd": 10 * 0.5 + 4 * 2.0 + 7 * 0.25 + 7 * 3.0}
+    assert feature == {"verifier_only": plain["verifier_only"], "sd": plain["sd"] + 7 * 2.0}
+
+
 def test_sweep_warm_up_sizes_the_fused_cache_for_the_longest_request():
     """After the warm-up no timed cell re-allocates a per-request cache (a new cache size means a
     recompiled step and re-captured graphs inside the timing: on an H200 this made the first

@@ -112,10 +112,11 @@ def test_the_fused_backends_decode_a_feature_drafter_as_the_dynamic_ones(tempera
         torch.testing.assert_close(logits[1], v.lm_head(whole[3:]).float(), rtol=1e-4, atol=1e-4)
 
 
-def test_the_compiled_fused_bookkeeping_with_a_feature_drafter(simulated_capture, monkeypatch):
+def test_the_compiled_fused_bookkeeping_with_a_feature_drafter(simulated_calls, monkeypatch):
     """What the fused backends do differently when compiled, with the regions left eager: prompts
     pre-filled left-padded to a compiled width (the states of the real positions returned), host-driven
-    calls as (simulated) graph replays; the tokens stay the dynamic backends'."""
+    calls, the pre-fills with states or features too, as (simulated) graph replays; the tokens stay the
+    dynamic backends'."""
     from speccascade import loop
 
     monkeypatch.setattr(loop, "_compiled", lambda fn: fn)   # the block's arithmetic eager
@@ -127,10 +128,15 @@ def test_the_compiled_fused_bookkeeping_with_a_feature_drafter(simulated_capture
         kw = dict(method=name, alpha=ALPHA[name], gamma=3, temperature=T, max_new_tokens=10, eos_token_id=[], seed=5)
         assert sc.generate(bd, bv, prompts, **kw).tokens == sc.generate(fd, v, prompts, **kw).tokens, name
     bv.reserve(1, 16)
+    replays = simulated_calls.replays
     states = bv.reset_hidden(torch.tensor([[4, 5, 1, 2]]), torch.ones(1, 4, dtype=torch.long))
+    assert simulated_calls.replays == replays + 1, "the verifier's pre-fill with states is not one graph replay"
     with torch.no_grad():
         torch.testing.assert_close(states[0], v.model(input_ids=torch.tensor([[4, 5, 1]])).last_hidden_state[0],
                                    rtol=1e-4, atol=1e-4)
+    bd.reserve(1, 16)
+    bd.reset(torch.tensor([[4, 5, 1, 2]]), torch.ones(1, 4, dtype=torch.long), features=torch.zeros(1, 3, 32))
+    assert simulated_calls.replays == replays + 2, "the feature drafter's pre-fill is not one graph replay"
 
 
 def test_a_feature_drafter_needs_a_backend_that_gives_states_and_the_speculative_loop():
@@ -170,3 +176,5 @@ def test_a_sweep_runs_a_feature_drafter(backend, tmp_path):
     cells = {r["method"]: r for r in records if r["type"] == "cell"}
     assert set(cells) == {"verifier_only", "sd", "opt"}
     assert cells["sd"]["stats"]["drafted"] > 0 and cells["sd"]["quality"] == cells["verifier_only"]["quality"]
+    costs = next(r for r in records if r["type"] == "costs")   # the verifier's pre-fill with states, timed apart
+    assert costs["verifier_prefill_states_s"] > 0 and costs["drafter_prefill_s"] > 0

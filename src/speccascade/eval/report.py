@@ -197,8 +197,11 @@ def latency_model(records: list[dict]) -> dict:
             (v for (src, _), v in costs.items() if src == r.get("_source")), None)
         if c is None:
             continue
+        verifier_prefill = c.get("verifier_prefill_s", 0.0)
+        if r["method"] != "verifier_only":   # a feature drafter's verifier pre-fills returning its states
+            verifier_prefill = c.get("verifier_prefill_states_s", verifier_prefill)
         predicted = _model_cost(r, c["drafter_step_s"], c["verifier_step_s"], c["verifier_block_s"],
-                                c.get("drafter_prefill_s", 0.0), c.get("verifier_prefill_s", 0.0))
+                                c.get("drafter_prefill_s", 0.0), verifier_prefill)
         ratio = predicted / r["latency_s"] if r["latency_s"] > 0 else None
         rows.append({"key": r["key"], "measured_s": r["latency_s"], "predicted_s": predicted, "ratio": ratio})
         if ratio:

@@ -376,17 +376,17 @@ def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int
     replays where the loops capture the calls): one drafter step (1 token), one verifier step
     (1 token) and one verifier block call (gamma + 1 tokens) on a cached prefix, and each model's
     pre-fill of ``prompt`` (median wall time). ``drafter`` / ``verifier`` are backends."""
-    from ..models.features import timing_reset
+    from ..models.features import is_feature_drafter, timing_reset
     from ..models.timing import call_seconds
 
-    def prefill(be):
+    def prefill(be, states: bool = False):
         x = torch.tensor([prompt])
         times = []
         for _ in range(max(repeats // 4, 3) + 2):
             if be.device.type == "cuda":
                 torch.cuda.synchronize(be.device)
             t = time.perf_counter()
-            timing_reset(be, x, torch.ones_like(x))
+            timing_reset(be, x, torch.ones_like(x), states)
             if be.device.type == "cuda":
                 torch.cuda.synchronize(be.device)
             times.append(time.perf_counter() - t)
@@ -396,6 +396,8 @@ def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int
             "verifier_step_s": call_seconds(verifier, prompt, 1, repeats),
             "verifier_block_s": call_seconds(verifier, prompt, gamma + 1, repeats), "gamma": gamma,
             "drafter_prefill_s": prefill(drafter), "verifier_prefill_s": prefill(verifier),
+            # a feature drafter's verifier pre-fills returning its states (the loop's prefill_with_states)
+            **({"verifier_prefill_states_s": prefill(verifier, True)} if is_feature_drafter(drafter) else {}),
             "prefill_prompt_tokens": len(prompt),
             "timing": "graph replays" if runner.can_capture(drafter, verifier) else "calls"}
 

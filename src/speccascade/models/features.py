@@ -152,8 +152,12 @@ def timing_feed(backend, tokens: torch.Tensor, lengths: torch.Tensor | None = No
     return backend.extend_features(tokens, zeros, lengths)[0]
 
 
-def timing_reset(backend, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-    """``backend.reset`` for a warm-up or a timing: a feature drafter's prompt with zero features."""
+def timing_reset(backend, input_ids: torch.Tensor, attention_mask: torch.Tensor, states: bool = False) -> None:
+    """``backend.reset`` for a warm-up or a timing: a feature drafter's prompt with zero features;
+    with ``states``, a verifier's pre-fill for a feature drafter (``reset_hidden``)."""
+    if states:
+        backend.reset_hidden(input_ids, attention_mask)
+        return
     if not getattr(backend, "takes_features", False) or input_ids.shape[1] < 2:
         return backend.reset(input_ids, attention_mask)
     B, L = input_ids.shape

@@ -259,29 +259,38 @@ class PositionIndexedCache:
 
         return self.compiled and runner.can_capture(self) and not runner.in_program()
 
-    def _replay(self, tokens, positions, valid, logits: bool = True):
+    def _replay(self, tokens, positions, valid, logits: bool = True, states: bool = False, features=None):
         """The step on these inputs as a replay of a CUDA graph captured once per (batch, width,
-        ``logits``) and cache generation; returns the graph's output buffer (None: ``logits=False``,
-        the K/V only: a pre-fill)."""
+        output, ``features`` or not) and cache generation; returns the graph's output buffer: the
+        logits, or with ``states`` the last hidden states (a verifier's pre-fill for a feature
+        drafter), or None (``logits=False``: the K/V only, a pre-fill; ``features  # [B, w, H]``: a
+        feature drafter's)."""
         from .. import runner
 
         B, w = tokens.shape
-        key = (B, w, logits, self.generation)
+        key = (B, w, logits, states, features is not None, self.generation)
         if key not in self._graphs:
-            bufs = (torch.zeros(B, w, dtype=torch.long, device=self.device),
+            bufs = [torch.zeros(B, w, dtype=torch.long, device=self.device),
                     torch.zeros(B, w, dtype=torch.long, device=self.device),
-                    torch.zeros(B, w, dtype=torch.bool, device=self.device))   # all padding: writes only trash
-            result = torch.empty(B, w, self.vocab_size, device=self.device) if logits else None
+                    torch.zeros(B, w, dtype=torch.bool, device=self.device)]   # all padding: writes only trash
+            if features is not None:
+                bufs.append(torch.zeros(B, w, features.shape[-1], dtype=features.dtype, device=self.device))
+            width = self.state_size if states else self.vocab_size
+            result = torch.empty(B, w, width, device=self.device) if logits or states else None
+
+            extra = {} if logits and not states and features is None else \
+                dict(logits=logits, states=states, features=bufs[3] if features is not None else None)
 
             def call():
-                if logits:
-                    result.copy_(self._step_fn(*bufs, self.k_cache, self.v_cache))
-                else:
-                    self._step_fn(*bufs, self.k_cache, self.v_cache, False)
+                out = self._step_fn(*bufs[:3], self.k_cache, self.v_cache, **extra)
+                if states:
+                    result.copy_(out[1])
+                elif logits:
+                    result.copy_(out)
 
             self._graphs[key] = (runner.capture_call(call, self.device, warm_ups=2), bufs, result)
         graph, bufs, result = self._graphs[key]
-        for buf, x in zip(bufs, (tokens, positions, valid)):
+        for buf, x in zip(bufs, (tokens, positions, valid, features)):
             buf.copy_(x)
         graph.replay()
         return result
@@ -440,9 +449,10 @@ class FusedLlamaBackend(PositionIndexedCache):
 
     def _reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, states: bool = False, features=None):
         """Cache every prompt token but the last (left padding goes to the trash slot) and count them.
-        A plain pre-fill on CUDA is a graph replay; one that returns the last hidden states (``states``:
-        a verifier for a feature drafter) or takes ``features  # [B, L - 1, H]`` (a feature drafter) is a
-        direct call of the step. Compiled, the prompt is left-padded to a width of 64, 128, 256, ..., so
+        Compiled on CUDA, a pre-fill is one graph replay, also one that returns the last hidden states
+        (``states``: a verifier for a feature drafter) or takes ``features  # [B, L - 1, H]`` (a feature
+        drafter): as a direct call it would launch every compiled region from the host, ~0.3 ms each on
+        an H200 (deep pair run 14: ~9.5 ms a 30-layer verifier's prompt). Compiled, the prompt is left-padded to a width of 64, 128, 256, ..., so
         that prompts of many lengths meet a few compiled shapes. Returns the real positions' states
         # [B, L - 1, H]  with ``states`` (None for a one-token prompt: nothing is cached)."""
         input_ids = input_ids.to(self.device)
@@ -456,20 +466,20 @@ class FusedLlamaBackend(PositionIndexedCache):
             return None
         tokens, valid = input_ids[:, :-1], attention_mask.to(self.device)[:, :-1].bool()
         positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-        replay = self._replays() and not states and features is None
         pad = _capacity(L - 1) - (L - 1) if self.compiled else 0
         if pad:
             tokens, positions, valid = F.pad(tokens, (pad, 0)), F.pad(positions, (pad, 0)), F.pad(valid, (pad, 0))
             features = None if features is None else F.pad(features, (0, 0, pad, 0))
-        if replay:
-            self._replay(tokens, positions, valid, logits=False)
-            out = None
+        if self._replays():
+            out = self._replay(tokens, positions, valid, logits=False, states=states, features=features)
+            out = out[:, pad:].clone() if states else None   # (the next pre-fill's replay overwrites the buffer)
         else:
             out = self._step(tokens, positions, valid, self.k_cache, self.v_cache, logits=states, states=states,
                              features=features)
+            out = out[1][:, pad:] if states else None
         self.n_pos.copy_(valid.sum(1))
         self.n_committed.copy_(self.n_pos)
-        return out[1][:, pad:] if states else None
+        return out
 
     # -- the verifier's states, for a drafter that reads them (models.features) ----------------
 
@@ -478,8 +488,7 @@ class FusedLlamaBackend(PositionIndexedCache):
     @torch.no_grad()
     def reset_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """:meth:`reset`, returning the last hidden states (after the final norm) of the cached prompt
-        tokens  # [B, L - 1, H]  (None for one-token prompts). The pre-fill runs as a direct call of
-        the step (its compiled regions), not a graph replay."""
+        tokens  # [B, L - 1, H]  (None for one-token prompts). Compiled on CUDA: one graph replay."""
         self._check_states()
         return self._reset(input_ids, attention_mask, states=True)
 
@@ -584,7 +593,7 @@ class FusedFeatureBackend(FusedLlamaBackend):
     @torch.no_grad()
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               features: torch.Tensor | None = None) -> None:
-        """As :meth:`FusedLlamaBackend.reset` (the pre-fill as direct calls); ``features  # [B, L - 1,
+        """As :meth:`FusedLlamaBackend.reset` (compiled on CUDA: one graph replay); ``features  # [B, L - 1,
         H]``: those of the cached prompt tokens (:func:`.features.prompt_features`)."""
         if features is None and input_ids.shape[1] > 1:
             raise SpecCascadeError(f"the {self.name} is a feature drafter: its prompt needs the verifier's "
