@@ -40,6 +40,7 @@ from speccascade.api import generate
 from speccascade.data.bible import load_split
 from speccascade.data.prompt import encode_prompt
 from speccascade.eval.sweep import device_name
+from speccascade.eval.tasks import batch_order
 from speccascade.models import make_backend
 from speccascade.models.loading import TOKENIZER_DIR, load_causal_lm
 from speccascade.models.timing import sync
@@ -54,8 +55,7 @@ def batches_of(tokenizer, batch_size: int, n_batches: int) -> list[list[list[int
     """The first ``batch_size * n_batches`` training verses' prompts, sorted by length and cut into
     batches (as ``run_task`` batches the distillation's)."""
     prompts = [encode_prompt(tokenizer, p["en"]) for p in load_split("train")[:batch_size * n_batches]]
-    prompts.sort(key=len)
-    return [prompts[k:k + batch_size] for k in range(0, len(prompts), batch_size)]
+    return [[prompts[i] for i in idx] for idx in batch_order(prompts, batch_size)]
 
 
 def agreement(tokens: list[list[int]], first: list[list[int]], eos: int | None) -> dict:

@@ -155,6 +155,13 @@ def get_task(name: str | None = None, path: str | None = None, metric: str | Non
     return task
 
 
+def batch_order(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """The indices of ``prompts`` cut into batches of ``batch_size``: sorted by length when batched
+    (rows of similar length pad little), in input order at batch size 1."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if batch_size > 1 else list(range(len(prompts)))
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+
 def run_task(drafter, verifier, tokenizer, task: Task, inputs: list[str], *, method: str, alpha=None, gamma: int = 5,
              temperature: float = 0.0, batch_size: int = 1, max_new_tokens: int = 128, seed: int = 0,
              progress: bool = False, **options):
@@ -168,14 +175,12 @@ def run_task(drafter, verifier, tokenizer, task: Task, inputs: list[str], *, met
     from ..stats import Stats
 
     prompts = [task.encode(tokenizer, text) for text in inputs]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if batch_size > 1 else list(range(len(prompts)))
     outputs, total = [""] * len(prompts), Stats()
-    for k in tqdm(range(0, len(order), batch_size), desc=method, disable=not progress):
-        idx = order[k:k + batch_size]
+    for k, idx in enumerate(tqdm(batch_order(prompts, batch_size), desc=method, disable=not progress)):
         out = generate(drafter, verifier, [prompts[i] for i in idx], method=method, alpha=alpha, gamma=gamma,
                        temperature=temperature, max_new_tokens=max_new_tokens,
                        eos_token_id=task.eos_token_id(tokenizer),
-                       seed=seed * 100_003 + k, **options)
+                       seed=seed * 100_003 + k * batch_size, **options)
         for i, toks in zip(idx, out.tokens):
             outputs[i] = task.decode(tokenizer, toks)
         total.add(out.stats)
