@@ -492,9 +492,15 @@ def teacher_view(teacher, inputs: dict, device: torch.device) -> tuple[torch.Ten
 def feature_forward(model, inputs: dict, states: torch.Tensor, device: torch.device):
     """A :class:`~speccascade.models.LlamaFeatureDrafter`'s logits  # [B, L, V]  and last hidden
     states  # [B, L, H]  (after its final norm) over a batch, fed the teacher's ``states`` of it
-    shifted by :func:`previous_features` (bf16 autocast on CUDA)."""
+    shifted by :func:`previous_features` (bf16 autocast on CUDA). A token-only Llama reads its tokens
+    alone (``states`` unused): the same loss for a drafter compared without features
+    (``benchmarks/feature_drafter.py``)."""
+    from ..models.features import is_feature_drafter
+
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        embeds = model.feature_embeddings(inputs["input_ids"], previous_features(states))
+        ids = inputs["input_ids"]
+        embeds = (model.feature_embeddings(ids, previous_features(states)) if is_feature_drafter(model)
+                  else model.get_input_embeddings()(ids))
         hidden = model.model(inputs_embeds=embeds, attention_mask=inputs.get("attention_mask"),
                              use_cache=False).last_hidden_state
         return model.lm_head(hidden), hidden
