@@ -134,6 +134,8 @@ def _train(args) -> int:
     from .train.trainer import check_feature_args, check_train_args, preset_arch, train
 
     roles = ["drafter", "verifier"] if args.role == "both" else [args.role]
+    if args.features and args.role == "both":
+        raise SpecCascadeError("--features trains a drafter that reads its verifier's states: give --role drafter")
     if args.teacher is not None and args.role == "both":
         raise SpecCascadeError("--teacher distils one model from a trained one: give --role drafter")
     for role in roles:
