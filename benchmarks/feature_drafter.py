@@ -58,7 +58,6 @@ import time
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 VARIANTS = ("tokens_only", "with_verifier_features", "features_and_regression")
 
@@ -133,8 +132,9 @@ class Drafter(torch.nn.Module):
     def hidden(self, ids, feats, **kw):
         """The drafter's last hidden state (after its final norm) at every position, fed the verifier's
         features ``feats`` (position 0 sees none), and the model output (its cache with ``use_cache``)."""
-        prev = F.pad(feats[:, :-1], (0, 0, 1, 0))
-        out = self.lm.model(inputs_embeds=self.embed(ids, prev), **kw)
+        from speccascade.train.trainer import previous_features
+
+        out = self.lm.model(inputs_embeds=self.embed(ids, previous_features(feats)), **kw)
         return out.last_hidden_state, out
 
     def forward(self, ids, feats):
@@ -260,7 +260,11 @@ def train(drafter, verifier, cached: list, epochs: float, lr: float, seed: int, 
           regression: float = 0.0) -> dict:
     """``epochs`` passes over ``cached`` (AdamW, one-cycle); the token loss (``objective``) plus, with
     ``regression`` > 0, that weight times the relative squared error of the drafter's last hidden
-    state against the verifier's feature at the same position."""
+    state against the verifier's feature at the same position: the library's loss
+    (:func:`speccascade.train.trainer.feature_loss`, ``train --features``'s), with the KL alone (``kl``)
+    or the cross-entropy against the verifier's greedy token alone (``hard``) as the token loss."""
+    from speccascade.train.trainer import feature_loss
+
     opt = torch.optim.AdamW(drafter.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     steps = int(epochs * len(cached))
@@ -270,20 +274,13 @@ def train(drafter, verifier, cached: list, epochs: float, lr: float, seed: int, 
         if not order:   # an epoch: every batch once, in a new order
             order = rng.sample(range(len(cached)), len(cached))
         ids, scored, feats = cached[order.pop()]
-        h = drafter.hidden(ids, feats)[0][scored]
-        logits = drafter.lm.lm_head(h).float()
         with torch.no_grad():
-            teacher = verifier.lm_head(feats[scored]).float()
-        if objective == "kl":
-            log_p = torch.log_softmax(teacher, -1)
-            loss = (log_p.exp() * (log_p - torch.log_softmax(logits, -1))).sum(-1).mean()
-        else:
-            loss = F.cross_entropy(logits, teacher.argmax(-1))
+            teacher = verifier.lm_head(feats).float()
+        targets = torch.where(scored, teacher.argmax(-1), -100)   # (hard: the verifier's greedy token)
+        loss, reg = feature_loss(drafter.lm, {"input_ids": ids}, targets, teacher, feats, ids.device,
+                                 distill_weight=1.0 if objective == "kl" else 0.0, regression=regression)
         if regression > 0:
-            f = feats[scored]
-            reg = ((h.float() - f).pow(2).sum(-1) / f.pow(2).sum(-1)).mean()
             regs.append(reg.item())
-            loss = loss + regression * reg
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)

@@ -405,6 +405,17 @@ def cli_cases(bad_dirs, tmp):
          "preset 'deep' is a llama preset, not t5; with --arch t5 use --preset t5 or t5_tiny"),
         (["train", "--preset", "t5", "--role", "drafter", "--epochs", "0", "--out", str(tmp / "t")],
          "--epochs must be > 0, got 0.0"),
+        # train --features (a feature drafter: a Llama drafter reading its teacher's states)
+        (["train", "--features", "--role", "drafter", "--out", str(tmp / "t")], "give --teacher VERIFIER"),
+        (["train", "--features", "--role", "both", "--out", str(tmp / "t")], "--features trains a drafter"),
+        (["train", "--features", "--role", "verifier", "--teacher", v, "--out", str(tmp / "t")],
+         "not a verifier: give --role drafter"),
+        (["train", "--features", "--arch", "t5", "--role", "drafter", "--teacher", v, "--out", str(tmp / "t")],
+         "not a t5: give --arch llama"),
+        (["train", "--feature-regression", "0.5", "--role", "drafter", "--teacher", v, "--out", str(tmp / "t")],
+         "give --features too"),
+        (["train", "--features", "--feature-regression", "-1", "--role", "drafter", "--teacher", v,
+          "--out", str(tmp / "t")], "--feature-regression must be a finite number >= 0, got -1.0"),
     ]
 
 

@@ -131,13 +131,16 @@ def _describe_option(spec) -> str:
 
 def _train(args) -> int:
     from .models.loading import TOKENIZER_DIR, check_device
-    from .train.trainer import check_train_args, train
+    from .train.trainer import check_feature_args, check_train_args, preset_arch, train
 
     roles = ["drafter", "verifier"] if args.role == "both" else [args.role]
+    if args.features and args.role == "both":
+        raise SpecCascadeError("--features trains a drafter that reads its verifier's states: give --role drafter")
     if args.teacher is not None and args.role == "both":
         raise SpecCascadeError("--teacher distils one model from a trained one: give --role drafter")
     for role in roles:
         preset = check_train_args(args.preset, role, args.epochs, args.minutes, args.arch)
+        check_feature_args(args.features, role, preset_arch(preset), args.teacher, args.feature_regression)
     check_device(args.device, "model to train")
     if args.tokenizer is not None and not args.tokenizer.is_dir():
         raise SpecCascadeError(f"--tokenizer {str(args.tokenizer)!r} is not a folder (give the folder that holds "
@@ -151,7 +154,8 @@ def _train(args) -> int:
                     sources=None if args.sources is None else _sources(args.sources),
                     teacher=args.teacher, distill_weight=args.distill_weight, batch_size=args.batch_size,
                     lr=args.lr, init_from=args.init_from, ema_decay=args.ema_decay, compile=args.compile,
-                    intermediate=args.intermediate)
+                    intermediate=args.intermediate, features=args.features,
+                    feature_regression=args.feature_regression)
         print(json.dumps({k: log.get(k) for k in ("preset", "arch", "role", "params", "steps", "train_seconds",
                                                   "best")}))
     return 0
@@ -529,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema-decay", type=float, default=None,
                    help="also keep an exponential moving average of the weights with this decay (e.g. 0.998); "
                         "each evaluation saves the better of the trained and the averaged weights")
+    t.add_argument("--features", action="store_true",
+                   help="with --role drafter --teacher VERIFIER: train an EAGLE-style feature drafter, which reads "
+                        "the verifier's last hidden state of the position before beside each token (as wide as "
+                        "the verifier: e.g. --init-from it; runs in the speculative loop only)")
+    t.add_argument("--feature-regression", type=float, default=None, metavar="W",
+                   help="with --features: the weight of the regression of the drafter's last hidden state onto "
+                        "the verifier's at the same position (EAGLE's; default 1.0; 0: none)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer, and the teacher's (Llama presets), after a compile "
                         "that counts against --minutes; on an H200 it did not pay for the deep pair (verifier "

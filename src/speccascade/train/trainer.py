@@ -469,6 +469,115 @@ def step_loss(net, inputs: dict, targets: torch.Tensor, device: torch.device, la
     return loss
 
 
+def previous_features(states: torch.Tensor) -> torch.Tensor:
+    """What a feature drafter reads at each position of a right-padded batch (:func:`collate`):
+    ``states  # [B, L, H]`` (the teacher's last hidden states) shifted one position on, so that
+    position i reads f_{i-1}, the state from which the teacher predicted x_i, and the first position
+    (every row's first real token) reads zeros (Li et al., 2024, EAGLE). The padding after a row's
+    end reads padding states, unseen by its real tokens (causal) and not scored.  # [B, L, H]"""
+    return torch.nn.functional.pad(states[:, :-1], (0, 0, 1, 0))
+
+
+@torch.no_grad()
+def teacher_view(teacher, inputs: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the (frozen) teacher over a batch: its logits  # [B, L, V]  and its last hidden
+    states  # [B, L, H]  (after its final norm: what its head reads, and what a feature drafter
+    reads; float32)."""
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        states = teacher.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                               use_cache=False).last_hidden_state
+        return teacher.lm_head(states), states.float()
+
+
+def feature_forward(model, inputs: dict, states: torch.Tensor, device: torch.device):
+    """A :class:`~speccascade.models.LlamaFeatureDrafter`'s logits  # [B, L, V]  and last hidden
+    states  # [B, L, H]  (after its final norm) over a batch, fed the teacher's ``states`` of it
+    shifted by :func:`previous_features` (bf16 autocast on CUDA). A token-only Llama reads its tokens
+    alone (``states`` unused): the same loss for a drafter compared without features
+    (``benchmarks/feature_drafter.py``)."""
+    from ..models.features import is_feature_drafter
+
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        ids = inputs["input_ids"]
+        embeds = (model.feature_embeddings(ids, previous_features(states)) if is_feature_drafter(model)
+                  else model.get_input_embeddings()(ids))
+        hidden = model.model(inputs_embeds=embeds, attention_mask=inputs.get("attention_mask"),
+                             use_cache=False).last_hidden_state
+        return model.lm_head(hidden), hidden
+
+
+def feature_regression(hidden: torch.Tensor, states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """EAGLE's feature regression (Li et al., 2024): the mean over the scored positions (``keep``, a
+    bool mask) of ||h_i - f_i||^2 / ||f_i||^2, the drafter's last hidden state h_i (what its head reads)
+    against the teacher's state f_i at the same position, a squared error relative to the state's size.
+    It teaches the drafter's own state to stand in for the teacher's, which a block's later drafts read
+    (the verifier has not scored the earlier drafts yet)."""
+    h, f = hidden[keep].float(), states[keep].float()
+    return ((h - f).pow(2).sum(-1) / f.pow(2).sum(-1)).mean()
+
+
+def feature_loss(model, inputs: dict, targets: torch.Tensor, teacher_logits: torch.Tensor,
+                 teacher_states: torch.Tensor, device: torch.device, label_smoothing: float = 0.0,
+                 distill_weight: float = 0.0, regression: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A feature drafter's training loss on a batch, given the teacher's logits and last hidden states
+    of it (:func:`teacher_view`): fed the states shifted by one position (:func:`feature_forward`),
+    the token loss of :func:`step_loss` ((1 - ``distill_weight``) × the cross-entropy against
+    ``targets`` + ``distill_weight`` × KL(p_teacher || q)) plus ``regression`` × :func:`feature_regression`
+    at the scored positions. Returns (the loss, the regression term alone, detached). The one
+    definition, for ``train(features=True)`` and ``benchmarks/feature_drafter.py``."""
+    logits, hidden = feature_forward(model, inputs, teacher_states, device)
+    loss = cross_entropy(logits, targets, label_smoothing)
+    if distill_weight:
+        loss = (1 - distill_weight) * loss + distill_weight * distill_loss(logits, teacher_logits, targets)
+    reg = feature_regression(hidden, teacher_states, targets != -100)
+    return loss + regression * reg, reg.detach()
+
+
+def check_feature_args(features: bool, role: str, arch: str, teacher, regression: float | None = None) -> float:
+    """``train --features``'s settings: a Llama drafter (``arch``, ``role``) with a ``teacher`` whose
+    states it reads; ``regression`` (None: 1.0) a weight >= 0, given only with ``features``. Returns
+    the regression's weight (0 without features)."""
+    from ..checks import as_real
+    from ..errors import SpecCascadeError
+
+    if not features:
+        if regression is not None:
+            raise SpecCascadeError("--feature-regression weighs the feature regression of a feature drafter: "
+                                   "give --features too")
+        return 0.0
+    if role != "drafter":
+        raise SpecCascadeError(f"--features trains a drafter that reads its verifier's states, not a {role}: "
+                               f"give --role drafter")
+    if arch != "llama":
+        raise SpecCascadeError(f"--features trains a decoder-only (Llama) feature drafter, not a {arch}: "
+                               f"give --arch llama (a Llama preset)")
+    if teacher is None:
+        raise SpecCascadeError("--features trains a drafter on its verifier's states: give --teacher VERIFIER")
+    regression = 1.0 if regression is None else as_real("--feature-regression", regression)
+    if not regression >= 0:
+        raise SpecCascadeError(f"--feature-regression must be a finite number >= 0, got {regression}")
+    return regression
+
+
+def as_feature_drafter(model, teacher, dropout: float = 0.0):
+    """``model`` (a Llama drafter, as built and started) as a :class:`~speccascade.models.LlamaFeatureDrafter`
+    that starts as it (feature map [I, 0]; :meth:`~speccascade.models.LlamaFeatureDrafter.from_drafter`),
+    with the recipe's residual ``dropout`` (:func:`add_dropout`: hooks are not copied). Its hidden size
+    must equal ``teacher``'s: it reads the teacher's states."""
+    from ..errors import SpecCascadeError
+    from ..models.features import LlamaFeatureDrafter
+
+    mine, theirs = model.config.hidden_size, teacher.config.hidden_size
+    if mine != theirs:
+        raise SpecCascadeError(f"--features: a feature drafter reads its teacher's states, so it must be as wide: "
+                               f"the drafter's hidden size is {mine}, the teacher's {theirs}; train a drafter of "
+                               f"the teacher's width (a --preset whose drafter is {theirs} wide, or --init-from a "
+                               f"model {theirs} wide with such a preset)")
+    model = LlamaFeatureDrafter.from_drafter(model)
+    add_dropout(model, dropout)
+    return model
+
+
 def compile_layers(model) -> int:
     """``torch.compile`` each decoder layer of a Llama in place (regional compilation): the layers
     run the same code, so they share one compiled program per mode (training, scoring) and the
@@ -499,13 +608,18 @@ def token_loss(model, inputs: dict, targets: torch.Tensor, device: torch.device,
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, device, batch_size=128, collate_fn=collate) -> float:
-    """Mean per-token cross-entropy (no label smoothing) over ``data``."""
+def evaluate_loss(model, data, device, batch_size=128, collate_fn=collate, teacher=None) -> float:
+    """Mean per-token cross-entropy (no label smoothing) over ``data``. ``teacher``: for a feature
+    drafter, the model whose states it is fed (:func:`feature_forward`; it cannot run without them)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
         inputs, targets = collate_fn(data[i:i + batch_size], device)
-        total += float(token_loss(model, inputs, targets, device, reduction="sum"))
+        if teacher is not None:
+            logits = feature_forward(model, inputs, teacher_view(teacher, inputs, device)[1], device)[0]
+            total += float(cross_entropy(logits, targets, reduction="sum"))
+        else:
+            total += float(token_loss(model, inputs, targets, device, reduction="sum"))
         count += int((targets != -100).sum())
     model.train()
     return total / max(count, 1)
@@ -570,7 +684,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
           teacher: Path | None = None, distill_weight: float | None = None,
           validation_pairs: int | None = None, sources: tuple[str, ...] | None = None,
           batch_size: int | None = None, lr: float | None = None, init_from: Path | None = None,
-          ema_decay: float | None = None, compile: bool = False, intermediate: int | None = None) -> dict:
+          ema_decay: float | None = None, compile: bool = False, intermediate: int | None = None,
+          features: bool = False, feature_regression: float | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, one step runs and a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
@@ -593,6 +708,14 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     scored lower (``log["evals"][i]["val_loss_ema"]``; ``log["best"]["weights"]``: "trained" or "ema").
     ``compile``: ``torch.compile`` the model's decoder layers, and the teacher's (:func:`compile_layers`;
     Llama only); the compile time counts against ``max_minutes``.
+    ``features``: train the drafter as a :class:`~speccascade.models.LlamaFeatureDrafter`, which reads
+    the ``teacher``'s last hidden state of the position before beside each token (Li et al., 2024,
+    EAGLE): the preset's drafter, built and started (``init_from``) as usual and as wide as the
+    teacher, then :meth:`~speccascade.models.LlamaFeatureDrafter.from_drafter`. Each step runs the
+    teacher once for its logits and states; the loss is :func:`feature_loss` (the distillation loss
+    plus ``feature_regression``, default 1.0, × EAGLE's feature regression); validation feeds the
+    teacher's states too, and the validation BLEU is skipped (a feature drafter cannot decode alone).
+    Not data-parallel.
 
     **Data-parallel** under ``torchrun --nproc-per-node N`` (PyTorch's DistributedDataParallel, NCCL
     on GPUs, gloo on a CPU): every rank draws the same batches and takes its 1/N share of each
@@ -608,6 +731,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     preset = check_train_args(preset, role, epochs, max_minutes, arch)
     check_device(device, f"{role} to train")
     recipe = PRESETS[preset][role]
+    regression = check_feature_args(features, role, recipe.arch, teacher, feature_regression)
     for name, value in (("--batch-size", batch_size), ("--lr", lr), ("--intermediate", intermediate)):
         if value is not None and not value > 0:
             from ..errors import SpecCascadeError
@@ -646,6 +770,11 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     sources = check_sources(recipe.sources if sources is None else sources)
     dev = torch.device(device)
     rank, local, n_ranks = world()
+    if features and n_ranks > 1:
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError("--features trains on one process (the feature drafter's step is not data-parallel "
+                               "yet): run it without torchrun")
     if n_ranks > 1:
         import torch.distributed as dist
 
@@ -669,6 +798,9 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     if init_from is not None:
         init_from_model(model, init_from)
     teacher_model = load_teacher(teacher, len(tokenizer), dev) if teacher is not None else None
+    if features:
+        model = as_feature_drafter(model, teacher_model, recipe.dropout)
+    states_of = teacher_model if features else None   # evaluate_loss feeds a feature drafter its teacher's states
     net = model   # what the training steps call: the model, or its DistributedDataParallel wrapper
     if n_ranks > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if dev.type == "cuda" else None)
@@ -705,6 +837,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
            "sources": None if train_file is not None else list(sources),
            "teacher": None if teacher is None else str(teacher), "distill_weight": distill_weight,
            "init_from": None if init_from is None else str(init_from),
+           "features": features, "feature_regression": regression if features else None,
            "planned_steps": total_steps, "planned_epochs": epochs, "ranks": n_ranks, "compiled": compile,
            "skipped_steps": 0}   # steps skipped for a non-finite gradient (optimizer_step); set at the end
     best, start, step = math.inf, time.perf_counter(), 0
@@ -729,7 +862,11 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
             continue   # (data-parallel: a remnant batch too small to share; every rank skips it)
         inputs, targets = layout.collate([train_data[i] for i in batch[rank::n_ranks]], dev,
                                          SHAPE_MULTIPLE if dev.type == "cuda" else 1)
-        loss = step_loss(net, inputs, targets, dev, recipe.label_smoothing, teacher_model, distill_weight)
+        if features:
+            loss, reg = feature_loss(net, inputs, targets, *teacher_view(teacher_model, inputs, dev), dev,
+                                     recipe.label_smoothing, distill_weight, regression)
+        else:
+            loss = step_loss(net, inputs, targets, dev, recipe.label_smoothing, teacher_model, distill_weight)
         scored = (targets != -100).sum()
         rank_tokens += scored
         if n_ranks > 1:   # this rank's mean times its share of the batch's scored tokens (times N: DDP averages)
@@ -775,13 +912,15 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
             dist.barrier()   # while rank 0 evaluates and saves
         elif step % eval_every == 0 or step == plan["total"]:
             eval_start = time.perf_counter()
-            val = evaluate_loss(model, val_data, dev, collate_fn=layout.collate)
+            val = evaluate_loss(model, val_data, dev, collate_fn=layout.collate, teacher=states_of)
             log["skipped_steps"] = int(skipped)
             log["evals"].append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
                                  "val_loss": val, "seconds": time.perf_counter() - start})
+            if features:
+                log["evals"][-1]["train_regression"] = reg.item()
             chosen, weights = model, "trained"
             if averaged is not None:
-                val_ema = evaluate_loss(averaged.module, val_data, dev, collate_fn=layout.collate)
+                val_ema = evaluate_loss(averaged.module, val_data, dev, collate_fn=layout.collate, teacher=states_of)
                 log["evals"][-1]["val_loss_ema"] = val_ema
                 if val_ema < val:
                     chosen, weights, val = averaged.module, "ema", val_ema
@@ -806,7 +945,12 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         log["best"] = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item() if step else None,
                        "val_loss": None, "seconds": time.perf_counter() - start,
                        "note": "the time budget ended before the first evaluation: the last weights, not evaluated"}
-    if bleu_pairs:
+    if bleu_pairs and features:   # validation_bleu decodes with the model alone
+        log["validation_bleu"] = {"skipped": "a feature drafter reads its verifier's states and cannot decode "
+                                             "alone; measure it in the speculative loop (speccascade sweep "
+                                             "--drafter ... --verifier ...)"}
+        bar.write(f"validation BLEU skipped: {log['validation_bleu']['skipped']}")
+    elif bleu_pairs:
         log["validation_bleu"] = validation_bleu(out, dev, bleu_pairs)
         bleu = log["validation_bleu"]["bleu"]
         bar.write(f"validation BLEU (greedy, {log['validation_bleu']['pairs']} pairs, best checkpoint): {bleu:.2f}")
