@@ -379,10 +379,23 @@ if [ "${FEATURES:-0}" = 1 ]; then
    stage feature_drafter python benchmarks/feature_drafter.py --verifier "$dir/verifier" --reference-drafter "$dir/drafter" \
        --device "$DEVICE" ${FEATURE_OPTS:---train-pairs 30000 --test-pairs 500 --epochs 3 --batch-size 64 --objective kl} \
        "${fdata[@]}" --save "$dir/feature_drafters" --out "$dir/feature_drafter.json")
-  if [ "${FEATURE_SWEEP:-0}" = 1 ] && [ -d "$dir/feature_drafters/features_and_regression" ]; then
+  # FEATURE_TRAIN_MINUTES > 0: also the production trainer's feature drafter (`train --features`, from the
+  # verifier's embeddings and first layer, KL to it on the verifier's translations, that many minutes, at the
+  # benchmark's learning rate FEATURE_TRAIN_LR, 1e-3); the
+  # feature sweep then sweeps it, or the benchmark's (above) where its training failed
+  fdrafter="$dir/feature_drafters/features_and_regression"
+  if [ "${FEATURE_TRAIN_MINUTES:-0}" != 0 ]; then
+    (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+     stage train_feature_drafter sc train --preset "$PRESET" --role drafter --features --out "$dir/feature_drafter" \
+         --device "$DEVICE" --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --init-from "$dir/verifier" \
+         --distill-weight 1 --lr "${FEATURE_TRAIN_LR:-1e-3}" --minutes "$FEATURE_TRAIN_MINUTES")
+    [ -f "$dir/train_feature_drafter.done" ] && fdrafter="$dir/feature_drafter"
+    echo "$(date -u +%FT%TZ) feature sweep drafter: $fdrafter" >> "$dir/stages.log"
+  fi
+  if [ "${FEATURE_SWEEP:-0}" = 1 ] && [ -d "$fdrafter" ]; then
     fm="${FEATURE_METHODS:-verifier_only,sd,diff,opt_log}"
     fa="$(METHODS=$fm alphas_for "$ALPHAS")"
-    stage sweep_features sc sweep --drafter "$dir/feature_drafters/features_and_regression" --verifier "$dir/verifier" \
+    stage sweep_features sc sweep --drafter "$fdrafter" --verifier "$dir/verifier" \
         --methods "$fm" ${fa:+--alphas "$fa"} "${grid[@]}" --gammas 5 --workers "$GPUS" --out "$dir/sweep_features.jsonl"
   fi
 fi
