@@ -68,7 +68,8 @@ def speedup_steps(r: dict, ref: dict, cost: dict, modelled: float, measured: flo
     # the loop's block: its drafter calls (gamma + 1; gamma for sd since it feeds the last draft with the
     # next block) and one verifier call
     per_block = st["drafter_calls"] / st["verifier_calls"] if st.get("verifier_calls") else gamma + 1
-    block = per_block * s_d + blk
+    # (a feature drafter's first call of a block, a ragged feed of up to gamma + 1 tokens, is timed apart)
+    block = per_block * s_d + blk + cost.get("drafter_first_call_s", s_d) - s_d
     base_steps, sd_blocks = vt["verifier_calls"] * s_v, st["blocks"] * block
     # steps run past the end: counted in records made since the host waits near the end (else one
     # per example and model loop: the flags were always read one step late)

@@ -421,7 +421,8 @@ def test_latency_model_counts_one_prefill_per_model_per_example():
 def test_latency_model_prices_a_feature_drafters_verifier_prefill_with_its_own_timing():
     """A sweep with a feature drafter times the verifier's pre-fill that returns its states apart
     (``verifier_prefill_states_s``): the speculative cells are priced with it, ``verifier_only`` with
-    the plain one; records without it keep the plain one for both."""
+    the plain one; records without it keep the plain one for both. So is the drafter's first call of a
+    block (``drafter_first_call_s``), once a block in the speculative cells."""
     from speccascade.eval.report import latency_model
 
     costs = {"type": "costs", "gamma": 3, "drafter_step_s": 0.5, "verifier_step_s": 1.0, "verifier_block_s": 2.0,
@@ -434,6 +435,10 @@ def test_latency_model_prices_a_feature_drafters_verifier_prefill_with_its_own_t
                for c in latency_model([costs | {"verifier_prefill_states_s": 5.0}, *cells])["cells"]}
     assert plain == {"verifier_only": 10 * 0.5 + 4 * 1.0 + 7 * 3.0, "sd": 10 * 0.5 + 4 * 2.0 + 7 * 0.25 + 7 * 3.0}
     assert feature == {"verifier_only": plain["verifier_only"], "sd": plain["sd"] + 7 * 2.0}
+    # and its first drafter call of each block (ragged, up to gamma + 1 wide), timed apart: 4 blocks
+    first = {c["key"]: c["predicted_s"] for c in latency_model(
+        [costs | {"drafter_first_call_s": 0.75}, *[c | {"stats": stats | {"blocks": 4}} for c in cells]])["cells"]}
+    assert first == {"verifier_only": plain["verifier_only"], "sd": plain["sd"] + 4 * (0.75 - 0.5)}
 
 
 def test_sweep_warm_up_sizes_the_fused_cache_for_the_longest_request():

@@ -140,13 +140,19 @@ def within_noise(rows: list[dict], ref: dict, metric: str) -> dict:
 
 
 def _model_cost(r: dict, drafter_step: float, verifier_step: float, verifier_block: float,
-                drafter_prefill: float = 0.0, verifier_prefill: float = 0.0) -> float:
+                drafter_prefill: float = 0.0, verifier_prefill: float = 0.0,
+                drafter_first_call: float | None = None) -> float:
     """Model calls times their costs; with pre-fill costs, one pre-fill per model per decoded
-    batch that used it (``seq_cascade``: the verifier pre-fills only the deferred responses)."""
+    batch that used it (``seq_cascade``: the verifier pre-fills only the deferred responses).
+    ``drafter_first_call``: a feature drafter's first call of each block (a ragged feed of up to
+    gamma + 1 tokens), priced apart from its one-token steps."""
     s = r["stats"]
     spec = METHODS.get(r["method"])
-    v_cost = verifier_block if spec is not None and spec.kind == "speculative" else verifier_step
+    speculative = spec is not None and spec.kind == "speculative"
+    v_cost = verifier_block if speculative else verifier_step
     cost = s["drafter_calls"] * drafter_step + s["verifier_calls"] * v_cost
+    if speculative and drafter_first_call is not None:
+        cost += s.get("blocks", 0) * (drafter_first_call - drafter_step)
     if drafter_prefill or verifier_prefill:
         batches = math.ceil((r.get("signature") or {}).get("examples", 0) / max(r.get("batch_size", 1), 1))
         if r["method"] != "verifier_only":
@@ -201,7 +207,7 @@ def latency_model(records: list[dict]) -> dict:
         if r["method"] != "verifier_only":   # a feature drafter's verifier pre-fills returning its states
             verifier_prefill = c.get("verifier_prefill_states_s", verifier_prefill)
         predicted = _model_cost(r, c["drafter_step_s"], c["verifier_step_s"], c["verifier_block_s"],
-                                c.get("drafter_prefill_s", 0.0), verifier_prefill)
+                                c.get("drafter_prefill_s", 0.0), verifier_prefill, c.get("drafter_first_call_s"))
         ratio = predicted / r["latency_s"] if r["latency_s"] > 0 else None
         rows.append({"key": r["key"], "measured_s": r["latency_s"], "predicted_s": predicted, "ratio": ratio})
         if ratio:

@@ -375,7 +375,9 @@ def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int
     """The per-call costs of the latency model (:func:`..models.timing.call_seconds`: graph
     replays where the loops capture the calls): one drafter step (1 token), one verifier step
     (1 token) and one verifier block call (gamma + 1 tokens) on a cached prefix, and each model's
-    pre-fill of ``prompt`` (median wall time). ``drafter`` / ``verifier`` are backends."""
+    pre-fill of ``prompt`` (median wall time); with a feature drafter (:mod:`..models.features`) also the
+    verifier's pre-fill that returns its states and the drafter's first call of a block (a ragged feed
+    of up to gamma + 1 tokens). ``drafter`` / ``verifier`` are backends."""
     from ..models.features import is_feature_drafter, timing_reset
     from ..models.timing import call_seconds
 
@@ -397,7 +399,10 @@ def measure_costs(drafter, verifier, prompt: list[int], gamma: int, repeats: int
             "verifier_block_s": call_seconds(verifier, prompt, gamma + 1, repeats), "gamma": gamma,
             "drafter_prefill_s": prefill(drafter), "verifier_prefill_s": prefill(verifier),
             # a feature drafter's verifier pre-fills returning its states (the loop's prefill_with_states)
-            **({"verifier_prefill_states_s": prefill(verifier, True)} if is_feature_drafter(drafter) else {}),
+            **({"verifier_prefill_states_s": prefill(verifier, True),
+                # and its first call of a block: the last block's accepted drafts and new token, ragged
+                "drafter_first_call_s": call_seconds(drafter, prompt, gamma + 1, repeats, ragged=True)}
+               if is_feature_drafter(drafter) else {}),
             "prefill_prompt_tokens": len(prompt),
             "timing": "graph replays" if runner.can_capture(drafter, verifier) else "calls"}
 
