@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The committed record of a deep pair run (benchmarks/gpu_deep_pair_run.sh's DIR, as unpacked from
+# benchmarks/gpu_session.sh's tarball) in DEST, as results/deep_pair/run*/ keep it:
+#   bash benchmarks/record_deep_run.sh runs/deep15 results/deep_pair/run15
+# * the run's small files as they are: code.sha1, commit.txt, gpu.txt, stages.log, feature_drafter.json;
+# * pair.json without the hypotheses (BLEU and chrF per role and temperature stay);
+# * each sweep (sweep.jsonl, sweep_features.jsonl) gzipped, its `speccascade report` summaries
+#   (report/, report_features/: summary.json and summary.md only, not the plots) and its
+#   benchmarks/sd_speedup_analysis.py record (analysis.json, analysis_features.json);
+# * logs/: every stage's log without progress bars and weight-loading lines (the GPU tests' log: its
+#   PASSED / FAILED / ERROR lines and its summary), and each trained model's training.json.
+# What it does not write: NOTE.md, the run's account, which a person writes from these.
+set -euo pipefail
+src="${1:?run directory}"; dest="${2:?destination, e.g. results/deep_pair/run15}"
+py="${PYTHON:-python}"
+[ -f "$src/stages.log" ] || { echo "$src has no stages.log: not a run of gpu_deep_pair_run.sh" >&2; exit 2; }
+mkdir -p "$dest/logs"
+for f in code.sha1 commit.txt gpu.txt stages.log feature_drafter.json; do
+  [ -f "$src/$f" ] && cp "$src/$f" "$dest/"
+done
+if [ -f "$src/pair.json" ]; then
+  "$py" - "$src/pair.json" "$dest/pair.json" <<'EOF'
+import json, sys
+pair = json.load(open(sys.argv[1]))
+for role in pair.get("test", {}).values():
+    role.pop("hypotheses", None)
+json.dump(pair, open(sys.argv[2], "w"), indent=1)
+EOF
+fi
+for role in verifier drafter feature_drafter; do
+  [ -f "$src/$role/training.json" ] && cp "$src/$role/training.json" "$dest/logs/${role}_training.json"
+done
+for log in "$src"/*.log; do
+  name="$(basename "$log")"
+  [ "$name" = stages.log ] && continue
+  if [ "$name" = pytest_gpu.log ]; then
+    { grep -E "^(PASSED|FAILED|ERROR)" "$log" || true; tail -n 1 "$log"; } > "$dest/logs/$name"
+  else
+    tr '\r' '\n' < "$log" | grep -vE "it/s\]|s/it\]|Loading weights|Writing model shards|%\||^\s*$" > "$dest/logs/$name" || true
+  fi
+done
+for sweep in sweep sweep_features; do
+  [ -s "$src/$sweep.jsonl" ] || continue
+  gzip -c "$src/$sweep.jsonl" > "$dest/$sweep.jsonl.gz"
+  suffix="${sweep#sweep}"   # "" or "_features"
+  tmp="$(mktemp -d)"
+  "$py" -m speccascade report "$dest/$sweep.jsonl.gz" --out "$tmp" > "$tmp/report.log" 2>&1 \
+    || { cat "$tmp/report.log" >&2; exit 1; }
+  mkdir -p "$dest/report$suffix"
+  cp "$tmp/summary.json" "$tmp/summary.md" "$dest/report$suffix/"
+  rm -rf "$tmp"
+  "$py" benchmarks/sd_speedup_analysis.py "$dest/$sweep.jsonl.gz" --out "$dest/analysis$suffix.json" > /dev/null
+done
+du -sh "$dest"
