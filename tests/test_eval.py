@@ -441,6 +441,27 @@ def test_latency_model_prices_a_feature_drafters_verifier_prefill_with_its_own_t
     assert first == {"verifier_only": plain["verifier_only"], "sd": plain["sd"] + 4 * (0.75 - 0.5)}
 
 
+def test_latency_model_fits_the_unmodelled_seconds_per_example_and_per_block():
+    """``latency_model(...)["unmodelled"]``: the speculative cells' measured - predicted seconds fitted
+    as a + b x blocks recovers a per-example cost (a / examples) and a per-block one exactly, on cells
+    made so; ``verifier_only`` is not in the fit."""
+    from speccascade.eval.report import latency_model
+
+    costs = {"type": "costs", "gamma": 3, "drafter_step_s": 0.5, "verifier_step_s": 1.0, "verifier_block_s": 2.0}
+    per_example, per_block, examples = 0.009, 0.0002, 50
+    cells = [{"type": "cell", "key": "verifier_only", "method": "verifier_only", "gamma": 3, "batch_size": 1,
+              "latency_s": 1e3, "stats": {"drafter_calls": 0, "verifier_calls": 400}, "signature": {"examples": 50}}]
+    for k, blocks in enumerate((100, 140, 220)):
+        stats = {"drafter_calls": 3 * blocks, "verifier_calls": blocks, "blocks": blocks}
+        modelled = 3 * blocks * 0.5 + blocks * 2.0
+        cells.append({"type": "cell", "key": f"sd{k}", "method": "sd", "gamma": 3, "batch_size": 1,
+                      "latency_s": modelled + examples * per_example + blocks * per_block, "stats": stats,
+                      "signature": {"examples": examples}})
+    (fit,) = latency_model([costs, *cells])["unmodelled"]
+    assert fit["cells"] == 3 and fit["residual_sd_s"] == pytest.approx(0, abs=1e-9)
+    assert fit["per_example_s"] == pytest.approx(per_example) and fit["per_block_s"] == pytest.approx(per_block)
+
+
 def test_sweep_warm_up_sizes_the_fused_cache_for_the_longest_request():
     """After the warm-up no timed cell re-allocates a per-request cache (a new cache size means a
     recompiled step and re-captured graphs inside the timing: on an H200 this made the first

@@ -135,7 +135,8 @@ def test_the_compiled_fused_bookkeeping_with_a_feature_drafter(simulated_calls, 
         torch.testing.assert_close(states[0], v.model(input_ids=torch.tensor([[4, 5, 1]])).last_hidden_state[0],
                                    rtol=1e-4, atol=1e-4)
     bd.reserve(1, 16)
-    bd.reset(torch.tensor([[4, 5, 1, 2]]), torch.ones(1, 4, dtype=torch.long), features=torch.zeros(1, 3, 32))
+    bd.reset(torch.tensor([[4, 5, 1, 2]]), torch.ones(1, 4, dtype=torch.long),
+             features=torch.zeros(1, 3, bd.feature_size))
     assert simulated_calls.replays == replays + 2, "the feature drafter's pre-fill is not one graph replay"
 
 

@@ -195,7 +195,7 @@ def what_if(records: list[dict], cost_ratio: float, block_cost: float = 1.0) -> 
 def latency_model(records: list[dict]) -> dict:
     """Each cell is predicted with the per-call costs measured in its own sweep file (``_source``)."""
     costs = {(r.get("_source"), r["gamma"]): r for r in records if r.get("type") == "costs"}
-    rows, errors = [], []
+    rows, errors, spec_cells = [], [], {}
     for r in records:
         if r.get("type") != "cell" or r["batch_size"] != 1:
             continue
@@ -212,12 +212,36 @@ def latency_model(records: list[dict]) -> dict:
         rows.append({"key": r["key"], "measured_s": r["latency_s"], "predicted_s": predicted, "ratio": ratio})
         if ratio:
             errors.append(abs(ratio - 1))
+        if METHODS.get(r["method"]) is not None and METHODS[r["method"]].kind == "speculative":
+            spec_cells.setdefault(r.get("_source"), []).append(
+                (r["stats"].get("blocks", 0), r["latency_s"] - predicted, (r.get("signature") or {}).get("examples")))
     ratios = sorted(r["ratio"] for r in rows if r["ratio"])
     return {"cells": rows, "mean_abs_relative_error": sum(errors) / len(errors) if errors else None,
             "median_abs_relative_error": statistics.median(errors) if errors else None,
             "median_ratio": statistics.median(ratios) if ratios else None,
+            "unmodelled": [unmodelled_fit(cells) | {"source": src} for src, cells in spec_cells.items()
+                           if len({b for b, _, _ in cells}) > 1],
             "note": "model calls x per-call costs measured in the sweep, plus one pre-fill per model per example "
-                    "where the sweep measured pre-fill costs; host work between calls is not in the model"}
+                    "where the sweep measured pre-fill costs; host work between calls is not in the model. "
+                    "unmodelled: per sweep file, the speculative cells' measured - predicted seconds fitted as "
+                    "a + b x blocks (least squares): a per example (a cost each decode pays once, e.g. a "
+                    "pre-fill the model misprices) and b per block (work between a block's calls)"}
+
+
+def unmodelled_fit(cells: list[tuple[int, float, int | None]]) -> dict:
+    """Least squares of the unmodelled seconds of cells  (blocks, measured - predicted, examples)
+    against their block counts: a + b x blocks; returns a per example (where the cells agree on their
+    example count), b per block and the residuals' standard deviation."""
+    n = len(cells)
+    xs, ys = [float(b) for b, _, _ in cells], [g for _, g, _ in cells]
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    const = my - slope * mx
+    resid = [y - const - slope * x for x, y in zip(xs, ys)]
+    examples = {e for _, _, e in cells}
+    per_example = const / examples.pop() if len(examples) == 1 and None not in examples else None
+    return {"cells": n, "constant_s": const, "per_example_s": per_example, "per_block_s": slope,
+            "residual_sd_s": (sum(e * e for e in resid) / n) ** 0.5}
 
 
 #: Marker per curve (cycled with the colours), so that curves stay apart where colours are close.

@@ -167,7 +167,8 @@ def run_task(drafter, verifier, tokenizer, task: Task, inputs: list[str], *, met
              progress: bool = False, **options):
     """Decode every input of ``task`` with one method; returns (outputs in input order, summed Stats).
 
-    Batched runs group prompts of similar length; batch k of the run is seeded ``seed * 100_003 + k``.
+    Batched runs group prompts of similar length (:func:`batch_order`); the k-th batch of size B is seeded
+    ``seed * 100_003 + k * B`` (its first row's place in that order).
     """
     from tqdm.auto import tqdm
 

@@ -452,7 +452,7 @@ class FusedLlamaBackend(PositionIndexedCache):
         Compiled on CUDA, a pre-fill is one graph replay, also one that returns the last hidden states
         (``states``: a verifier for a feature drafter) or takes ``features  # [B, L - 1, H]`` (a feature
         drafter): as a direct call it would launch every compiled region from the host, ~0.3 ms each on
-        an H200 (deep pair run 14: ~9.5 ms a 30-layer verifier's prompt). Compiled, the prompt is
+        an H200 (deep pair run 14: ~9 ms a 30-layer verifier's prompt). Compiled, the prompt is
         left-padded to a width of 64, 128, 256, ..., so that prompts of many lengths meet a few compiled
         shapes. Returns the real positions' states
         # [B, L - 1, H]  with ``states`` (None for a one-token prompt: nothing is cached)."""
