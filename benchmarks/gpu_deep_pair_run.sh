@@ -397,6 +397,15 @@ if [ "${FEATURES:-0}" = 1 ]; then
     fa="$(METHODS=$fm alphas_for "$ALPHAS")"
     stage sweep_features sc sweep --drafter "$fdrafter" --verifier "$dir/verifier" \
         --methods "$fm" ${fa:+--alphas "$fa"} "${grid[@]}" --gammas 5 --workers "$GPUS" --out "$dir/sweep_features.jsonl"
+    # FEATURE_GAMMAS (e.g. 8,3): the feature drafter at other block sizes, one stage each, in that order:
+    # FEATURE_GAMMA_METHODS (verifier_only,sd; cascades at GAMMA_ALPHAS) into sweep_features_gammas.jsonl,
+    # each stage against the verifier_only it times first
+    fgm="${FEATURE_GAMMA_METHODS:-verifier_only,sd}"
+    fga="$(METHODS=$fgm alphas_for "$GAMMA_ALPHAS")"
+    for g in $(echo "${FEATURE_GAMMAS:-}" | tr , " "); do
+      stage "sweep_features_gamma$g" sc sweep --drafter "$fdrafter" --verifier "$dir/verifier" --methods "$fgm" \
+          ${fga:+--alphas "$fga"} "${grid[@]}" --gammas "$g" --workers "$GPUS" --out "$dir/sweep_features_gammas.jsonl"
+    done
   fi
 fi
 # then gamma 3, then 8 (EXTRA_GAMMAS: these instead, in this order; the issue's block-size cells; gamma 3 first, both temperatures: at run 10's acceptance

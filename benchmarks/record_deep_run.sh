@@ -4,7 +4,8 @@
 #   bash benchmarks/record_deep_run.sh runs/deep15 results/deep_pair/run15
 # * the run's small files as they are: code.sha1, commit.txt, gpu.txt, stages.log, feature_drafter.json;
 # * pair.json without the hypotheses (BLEU and chrF per role and temperature stay);
-# * each sweep (sweep.jsonl, sweep_features.jsonl) gzipped, its `speccascade report` summaries
+# * each sweep (sweep.jsonl, sweep_features.jsonl, sweep_features_gammas.jsonl: the feature drafter's
+#   `sd` at other block sizes, where a run has it) gzipped, its `speccascade report` summaries
 #   (report/, report_features/: summary.json and summary.md only, not the plots) and its
 #   benchmarks/sd_speedup_analysis.py record (analysis.json, analysis_features.json);
 # * logs/: every stage's log without progress bars and weight-loading lines (the GPU tests' log: its
@@ -39,10 +40,10 @@ for log in "$src"/*.log; do
     tr '\r' '\n' < "$log" | grep -vE "it/s\]|s/it\]|Loading weights|Writing model shards|%\||^\s*$" > "$dest/logs/$name" || true
   fi
 done
-for sweep in sweep sweep_features; do
+for sweep in sweep sweep_features sweep_features_gammas; do
   [ -s "$src/$sweep.jsonl" ] || continue
   gzip -c "$src/$sweep.jsonl" > "$dest/$sweep.jsonl.gz"
-  suffix="${sweep#sweep}"   # "" or "_features"
+  suffix="${sweep#sweep}"   # "", "_features" or "_features_gammas"
   tmp="$(mktemp -d)"
   "$py" -m speccascade report "$dest/$sweep.jsonl.gz" --out "$tmp" > "$tmp/report.log" 2>&1 \
     || { cat "$tmp/report.log" >&2; exit 1; }
