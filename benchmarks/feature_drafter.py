@@ -34,7 +34,8 @@ would accept them on held-out verses:
   the per-position rate a that gives the same mean as i.i.d. acceptance (sum_{k=1..gamma} a^k),
   the figure the latency model and ``analysis.json``'s ``acceptance_needed`` use.
 
-``--reference-drafter DIR`` also measures a trained drafter (e.g. the deep pair's) the same way.
+``--reference-drafter DIR`` also measures a trained drafter (e.g. the deep pair's, or a feature drafter
+from ``speccascade train --features``) the same way; with ``--variants ""`` it is the only one measured.
 
 Runs on a CPU in ~25 minutes with the shipped tiny verifier (8 x 384, 15.7M parameters):
 
@@ -296,9 +297,13 @@ def train(drafter, verifier, cached: list, epochs: float, lr: float, seed: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--verifier", help="a trained verifier's directory (default: the shipped tiny verifier)")
-    ap.add_argument("--reference-drafter", help="also measure this trained drafter (its own tokens only)")
+    ap.add_argument("--reference-drafter", help="also measure this trained drafter as it is: a token drafter on its "
+                                                "own tokens, a feature drafter (e.g. `train --features`'s) fed the "
+                                                "verifier's features")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated, of {', '.join(VARIANTS)} (empty: none trained, only --reference-drafter "
+                         "measured)")
     ap.add_argument("--train-file", help="train on these JSONL rows {en, es} (e.g. `speccascade distill`'s output, "
                                          "the verifier's own translations) instead of the training split")
     ap.add_argument("--train-pairs", type=int, default=3000)
@@ -316,14 +321,16 @@ def main() -> None:
                                    "the feature drafters run in the speculative loop: speccascade.models.features)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    variants = args.variants.split(",")
+    variants = [v for v in args.variants.split(",") if v]
     if any(v not in VARIANTS for v in variants):
         ap.error(f"--variants {args.variants!r}: choose from {', '.join(VARIANTS)}")
+    if not variants and not args.reference_drafter:
+        ap.error("--variants is empty and no --reference-drafter is given: nothing to measure")
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(args.seed)
-    verifier, data, test = load(args.train_pairs, args.test_pairs, args.seed, args.verifier, args.device,
-                                args.train_file)
+    verifier, data, test = load(args.train_pairs if variants else 0, args.test_pairs, args.seed, args.verifier,
+                                args.device, args.train_file)
     record = {"benchmark": "feature_drafter", "torch": torch.__version__, "device": args.device,
               "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "cpu": platform.processor() or platform.machine(), "args": vars(args),
@@ -350,7 +357,8 @@ def main() -> None:
         from speccascade.models.loading import load_causal_lm
 
         ref = Drafter(verifier, False, lm=load_causal_lm(args.reference_drafter, dtype=torch.float32).to(args.device))
-        record["reference_drafter"] = {"path": args.reference_drafter, **measured(ref)}
+        record["reference_drafter"] = {"path": args.reference_drafter, "features": ref.features,
+                                       "parameters": sum(p.numel() for p in ref.parameters()), **measured(ref)}
         print("reference", json.dumps(record["reference_drafter"]), flush=True)
         save()
         del ref
