@@ -74,8 +74,8 @@ def load(n_train: int, n_test: int, seed: int, verifier_dir: str | None = None, 
     from speccascade.train.tokenizer import load_tokenizer
     from speccascade.train.trainer import encode_pairs
 
-    tok = load_tokenizer(TOKENIZER_DIR)
     path = verifier_dir or embedded_pair_dirs("tiny")[1]
+    tok = load_tokenizer(path if verifier_dir else TOKENIZER_DIR)   # the verifier's own, saved with it
     verifier = load_causal_lm(path, dtype=torch.float32).to(device).eval().requires_grad_(False)
     rng = random.Random(seed)
     train = read_pairs(train_file) if train_file else load_split("train")
@@ -379,7 +379,7 @@ def main() -> None:
             from speccascade.train.tokenizer import load_tokenizer
             from speccascade.train.trainer import save_checkpoint
 
-            save_checkpoint(drafter.lm, load_tokenizer(TOKENIZER_DIR), Path(args.save) / name)
+            save_checkpoint(drafter.lm, load_tokenizer(args.verifier or TOKENIZER_DIR), Path(args.save) / name)
             record["results"][name]["saved"] = str(Path(args.save) / name)
             save()
     record["summary"] = {"order": variants, **{

@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=None, help="override the preset (smoke runs)")
     ap.add_argument("--minutes", type=float, default=None, help="training time cap per model")
     ap.add_argument("--test-pairs", type=int, default=1000)
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="the tokenizer to train with (default: the shipped one); the test reads the verifier's own")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--backend", default="dynamic",
                     help="the test set's batched decode: dynamic (transformers' forward) or fused_eager (ours)")
@@ -77,11 +79,12 @@ def main() -> None:
         if role not in args.roles.split(","):  # trained earlier (e.g. on another GPU): read its log
             record["training"][role] = json.loads((args.out / role / "training.json").read_text())
             continue
-        record["training"][role] = train(args.preset, role, args.out / role, TOKENIZER, device=args.device,
+        record["training"][role] = train(args.preset, role, args.out / role, args.tokenizer or TOKENIZER,
+                                         device=args.device,
                                          epochs=args.epochs, max_minutes=args.minutes, progress=False,
                                          train_file=args.drafter_train_file if role == "drafter" else None)
         print(role, {k: record["training"][role][k] for k in ("params", "steps", "train_seconds", "best")}, flush=True)
-    tok = load_tokenizer(TOKENIZER)
+    tok = load_tokenizer(args.out / "verifier")   # saved with it (the shipped one, or e.g. a pretrained start's)
     models = {r: load_causal_lm(args.out / r, device=args.device, dtype=torch.float32, role=r)  # or an encoder-decoder
               for r in ("drafter", "verifier")}
     test = load_split("test")[: args.test_pairs]

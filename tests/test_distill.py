@@ -395,6 +395,48 @@ def test_init_from_starts_a_drafter_with_the_verifiers_embeddings_and_first_laye
     assert log["init_from"] == str(wide)
 
 
+def test_init_from_all_layers_of_a_pretrained_model_computes_what_it_does(tmp_path):
+    """``--init-from`` a model with as many layers (a pretrained start, e.g. SmolLM2-135M: RoPE base
+    100,000, RMS-norm epsilon 1e-5): the built model takes the source's position encoding and norm
+    epsilon, so after the copy its logits are the source's; built with transformers' defaults (10,000,
+    1e-6), the same weights compute something else. ``train`` builds it so and saves the source's
+    settings in the trained checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from speccascade.train.tokenizer import load_tokenizer as tokenizer_of
+    from speccascade.train.trainer import PRESETS, build_model, copy_first_layers, save_checkpoint
+
+    shape = PRESETS["tiny"]["verifier"].shape
+    tok = tokenizer_of(TOKENIZER_DIR)
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        rms_norm_eps=1e-5)).eval()
+    with torch.no_grad():   # norm weights far from 1, so that the epsilon matters where activations are small
+        for name, w in source.named_parameters():
+            if "norm" in name:
+                w.uniform_(0.5, 1.5)
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150]])
+    with torch.no_grad():
+        want = source(input_ids=ids).logits
+        like = build_model(shape, len(tok), like=source.config).eval()
+        copy_first_layers(like, source)
+        default = build_model(shape, len(tok)).eval()
+        copy_first_layers(default, source)
+        torch.testing.assert_close(like(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(default(input_ids=ids).logits, want, atol=1e-3)
+
+    src_dir = tmp_path / "pretrained"
+    save_checkpoint(source, tok, src_dir)
+    train("tiny", "verifier", tmp_path / "v", TOKENIZER_DIR, epochs=0.001, progress=False, bleu_pairs=0,
+          validation_pairs=4, init_from=src_dir)
+    trained = load_causal_lm(tmp_path / "v")
+    assert trained.config.rope_parameters["rope_theta"] == 100000.0
+    assert trained.config.rms_norm_eps == pytest.approx(1e-5)
+
+
 def test_init_from_into_a_wider_mlp_starts_as_the_cut_verifier(tmp_path):
     """``train --intermediate``: a 1-layer drafter whose MLP is wider than the verifier's starts, after
     ``--init-from``, with exactly the truncated verifier's logits (the copied units first, the new units'

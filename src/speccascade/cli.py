@@ -142,9 +142,11 @@ def _train(args) -> int:
         preset = check_train_args(args.preset, role, args.epochs, args.minutes, args.arch)
         check_feature_args(args.features, role, preset_arch(preset), args.teacher, args.feature_regression)
     check_device(args.device, "model to train")
-    if args.tokenizer is not None and not args.tokenizer.is_dir():
-        raise SpecCascadeError(f"--tokenizer {str(args.tokenizer)!r} is not a folder (give the folder that holds "
-                               f"tokenizer.json; an existing empty folder gets a newly trained tokenizer)")
+    if args.tokenizer is not None and not (args.tokenizer.is_dir() or
+                                           (args.tokenizer.suffix == ".gguf" and args.tokenizer.is_file())):
+        raise SpecCascadeError(f"--tokenizer {str(args.tokenizer)!r} is not a folder or a .gguf file (give the folder "
+                               f"that holds tokenizer.json, or the .gguf file of the model given to --init-from; an "
+                               f"existing empty folder gets a newly trained tokenizer)")
     tok_dir = args.tokenizer or TOKENIZER_DIR
     _check_out_dir(args.out, "--out")
     for role in roles:
@@ -507,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama (decoder-only; the default) or t5 (encoder-decoder); default: the preset's")
     t.add_argument("--role", default="both", choices=["drafter", "verifier", "both"])
     t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: the shipped one)")
+    t.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer directory, or a pretrained model's .gguf file (default: the shipped one)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--epochs", type=float, default=None)

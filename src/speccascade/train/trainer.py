@@ -228,22 +228,32 @@ def optimizer_step(loss: torch.Tensor, model, opt, sched, clip: float = 1.0) -> 
     return finite
 
 
-def build_model(shape: Shape | T5Shape, vocab_size: int, attention_dropout: float = 0.0, dropout: float = 0.0):
+def build_model(shape: Shape | T5Shape, vocab_size: int, attention_dropout: float = 0.0, dropout: float = 0.0,
+                like=None):
     """A randomly initialised model of ``shape`` (a Llama for :class:`Shape`, a T5 for
-    :class:`T5Shape`) with the shared tokenizer's special tokens."""
-    return (build_t5 if isinstance(shape, T5Shape) else build_llama)(shape, vocab_size, attention_dropout, dropout)
+    :class:`T5Shape`) with the shared tokenizer's special tokens; ``like``: a Llama config whose
+    position encoding and norm epsilon it takes (see :func:`build_llama`)."""
+    if isinstance(shape, T5Shape):
+        return build_t5(shape, vocab_size, attention_dropout, dropout)
+    return build_llama(shape, vocab_size, attention_dropout, dropout, like)
 
 
-def build_llama(shape: Shape, vocab_size: int, attention_dropout: float = 0.0, dropout: float = 0.0):
+def build_llama(shape: Shape, vocab_size: int, attention_dropout: float = 0.0, dropout: float = 0.0, like=None):
+    """``like``: the config of the model that will start this one (``train --init-from``), whose RoPE
+    parameters and RMS-norm epsilon it takes, so that a model started from all of another's layers
+    (e.g. a pretrained SmolLM2-135M, RoPE base 100,000, epsilon 1e-5) computes what that model does;
+    otherwise transformers' defaults (10,000 and 1e-6), as every preset was trained."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .tokenizer import BOS, EOS
 
+    inherited = {} if like is None else {"rope_parameters": dict(like.rope_parameters),
+                                         "rms_norm_eps": float(like.rms_norm_eps)}
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                       num_key_value_heads=shape.kv_heads, max_position_embeddings=MAX_POSITIONS,
                       tie_word_embeddings=True, attention_dropout=attention_dropout,
-                      bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+                      bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, **inherited)
     model = LlamaForCausalLM(cfg)
     add_dropout(model, dropout)
     return model
@@ -369,13 +379,18 @@ def with_intermediate(shape: Shape | T5Shape, units: int) -> Shape | T5Shape:
     return replace(shape, d_ff=units) if isinstance(shape, T5Shape) else replace(shape, intermediate=units)
 
 
-def init_from_model(model, path: Path) -> list[str]:
-    """:func:`copy_first_layers` from the trained checkpoint at ``path`` (``train --init-from``), so
-    that distillation starts from the verifier's own vocabulary and first layer."""
+def load_init_source(path: Path):
+    """The model at ``path`` (``train --init-from``: a checkpoint folder or a .gguf file), in float32."""
     from ..models.loading import check_model_path, load_causal_lm
 
     check_model_path(str(path), "--init-from")
-    return copy_first_layers(model, load_causal_lm(path, dtype=torch.float32))
+    return load_causal_lm(path, dtype=torch.float32)
+
+
+def init_from_model(model, path: Path) -> list[str]:
+    """:func:`copy_first_layers` from the trained checkpoint at ``path`` (``train --init-from``), so
+    that distillation starts from the verifier's own vocabulary and first layer."""
+    return copy_first_layers(model, load_init_source(path))
 
 
 def load_teacher(path: Path, vocab_size: int, device: torch.device):
@@ -626,7 +641,13 @@ def evaluate_loss(model, data, device, batch_size=128, collate_fn=collate, teach
 
 
 def ensure_tokenizer(path: Path, vocab_size: int = 8000):
-    """Load the tokenizer at ``path`` or train it on the training split and save it there."""
+    """Load the tokenizer at ``path`` (a folder, or a .gguf file: a pretrained model's own, e.g. to
+    start from SmolLM2-135M with ``--init-from`` the same file) or train it on the training split
+    and save it there."""
+    if path.suffix == ".gguf" and path.is_file():
+        from ..models.loading import load_tokenizer as load_any
+
+        return load_any(path)
     if (path / "tokenizer.json").exists():
         return load_tokenizer(path)
     train = load_split("train")
@@ -794,9 +815,13 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     else:
         train_data = encode_pairs(tokenizer, [p for src in sources for p in load_split(SOURCES[src])])
     val_data = encode_pairs(tokenizer, load_split("validation")[:validation_pairs])
-    model = layout.build(recipe.shape, len(tokenizer), recipe.attention_dropout, recipe.dropout).to(dev)
-    if init_from is not None:
-        init_from_model(model, init_from)
+    source = load_init_source(init_from) if init_from is not None else None
+    like = {} if source is None or recipe.arch != "llama" else {"like": source.config}
+    model = layout.build(recipe.shape, len(tokenizer), recipe.attention_dropout, recipe.dropout, **like)
+    if source is not None:
+        copy_first_layers(model, source)
+        del source
+    model = model.to(dev)
     teacher_model = load_teacher(teacher, len(tokenizer), dev) if teacher is not None else None
     if features:
         model = as_feature_drafter(model, teacher_model, recipe.dropout)
