@@ -72,6 +72,21 @@ SWEEP_DTYPE="${SWEEP_DTYPE:-bfloat16}"; DRAFTER_INIT="${DRAFTER_INIT:-$([ "$PRES
 mkdir -p "$dir"; rm -f "$dir/stop_side"
 source scripts/gpus.sh   # gpu_id N: the N-th of the GPUs this script was given (CUDA_VISIBLE_DEVICES=2,3: GPU 2, 3)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# VERIFIER_INIT (none): a pretrained model of the preset's shape to start the verifier from, with its own
+# tokenizer (`train --init-from V --tokenizer V`: a .gguf file or a checkpoint folder); smollm2: SmolLM2-135M-
+# Instruct's GGUF (the deep shape: 30 x 576, 9/3 heads), carried in parts (scripts/smollm2_gguf.sh). Every
+# later stage reads the verifier's tokenizer (saved with it); the drafters train with it (--tokenizer).
+start=(); dtok=()
+if [ -n "${VERIFIER_INIT:-}" ]; then
+  vinit="$VERIFIER_INIT"
+  if [ "$vinit" = smollm2 ]; then
+    source scripts/smollm2_gguf.sh
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"   # the gguf package, installed from .whl/ where it is missing
+    vinit="$(smollm2_gguf "$dir")" || { echo "$(date -u +%FT%TZ) no SmolLM2 GGUF: stop" >> "$dir/stages.log"; exit 1; }
+  fi
+  echo "$(date -u +%FT%TZ) the verifier starts from $vinit" >> "$dir/stages.log"
+  start=(--init-from "$vinit" --tokenizer "$vinit"); dtok=(--tokenizer "$dir/verifier")
+fi
 sc() { python -m speccascade "$@"; }
 stage() {  # stage NAME CMD... : run, log, record rc; a stage that ended well in DIR before is skipped
   local name="$1"; shift
@@ -226,7 +241,7 @@ if [ "$VERIFIER_GPUS" -ge 2 ]; then
   train_stage train_verifier verifier python -m torch.distributed.run --standalone --nproc-per-node "$VERIFIER_GPUS" \
       -m speccascade train --preset "$PRESET" --role verifier --out "$dir/verifier" --device "$DEVICE" \
       --minutes "$VERIFIER_MINUTES" --batch-size $((VERIFIER_BATCH * VERIFIER_GPUS)) --lr "$VERIFIER_LR" \
-      --epochs "$VERIFIER_EPOCHS" "${ema[@]}" \
+      --epochs "$VERIFIER_EPOCHS" "${ema[@]}" "${start[@]}" \
     || echo "$(date -u +%FT%TZ) the data-parallel verifier failed: GPU 0 trains it alone" >> "$dir/stages.log"
 fi
 limit=(); [ -n "${DISTILL_LIMIT:-}" ] && limit=(--limit "$DISTILL_LIMIT")
@@ -257,7 +272,7 @@ distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translation
   export CUDA_VISIBLE_DEVICES=$(gpu_id 0)
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
   train_stage train_verifier verifier sc train --preset "$PRESET" --role verifier --out "$dir/verifier" \
-      --device "$DEVICE" --minutes "$VERIFIER_MINUTES" "${one_rank[@]}" "${ema[@]}"
+      --device "$DEVICE" --minutes "$VERIFIER_MINUTES" "${one_rank[@]}" "${ema[@]}" "${start[@]}"
 ) && {
   # DISTILL_BACKEND=auto: the backend that decodes the distillation's batches faster, timed on the trained
   # verifier first (benchmarks/decode_batch.py: one batch of DISTILL_BATCH rows, 200 tokens a row, dynamic
@@ -296,7 +311,7 @@ pair_record() {  # pair_record BACKEND: the pair's test BLEU and agreement (benc
   export CUDA_VISIBLE_DEVICES=$(gpu_id 0)
   [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
   train_stage train_drafter drafter sc train --preset "$PRESET" --role drafter --out "$dir/drafter" --device "$DEVICE" \
-      --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" "${drafter_opts[@]}" \
+      --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --minutes "$DRAFTER_MINUTES" "${drafter_opts[@]}" "${dtok[@]}" \
       $([ "$DRAFTER_INIT" = 1 ] && echo --init-from "$dir/verifier") &&
   # the test set's decode on the distillation's backend (auto: the one decode_batch.py found faster); where
   # that backend fails, again on the dynamic backend (as the distillation does)
@@ -389,7 +404,7 @@ if [ "${FEATURES:-0}" = 1 ]; then
     (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
      stage train_feature_drafter sc train --preset "$PRESET" --role drafter --features --out "$dir/feature_drafter" \
          --device "$DEVICE" --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --init-from "$dir/verifier" \
-         --distill-weight 1 --lr "${FEATURE_TRAIN_LR:-1e-3}" --minutes "$FEATURE_TRAIN_MINUTES")
+         --distill-weight 1 --lr "${FEATURE_TRAIN_LR:-1e-3}" --minutes "$FEATURE_TRAIN_MINUTES" "${dtok[@]}")
     # measured offline as the benchmark's are (its test verses: FEATURE_OPTS' --test-pairs), and swept where it is
     # accepted at least as often at T = 1 as the benchmark's with regression (or where that one is missing)
     if [ -f "$dir/train_feature_drafter.done" ]; then

@@ -20,15 +20,8 @@ source scripts/parts.sh
 parts_begin "$dir"
 export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$dir/gpu.txt" 2>&1
-python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
-if [ -z "${GGUF:-}" ]; then
-  GGUF="$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); from smollm2_drafter import gguf_path; print(gguf_path())' 2>/dev/null)"
-  if [ ! -f "$GGUF" ]; then
-    GGUF="$dir/SmolLM2-135M-Instruct.Q4_1.gguf"
-    [ -f "$GGUF" ] || cat .gguf/part_* > "$GGUF"
-    echo "$(cat .gguf/sha256)  $GGUF" | sha256sum -c - || { note "the GGUF's parts do not add up"; exit 1; }
-  fi
-fi
+source scripts/smollm2_gguf.sh
+GGUF="$(smollm2_gguf "$dir")" || { note "the GGUF's parts do not add up"; exit 1; }
 [ -f "$dir/prompts.jsonl" ] || gunzip -c "${PROMPTS:-.gguf/prompts.jsonl.gz}" > "$dir/prompts.jsonl"
 note "GGUF $GGUF"
 part teacher python3 benchmarks/smollm2_gpu_distill.py teacher --out "$dir" --gguf "$GGUF" \
