@@ -87,6 +87,8 @@ if [ -n "${VERIFIER_INIT:-}" ]; then
   echo "$(date -u +%FT%TZ) the verifier starts from $vinit" >> "$dir/stages.log"
   start=(--init-from "$vinit" --tokenizer "$vinit"); dtok=(--tokenizer "$dir/verifier")
 fi
+# VERIFIER_DROPOUT: the verifier's residual dropout (the recipe's 0.3 unless given; e.g. 0.1 from a pretrained start)
+[ -n "${VERIFIER_DROPOUT:-}" ] && start+=(--dropout "$VERIFIER_DROPOUT")
 sc() { python -m speccascade "$@"; }
 stage() {  # stage NAME CMD... : run, log, record rc; a stage that ended well in DIR before is skipped
   local name="$1"; shift

@@ -399,6 +399,7 @@ def cli_cases(bad_dirs, tmp):
         (["train", "--epochs", "-1", "--out", str(tmp / "t")], "--epochs must be > 0, got -1.0"),
         (["train", "--device", "cuda", "--out", str(tmp / "t")], "device 'cuda' for the model to train"),
         (["train", "--tokenizer", b["missing"], "--out", str(tmp / "t")], "is not a folder"),
+        (["train", "--dropout", "1.5", "--out", str(tmp / "t")], "--dropout must be in [0, 1), e.g. 0.1, got 1.5"),
         (["train", "--out", str(tmp / "plain")], "--out '" + str(tmp / "plain") + "' is a file; give a folder"),
         (["train", "--arch", "gpt2", "--out", str(tmp / "t")], "argument --arch: invalid choice: 'gpt2'"),
         (["train", "--arch", "t5", "--preset", "deep", "--out", str(tmp / "t")],

@@ -437,6 +437,17 @@ def test_init_from_all_layers_of_a_pretrained_model_computes_what_it_does(tmp_pa
     assert trained.config.rms_norm_eps == pytest.approx(1e-5)
 
 
+def test_train_dropout_replaces_the_recipes(tmp_path):
+    """``train --dropout``: the residual dropout the model is built with (and the log's recipe) is the
+    one given, not the recipe's (the tiny verifier's is 0)."""
+    from speccascade.train.trainer import PRESETS
+
+    assert PRESETS["tiny"]["verifier"].dropout == 0.0
+    log = train("tiny", "verifier", tmp_path / "v", TOKENIZER_DIR, epochs=0.001, progress=False, bleu_pairs=0,
+                validation_pairs=4, dropout=0.5)
+    assert log["recipe"]["dropout"] == 0.5
+
+
 def test_init_from_into_a_wider_mlp_starts_as_the_cut_verifier(tmp_path):
     """``train --intermediate``: a 1-layer drafter whose MLP is wider than the verifier's starts, after
     ``--init-from``, with exactly the truncated verifier's logits (the copied units first, the new units'
