@@ -139,7 +139,9 @@ alphas_for() {  # keep only the grids of the swept methods
   done
   echo "$out"
 }
-grid=(--temperatures $TEMPERATURES --examples "$EXAMPLES" --max-new-tokens 128 --device "$DEVICE" --backend "$BACKEND" --quiet)
+# MAX_NEW_TOKENS (128): the sweep's cap on new tokens (the shipped tokenizer's longest test verse is 118 tokens;
+# SmolLM2's is 177, 2 of the first 500 over 128: give 192 with VERIFIER_INIT=smollm2)
+grid=(--temperatures $TEMPERATURES --examples "$EXAMPLES" --max-new-tokens "${MAX_NEW_TOKENS:-128}" --device "$DEVICE" --backend "$BACKEND" --quiet)
 [ "$DEVICE" = cuda ] && grid+=(--dtype "$SWEEP_DTYPE")
 
 # GPU 1, from the start: warm the compile caches on random weights of the pair's shapes (compiling
