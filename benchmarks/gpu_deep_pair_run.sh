@@ -85,7 +85,8 @@ if [ -n "${VERIFIER_INIT:-}" ]; then
     vinit="$(smollm2_gguf "$dir")" || { echo "$(date -u +%FT%TZ) no SmolLM2 GGUF: stop" >> "$dir/stages.log"; exit 1; }
   fi
   echo "$(date -u +%FT%TZ) the verifier starts from $vinit" >> "$dir/stages.log"
-  start=(--init-from "$vinit" --tokenizer "$vinit"); dtok=(--tokenizer "$dir/verifier")
+  # VERIFIER_TOKENIZER: its tokenizer, where it is not beside it (the shipped models': src/speccascade/assets/tokenizer)
+  start=(--init-from "$vinit" --tokenizer "${VERIFIER_TOKENIZER:-$vinit}"); dtok=(--tokenizer "$dir/verifier")
 fi
 # VERIFIER_DROPOUT: the verifier's residual dropout (the recipe's 0.3 unless given; e.g. 0.1 from a pretrained start)
 [ -n "${VERIFIER_DROPOUT:-}" ] && start+=(--dropout "$VERIFIER_DROPOUT")

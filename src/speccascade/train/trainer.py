@@ -650,6 +650,12 @@ def ensure_tokenizer(path: Path, vocab_size: int = 8000):
         return load_any(path)
     if (path / "tokenizer.json").exists():
         return load_tokenizer(path)
+    if (path / "config.json").exists():   # a model's folder: never write a new tokenizer into it
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError(f"--tokenizer {str(path)!r} holds a model (config.json) but no tokenizer.json: give "
+                               f"the folder of the tokenizer that model was trained with (the shipped models': "
+                               f"the default), or the model's .gguf file")
     train = load_split("train")
     tok = train_tokenizer((t for p in train for t in (p["en"], p["es"])), vocab_size=vocab_size)
     path.mkdir(parents=True, exist_ok=True)
