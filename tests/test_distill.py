@@ -359,7 +359,14 @@ def test_init_from_starts_a_drafter_with_the_verifiers_embeddings_and_first_laye
     first layer (same embeddings, tied head, final norm, layer 0): its logits equal that truncated
     verifier's. Another width, or an encoder-decoder, is a clear error naming the difference."""
     from speccascade.train.tokenizer import load_tokenizer as tokenizer_of
-    from speccascade.train.trainer import PRESETS, Shape, build_model, init_from_model, save_checkpoint
+    from speccascade.train.trainer import (
+        PRESETS,
+        Shape,
+        build_model,
+        copy_first_layers,
+        load_init_source,
+        save_checkpoint,
+    )
 
     _, v_dir = embedded_pair_dirs("tiny")
     verifier = load_causal_lm(v_dir).float().eval()
@@ -367,7 +374,7 @@ def test_init_from_starts_a_drafter_with_the_verifiers_embeddings_and_first_laye
     drafter = build_model(Shape(384, 1, 6, 2, 1024), verifier.config.vocab_size).eval()   # the tiny verifier's width
     ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
     before = drafter(input_ids=ids).logits
-    copied = init_from_model(drafter, v_dir)
+    copied = copy_first_layers(drafter, load_init_source(v_dir))
     assert "model.embed_tokens.weight" in copied and "model.norm.weight" in copied
     assert any(k.startswith("model.layers.0.") for k in copied) and not any(".layers.1." in k for k in copied)
     verifier.model.layers = verifier.model.layers[:1]   # the verifier cut after its first layer
@@ -377,12 +384,12 @@ def test_init_from_starts_a_drafter_with_the_verifiers_embeddings_and_first_laye
 
     narrow = build_model(PRESETS["tiny"]["drafter"].shape, verifier.config.vocab_size)
     with pytest.raises(SpecCascadeError, match="hidden_size 64 vs 384"):
-        init_from_model(narrow, v_dir)
+        copy_first_layers(narrow, load_init_source(v_dir))
     t5 = build_model(PRESETS["t5_tiny"]["drafter"].shape, verifier.config.vocab_size)
     with pytest.raises(SpecCascadeError, match="not a T5"):
-        init_from_model(t5, v_dir)
+        copy_first_layers(t5, load_init_source(v_dir))
     with pytest.raises(SpecCascadeError):
-        init_from_model(drafter, tmp_path / "missing")
+        copy_first_layers(drafter, load_init_source(tmp_path / "missing"))
     # the deep drafter is as wide as the deep verifier, not the tiny one
     with pytest.raises(SpecCascadeError, match="hidden_size 576 vs 384"):
         train("deep", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.001, progress=False, bleu_pairs=0,
@@ -453,7 +460,7 @@ def test_init_from_into_a_wider_mlp_starts_as_the_cut_verifier(tmp_path):
     ``--init-from``, with exactly the truncated verifier's logits (the copied units first, the new units'
     output weights zero, the other new weights random). A narrower MLP is a clear error naming
     --intermediate; the trained model keeps the width it was given; a width of 0 is a clear error."""
-    from speccascade.train.trainer import Shape, build_model, init_from_model
+    from speccascade.train.trainer import Shape, build_model, copy_first_layers, load_init_source
 
     _, v_dir = embedded_pair_dirs("tiny")
     verifier = load_causal_lm(v_dir).float().eval()
@@ -461,7 +468,7 @@ def test_init_from_into_a_wider_mlp_starts_as_the_cut_verifier(tmp_path):
     torch.manual_seed(0)
     drafter = build_model(Shape(384, 1, 6, 2, 3 * units), verifier.config.vocab_size).eval()
     ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
-    init_from_model(drafter, v_dir)
+    copy_first_layers(drafter, load_init_source(v_dir))
     down = drafter.model.layers[0].mlp.down_proj.weight
     assert torch.count_nonzero(down[:, units:]) == 0 and torch.count_nonzero(down[:, :units]) > 0
     assert torch.count_nonzero(drafter.model.layers[0].mlp.up_proj.weight[units:]) > 0   # random, so gradients flow
@@ -470,7 +477,8 @@ def test_init_from_into_a_wider_mlp_starts_as_the_cut_verifier(tmp_path):
         assert torch.allclose(drafter(input_ids=ids).logits, verifier(input_ids=ids).logits, atol=1e-5)
 
     with pytest.raises(SpecCascadeError, match="--intermediate"):
-        init_from_model(build_model(Shape(384, 1, 6, 2, units // 2), verifier.config.vocab_size), v_dir)
+        copy_first_layers(build_model(Shape(384, 1, 6, 2, units // 2), verifier.config.vocab_size),
+                          load_init_source(v_dir))
     log = train("tiny", "drafter", tmp_path / "d", TOKENIZER_DIR, epochs=0.002, progress=False, bleu_pairs=0,
                 validation_pairs=4, intermediate=3 * units)
     assert log["recipe"]["shape"]["intermediate"] == 3 * units
@@ -482,14 +490,14 @@ def test_init_from_into_a_wider_mlp_starts_as_the_cut_verifier(tmp_path):
 def test_a_wider_mlp_learns_past_its_zero_start(tmp_path):
     """The new units' output weights (zero after ``--init-from``) take gradient: one optimiser step on
     a batch moves them off zero."""
-    from speccascade.train.trainer import Shape, build_model, init_from_model
+    from speccascade.train.trainer import Shape, build_model, copy_first_layers, load_init_source
 
     _, v_dir = embedded_pair_dirs("tiny")
     config = load_causal_lm(v_dir).config
     units = config.intermediate_size
     torch.manual_seed(0)
     drafter = build_model(Shape(384, 1, 6, 2, 2 * units), config.vocab_size)
-    init_from_model(drafter, v_dir)
+    copy_first_layers(drafter, load_init_source(v_dir))
     drafter.train()
     opt = torch.optim.SGD(drafter.parameters(), lr=0.1)
     ids = torch.tensor([[1, 50, 60, 70, 80, 90]])

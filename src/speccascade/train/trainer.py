@@ -387,11 +387,6 @@ def load_init_source(path: Path):
     return load_causal_lm(path, dtype=torch.float32)
 
 
-def init_from_model(model, path: Path) -> list[str]:
-    """:func:`copy_first_layers` from the trained checkpoint at ``path`` (``train --init-from``), so
-    that distillation starts from the verifier's own vocabulary and first layer."""
-    return copy_first_layers(model, load_init_source(path))
-
 
 def load_teacher(path: Path, vocab_size: int, device: torch.device):
     """A trained checkpoint to distil from, frozen; it must share the tokenizer (same vocabulary)."""
@@ -726,7 +721,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     default the recipe's or 0.5, of the loss is KL(p_teacher || q); validation stays plain cross-entropy).
     ``batch_size`` / ``lr``: replace the recipe's (sequences per optimisation step, over all ranks; peak
     learning rate); the log's ``recipe`` holds what was used. ``init_from``: a trained model of the
-    same width whose embeddings, final norm and first layers start this one (:func:`init_from_model`).
+    same width whose embeddings, final norm and first layers start this one (:func:`load_init_source`,
+    :func:`copy_first_layers`; with all of its layers, also its RoPE and norm epsilon: :func:`build_llama`).
     ``dropout``: the residual dropout, replacing the recipe's (e.g. less to fine-tune a pretrained
     start, ``init_from`` with all of its layers).
     ``intermediate``: the feed-forward width, replacing the recipe's (e.g. a 1-layer drafter with a
