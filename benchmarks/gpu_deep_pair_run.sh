@@ -31,7 +31,7 @@
 # SmolLM2's drafter gained most from more of its verifier's answers, docs/smollm2.md), DISTILL_SOURCES (kjv: the
 # English sides translated, kjv,web adds the World English Bible's text of the same verses), EXAMPLES (500), PRESET (deep),
 # TEMPERATURES ("0 1": the sweep's, in this order), EXTRA_GAMMAS (3,8: the block sizes swept after Table 2's gamma 5, in this order),
-# METHODS (all), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
+# METHODS (all; none: no sweep of the token drafter), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
 # EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair;
 # first: before the sweep; end_wait: only benchmarks/end_wait.py, after the sweep; 0: not at all),
 # COSTS_FIRST (0: 1 measures the machine's call costs first, below; COSTS_AUTOTUNE=0 leaves out its
@@ -347,6 +347,8 @@ FIRST="verifier_only,drafter_only,sd,lossy,lossy_tuned,bild_star,chow,diff,opt,o
 if [ "$METHODS" = all ]; then
   rest=$(python -c "from speccascade.registry import METHODS; f='$FIRST'.split(','); print(','.join(m for m in METHODS if m not in f))")
   parts=(sweep "$FIRST" sweep_rest "$rest")
+elif [ "$METHODS" = none ]; then   # no sweep of the token drafter (the feature drafter's sweep has its own baseline)
+  parts=()
 else
   parts=(sweep "$METHODS")
 fi
@@ -383,7 +385,7 @@ extras() {
 }
 EXTRAS="${EXTRAS:-1}"
 [ "$EXTRAS" = first ] && extras
-sweep_part "${parts[0]}" "${parts[1]}"
+[ ${#parts[@]} -gt 0 ] && sweep_part "${parts[0]}" "${parts[1]}"
 { [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = end_wait ]; } && extras
 # FEATURES=1: the offline EAGLE question on the trained verifier (benchmarks/feature_drafter.py, ~2-3 minutes
 # on an H200): 1-layer drafters with and without its features, teacher-forced and in greedy blocks of 5,
@@ -393,9 +395,11 @@ sweep_part "${parts[0]}" "${parts[1]}"
 # (verifier_only,sd,diff,opt_log), into sweep_features.jsonl (its own verifier_only baseline).
 # FEATURE_DATA=distill trains them on the verifier's own translations (distill.jsonl.gz, the token drafter's
 # rows: the prefixes the drafter meets when the verifier decides), where that file exists; else the reference verses.
+# FEATURE_BENCHMARK=0 leaves the benchmark's drafters out (~5 minutes with SmolLM2's vocabulary in run 16): then
+# the feature drafter is the production trainer's alone (FEATURE_TRAIN_MINUTES, below).
 if [ "${FEATURES:-0}" = 1 ]; then
   fdata=(); [ "${FEATURE_DATA:-}" = distill ] && [ -s "$dir/distill.jsonl.gz" ] && fdata=(--train-file "$dir/distill.jsonl.gz")
-  (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+  [ "${FEATURE_BENCHMARK:-1}" = 1 ] && (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage feature_drafter python benchmarks/feature_drafter.py --verifier "$dir/verifier" --reference-drafter "$dir/drafter" \
        --device "$DEVICE" ${FEATURE_OPTS:---train-pairs 30000 --test-pairs 500 --epochs 3 --batch-size 64 --objective kl} \
        "${fdata[@]}" --save "$dir/feature_drafters" --out "$dir/feature_drafter.json")

@@ -5,7 +5,8 @@
 # * the run's small files as they are: code.sha1, commit.txt, gpu.txt, stages.log, feature_drafter.json,
 #   feature_drafter_trained.json (`train --features`' drafter measured offline, where the run has it);
 # * pair.json without the hypotheses (BLEU and chrF per role and temperature stay), with the feature
-#   drafters' keys from feature_drafter.json (`feature_drafters`) and the feature sweep's drafter id;
+#   drafters' keys from feature_drafter.json and feature_drafter_trained.json (`feature_drafters`; the
+#   trainer's one as `train_features`) and the feature sweep's drafter id;
 # * each sweep (sweep.jsonl, sweep_features.jsonl, sweep_features_gammas.jsonl: the feature drafter's
 #   `sd` at other block sizes, where a run has it) gzipped, its `speccascade report` summaries
 #   (report/, report_features/: summary.json and summary.md only, not the plots) and its
@@ -22,27 +23,38 @@ for f in code.sha1 commit.txt gpu.txt stages.log feature_drafter.json feature_dr
   [ -f "$src/$f" ] && cp "$src/$f" "$dest/"
 done
 if [ -f "$src/pair.json" ]; then
-  "$py" - "$src/pair.json" "$dest/pair.json" "$src/feature_drafter.json" "$src/sweep_features.jsonl" <<'EOF'
+  "$py" - "$src/pair.json" "$dest/pair.json" "$src/feature_drafter.json" "$src/feature_drafter_trained.json" \
+      "$src/sweep_features.jsonl" <<'EOF'
 import json, os, sys
 pair = json.load(open(sys.argv[1]))
 for role in pair.get("test", {}).values():
     role.pop("hypotheses", None)
-if os.path.exists(sys.argv[3]):  # the feature drafters beside the token drafter: the pair's keys for each
+
+def keys(params: int, measured: dict, source: str) -> dict:
+    """The pair's keys for one feature drafter, from benchmarks/feature_drafter.py's measurement."""
+    return {"drafter_params": params,
+            "sd_acceptance_T1": measured["teacher_forced"]["acceptance_T1"],
+            "top1_agreement": measured["teacher_forced"]["top1_agreement"],
+            "block_T0_mean_accepted": measured.get("block_T0", {}).get("mean_accepted"),
+            "drafter_test_bleu": "none: it reads the verifier's states, so it does not translate alone",
+            "source": f"{source} (benchmarks/feature_drafter.py, teacher-forced on its test verses)"}
+
+drafters = {}  # the feature drafters beside the token drafter: the benchmark's, and `train --features`' one
+if os.path.exists(sys.argv[3]):
     bench = json.load(open(sys.argv[3]))
-    pair["feature_drafters"] = {
-        name: {"drafter_params": r["parameters"],
-               "sd_acceptance_T1": r["trained"]["teacher_forced"]["acceptance_T1"],
-               "top1_agreement": r["trained"]["teacher_forced"]["top1_agreement"],
-               "block_T0_mean_accepted": r["trained"].get("block_T0", {}).get("mean_accepted"),
-               "drafter_test_bleu": "none: it reads the verifier's states, so it does not translate alone",
-               "source": "feature_drafter.json (benchmarks/feature_drafter.py, teacher-forced on its test verses)"}
-        for name, r in bench.get("results", {}).items()}
-    if os.path.exists(sys.argv[4]):  # which one the feature sweep ran (its weights fingerprint)
-        for line in open(sys.argv[4]):
-            row = json.loads(line)
-            if row.get("type") == "costs":
-                pair["feature_sweep_drafter"] = row["signature"]["drafter"]
-                break
+    drafters |= {name: keys(r["parameters"], r["trained"], "feature_drafter.json")
+                 for name, r in bench.get("results", {}).items()}
+if os.path.exists(sys.argv[4]):
+    ref = json.load(open(sys.argv[4]))["reference_drafter"]
+    drafters["train_features"] = keys(ref["parameters"], ref, "feature_drafter_trained.json")
+if drafters:
+    pair["feature_drafters"] = drafters
+if os.path.exists(sys.argv[5]):  # which one the feature sweep ran (its weights fingerprint)
+    for line in open(sys.argv[5]):
+        row = json.loads(line)
+        if row.get("type") == "costs":
+            pair["feature_sweep_drafter"] = row["signature"]["drafter"]
+            break
 json.dump(pair, open(sys.argv[2], "w"), indent=1)
 EOF
 fi
