@@ -400,6 +400,8 @@ def cli_cases(bad_dirs, tmp):
         (["train", "--device", "cuda", "--out", str(tmp / "t")], "device 'cuda' for the model to train"),
         (["train", "--tokenizer", b["missing"], "--out", str(tmp / "t")], "is not a folder"),
         (["train", "--dropout", "1.5", "--out", str(tmp / "t")], "--dropout must be in [0, 1), e.g. 0.1, got 1.5"),
+        (["train", "--label-smoothing", "-0.1", "--out", str(tmp / "t")],
+         "--label-smoothing must be in [0, 1), e.g. 0.1, got -0.1"),
         (["train", "--tokenizer", b["good_no_tokenizer"], "--epochs", "0.001", "--out", str(tmp / "t")],
          "holds a model (config.json) but no tokenizer.json"),
         (["train", "--out", str(tmp / "plain")], "--out '" + str(tmp / "plain") + "' is a file; give a folder"),

@@ -455,6 +455,21 @@ def test_train_dropout_replaces_the_recipes(tmp_path):
     assert log["recipe"]["dropout"] == 0.5
 
 
+def test_train_label_smoothing_replaces_the_recipes(tmp_path):
+    """``train --label-smoothing``: the training loss is smoothed by the value given, not the recipe's
+    (the tiny verifier's is 0): from the same seed (the same weights and batch) the first step's
+    training loss differs, and the log's recipe holds the value used."""
+    from speccascade.train.trainer import PRESETS
+
+    assert PRESETS["tiny"]["verifier"].label_smoothing == 0.0
+    kw = dict(epochs=0.001, progress=False, bleu_pairs=0, validation_pairs=4, seed=3)
+    plain = train("tiny", "verifier", tmp_path / "plain", TOKENIZER_DIR, **kw)
+    smooth = train("tiny", "verifier", tmp_path / "smooth", TOKENIZER_DIR, label_smoothing=0.5, **kw)
+    assert plain["recipe"]["label_smoothing"] == 0.0 and smooth["recipe"]["label_smoothing"] == 0.5
+    assert plain["steps"] == smooth["steps"] == 1
+    assert smooth["best"]["train_loss"] != pytest.approx(plain["best"]["train_loss"], rel=1e-6)
+
+
 def test_init_from_into_a_wider_mlp_starts_as_the_cut_verifier(tmp_path):
     """``train --intermediate``: a 1-layer drafter whose MLP is wider than the verifier's starts, after
     ``--init-from``, with exactly the truncated verifier's logits (the copied units first, the new units'

@@ -157,7 +157,8 @@ def _train(args) -> int:
                     teacher=args.teacher, distill_weight=args.distill_weight, batch_size=args.batch_size,
                     lr=args.lr, init_from=args.init_from, ema_decay=args.ema_decay, compile=args.compile,
                     intermediate=args.intermediate, features=args.features,
-                    feature_regression=args.feature_regression, dropout=args.dropout)
+                    feature_regression=args.feature_regression, dropout=args.dropout,
+                    label_smoothing=args.label_smoothing)
         print(json.dumps({k: log.get(k) for k in ("preset", "arch", "role", "params", "steps", "train_seconds",
                                                   "best")}))
     return 0
@@ -535,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "source's (its units come first, the others start with zero output)")
     t.add_argument("--dropout", type=float, default=None,
                    help="the residual dropout, replacing the recipe's (e.g. 0.1 to fine-tune a pretrained --init-from)")
+    t.add_argument("--label-smoothing", type=float, default=None,
+                   help="the training loss's label smoothing, replacing the recipe's (0.1 for the verifiers); "
+                        "a model keeps about this much probability spread over its vocabulary, which T = 1 "
+                        "samples draw from")
     t.add_argument("--ema-decay", type=float, default=None,
                    help="also keep an exponential moving average of the weights with this decay (e.g. 0.998); "
                         "each evaluation saves the better of the trained and the averaged weights")

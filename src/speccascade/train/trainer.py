@@ -707,7 +707,8 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
           validation_pairs: int | None = None, sources: tuple[str, ...] | None = None,
           batch_size: int | None = None, lr: float | None = None, init_from: Path | None = None,
           ema_decay: float | None = None, compile: bool = False, intermediate: int | None = None,
-          features: bool = False, feature_regression: float | None = None, dropout: float | None = None) -> dict:
+          features: bool = False, feature_regression: float | None = None, dropout: float | None = None,
+          label_smoothing: float | None = None) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, one step runs and a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
@@ -724,7 +725,10 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     same width whose embeddings, final norm and first layers start this one (:func:`load_init_source`,
     :func:`copy_first_layers`; with all of its layers, also its RoPE and norm epsilon: :func:`build_llama`).
     ``dropout``: the residual dropout, replacing the recipe's (e.g. less to fine-tune a pretrained
-    start, ``init_from`` with all of its layers).
+    start, ``init_from`` with all of its layers). ``label_smoothing``: the training loss's label
+    smoothing, replacing the recipe's (validation stays plain cross-entropy). A model smoothed by ε
+    keeps ~ε of its probability spread over the vocabulary, which a T = 1 sample draws from: with a
+    large vocabulary (a pretrained start's) less smoothing keeps its samples closer to its greedy output.
     ``intermediate``: the feed-forward width, replacing the recipe's (e.g. a 1-layer drafter with a
     wider MLP: more capacity at almost the same decode cost, where a step is bound by launches).
     ``ema_decay`` (default the recipe's): also keep an exponential moving average of the weights
@@ -770,10 +774,15 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         from ..errors import SpecCascadeError
 
         raise SpecCascadeError(f"--dropout must be in [0, 1), e.g. 0.1, got {dropout}")
+    if label_smoothing is not None and not 0.0 <= label_smoothing < 1.0:
+        from ..errors import SpecCascadeError
+
+        raise SpecCascadeError(f"--label-smoothing must be in [0, 1), e.g. 0.1, got {label_smoothing}")
     recipe = replace(recipe, batch_size=recipe.batch_size if batch_size is None else int(batch_size),
                      lr=recipe.lr if lr is None else float(lr),
                      ema_decay=recipe.ema_decay if ema_decay is None else float(ema_decay),
                      dropout=recipe.dropout if dropout is None else float(dropout),
+                     label_smoothing=recipe.label_smoothing if label_smoothing is None else float(label_smoothing),
                      shape=recipe.shape if intermediate is None else with_intermediate(recipe.shape, int(intermediate)))
     layout = ARCHS[recipe.arch]
     if compile and recipe.arch != "llama":
