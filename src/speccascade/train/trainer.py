@@ -727,8 +727,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     ``dropout``: the residual dropout, replacing the recipe's (e.g. less to fine-tune a pretrained
     start, ``init_from`` with all of its layers). ``label_smoothing``: the training loss's label
     smoothing, replacing the recipe's (validation stays plain cross-entropy). A model smoothed by ε
-    keeps ~ε of its probability spread over the vocabulary, which a T = 1 sample draws from: with a
-    large vocabulary (a pretrained start's) less smoothing keeps its samples closer to its greedy output.
+    learns to keep ~ε of its probability spread over the vocabulary, which a T = 1 sample draws from.
     ``intermediate``: the feed-forward width, replacing the recipe's (e.g. a 1-layer drafter with a
     wider MLP: more capacity at almost the same decode cost, where a step is bound by launches).
     ``ema_decay`` (default the recipe's): also keep an exponential moving average of the weights
