@@ -90,8 +90,7 @@ if [ -n "${VERIFIER_INIT:-}" ]; then
 fi
 # VERIFIER_DROPOUT: the verifier's residual dropout (the recipe's 0.3 unless given; e.g. 0.1 from a pretrained start)
 [ -n "${VERIFIER_DROPOUT:-}" ] && start+=(--dropout "$VERIFIER_DROPOUT")
-# VERIFIER_LABEL_SMOOTHING: the verifier's label smoothing (the recipe's 0.1 unless given; run 16's SmolLM2 start
-# sampled at T = 1 far below its greedy BLEU, 11.76 against 25.72: a smoothed model spreads ~0.1 everywhere)
+# VERIFIER_LABEL_SMOOTHING: the verifier's label smoothing (the recipe's 0.1 unless given)
 [ -n "${VERIFIER_LABEL_SMOOTHING:-}" ] && start+=(--label-smoothing "$VERIFIER_LABEL_SMOOTHING")
 sc() { python -m speccascade "$@"; }
 stage() {  # stage NAME CMD... : run, log, record rc; a stage that ended well in DIR before is skipped
