@@ -135,8 +135,8 @@ fi
 # alphas around their crossing of the verifier's quality
 GAMMA_ALPHAS="diff=-0.2,0;opt_log=-1,0"
 alphas_for() {  # keep only the grids of the swept methods
-  local out="" m; IFS=';' read -ra parts <<< "$1"
-  for part in "${parts[@]}"; do
+  local out="" m part grids; IFS=';' read -ra grids <<< "$1"   # (not the global parts: the sweep's stages)
+  for part in "${grids[@]}"; do
     m="${part%%=*}"
     if [ "$METHODS" = all ] || [[ ",$METHODS," == *",$m,"* ]]; then out+="${out:+;}$part"; fi
   done

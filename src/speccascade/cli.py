@@ -537,9 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, default=None,
                    help="the residual dropout, replacing the recipe's (e.g. 0.1 to fine-tune a pretrained --init-from)")
     t.add_argument("--label-smoothing", type=float, default=None,
-                   help="the training loss's label smoothing, replacing the recipe's (0.1 for the verifiers); "
-                        "a model keeps about this much probability spread over its vocabulary, which T = 1 "
-                        "samples draw from")
+                   help="the training loss's label smoothing, replacing the recipe's (e.g. 0.1, the "
+                        "verifiers'; 0: none)")
     t.add_argument("--ema-decay", type=float, default=None,
                    help="also keep an exponential moving average of the weights with this decay (e.g. 0.998); "
                         "each evaluation saves the better of the trained and the averaged weights")

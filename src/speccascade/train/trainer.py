@@ -387,7 +387,6 @@ def load_init_source(path: Path):
     return load_causal_lm(path, dtype=torch.float32)
 
 
-
 def load_teacher(path: Path, vocab_size: int, device: torch.device):
     """A trained checkpoint to distil from, frozen; it must share the tokenizer (same vocabulary)."""
     from ..errors import SpecCascadeError
@@ -726,8 +725,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     :func:`copy_first_layers`; with all of its layers, also its RoPE and norm epsilon: :func:`build_llama`).
     ``dropout``: the residual dropout, replacing the recipe's (e.g. less to fine-tune a pretrained
     start, ``init_from`` with all of its layers). ``label_smoothing``: the training loss's label
-    smoothing, replacing the recipe's (validation stays plain cross-entropy). A model smoothed by ε
-    learns to keep ~ε of its probability spread over the vocabulary, which a T = 1 sample draws from.
+    smoothing, replacing the recipe's (validation stays plain cross-entropy).
     ``intermediate``: the feed-forward width, replacing the recipe's (e.g. a 1-layer drafter with a
     wider MLP: more capacity at almost the same decode cost, where a step is bound by launches).
     ``ema_decay`` (default the recipe's): also keep an exponential moving average of the weights
@@ -769,14 +767,11 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
         from ..errors import SpecCascadeError
 
         raise SpecCascadeError(f"--ema-decay must be in (0, 1), e.g. 0.998, got {ema_decay}")
-    if dropout is not None and not 0.0 <= dropout < 1.0:
-        from ..errors import SpecCascadeError
+    for name, value in (("--dropout", dropout), ("--label-smoothing", label_smoothing)):
+        if value is not None and not 0.0 <= value < 1.0:
+            from ..errors import SpecCascadeError
 
-        raise SpecCascadeError(f"--dropout must be in [0, 1), e.g. 0.1, got {dropout}")
-    if label_smoothing is not None and not 0.0 <= label_smoothing < 1.0:
-        from ..errors import SpecCascadeError
-
-        raise SpecCascadeError(f"--label-smoothing must be in [0, 1), e.g. 0.1, got {label_smoothing}")
+            raise SpecCascadeError(f"{name} must be in [0, 1), e.g. 0.1, got {value}")
     recipe = replace(recipe, batch_size=recipe.batch_size if batch_size is None else int(batch_size),
                      lr=recipe.lr if lr is None else float(lr),
                      ema_decay=recipe.ema_decay if ema_decay is None else float(ema_decay),
