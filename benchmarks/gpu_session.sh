@@ -6,7 +6,9 @@
 # job's own log and exit status go to runs/NAME_job (scripts/detached.sh). Each call ends by packing
 # runs/NAME and runs/NAME_job, without weights, tensors, compressed data or the random warm-up pair, into
 # $OUT/NAME.tgz (the device tool brings $OUT back), so whatever the session's end cuts, the last
-# call's files are here. Issue the next call at once: an idle machine is given back after 30 s.
+# call's files are here. Issue the next call at once: an idle machine is given back after 30 s. A `wait`
+# on a machine that was given back since (a fresh one, without the job) ends at once with status 4 and
+# packs nothing: the job and its files went with the old machine, so start it again.
 # Example (issue 12): start deep 150 bash benchmarks/gpu_deep_pair_run.sh runs/deep (its GPU smoke test is
 # in the tarball by then), then wait deep 590 until it has ended.
 set -uo pipefail
@@ -19,6 +21,7 @@ case "$verb" in
 esac
 scripts/detached.sh wait "$job" "$secs"
 status=$?
+[ $status -eq 4 ] && exit 4   # no job on this machine (scripts/detached.sh said why)
 for f in runs/"$name"/{stages,run,parts}.log runs/"$name"/*/{stages,run}.log; do   # the progress logs, nested ones too
   [ -f "$f" ] && { echo "-- $f"; tail -n 20 "$f"; }
 done

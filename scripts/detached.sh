@@ -2,7 +2,8 @@
 # Run a long job detached from the calling shell, then wait for it in later calls.
 #   scripts/detached.sh start DIR CMD...   start CMD (in its own session) logging to DIR/log; DIR/rc when it ends
 #   scripts/detached.sh wait DIR SECONDS [DEST]   wait up to SECONDS for it to end; then copy DIR's files
-#                                                 (not folders) to DEST if given; exit 0 if ended, 3 if still running
+#                                                 (not folders) to DEST if given; exit 0 if ended, 3 if still running,
+#                                                 4 at once if DIR is not here (no job was started on this machine)
 set -uo pipefail
 cmd="${1:?start|wait}"; dir="${2:?DIR}"; shift 2
 case "$cmd" in
@@ -13,6 +14,9 @@ case "$cmd" in
     echo "started: $*" ;;
   wait)
     secs="${1:?SECONDS}"; dest="${2:-}"
+    # a machine given back between calls comes back fresh, without DIR: waiting there would only burn time
+    [ -d "$dir" ] || { echo "no job in $dir on this machine: never started here, or the machine was given back" \
+        "since (its files are gone); start it again" >&2; exit 4; }
     end=$((SECONDS + secs))
     while [ ! -f "$dir/rc" ] && [ $SECONDS -lt $end ]; do sleep 5; done
     tail -n 40 "$dir/log" 2>/dev/null
