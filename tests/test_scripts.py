@@ -23,7 +23,7 @@ def test_detached_job_runs_and_wait_reports_its_status(tmp_path):
 
 
 def test_wait_for_a_running_job_says_so_after_its_seconds(tmp_path):
-    _detached(tmp_path, "start", "runs/slow_job", "sleep", "30")
+    _detached(tmp_path, "start", "runs/slow_job", "sleep", "5")   # ends on its own soon after
     waited = _detached(tmp_path, "wait", "runs/slow_job", "1")
     assert waited.returncode == 3 and "still running" in waited.stdout
 
