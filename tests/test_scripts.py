@@ -23,9 +23,14 @@ def test_detached_job_runs_and_wait_reports_its_status(tmp_path):
 
 
 def test_wait_for_a_running_job_says_so_after_its_seconds(tmp_path):
-    _detached(tmp_path, "start", "runs/slow_job", "sleep", "5")   # ends on its own soon after
-    waited = _detached(tmp_path, "wait", "runs/slow_job", "1")
-    assert waited.returncode == 3 and "still running" in waited.stdout
+    # the job runs until the test lets it end (the wait polls every 5 s, so a job of fixed length races it)
+    _detached(tmp_path, "start", "runs/slow_job", "bash", "-c", "while [ ! -f stop ]; do sleep 0.2; done")
+    try:
+        waited = _detached(tmp_path, "wait", "runs/slow_job", "1")
+        assert waited.returncode == 3 and "still running" in waited.stdout
+    finally:
+        (tmp_path / "stop").touch()
+    assert _detached(tmp_path, "wait", "runs/slow_job", "30").returncode == 0
 
 
 def test_wait_on_a_machine_without_the_job_ends_at_once(tmp_path):
