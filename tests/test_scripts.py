@@ -45,13 +45,62 @@ def test_wait_on_a_machine_without_the_job_ends_at_once(tmp_path):
 
 
 def test_gpu_session_wait_without_the_job_packs_nothing(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (tmp_path / "scripts").mkdir()
-    shutil.copy2(DETACHED, tmp_path / "scripts" / "detached.sh")   # gpu_session.sh runs it from the working folder
+    out = _session_folder(tmp_path)
     session = ROOT / "benchmarks" / "gpu_session.sh"
     env = {"OUT": str(out), "PATH": "/usr/bin:/bin"}
     waited = subprocess.run(["bash", str(session), "wait", "gone", "120"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=30, env=env)
     assert waited.returncode == 4, waited.stdout + waited.stderr
     assert list(out.iterdir()) == []
+
+
+def _session_folder(tmp_path):
+    """A working folder where benchmarks/gpu_session.sh finds scripts/detached.sh, and its $OUT."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy2(DETACHED, tmp_path / "scripts" / "detached.sh")
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+def test_gpu_session_wait_cut_short_still_leaves_the_jobs_files(tmp_path):
+    # the session's last call ends where its device time does, killed with everything it runs: the files
+    # come back only if a tarball is already in $OUT, so the wait packs between rounds, not only at its end
+    out = _session_folder(tmp_path)
+    _detached(tmp_path, "start", "runs/cut_job", "bash", "-c",
+              "mkdir -p runs/cut; echo 'stage one done' > runs/cut/stages.log; while [ ! -f stop ]; do sleep 0.2; done")
+    session = ROOT / "benchmarks" / "gpu_session.sh"
+    env = {"OUT": str(out), "PATH": "/usr/bin:/bin", "PACK_EVERY": "1"}
+    waiting = subprocess.Popen(["bash", str(session), "wait", "cut", "300"], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (out / "cut.tgz").exists() and time.monotonic() < deadline and waiting.poll() is None:
+            time.sleep(0.2)
+        assert waiting.poll() is None, "the wait ended although the job still runs"
+    finally:
+        subprocess.run(["pkill", "-KILL", "-s", str(waiting.pid)], check=False)   # as the device's time limit does
+        waiting.wait(timeout=10)
+        (tmp_path / "stop").touch()
+    listed = subprocess.run(["tar", "tzf", str(out / "cut.tgz")], capture_output=True, text=True, check=True)
+    assert "runs/cut/stages.log" in listed.stdout.split()
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["tar", "xzf", str(out / "cut.tgz"), "-C", str(unpacked)], check=True)
+    assert (unpacked / "runs" / "cut" / "stages.log").read_text() == "stage one done\n"
+
+
+def test_gpu_session_wait_packs_the_ended_job_and_reports_it(tmp_path):
+    out = _session_folder(tmp_path)
+    _detached(tmp_path, "start", "runs/done_job", "bash", "-c",
+              "mkdir -p runs/done; echo 'all stages' > runs/done/stages.log; touch runs/done/weights.safetensors")
+    session = ROOT / "benchmarks" / "gpu_session.sh"
+    waited = subprocess.run(["bash", str(session), "wait", "done", "60"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=90, env={"OUT": str(out), "PATH": "/usr/bin:/bin"})
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert "ended: rc=0" in waited.stdout and "all stages" in waited.stdout
+    listed = subprocess.run(["tar", "tzf", str(out / "done.tgz")], capture_output=True, text=True, check=True)
+    names = listed.stdout.split()
+    assert "runs/done/stages.log" in names and "runs/done_job/rc" in names
+    assert not any(n.endswith(".safetensors") for n in names)   # weights stay on the machine
+    assert sorted(p.name for p in out.iterdir()) == ["done.tgz"]   # no partial tarball left beside it
