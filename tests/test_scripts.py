@@ -1,8 +1,12 @@
-"""The shell scripts that run long GPU jobs over several device calls (scripts/detached.sh)."""
+"""The shell scripts that run long GPU jobs over several device calls (scripts/detached.sh,
+benchmarks/gpu_session.sh) and turn a run into its committed record (benchmarks/record_deep_run.sh)."""
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DETACHED = ROOT / "scripts" / "detached.sh"
@@ -104,3 +108,44 @@ def test_gpu_session_wait_packs_the_ended_job_and_reports_it(tmp_path):
     assert "runs/done/stages.log" in names and "runs/done_job/rc" in names
     assert not any(n.endswith(".safetensors") for n in names)   # weights stay on the machine
     assert sorted(p.name for p in out.iterdir()) == ["done.tgz"]   # no partial tarball left beside it
+
+
+def test_record_deep_run_rebuilds_a_committed_record(tmp_path):
+    # benchmarks/record_deep_run.sh turns an unpacked run into results/deep_pair/run*/: here run 18's own
+    # files, put back as the run left them (the sweep unzipped, the hypotheses in pair.json, a log with
+    # progress bars), must give back its committed pair.json, report and analysis
+    import gzip
+    import json
+
+    record = ROOT / "results" / "deep_pair" / "run18"
+    run = tmp_path / "runs" / "deep18"
+    run.mkdir(parents=True)
+    for name in ("stages.log", "gpu.txt", "code.sha1", "commit.txt", "feature_drafter_trained.json"):
+        shutil.copy2(record / name, run / name)
+    (run / "sweep_features.jsonl").write_bytes(gzip.decompress((record / "sweep_features.jsonl.gz").read_bytes()))
+    pair = json.loads((record / "pair.json").read_text())
+    del pair["feature_drafters"], pair["feature_sweep_drafter"]   # the script adds them from the run's files
+    for role in pair["test"].values():
+        role["hypotheses"] = ["Y dijo Dios"]
+    (run / "pair.json").write_text(json.dumps(pair))
+    (run / "verifier").mkdir()
+    shutil.copy2(record / "logs" / "verifier_training.json", run / "verifier" / "training.json")
+    (run / "train_verifier.log").write_text("step 10\r 50%|#####     | 1/2 [00:01<00:01, 1.0it/s]\rloss 1.1\n")
+    dest = tmp_path / "record"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "record_deep_run.sh"), str(run), str(dest)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    rebuilt = json.loads((dest / "pair.json").read_text())
+    assert all("hypotheses" not in role for role in rebuilt["test"].values())
+    assert rebuilt == json.loads((record / "pair.json").read_text())
+    assert rebuilt["feature_drafters"]["train_features"]["sd_acceptance_T1"] == pytest.approx(0.7243, abs=1e-4)
+    summary = json.loads((dest / "report_features" / "summary.json").read_text())
+    committed = json.loads((record / "report_features" / "summary.json").read_text())
+    assert summary["table2"] == committed["table2"]
+    assert summary["table2"]["T=0 gamma=5 batch=1"]["methods"]["sd"]["speedup_at_verifier_quality"] == \
+        pytest.approx(1.7825, abs=1e-4)
+    assert json.loads((dest / "analysis_features.json").read_text()) == \
+        json.loads((record / "analysis_features.json").read_text())
+    assert (dest / "logs" / "verifier_training.json").exists()
+    assert (dest / "logs" / "train_verifier.log").read_text() == "step 10\nloss 1.1\n"   # no progress bars
