@@ -333,6 +333,13 @@ if [ -n "${warm_pid:-}" ]; then  # the sweep needs every GPU to itself: stop the
   [ "$WARM_PROCS" -gt 0 ] && echo "$(date -u +%FT%TZ) warm-up stopped (warm-ups that had not ended were cut)" >> "$dir/stages.log"
 fi
 [ -n "${side_pid:-}" ] && wait "$side_pid"   # the GPU tests
+# a cascade's call at the bonus position runs beside the verifier's call in a captured block
+# (src/speccascade/loop.py, bonus_draft_beside): where the GPU tests found a captured law or that path
+# wrong, the sweeps run it on one stream (SPECCASCADE_BONUS_DRAFT_BESIDE=0), as before it existed
+if grep -qE "^(FAILED|ERROR) .*(beside|law_on_gpu)" "$dir"/pytest_gpu.log "$dir"/gpu_smoke.log 2>/dev/null; then
+  export SPECCASCADE_BONUS_DRAFT_BESIDE=0
+fi
+echo "$(date -u +%FT%TZ) a cascade's bonus draft beside the verifier: ${SPECCASCADE_BONUS_DRAFT_BESIDE:-1}" >> "$dir/stages.log"
 [ $pair_rc -ne 0 ] && { echo "the pair failed (rc=$pair_rc): no sweep" >> "$dir/stages.log"; exit $pair_rc; }
 
 pair=(--drafter "$dir/drafter" --verifier "$dir/verifier")

@@ -72,6 +72,19 @@ def test_loop_law_with_a_feature_drafter(name, kind):
     check_feature_law(name, fd, v, *backends(fd, v, kind))
 
 
+@pytest.mark.parametrize("name", ["opt", "diff"])
+def test_loop_law_with_a_feature_drafter_and_its_bonus_draft_beside_the_verifier(name, monkeypatch):
+    """The block's call at the bonus position (the drafter's own state in, q_{t+gamma} out) made while the
+    verifier scores, as a captured block on a GPU makes it (loop.bonus_draft_beside): the same law."""
+    from speccascade import loop
+
+    moved = []
+    monkeypatch.setattr(loop, "bonus_draft_beside", lambda drafter, verifier, req, compiled: moved.append(1) or True)
+    fd, v = feature_pair()
+    check_feature_law(name, fd, v, *backends(fd, v, "fused"))
+    assert moved
+
+
 def test_rows_of_a_padded_batch_decode_as_alone_with_a_feature_drafter():
     """Left padding: a row's first real token reads no state, whatever the padding before it; greedy
     opt (whose output follows the drafter's q) gives each row what it gives alone."""

@@ -79,7 +79,7 @@ def fused_pair(seed=1, noise=0.8, vocab=4, compile=False):
 @pytest.mark.parametrize("name,alpha,compile", [
     ("sd", None, False), ("token_v3", 0.5, False), ("lossy_tuned", 0.4, False), ("chow", 0.35, False),
     ("bild_star", 1.2, False), ("opt", 0.5, False), ("token_v1", 0.0, False),
-    ("sd", None, True), ("token_v3", 0.5, True), ("lossy", 0.4, True)])
+    ("sd", None, True), ("token_v3", 0.5, True), ("lossy", 0.4, True), ("diff", 0.05, True)])
 def test_captured_block_law_on_gpu(name, alpha, compile):
     """20,000 rows through the captured block (one CUDA graph per block) against Algorithm 4's law;
     ``compile``: the models and the block's arithmetic torch.compile'd, prompts pre-filled by graphs."""
@@ -88,6 +88,26 @@ def test_captured_block_law_on_gpu(name, alpha, compile):
     pair = fused_pair(compile=compile)
     check_loop_law(name, alpha, *pair)
     assert runner.graph_cache(pair[3]), "the block was not captured"
+
+
+@pytest.mark.parametrize("name,temperature", [("diff", 1.0), ("opt_log", 0.0), ("token_v3", 1.0)])
+def test_bonus_draft_beside_the_verifier_on_gpu(name, temperature, monkeypatch):
+    """In a captured, compiled block a cascade's call at the bonus position runs on a second stream
+    beside the verifier's call (loop.bonus_draft_beside; its law: test_captured_block_law_on_gpu with
+    compile). Against the one-stream block, the same seed draws the same tokens, row for row."""
+    from speccascade import loop, runner
+
+    d, v, fd, fv = fused_pair(compile=True, vocab=16)
+    ids = torch.randint(3, 16, (8, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(method=name, alpha=sc.METHODS[name].check_alpha(None), gamma=4, max_new_tokens=24, seed=3,
+              temperature=temperature, eos_token_id=[])
+    assert loop.bonus_draft_beside(fd, fv, loop.DecodeRequest(sc.METHODS[name], None, 4, None, 24), compiled=True)
+    beside = sc.generate(fd, fv, ids, **kw)
+    monkeypatch.setattr(loop, "BONUS_DRAFT_BESIDE", False)
+    serial = sc.generate(fd, fv, ids, **kw)
+    assert beside.tokens == serial.tokens
+    assert beside.stats.accepted == serial.stats.accepted
+    assert len(runner.graph_cache(fv)) >= 2, "both blocks were captured, each its own program"
 
 
 @pytest.mark.parametrize("name", ["sd", "opt"])

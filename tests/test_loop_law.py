@@ -118,3 +118,55 @@ def test_sequential_cascade_law(name, alpha, extra):
     q_at, p_at, target_at, _ = reference_parts(rule, alpha)
     law = sequential_law(target_at, q_at, p_at, PROMPT, N_TOKENS)
     assert chi2_pvalue(empirical(out.tokens), law, N_ROWS) > LEVEL
+
+
+@pytest.fixture
+def bonus_draft_late(monkeypatch):
+    """The block's call at the bonus position made after the drafts are stacked and before the verifier's
+    call returns, as a captured block on a GPU makes it (on a side stream there: loop.bonus_draft_beside)."""
+    from speccascade import loop
+
+    monkeypatch.setattr(loop, "bonus_draft_beside", lambda drafter, verifier, req, compiled: True)
+
+
+@pytest.mark.parametrize("name", ["diff", "opt_log", "token_v3", "chow"])
+def test_loop_law_with_the_bonus_draft_beside_the_verifier(name, bonus_draft_late):
+    out = run(name, 2)
+    law = algorithm4_law(*reference_parts(name, ALPHA[name]), gamma=2, prompt=PROMPT, n=N_TOKENS)
+    assert chi2_pvalue(empirical(out.tokens), law, N_ROWS) > LEVEL
+
+
+@pytest.mark.parametrize("name,temperature", [("diff", 1.0), ("opt_log", 0.0), ("token_v3", 0.7)])
+def test_bonus_draft_beside_the_verifier_draws_the_same_tokens(name, temperature, monkeypatch):
+    """Moving the bonus position's call (it draws nothing) leaves every draw where it was: the same seed
+    gives the same tokens and counters, token for token."""
+    from speccascade import loop
+
+    serial = run(name, 3, temperature=temperature, seed=5)
+    moved = []
+    monkeypatch.setattr(loop, "bonus_draft_beside", lambda drafter, verifier, req, compiled: moved.append(1) or True)
+    late = run(name, 3, temperature=temperature, seed=5)
+    assert moved, "the reordered block did not run"
+    assert late.tokens == serial.tokens
+    assert late.stats.accepted == serial.stats.accepted and late.stats.blocks == serial.stats.blocks
+
+
+def test_bonus_draft_beside_only_where_the_block_makes_that_call():
+    """sd and lossy SD draw the bonus token from p and make no call at the bonus position; a cascade's
+    call moves only in a compiled, captured block on a GPU."""
+    from speccascade import loop
+    from speccascade.loop import DecodeRequest
+    from speccascade.sampling import SamplingConfig
+
+    drafter, verifier = TableBackend(Q_TABLE, "drafter", 24), TableBackend(P_TABLE, "verifier", 24)
+
+    def req(name):
+        return DecodeRequest(spec=sc.METHODS[name], alpha=None, gamma=3, sampling=SamplingConfig(), max_new_tokens=4)
+
+    assert not loop.bonus_draft_beside(drafter, verifier, req("diff"), compiled=True)   # a CPU backend
+    cuda = type("CudaLike", (), {"device": torch.device("cuda"), "tp": 1})()
+    assert loop.bonus_draft_beside(cuda, cuda, req("diff"), compiled=True)
+    assert not loop.bonus_draft_beside(cuda, cuda, req("diff"), compiled=False)
+    assert not loop.bonus_draft_beside(cuda, cuda, req("sd"), compiled=True)
+    split = type("Split", (), {"device": torch.device("cuda"), "tp": 2})()
+    assert not loop.bonus_draft_beside(cuda, split, req("diff"), compiled=True)

@@ -12,7 +12,9 @@ Per block (Algorithm 4 of arXiv 2405.19261):
    it is rolled back with the rest. Where the bonus token comes from p instead (sd and lossy SD:
    ``MethodSpec.bonus_from_verifier``), q_{t+gamma} is never used, so the block makes gamma calls:
    a row whose drafts were all accepted carries its last draft into the next block, whose first
-   call feeds [that draft, the pending token] (a ragged feed of 2; 1 for the other rows).
+   call feeds [that draft, the pending token] (a ragged feed of 2; 1 for the other rows). In a captured
+   block on a GPU, call gamma runs on a second CUDA stream beside the verifier's call (step 2), which
+   needs only the drafts (:func:`bonus_draft_beside`): it then costs the block almost nothing.
 2. Score: one verifier call on [pending, x_t .. x_{t+gamma-1}] gives p_t .. p_{t+gamma}.
 3. Verify: pi_{t+j} = T(q_{t+j}, p_{t+j}); accept / recover / bonus (:func:`.verify.verify_block`).
 4. Advance: both caches keep the pending token and the accepted drafts; the new token becomes the
@@ -41,6 +43,8 @@ fused backends add none.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -310,6 +314,48 @@ class FeatureFeed:
                 own.gather(1, last.expand(-1, 1, own.shape[-1])).squeeze(1))
 
 
+#: a cascade's last drafter call of a block (q at the bonus position) on a second CUDA stream, beside the
+#: verifier's call, in a captured block (:func:`bonus_draft_beside`); ``SPECCASCADE_BONUS_DRAFT_BESIDE=0``
+#: runs it before the verifier's call instead, on the one stream
+BONUS_DRAFT_BESIDE = os.environ.get("SPECCASCADE_BONUS_DRAFT_BESIDE", "1") != "0"
+
+_SIDE_STREAMS: dict = {}
+
+
+def bonus_draft_beside(drafter: Backend, verifier: Backend, req: DecodeRequest, compiled: bool) -> bool:
+    """Whether a block's call at the bonus position (call gamma: q_{t+gamma}, no draw) runs beside the
+    verifier's call rather than before it: in a captured, compiled block on a GPU (where the block's
+    calls are launched back to back and a batch-1 call leaves most of the GPU idle), for the methods
+    that make that call (their bonus token comes from pi, not p), with no tensor parallelism (two
+    streams could order two models' collectives differently on different ranks). Same draws, same
+    result: the call draws nothing, and nothing before the verification reads it."""
+    return (BONUS_DRAFT_BESIDE and compiled and not req.spec.bonus_from_verifier
+            and drafter.device.type == "cuda"
+            and getattr(drafter, "tp", 1) == 1 and getattr(verifier, "tp", 1) == 1)
+
+
+@contextlib.contextmanager
+def beside(device: torch.device):
+    """Work queued inside runs on a side stream of ``device``, after what the current stream has
+    queued so far; :func:`join` makes the current stream wait for it. Elsewhere than on CUDA (the CPU
+    tests of the reordered block), a plain block."""
+    if device.type != "cuda":
+        yield
+        return
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side = _SIDE_STREAMS[device]
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+
+
+def join(device: torch.device) -> None:
+    """The current stream waits for the work queued :func:`beside` it."""
+    if device.type == "cuda" and device in _SIDE_STREAMS:
+        torch.cuda.current_stream(device).wait_stream(_SIDE_STREAMS[device])
+
+
 def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, req: DecodeRequest,
                       alpha, generator: torch.Generator | None, compiled: bool = False) -> None:
     """One block of Algorithm 4 (GenSpecSample) for every row, in place on ``state``; no host read.
@@ -325,18 +371,23 @@ def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, r
     # 1. draft: gamma + 1 drafter calls (gamma where q at the bonus position is unused)
     feed = state.feed   # a feature drafter: the verifier's states in, its own between drafts
     carry = req.spec.bonus_from_verifier and feed is None
-    token, q_logits, q_probs, drafts = state.pending, [], [], []
-    for j in range(req.spec.drafter_calls_per_block(gamma)):
+    token, own, q_logits, q_probs, drafts = state.pending, None, [], [], []
+
+    def call(j: int, token: torch.Tensor, own: torch.Tensor | None):
+        """Drafter call j of the block on the last token: its logits  # [B, V] (and a feature drafter's state)."""
         if feed is not None:
             if j == 0:
-                logits, own = feed.extend(drafter)                           # [B, V], [B, H]
-            else:
-                logits, own = drafter.extend_features(token.unsqueeze(1), own.unsqueeze(1))
-                logits, own = logits[:, -1], own[:, -1]
-        elif j == 0 and carry:
-            logits = extend_carried(drafter, state, token)                   # [B, V]
-        else:
-            logits = drafter.extend(token.unsqueeze(1))[:, -1]               # [B, V]
+                return feed.extend(drafter)                                  # [B, V], [B, H]
+            logits, own = drafter.extend_features(token.unsqueeze(1), own.unsqueeze(1))
+            return logits[:, -1], own[:, -1]
+        if j == 0 and carry:
+            return extend_carried(drafter, state, token), None               # [B, V]
+        return drafter.extend(token.unsqueeze(1))[:, -1], None               # [B, V]
+
+    calls = req.spec.drafter_calls_per_block(gamma)
+    late = calls > gamma and bonus_draft_beside(drafter, verifier, req, compiled)   # call gamma beside step 2
+    for j in range(gamma if late else calls):
+        logits, own = call(j, token, own)
         draw = j < gamma   # (greedy: the draft is the argmax, no noise is made)
         noise = exponential_noise(logits.shape, logits, generator) if draw and not cfg.greedy else None
         probs, token = sample(logits, noise, cfg, draw)                      # [B, V], [B]
@@ -350,10 +401,17 @@ def speculative_block(drafter: Backend, verifier: Backend, state: DecodeState, r
     # 2. score: one verifier call on gamma + 1 positions
     scored = torch.stack([state.pending, *drafts], 1)                        # [B, gamma + 1]: pending, drafts
     drafts = scored[:, 1:]                                                   # [B, gamma]
+    if late:   # call gamma (q_{t+gamma}, nothing drawn) on a side stream, while the verifier scores
+        with beside(scored.device):
+            logits, _ = call(gamma, token, own)
+            q_logits.append(logits)
+            q_probs.append(sample(logits, None, cfg, False)[0])
     if feed is None:
         p_logits, states = verifier.extend(scored), None                     # [B, gamma + 1, V]
     else:
         p_logits, states = verifier.extend_hidden(scored)                    # and its states  # [B, gamma + 1, H]
+    if late:
+        join(scored.device)
     # 3.-4. verify, advance, emit (the draws of Algorithm 4 first)
     u = torch.rand((drafts.shape[0], gamma), generator=generator, dtype=torch.float32, device=drafts.device)
     noise = exponential_noise(p_logits[:, 0].shape, p_logits, generator, cfg.greedy)
@@ -459,7 +517,8 @@ def speculative_decode(drafter: Backend, verifier: Backend, input_ids: torch.Ten
     features = check_feature_pair(drafter, verifier)
     capturable = runner.can_capture(drafter, verifier)
     if capturable:
-        key = ("speculative", B, per_replay, req.key(), id(drafter), drafter.generation, verifier.generation)
+        key = ("speculative", B, per_replay, req.key(), id(drafter), drafter.generation, verifier.generation,
+               BONUS_DRAFT_BESIDE)
         captured = runner.graph_cache(verifier).get(key)
     state = captured.state if captured else DecodeState(B, req, req.gamma + 1, req.gamma, device)
     if features and state.feed is None:   # (a captured program's state has its feed already)
