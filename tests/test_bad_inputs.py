@@ -525,6 +525,17 @@ def test_a_rerun_with_other_settings_is_refused(shipped, tmp_path):
             run_sweep(*shipped, get_task(), cfg, out, progress=False)
     finally:
         torch.set_num_threads(1)
+    # and where a cascade's bonus-position call runs (its timing: loop.bonus_draft_beside)
+    from speccascade import loop
+
+    was = loop.BONUS_DRAFT_BESIDE
+    loop.BONUS_DRAFT_BESIDE = not was
+    try:
+        with pytest.raises(SweepFileError, match=f"computed with bonus_draft_beside={was}, but this run has "
+                                                 f"bonus_draft_beside={not was}"):
+            run_sweep(*shipped, get_task(), cfg, out, progress=False)
+    finally:
+        loop.BONUS_DRAFT_BESIDE = was
     # the same settings: nothing recomputed
     assert run_sweep(*shipped, get_task(), cfg, out, progress=False) == first
 

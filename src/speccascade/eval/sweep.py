@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, runner
+from .. import __version__, loop, runner
 from ..checks import as_int
 from ..errors import DeviceError, SpecCascadeError, SweepFileError
 from ..models import make_backend
@@ -164,7 +164,8 @@ class SweepConfig:
 
 #: The signature fields a sweep file's cells must share with a run that extends it: a cell computed
 #: under other settings would be reused as if computed under these (models are compared separately).
-SETTINGS = ("task", "examples", "examples_sha1", "max_new_tokens", "backend", "dtype", "device", "tp")
+SETTINGS = ("task", "examples", "examples_sha1", "max_new_tokens", "backend", "dtype", "device", "tp",
+            "bonus_draft_beside")
 RECORD_TYPES = ("cell", "costs")
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -527,7 +528,9 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
                 "max_new_tokens": config.max_new_tokens, "backend": backend,
                 # --tp: the verifier's tensor-parallel degree (transformers' sharding, or the fused backend's)
                 "tp": getattr(verifier, "tp_size", None) or getattr(verifier, "speccascade_tp", None) or 1,
-                "dtype": str(next(verifier.parameters()).dtype).removeprefix("torch.")}
+                "dtype": str(next(verifier.parameters()).dtype).removeprefix("torch."),
+                # where a captured block runs a cascade's bonus-position call (loop.bonus_draft_beside): timing
+                "bonus_draft_beside": loop.BONUS_DRAFT_BESIDE}
     check_context(drafter, verifier, tokenizer, task, examples, config)
     d_be, v_be = make_backend(drafter, "drafter", backend), make_backend(verifier, "verifier", backend)
     cells = config.cells() if cells is None else list(cells)
