@@ -335,8 +335,10 @@ fi
 [ -n "${side_pid:-}" ] && wait "$side_pid"   # the GPU tests
 # a cascade's call at the bonus position runs beside the verifier's call in a captured block
 # (src/speccascade/loop.py, bonus_draft_beside): where the GPU tests found a captured law or that path
-# wrong, the sweeps run it on one stream (SPECCASCADE_BONUS_DRAFT_BESIDE=0), as before it existed
-if grep -qE "^(FAILED|ERROR) .*(beside|law_on_gpu)" "$dir"/pytest_gpu.log "$dir"/gpu_smoke.log 2>/dev/null; then
+# wrong, or ended without pytest's summary (a crash), the sweeps run it on one stream
+# (SPECCASCADE_BONUS_DRAFT_BESIDE=0), as before it existed
+if grep -qE "^(FAILED|ERROR) .*(beside|law_on_gpu)" "$dir"/pytest_gpu.log "$dir"/gpu_smoke.log 2>/dev/null ||
+   { [ -f "$dir/pytest_gpu.log" ] && ! tail -n 1 "$dir/pytest_gpu.log" | grep -qE "[0-9]+ (passed|failed)"; }; then
   export SPECCASCADE_BONUS_DRAFT_BESIDE=0
 fi
 echo "$(date -u +%FT%TZ) a cascade's bonus draft beside the verifier: ${SPECCASCADE_BONUS_DRAFT_BESIDE:-1}" >> "$dir/stages.log"
