@@ -525,17 +525,18 @@ def test_a_rerun_with_other_settings_is_refused(shipped, tmp_path):
             run_sweep(*shipped, get_task(), cfg, out, progress=False)
     finally:
         torch.set_num_threads(1)
-    # and where a cascade's bonus-position call runs (its timing: loop.bonus_draft_beside)
-    from speccascade import loop
+    # and where a cascade's bonus-position call runs on a GPU (its timing: loop.bonus_draft_beside); on
+    # this CPU it always runs on the one stream, so the file says False whatever the switch
+    from speccascade.eval.sweep import check_settings_match, read_records
 
-    was = loop.BONUS_DRAFT_BESIDE
-    loop.BONUS_DRAFT_BESIDE = not was
-    try:
-        with pytest.raises(SweepFileError, match=f"computed with bonus_draft_beside={was}, but this run has "
-                                                 f"bonus_draft_beside={not was}"):
-            run_sweep(*shipped, get_task(), cfg, out, progress=False)
-    finally:
-        loop.BONUS_DRAFT_BESIDE = was
+    records = read_records(out)
+    assert {r["signature"]["bonus_draft_beside"] for r in records} == {False}
+    gpu_sig = dict(records[0]["signature"], device="NVIDIA H200")
+    gpu_records = [dict(r, signature=dict(r["signature"], device="NVIDIA H200", bonus_draft_beside=True))
+                   for r in records]
+    with pytest.raises(SweepFileError, match="computed with bonus_draft_beside=True, but this run has "
+                                             "bonus_draft_beside=False"):
+        check_settings_match(out, gpu_records, dict(gpu_sig, bonus_draft_beside=False))
     # the same settings: nothing recomputed
     assert run_sweep(*shipped, get_task(), cfg, out, progress=False) == first
 

@@ -107,7 +107,8 @@ def test_bonus_draft_beside_the_verifier_on_gpu(name, temperature, monkeypatch):
     serial = sc.generate(fd, fv, ids, **kw)
     assert beside.tokens == serial.tokens
     assert beside.stats.accepted == serial.stats.accepted
-    assert len(runner.graph_cache(fv)) >= 2, "both blocks were captured, each its own program"
+    # each block captured as its own program (the switch is part of a program's key): the beside one ran
+    assert {key[-1] for key in runner.graph_cache(fv) if key[0] == "speculative"} == {True, False}
 
 
 @pytest.mark.parametrize("name", ["sd", "opt"])

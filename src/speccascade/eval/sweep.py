@@ -530,7 +530,8 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
                 "tp": getattr(verifier, "tp_size", None) or getattr(verifier, "speccascade_tp", None) or 1,
                 "dtype": str(next(verifier.parameters()).dtype).removeprefix("torch."),
                 # where a captured block runs a cascade's bonus-position call (loop.bonus_draft_beside): timing
-                "bonus_draft_beside": loop.BONUS_DRAFT_BESIDE}
+                # (on a GPU; elsewhere the call always runs on the one stream)
+                "bonus_draft_beside": loop.BONUS_DRAFT_BESIDE and device.type == "cuda"}
     check_context(drafter, verifier, tokenizer, task, examples, config)
     d_be, v_be = make_backend(drafter, "drafter", backend), make_backend(verifier, "verifier", backend)
     cells = config.cells() if cells is None else list(cells)
