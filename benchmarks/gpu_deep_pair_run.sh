@@ -156,7 +156,9 @@ warm() {
   # with one GPU the whole GPU test file runs here instead, beside the verifier's training (mostly
   # compiling, on the CPUs), so that it does not slow the drafter's
   if [ "$SKIP_TESTS" != 1 ] && [ "$SIDE" -eq 0 ]; then
-    stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider
+    # (at most 11 minutes: a hung test must not hold the sweep; cut, it leaves no summary, and the sweep
+    # then runs without the bonus draft beside the verifier, below)
+    stage pytest_gpu timeout 660 python -m pytest tests/test_gpu.py -rA -p no:cacheprovider
   elif [ "$SKIP_TESTS" != 1 ]; then
     stage gpu_smoke python -m pytest tests/test_gpu.py -x -q -p no:cacheprovider \
         -k "captured_greedy or host_driven or fused_t5"
@@ -304,7 +306,7 @@ distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translation
 distill_rc=$?
 # the side GPU, beside the drafter's training: the GPU tests on this engine (they end before the sweep)
 if [ "$SKIP_TESTS" != 1 ] && [ "$SIDE" -ne 0 ]; then
-  (export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); stage pytest_gpu python -m pytest tests/test_gpu.py -rA -p no:cacheprovider) &
+  (export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); stage pytest_gpu timeout 660 python -m pytest tests/test_gpu.py -rA -p no:cacheprovider) &
   side_pid=$!
 fi
 
