@@ -211,6 +211,71 @@ def test_table2_within_noise_takes_the_fastest_point_not_significantly_below_the
     assert "speed-up within noise" in format_table(summarize(records, "bleu"))
 
 
+def test_table2_pools_seeds_into_one_cell_per_grid_point():
+    """Several seeds of a sampled cell (sweep --seeds): Table 2 scores each grid point on all its
+    seeds' outputs together (the corpus BLEU of the concatenation, examples kept paired) and times it
+    by the seeds' summed wall-clock against the verifier's; a cell lacking a seed is left out, named;
+    one seed, or a T = 0 group (one seed by construction), is left as it is."""
+    from speccascade.eval.metrics import bleu_sentence_stats
+    from speccascade.eval.report import format_table, pool_seeds
+
+    def cell(method, alpha, seed, lat, base_s, hyps, T=1.0):
+        return rec(method, alpha, lat, METRICS["bleu"](hyps, REFS), T=T) | {
+            "seed": seed, "latency_s": lat * base_s, "quality_stats": {"bleu": bleu_sentence_stats(hyps, REFS)}}
+
+    v = {k: _dropped(REFS, 0.2, 10 + k) for k in (0, 1)}
+    sd = {k: _dropped(REFS, 0.2, 20 + k) for k in (0, 1)}
+    base_s = {0: 10.0, 1: 12.0}
+    records = [cell("verifier_only", None, k, 1.0, base_s[k], v[k]) for k in (0, 1)]
+    records += [cell("sd", None, 0, 0.6, base_s[0], sd[0]), cell("sd", None, 1, 0.7, base_s[1], sd[1]),
+                cell("opt", 0.0, 0, 0.5, base_s[0], _dropped(REFS, 0.2, 30)),        # seed 1 never ran
+                cell("verifier_only", None, 0, 1.0, 9.0, v[0], T=0.0), cell("sd", None, 0, 0.5, 9.0, v[0], T=0.0)]
+    notes = []
+    pooled = pool_seeds(records, notes)
+    by = {(r["method"], r["temperature"]): r for r in pooled if r.get("type") == "cell"}
+    assert ("opt", 1.0) not in by and len(notes) == 1 and "opt" in notes[0] and "[0]" in notes[0]
+    both = lambda d: d[0] + d[1]   # noqa: E731
+    assert by[("verifier_only", 1.0)]["quality"]["bleu"] == pytest.approx(METRICS["bleu"](both(v), REFS + REFS))
+    assert by[("sd", 1.0)]["quality"]["bleu"] == pytest.approx(METRICS["bleu"](both(sd), REFS + REFS))
+    assert by[("sd", 1.0)]["relative_latency"] == pytest.approx((0.6 * 10 + 0.7 * 12) / (10 + 12))
+    assert by[("sd", 1.0)]["seeds"] == [0, 1] and len(by[("sd", 1.0)]["quality_stats"]["bleu"]) == len(REFS)
+    t0 = [r for r in records if r["temperature"] == 0.0]
+    assert [r for r in pooled if r.get("temperature") == 0.0] == t0           # one seed: as they were
+    assert pool_seeds(t0) is t0 and pool_seeds(pooled) == pooled
+    s = summarize(records, "bleu")
+    t1 = s["T=1 gamma=5 batch=1"]
+    assert t1["seeds"] == [0, 1] and "seeds" not in s["T=0 gamma=5 batch=1"]
+    assert t1["verifier_quality"] == pytest.approx(by[("verifier_only", 1.0)]["quality"]["bleu"])
+    noise = t1["methods"]["sd"]["within_noise_point"]
+    want = METRICS["bleu"](both(sd), REFS + REFS) - METRICS["bleu"](both(v), REFS + REFS)
+    assert noise["delta"] == pytest.approx(want)
+    assert "(seeds 0, 1 pooled)" in format_table(s)
+
+
+def test_a_greedy_decode_draws_nothing_so_a_sweep_runs_one_seed_at_T0():
+    """Every method at T = 0 gives the same tokens under any seed (the sampling distributions are
+    one-hot and every rule's target with them), which is why a sweep runs only the first seed there."""
+    import torch
+
+    import speccascade as sc
+
+    from tiny_models import tiny_pair
+
+    d, v = tiny_pair(1, noise=0.8, vocab=16)
+    ids = torch.randint(3, 16, (4, 5), generator=torch.Generator().manual_seed(0))
+    def run(name, seed, T):
+        return sc.generate(d, v, ids, method=name, alpha=sc.METHODS[name].check_alpha(None), gamma=3,
+                           max_new_tokens=10, seed=seed, temperature=T, eos_token_id=[]).tokens
+
+    for name in sc.METHODS:
+        assert run(name, 0, 0.0) == run(name, 1, 0.0) == run(name, 7, 0.0), name
+    assert run("sd", 0, 1.0) != run("sd", 1, 1.0)   # the check can fail: sampled decodes do differ
+    cells = SweepConfig(methods=["sd"], temperatures=[0.0, 1.0], seeds=[3, 4]).validate().cells()
+    assert sorted((c.method, c.temperature, c.seed) for c in cells) == [
+        ("sd", 0.0, 3), ("sd", 1.0, 3), ("sd", 1.0, 4),
+        ("verifier_only", 0.0, 3), ("verifier_only", 1.0, 3), ("verifier_only", 1.0, 4)]
+
+
 def test_sweep_resumes_without_repeating_or_losing_cells(pair, tmp_path):
     drafter, verifier, tok = pair
     task = get_task("bible_en_es")

@@ -474,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a method option for its cells, e.g. seq_cascade.length_normalized=true (repeatable)")
     s.add_argument("--gammas", type=int, nargs="+", default=[5])
     s.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
-    s.add_argument("--seeds", type=int, nargs="+", default=[0])
+    s.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="each sampled cell once per seed (T = 0 runs the first only: greedy draws nothing); "
+                        "the report pools a cell's seeds")
     s.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     s.add_argument("--examples", type=int, default=200, help="examples of the task (>= 1; default 200)")
     s.add_argument("--max-new-tokens", type=int, default=128)

@@ -13,6 +13,9 @@ Reads records only (never models). For each (temperature, gamma, batch size) gro
   relative latency is <= 1 (no interpolation). Beside (i), where the cells carry per-example
   statistics (BLEU): (i') the same for the fastest measured point *not significantly below* the
   verifier's quality (paired bootstrap over the test examples, 95%; :func:`within_noise`).
+* Several seeds (``sweep --seeds``): a grid point's cells are pooled into one for Table 2 and the
+  plots (:func:`pool_seeds`: the corpus score of all the seeds' outputs, the seeds' summed latency);
+  the latency model keeps each cell.
 * Latency model: predicted = drafter_calls * drafter_step + verifier_calls * (verifier_block for
   speculative methods, verifier_step otherwise), with the per-call costs measured in the same
   sweep; compared with the measured wall-clock per cell (ratio and mean absolute error).
@@ -79,8 +82,74 @@ def _kind(label: str) -> str | None:
     return spec.kind if spec is not None else None
 
 
+def _identity(r: dict) -> tuple:
+    """A cell's place in the grid, its seed left out."""
+    return (r.get("_source"), r["method"], r.get("alpha"), r["gamma"], r["temperature"], r["batch_size"],
+            json.dumps(r.get("options") or {}, sort_keys=True), (r.get("signature") or {}).get("drafter"))
+
+
+def pool_seeds(records: list[dict], notes: list | None = None) -> list[dict]:
+    """The cells of several seeds as one cell per grid point, so that Table 2 and the plots compare
+    methods over all the samples drawn (a T = 1 cell of 500 examples is ~±1 BLEU from its law's
+    mean; k seeds narrow it by ~sqrt(k)). Pooled over the seeds of the ``verifier_only`` cell of its
+    file, temperature and batch size: the latency is the seeds' sum over the verifier's sum
+    (``relative_latency``); a metric with per-example statistics (BLEU) is scored from each example's
+    statistics summed over the seeds, which is the corpus score of every seed's output together and
+    keeps the examples paired for :func:`within_noise`; any other metric is the seeds' mean. A cell
+    lacking one of those seeds is left out (named in ``notes``). Records of one seed per group come
+    back as they are."""
+    from .metrics import SENTENCE_STATS
+
+    cells = [r for r in records if r.get("type") == "cell"]
+    base_seeds = defaultdict(set)
+    for r in cells:
+        if r["method"] == "verifier_only":
+            base_seeds[(r.get("_source"), r["temperature"], r["batch_size"])].add(r["seed"])
+    if all(len(v) <= 1 for v in base_seeds.values()):
+        return records
+    base = {(r.get("_source"), r["temperature"], r["batch_size"], r["seed"]): r
+            for r in cells if r["method"] == "verifier_only"}
+    by_point = defaultdict(dict)
+    for r in cells:
+        by_point[_identity(r)][r["seed"]] = r
+    out = [r for r in records if r.get("type") != "cell"]
+    for by_seed in by_point.values():
+        first = next(iter(by_seed.values()))
+        group = (first.get("_source"), first["temperature"], first["batch_size"])
+        seeds = sorted(base_seeds.get(group, set()))
+        if len(seeds) <= 1:
+            out += list(by_seed.values())
+            continue
+        if set(by_seed) != set(seeds):
+            if notes is not None:
+                notes.append(f"{first['method']} alpha={first.get('alpha')} gamma={first['gamma']} "
+                             f"T={first['temperature']:g}: seeds {sorted(by_seed)} of the baseline's {seeds}; "
+                             f"left out of the pooled Table 2 and plots")
+            continue
+        rows = [by_seed[k] for k in seeds]
+        quality, quality_stats = {}, {}
+        for m in first["quality"]:
+            stats = [(r.get("quality_stats") or {}).get(m) for r in rows]
+            if m in SENTENCE_STATS and all(st is not None and len(st) == len(stats[0]) for st in stats):
+                summed = [[sum(col) for col in zip(*rows_k)] for rows_k in zip(*stats)]
+                quality_stats[m] = summed
+                quality[m] = SENTENCE_STATS[m][1]([sum(col) for col in zip(*summed)])
+            else:
+                quality[m] = statistics.fmean(r["quality"][m] for r in rows)
+        # each seed's relative latency weighted by its baseline's wall-clock: the seeds' summed latency over
+        # the baseline's where the values are measured, and the same weights for a what-if's predicted ones
+        weights = [base[group + (k,)]["latency_s"] for k in seeds]
+        relative = sum(r["relative_latency"] * w for r, w in zip(rows, weights)) / sum(weights)
+        out.append(first | {"seed": None, "seeds": seeds, "quality": quality, "quality_stats": quality_stats,
+                            "latency_s": sum(r["latency_s"] for r in rows), "relative_latency": relative,
+                            "rejection_rate": statistics.fmean(r.get("rejection_rate") or 0.0 for r in rows)})
+    return out
+
+
 def summarize(records: list[dict], metric: str) -> dict:
-    """Table 2's two summaries per method, per (temperature, gamma, batch) group."""
+    """Table 2's two summaries per method, per (temperature, gamma, batch) group; several seeds pooled
+    (:func:`pool_seeds`)."""
+    records = pool_seeds(records)
     groups = defaultdict(list)
     for r in records:
         if r.get("type") == "cell":
@@ -110,7 +179,8 @@ def summarize(records: list[dict], metric: str) -> dict:
             table[m] = {"speedup_at_verifier_quality": (1.0 / lat) if lat else None,
                         "best_quality_within_verifier_latency": max(within) if within else None,
                         "points": len(rs)} | within_noise(rs, ref, metric)
-        out[f"T={T:g} gamma={g} batch={b}"] = {"verifier_quality": target, "metric": metric, "methods": table}
+        out[f"T={T:g} gamma={g} batch={b}"] = {"verifier_quality": target, "metric": metric, "methods": table} | (
+            {"seeds": ref["seeds"]} if ref.get("seeds") else {})
     return out
 
 
@@ -265,7 +335,9 @@ def _examples_note(rows: list[dict]) -> str:
                      if isinstance(r.get("signature"), dict) and r["signature"].get("examples") is not None})
     if not counts:
         return ""
-    return f"; {counts[0]} examples" if len(counts) == 1 else f"; {'/'.join(map(str, counts))} examples"
+    seeds = max((len(r.get("seeds") or ()) for r in rows), default=0)
+    times = f" × {seeds} seeds" if seeds > 1 else ""
+    return (f"; {counts[0]} examples" if len(counts) == 1 else f"; {'/'.join(map(str, counts))} examples") + times
 
 
 def plot(records: list[dict], metric: str, out_dir: Path, latency_label: str = "relative latency (÷ verifier alone)",
@@ -280,7 +352,7 @@ def plot(records: list[dict], metric: str, out_dir: Path, latency_label: str = "
 
     paths = []
     groups = defaultdict(list)
-    for r in records:
+    for r in pool_seeds(records):
         if r.get("type") == "cell":
             groups[(r["temperature"], r["batch_size"])].append(r)
     for (T, b), rows in sorted(groups.items()):
@@ -339,7 +411,8 @@ def plot(records: list[dict], metric: str, out_dir: Path, latency_label: str = "
 def format_table(summary: dict) -> str:
     lines = []
     for group, s in summary.items():
-        lines.append(f"### {group} — verifier {s['metric']} = {s['verifier_quality']:.2f}\n")
+        seeds = f" (seeds {', '.join(map(str, s['seeds']))} pooled)" if s.get("seeds") else ""
+        lines.append(f"### {group} — verifier {s['metric']} = {s['verifier_quality']:.2f}{seeds}\n")
         noise = any("speedup_within_noise" in row for row in s["methods"].values())
         lines.append(f"| method | speed-up at verifier quality | best {s['metric']} within verifier latency | points |"
                      + (" speed-up within noise (Δ, 95% CI) |" if noise else ""))
@@ -429,12 +502,13 @@ def report(paths: Path | list[Path], out_dir: Path | None = None, metric: str | 
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SweepFileError(f"cannot create the report folder {str(out_dir)!r}: {e.strerror or e}") from None
-    summary = summarize(records, metric)
+    pooled = pool_seeds(records, notes)
+    summary = summarize(pooled, metric)
     groups = {(r["temperature"], r["gamma"], r["batch_size"]) for r in cells}
     without = sorted(f"T={T:g} gamma={g} batch={b}" for T, g, b in groups
                      if f"T={T:g} gamma={g} batch={b}" not in summary)
     model = latency_model(records)
-    plots = plot(records, metric, out_dir)
+    plots = plot(pooled, metric, out_dir)
     (out_dir / "summary.json").write_text(json.dumps({"table2": summary, "latency_model": model}, indent=2))
     text = "".join(f"note: {n}\n" for n in notes) + format_table(summary)
     if without:
