@@ -30,7 +30,8 @@
 # VERIFIER_EPOCHS (12; the time budget trims it) with 2 ranks (one rank: the recipe's unless given), DRAFTER_MINUTES (3), DISTILL_BATCH (1024), DISTILL_LIMIT (all), DISTILL_SAMPLES (1: T = 1 translations a source;
 # SmolLM2's drafter gained most from more of its verifier's answers, docs/smollm2.md), DISTILL_SOURCES (kjv: the
 # English sides translated, kjv,web adds the World English Bible's text of the same verses), EXAMPLES (500), PRESET (deep),
-# TEMPERATURES ("0 1": the sweep's, in this order), EXTRA_GAMMAS (3,8: the block sizes swept after Table 2's gamma 5, in this order),
+# TEMPERATURES ("0 1": the sweep's, in this order), SEEDS ("0": each sampled cell once a seed; T = 0 runs the first
+# only; the report pools them), EXTRA_GAMMAS (3,8: the block sizes swept after Table 2's gamma 5, in this order),
 # METHODS (all; none: no sweep of the token drafter), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
 # EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair;
 # first: before the sweep; end_wait: only benchmarks/end_wait.py, after the sweep; 0: not at all),
@@ -66,7 +67,7 @@ drafter_opts=()   # DRAFTER_BATCH / DRAFTER_LR: the drafter's batch and peak lea
 [ -n "${DRAFTER_INTERMEDIATE:-}" ] && drafter_opts+=(--intermediate "$DRAFTER_INTERMEDIATE")
 VERIFIER_BATCH="${VERIFIER_BATCH:-128}"; VERIFIER_LR="${VERIFIER_LR:-8e-4}"; VERIFIER_EPOCHS="${VERIFIER_EPOCHS:-12}"
 DISTILL_BATCH="${DISTILL_BATCH:-1024}"; DISTILL_SAMPLES="${DISTILL_SAMPLES:-1}"; DISTILL_SOURCES="${DISTILL_SOURCES:-kjv}"
-TEMPERATURES="${TEMPERATURES:-0 1}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
+TEMPERATURES="${TEMPERATURES:-0 1}"; SEEDS="${SEEDS:-0}"; EXAMPLES="${EXAMPLES:-500}"; SKIP_TESTS="${SKIP_TESTS:-0}"
 BACKEND="${BACKEND:-fused}"; TEST_PAIRS="${TEST_PAIRS:-1000}"; WARM_PROCS="${WARM_PROCS:-0}"
 SWEEP_DTYPE="${SWEEP_DTYPE:-bfloat16}"; DRAFTER_INIT="${DRAFTER_INIT:-$([ "$PRESET" = deep ] && echo 1 || echo 0)}"
 mkdir -p "$dir"; rm -f "$dir/stop_side"
@@ -144,7 +145,7 @@ alphas_for() {  # keep only the grids of the swept methods
 }
 # MAX_NEW_TOKENS (128): the sweep's cap on new tokens (the shipped tokenizer's longest test verse is 118 tokens;
 # SmolLM2's is 177, 2 of the first 500 over 128: give 192 with VERIFIER_INIT=smollm2)
-grid=(--temperatures $TEMPERATURES --examples "$EXAMPLES" --max-new-tokens "${MAX_NEW_TOKENS:-128}" --device "$DEVICE" --backend "$BACKEND" --quiet)
+grid=(--temperatures $TEMPERATURES --seeds $SEEDS --examples "$EXAMPLES" --max-new-tokens "${MAX_NEW_TOKENS:-128}" --device "$DEVICE" --backend "$BACKEND" --quiet)
 [ "$DEVICE" = cuda ] && grid+=(--dtype "$SWEEP_DTYPE")
 
 # GPU 1, from the start: warm the compile caches on random weights of the pair's shapes (compiling

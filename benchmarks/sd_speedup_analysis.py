@@ -108,9 +108,10 @@ def _per_step(wall: float, steps: int, calls: float) -> dict:
 def analyse(records: list[dict]) -> dict:
     cells = [r for r in records if r.get("type") == "cell" and r["batch_size"] == 1]
     costs = {r["gamma"]: r for r in records if r.get("type") == "costs"}
-    # each sweep run times its own verifier_only (per worker and temperature; its key carries the run's gamma)
-    base = {(r["temperature"], r.get("worker", 0), r["gamma"]): r for r in cells if r["method"] == "verifier_only"}
-    base_any = {k[:2]: v for k, v in base.items()}
+    # each sweep run times its own verifier_only (per worker, temperature and seed; its key carries the run's gamma)
+    base = {(r["temperature"], r.get("worker", 0), r.get("seed", 0), r["gamma"]): r
+            for r in cells if r["method"] == "verifier_only"}
+    base_any = {k[:3]: v for k, v in base.items()}
     out = []
     for r in cells:
         if r["method"] != "sd":
@@ -121,7 +122,7 @@ def analyse(records: list[dict]) -> dict:
         per_pos = r["stats"]["accepted_per_position"]
         reached = [r["stats"]["blocks"]] + per_pos[:-1]     # drafts examined at each position
         a = sum(per_pos) / sum(reached)
-        run = (r["temperature"], r.get("worker", 0))
+        run = (r["temperature"], r.get("worker", 0), r.get("seed", 0))
         ref = base.get(run + (r["gamma"],)) or base_any.get(run)
         # against the baseline its own sweep run timed (the sweep's rule since run 10; a file written before
         # it may hold a ratio against an earlier run's baseline, as run 10's gamma = 3 cell does)
@@ -129,6 +130,7 @@ def analyse(records: list[dict]) -> dict:
         modelled = modelled_speedup(a, r["gamma"], c, b)
         realised = measured / modelled
         row = {"temperature": r["temperature"], "gamma": r["gamma"], "worker": r.get("worker", 0),
+               "seed": r.get("seed", 0),
                "per_position_acceptance": a, "accepted": r["stats"]["accepted"], "drafted": r["stats"]["drafted"],
                "tokens_per_verifier_call": r["stats"]["tokens_per_verifier_call"],
                "cost_ratio_c": c, "block_over_step_b": b, "measured_speedup": measured,

@@ -611,6 +611,11 @@ def test_sd_speedup_analysis_steps_reach_the_measured_speedup_when_the_model_is_
     assert [r["gamma"] for r in rows] == [5, 3]
     assert rows[0]["measured_speedup"] == pytest.approx(base_wall / sd_wall)
     assert rows[1]["measured_speedup"] == pytest.approx(0.9 * base_wall / sd_wall)
+    # several seeds (sweep --seeds): each seed's sd against the baseline of its own seed
+    s1 = {"seed": 1}
+    rows = sa.analyse([cost, base, sd, base | s1 | {"latency_s": base_wall * 1.2}, sd | s1])["sd"]
+    assert [(r["seed"], r["measured_speedup"]) for r in rows] == [
+        (0, pytest.approx(base_wall / sd_wall)), (1, pytest.approx(1.2 * base_wall / sd_wall))]
 
 
 def test_call_costs_times_the_block_arithmetic_on_stand_ins_that_run_algorithm_4(monkeypatch):
