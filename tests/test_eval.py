@@ -618,6 +618,44 @@ def test_sd_speedup_analysis_steps_reach_the_measured_speedup_when_the_model_is_
         (0, pytest.approx(base_wall / sd_wall)), (1, pytest.approx(1.2 * base_wall / sd_wall))]
 
 
+def test_sd_lossless_check_pools_runs_and_flags_a_biased_sd(monkeypatch, tmp_path):
+    """benchmarks/sd_lossless_check.py: per run (folder), the first file with both cells; each seed
+    against its own seed's baseline; the runs pooled by inverse variance. An sd sampling the verifier's
+    law stays within |z| < 2; one dropping a tenth more of each output is flagged."""
+    from pathlib import Path
+
+    from speccascade.eval.metrics import bleu_sentence_stats
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sd_lossless_check as lc
+
+    def cell(method, seed, hyps, gamma=5):
+        return {"type": "cell", "method": method, "temperature": 1.0, "gamma": gamma, "batch_size": 1,
+                "seed": seed, "quality": {"bleu": METRICS["bleu"](hyps, REFS)},
+                "quality_stats": {"bleu": bleu_sentence_stats(hyps, REFS)}}
+
+    def runs(share, n=6):
+        files = []
+        for k in range(n):
+            d = tmp_path / f"share{share}" / f"run{k}"
+            d.mkdir(parents=True)
+            seeds = (0, 1) if k == 0 else (0,)
+            rows = [c for seed in seeds for c in (cell("verifier_only", seed, _dropped(REFS, 0.2, 100 * k + seed)),
+                                                  cell("sd", seed, _dropped(REFS, share, 50 + 100 * k + seed)))]
+            (d / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (d / "sweep_z.jsonl").write_text(json.dumps(cell("sd", 0, REFS)) + "\n")   # no baseline: skipped
+            files += [d / "sweep.jsonl", d / "sweep_z.jsonl"]
+        return files
+
+    fair = lc.check(runs(0.2))
+    assert len(fair["runs"]) == 7 and sorted(r["seed"] for r in fair["runs"]) == [0] * 6 + [1]
+    assert all(r["file"] == "sweep.jsonl" for r in fair["runs"])
+    assert fair["pooled"]["comparisons"] == 7 and abs(fair["pooled"]["z"]) < 2
+    biased = lc.check(runs(0.3))
+    assert biased["pooled"]["z"] < -4 and biased["pooled"]["negative"] == 7
+    assert biased["pooled"]["sign_test_p"] == pytest.approx(2 / 2 ** 7)
+
+
 def test_call_costs_times_the_block_arithmetic_on_stand_ins_that_run_algorithm_4(monkeypatch):
     """benchmarks/call_costs.py's block-arithmetic timing: its stand-in models return fixed logits
     (no model runs) and the block still runs Algorithm 4 on them: greedy sd's block emits the drafter's
