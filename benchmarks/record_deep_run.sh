@@ -4,7 +4,7 @@
 #   bash benchmarks/record_deep_run.sh runs/deep15 results/deep_pair/run15
 # * the run's small files as they are: code.sha1, commit.txt, gpu.txt, stages.log, feature_drafter.json,
 #   feature_drafter_trained.json (`train --features`' drafter measured offline, where the run has it),
-#   block_arithmetic.json (ARITHMETIC=1);
+#   block_arithmetic.json (ARITHMETIC=1), calibration.json (CALIBRATION=1);
 # * pair.json without the hypotheses (BLEU and chrF per role and temperature stay), with the feature
 #   drafters' keys from feature_drafter.json and feature_drafter_trained.json (`feature_drafters`; the
 #   trainer's one as `train_features`) and the feature sweep's drafter id;
@@ -20,7 +20,7 @@ src="${1:?run directory}"; dest="${2:?destination, e.g. results/deep_pair/run15}
 py="${PYTHON:-python}"
 [ -f "$src/stages.log" ] || { echo "$src has no stages.log: not a run of gpu_deep_pair_run.sh" >&2; exit 2; }
 mkdir -p "$dest/logs"
-for f in code.sha1 commit.txt gpu.txt stages.log feature_drafter.json feature_drafter_trained.json block_arithmetic.json; do
+for f in code.sha1 commit.txt gpu.txt stages.log feature_drafter.json feature_drafter_trained.json block_arithmetic.json calibration.json; do
   [ -f "$src/$f" ] && cp "$src/$f" "$dest/"
 done
 if [ -f "$src/pair.json" ]; then

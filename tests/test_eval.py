@@ -656,6 +656,41 @@ def test_sd_lossless_check_pools_runs_and_flags_a_biased_sd(monkeypatch, tmp_pat
     assert biased["pooled"]["sign_test_p"] == pytest.approx(2 / 2 ** 7)
 
 
+def test_sampler_calibration_finds_no_bias_in_lossless_decodes_and_flags_a_biased_one(monkeypatch):
+    """benchmarks/sampler_calibration.py: the mean over generated tokens of -log p(x) - H(p), p the
+    verifier's distribution recomputed teacher-forced, is 0 within its noise for verifier_only and sd at
+    T = 1, and far from it for decodes that sample another law: the verifier at T = 1.3 scored at T = 1
+    (the tail favoured), and the drafter alone."""
+    from pathlib import Path
+
+    import torch
+
+    import speccascade as sc
+
+    from tiny_models import tiny_pair
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sampler_calibration as cal
+
+    d, v = tiny_pair(2, noise=0.5, vocab=24)
+    with torch.no_grad():   # peaked distributions (entropy ~1.8 nats of log 24 = 3.2), as a trained model's
+        for m in (d, v):
+            m.lm_head.weight.mul_(15)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 24, (int(n),), generator=gen).tolist()
+               for n in torch.randint(2, 6, (150,), generator=gen)]
+    for method in ("verifier_only", "sd"):
+        r = cal.calibrate(d, v, v, prompts, method, 1.0, 3, 12, [])
+        assert r["tokens"] == 150 * 12 and abs(r["z"]) < 3, r
+    hot = []
+    for i, prompt in enumerate(prompts):
+        out = sc.generate(d, v, [prompt], method="verifier_only", temperature=1.3, max_new_tokens=12,
+                          eos_token_id=[], seed=i)
+        hot += cal.surprisal_minus_entropy(v, prompt, out.tokens[0], 1.0)
+    assert cal.summary(hot)["z"] > 5
+    assert cal.calibrate(d, v, v, prompts, "drafter_only", 1.0, 3, 12, [])["z"] > 5
+
+
 def test_call_costs_times_the_block_arithmetic_on_stand_ins_that_run_algorithm_4(monkeypatch):
     """benchmarks/call_costs.py's block-arithmetic timing: its stand-in models return fixed logits
     (no model runs) and the block still runs Algorithm 4 on them: greedy sd's block emits the drafter's
