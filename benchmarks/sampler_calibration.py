@@ -74,6 +74,12 @@ def calibrate(d_be, v_model, v_be, prompts: list[list[int]], method: str, temper
     return {"method": method, "alpha": alpha} | summary(d)
 
 
+def _shown(path) -> str:
+    """A model folder as the record names it: relative to the working directory where it lies under it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--drafter", type=Path, default=None)
@@ -108,7 +114,7 @@ def main() -> None:
     rec = {"benchmark": "sampler_calibration", "card": device_name(torch.device(args.device)),
            "cpu": platform.machine(),
            "torch": torch.__version__, "speccascade": speccascade.__version__, "dtype": str(dtype).split(".")[-1],
-           "backend": backend, "drafter": str(d_dir), "verifier": str(v_dir), "examples": len(prompts),
+           "backend": backend, "drafter": _shown(d_dir), "verifier": _shown(v_dir), "examples": len(prompts),
            "temperature": args.temperature, "gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
            "threads": torch.get_num_threads(), "methods": rows,
            "note": "mean of -log p(x) - H(p) over every generated token, p the verifier's distribution "
