@@ -17,7 +17,7 @@ too. In bf16 the decode's and the pass's logits differ by rounding, which moves 
 standard error. One JSON record naming the card.
 
     python benchmarks/sampler_calibration.py --drafter runs/deep/drafter --verifier runs/deep/verifier \\
-        --device cuda --examples 500 --out runs/calibration.json
+        --device cuda --dtype bfloat16 --backend fused --examples 500 --out runs/calibration.json
     python benchmarks/sampler_calibration.py --examples 100 --out /tmp/calibration.json   # the shipped tiny pair, CPU
 """
 
@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -37,7 +38,6 @@ from speccascade.eval.sweep import device_name
 from speccascade.eval.tasks import get_task
 from speccascade.models import make_backend
 from speccascade.models.base import reserve_request
-from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 
 
 def surprisal_minus_entropy(model, prompt: list[int], output: list[int], temperature: float) -> list[float]:
@@ -56,11 +56,9 @@ def surprisal_minus_entropy(model, prompt: list[int], output: list[int], tempera
 
 def summary(d: list[float]) -> dict:
     """Mean of d, its standard error and z = mean / se."""
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
-    se = math.sqrt(var / n)
-    return {"tokens": n, "mean": mean, "se": se, "z": mean / se if se > 0 else None}
+    mean = statistics.fmean(d)
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    return {"tokens": len(d), "mean": mean, "se": se, "z": mean / se if se > 0 else None}
 
 
 def calibrate(d_be, v_model, v_be, prompts: list[list[int]], method: str, temperature: float, gamma: int,
@@ -81,12 +79,11 @@ def _shown(path) -> str:
 
 
 def main() -> None:
+    from speccascade.cli import _load_pair, _model_args, _pair_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--drafter", type=Path, default=None)
-    ap.add_argument("--verifier", type=Path, default=None)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
-    ap.add_argument("--backend", default=None, help="default: fused on a GPU, dynamic on a CPU")
+    _pair_args(ap)     # the pair and its tokenizer (the verifier's), loaded as `speccascade sweep` loads them
+    _model_args(ap)
     ap.add_argument("--examples", type=int, default=100)
     ap.add_argument("--methods", default="verifier_only,sd")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -96,25 +93,20 @@ def main() -> None:
     args = ap.parse_args()
     if not args.temperature > 0:
         ap.error("--temperature must be > 0: at T = 0 nothing is sampled")
-    cuda = args.device.startswith("cuda")
-    if not cuda:
+    if not args.device.startswith("cuda"):
         torch.set_num_threads(1)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    backend = args.backend or ("fused" if cuda else "dynamic")
-    d_dir, v_dir = (args.drafter, args.verifier) if args.verifier else embedded_pair_dirs("tiny")
-    tok = load_tokenizer(v_dir if (Path(v_dir) / "tokenizer.json").exists() else TOKENIZER_DIR)
+    d_model, v_model, tok, (d_dir, v_dir) = _load_pair(args)
     task = get_task()
     prompts = [task.encode(tok, ex.input) for ex in task.examples(args.examples)]
-    d_model, v_model = (load_causal_lm(p, device=args.device, dtype=dtype) for p in (d_dir, v_dir))
-    d_be, v_be = make_backend(d_model, "drafter", backend), make_backend(v_model, "verifier", backend)
+    d_be, v_be = make_backend(d_model, "drafter", args.backend), make_backend(v_model, "verifier", args.backend)
     for be in (d_be, v_be):
         reserve_request(be, 1, max(map(len, prompts)), args.max_new_tokens, args.gamma)
     rows = [calibrate(d_be, v_model, v_be, prompts, m, args.temperature, args.gamma, args.max_new_tokens,
                       task.eos_token_id(tok)) for m in args.methods.split(",")]
     rec = {"benchmark": "sampler_calibration", "card": device_name(torch.device(args.device)),
            "cpu": platform.machine(),
-           "torch": torch.__version__, "speccascade": speccascade.__version__, "dtype": str(dtype).split(".")[-1],
-           "backend": backend, "drafter": _shown(d_dir), "verifier": _shown(v_dir), "examples": len(prompts),
+           "torch": torch.__version__, "speccascade": speccascade.__version__, "dtype": args.dtype,
+           "backend": args.backend, "drafter": _shown(d_dir), "verifier": _shown(v_dir), "examples": len(prompts),
            "temperature": args.temperature, "gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
            "threads": torch.get_num_threads(), "methods": rows,
            "note": "mean of -log p(x) - H(p) over every generated token, p the verifier's distribution "

@@ -27,6 +27,10 @@ For each `sd` cell (γ of the cell, batch 1):
   step (``per_step_s``: an `sd` block's and a `verifier_only` step's wall, pre-fills taken out, against
   their model calls) with the host's waits near the end (``end_waits``, in records made since they are
   counted).
+
+And for every other speculative cell (``blocks``): its wall over its blocks beside the same run's `sd`
+cell's (same temperature, gamma, worker and seed), the difference being what a block of that method
+costs more than `sd`'s (run 19 of the deep pair: the cascades' extra drafter call beside the verifier's).
 """
 
 from __future__ import annotations
@@ -144,7 +148,21 @@ def analyse(records: list[dict]) -> dict:
             row["examples"] = len(v_stats)
             row["bleu"], row["verifier_only_bleu"] = r["quality"]["bleu"], ref["quality"]["bleu"]
         out.append(row)
-    return {"sd": out}
+    return {"sd": out, "blocks": block_costs(cells)}
+
+
+def block_costs(cells: list[dict]) -> list[dict]:
+    """Each speculative cell's wall a block (pre-fills and all, as a sweep times it) and its excess over
+    the `sd` cell of the same temperature, gamma, worker and seed."""
+    def where(r):
+        return r["temperature"], r["gamma"], r.get("worker", 0), r.get("seed", 0)
+
+    per_block = {id(r): r["latency_s"] / r["stats"]["blocks"] for r in cells if r["stats"].get("blocks")}
+    sd = {where(r): per_block[id(r)] for r in cells if r["method"] == "sd" and id(r) in per_block}
+    return [{"method": r["method"], "alpha": r.get("alpha"), "temperature": r["temperature"], "gamma": r["gamma"],
+             "seed": r.get("seed", 0), "blocks": r["stats"]["blocks"], "block_s": per_block[id(r)],
+             "over_sd_s": per_block[id(r)] - sd[where(r)] if where(r) in sd else None}
+            for r in cells if r["method"] != "sd" and id(r) in per_block]
 
 
 def main() -> None:

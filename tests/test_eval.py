@@ -616,6 +616,13 @@ def test_sd_speedup_analysis_steps_reach_the_measured_speedup_when_the_model_is_
     rows = sa.analyse([cost, base, sd, base | s1 | {"latency_s": base_wall * 1.2}, sd | s1])["sd"]
     assert [(r["seed"], r["measured_speedup"]) for r in rows] == [
         (0, pytest.approx(base_wall / sd_wall)), (1, pytest.approx(1.2 * base_wall / sd_wall))]
+    # another speculative method's block against sd's of the same run (temperature, gamma, worker, seed)
+    diff = sd | {"method": "diff", "alpha": 0.0, "latency_s": sd_wall * 1.05,
+                 "stats": sd["stats"] | {"blocks": blocks - 10}}
+    (cost_row,) = sa.analyse([cost, base, sd, diff])["blocks"]
+    assert cost_row["method"] == "diff" and cost_row["block_s"] == pytest.approx(sd_wall * 1.05 / (blocks - 10))
+    assert cost_row["over_sd_s"] == pytest.approx(sd_wall * 1.05 / (blocks - 10) - sd_wall / blocks)
+    assert sa.analyse([cost, base, diff | {"seed": 1}])["blocks"][0]["over_sd_s"] is None   # no sd of its seed
 
 
 def test_sd_lossless_check_pools_runs_and_flags_a_biased_sd(monkeypatch, tmp_path):

@@ -140,9 +140,11 @@ def pool_seeds(records: list[dict], notes: list | None = None) -> list[dict]:
         # the baseline's where the values are measured, and the same weights for a what-if's predicted ones
         weights = [base[group + (k,)]["latency_s"] for k in seeds]
         relative = sum(r["relative_latency"] * w for r, w in zip(rows, weights)) / sum(weights)
-        out.append(first | {"seed": None, "seeds": seeds, "quality": quality, "quality_stats": quality_stats,
-                            "latency_s": sum(r["latency_s"] for r in rows), "relative_latency": relative,
-                            "rejection_rate": statistics.fmean(r.get("rejection_rate") or 0.0 for r in rows)})
+        pooled = first | {"seed": None, "seeds": seeds, "quality": quality, "quality_stats": quality_stats,
+                          "latency_s": sum(r["latency_s"] for r in rows), "relative_latency": relative,
+                          "rejection_rate": statistics.fmean(r.get("rejection_rate") or 0.0 for r in rows)}
+        pooled.pop("stats", None)   # one seed's counters would pass for the point's: the cells keep theirs
+        out.append(pooled)
     return out
 
 
