@@ -33,8 +33,8 @@
 # TEMPERATURES ("0 1": the sweep's, in this order), SEEDS ("0": each sampled cell once a seed; T = 0 runs the first
 # only; the report pools them), EXTRA_GAMMAS (3,8: the block sizes swept after Table 2's gamma 5, in this order),
 # METHODS (all; none: no sweep of the token drafter), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
-# CALIBRATION (0; 1: benchmarks/sampler_calibration.py on the pair, after the sweeps), ARITHMETIC (0; 1: the
-# block's arithmetic and kernels on the trained pair's vocabulary, last),
+# ARITHMETIC (0; 1: the block's arithmetic and kernels on the trained pair's vocabulary, after the sweeps),
+# CALIBRATION (0; 1: benchmarks/sampler_calibration.py on the pair, last),
 # EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair;
 # first: before the sweep; end_wait: only benchmarks/end_wait.py, after the sweep; 0: not at all),
 # COSTS_FIRST (0: 1 measures the machine's call costs first, below; COSTS_AUTOTUNE=0 leaves out its
@@ -481,24 +481,25 @@ for g in $(echo "${EXTRA_GAMMAS-3,8}" | tr , " "); do   # (EXTRA_GAMMAS= : none)
       "${grid[@]}" --gammas "$g" --workers "$GPUS" --out "$dir/sweep.jsonl"
 done
 [ ${#parts[@]} -gt 2 ] && sweep_part "${parts[2]}" "${parts[3]}"
-# CALIBRATION=1: is the sweep's sampling the verifier's law on this pair? (benchmarks/sampler_calibration.py:
-# verifier_only and sd at T = 1 with the sweep's drafter, the mean over every generated token of its
-# surprisal minus the entropy of the verifier's distribution, recomputed teacher-forced: 0 within noise for
-# a lossless decode; CALIBRATION_EXAMPLES verses, 300; ~1.5 minutes)
+# ARITHMETIC=1, after the sweeps and before the calibration (run 20's session ended before it): where a
+# block's time outside its priced model calls goes, on the trained pair's vocabulary (benchmarks/call_costs.py:
+# the block's arithmetic on stand-in models for sd, diff and opt_log at T = 0 and 1, with its kernels, and the
+# verifier's kernels at widths 1 and 6; ~1.5 minutes)
+if [ "${ARITHMETIC:-0}" = 1 ] && [ -d "$dir/drafter" ]; then
+  (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
+   stage block_arithmetic python benchmarks/call_costs.py "${pair[@]}" --device "$DEVICE" --examples "$EXAMPLES" \
+       $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --widths 1,6 --rounds 1 --profile \
+       --arithmetic-methods sd,diff,opt_log --out "$dir/block_arithmetic.json")
+fi
+# CALIBRATION=1, last (a cut loses only it): is the sweep's sampling the verifier's law on this pair?
+# (benchmarks/sampler_calibration.py: verifier_only and sd at T = 1 with the sweep's drafter, the mean over
+# every generated token of its surprisal minus the entropy of the verifier's distribution, recomputed
+# teacher-forced: 0 within noise for a lossless decode; CALIBRATION_EXAMPLES verses, 300; ~1.5 minutes)
 if [ "${CALIBRATION:-0}" = 1 ] && [ -d "$dir/verifier" ]; then
   (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage calibration python benchmarks/sampler_calibration.py --drafter "${fdrafter:-$dir/drafter}" \
        --verifier "$dir/verifier" --device "$DEVICE" $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") \
        --backend "$BACKEND" --examples "${CALIBRATION_EXAMPLES:-300}" --max-new-tokens "${MAX_NEW_TOKENS:-128}" \
        --out "$dir/calibration.json")
-fi
-# ARITHMETIC=1, last (a cut loses only it): where a block's time outside its priced model calls goes, on the
-# trained pair's vocabulary (benchmarks/call_costs.py: the block's arithmetic on stand-in models for sd, diff
-# and opt_log at T = 0 and 1, with its kernels, and the verifier's kernels at widths 1 and 6; ~1.5 minutes)
-if [ "${ARITHMETIC:-0}" = 1 ] && [ -d "$dir/drafter" ]; then
-  (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
-   stage block_arithmetic python benchmarks/call_costs.py "${pair[@]}" --device "$DEVICE" --examples "$EXAMPLES" \
-       $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --widths 1,6 --rounds 1 --profile \
-       --arithmetic-methods sd,diff,opt_log --out "$dir/block_arithmetic.json")
 fi
 echo "$(date -u +%FT%TZ) all done" >> "$dir/stages.log"
