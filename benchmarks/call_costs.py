@@ -30,6 +30,12 @@ Two more measurements say where a block's time goes beyond its model calls:
   dearer than its step (b = 1.17 in run 6, 1.04 in run 4) can be pinned on the kernels that make it so
   (run 7's did: an unaligned attention kernel, see ``models.fused.CACHE_ALIGN``); and the kernels of
   each ``--arithmetic-methods`` block (``block_arithmetic_kernels``: run 7 timed sd's at 0.092 ms).
+* ``--split-argmax both``: the block's arithmetic (and its kernels) timed with the vocabulary's argmaxes
+  split into chunks (``sampling.wide_argmax``, the default) and whole (``SPECCASCADE_SPLIT_ARGMAX=0``),
+  in the same process: ``block_arithmetic_s`` and ``block_arithmetic_whole_argmax_s``.
+
+The arithmetic runs on the verifier's vocabulary (its folder's tokenizer; the shipped one where the
+folder has none, as with random weights).
 """
 
 from __future__ import annotations
@@ -46,13 +52,13 @@ from pathlib import Path
 import torch
 
 import speccascade
-from speccascade import runner
+from speccascade import loop, runner, sampling
 from speccascade.eval.sweep import device_name
 from speccascade.eval.tasks import get_task
 from speccascade.loop import DecodeRequest, DecodeState, speculative_block
 from speccascade.models import make_backend
 from speccascade.models.base import reserve_request
-from speccascade.models.loading import TOKENIZER_DIR, load_causal_lm, load_tokenizer
+from speccascade.models.loading import TOKENIZER_DIR, TOKENIZER_FILES, load_causal_lm, load_tokenizer
 from speccascade.models.timing import call_seconds, fn_seconds
 from speccascade.registry import get_method
 from speccascade.sampling import SamplingConfig
@@ -232,6 +238,9 @@ def main() -> None:
     ap.add_argument("--arithmetic-methods", default="sd,diff,opt_log,token_v3",
                     help="speculative methods whose block arithmetic is timed (empty: none)")
     ap.add_argument("--profile", action="store_true", help="the verifier's kernels at width 1 and gamma + 1")
+    ap.add_argument("--split-argmax", default="on", choices=["on", "off", "both"],
+                    help="the block's arithmetic with the vocabulary's argmaxes split into chunks (on: the "
+                         "default, sampling.wide_argmax), whole (off), or both in turn")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if (args.drafter is None) != (args.verifier is None):
@@ -248,14 +257,22 @@ def main() -> None:
                          profile_widths=[1, args.gamma + 1] if args.profile else None)
     methods = [m for m in args.arithmetic_methods.split(",") if m]
     if methods:
-        tok = load_tokenizer(TOKENIZER_DIR)
+        folder = args.verifier if args.verifier and any((args.verifier / f).is_file() for f in TOKENIZER_FILES) \
+            else TOKENIZER_DIR
+        tok = load_tokenizer(folder)
         result["block_arithmetic_gamma"] = args.gamma
-        arithmetic = block_arithmetic(methods, len(tok), args.gamma, get_task().eos_token_id(tok),
-                                      args.device, args.rounds, args.repeats, profile=args.profile)
-        if args.profile:
-            result["block_arithmetic_kernels"] = arithmetic["kernels"]
-            arithmetic = arithmetic["seconds"]
-        result["block_arithmetic_s"] = arithmetic
+        result["block_arithmetic_vocab"] = len(tok)
+        for split in {"on": [True], "off": [False], "both": [True, False]}[args.split_argmax]:
+            sampling.SPLIT_ARGMAX = split
+            loop._COMPILED.clear()   # the compiled arithmetic read the switch: compile it again
+            torch._dynamo.reset()
+            arithmetic = block_arithmetic(methods, len(tok), args.gamma, get_task().eos_token_id(tok),
+                                          args.device, args.rounds, args.repeats, profile=args.profile)
+            key = "block_arithmetic" if split else "block_arithmetic_whole_argmax"
+            if args.profile:
+                result[f"{key}_kernels"] = arithmetic["kernels"]
+                arithmetic = arithmetic["seconds"]
+            result[f"{key}_s"] = arithmetic
     record = {"benchmark": "call_costs", "card": device_name(torch.device(args.device)),
               "weights": "trained: " + str(args.verifier) if args.verifier else f"random ({args.preset} shapes)",
               "dtype": args.dtype, "backend": backend, "torch": torch.__version__,
@@ -265,7 +282,8 @@ def main() -> None:
               "inductor_env": {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")}} | result
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    shown = ("card", "weights", "c", "b_by_width", "block_arithmetic_s")
+    shown = ("card", "weights", "c", "b_by_width", "block_arithmetic_vocab", "block_arithmetic_s",
+             "block_arithmetic_whole_argmax_s")
     print(json.dumps({k: record[k] for k in shown if k in record}, indent=2))
 
 

@@ -32,7 +32,8 @@
 # English sides translated, kjv,web adds the World English Bible's text of the same verses), EXAMPLES (500), PRESET (deep),
 # TEMPERATURES ("0 1": the sweep's, in this order), SEEDS ("0": each sampled cell once a seed; T = 0 runs the first
 # only; the report pools them), EXTRA_GAMMAS (3,8: the block sizes swept after Table 2's gamma 5, in this order),
-# METHODS (all; none: no sweep of the token drafter), ALPHAS (the grid, below), SKIP_TESTS (0), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
+# METHODS (all; none: no sweep of the token drafter), ALPHAS (the grid, below), SKIP_TESTS (0), GPU_TESTS (all: a
+# pytest -k expression choosing the GPU tests), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
 # ARITHMETIC (0; 1: the block's arithmetic and kernels on the trained pair's vocabulary, after the sweeps),
 # CALIBRATION (0; 1: benchmarks/sampler_calibration.py on the pair, last),
 # EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair;
@@ -161,7 +162,7 @@ warm() {
   if [ "$SKIP_TESTS" != 1 ] && [ "$SIDE" -eq 0 ]; then
     # (at most 11 minutes: a hung test must not hold the sweep; cut, it leaves no summary, and the sweep
     # then runs without the bonus draft beside the verifier, below)
-    stage pytest_gpu timeout 660 python -m pytest tests/test_gpu.py -rA -p no:cacheprovider
+    stage pytest_gpu timeout 660 python -m pytest tests/test_gpu.py -rA -p no:cacheprovider ${GPU_TESTS:+-k "$GPU_TESTS"}
   elif [ "$SKIP_TESTS" != 1 ]; then
     stage gpu_smoke python -m pytest tests/test_gpu.py -x -q -p no:cacheprovider \
         -k "captured_greedy or host_driven or fused_t5"
@@ -309,7 +310,8 @@ distill_at() {  # distill_at GPU SEED TEMPERATURE...: the verifier's translation
 distill_rc=$?
 # the side GPU, beside the drafter's training: the GPU tests on this engine (they end before the sweep)
 if [ "$SKIP_TESTS" != 1 ] && [ "$SIDE" -ne 0 ]; then
-  (export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); stage pytest_gpu timeout 660 python -m pytest tests/test_gpu.py -rA -p no:cacheprovider) &
+  (export CUDA_VISIBLE_DEVICES=$(gpu_id $SIDE); stage pytest_gpu timeout 660 python -m pytest tests/test_gpu.py -rA \
+       -p no:cacheprovider ${GPU_TESTS:+-k "$GPU_TESTS"}) &
   side_pid=$!
 fi
 
@@ -347,6 +349,11 @@ if grep -qE "^(FAILED|ERROR) .*(beside|law_on_gpu)" "$dir"/pytest_gpu.log "$dir"
   export SPECCASCADE_BONUS_DRAFT_BESIDE=0
 fi
 echo "$(date -u +%FT%TZ) a cascade's bonus draft beside the verifier: ${SPECCASCADE_BONUS_DRAFT_BESIDE:-1}" >> "$dir/stages.log"
+# the vocabulary's argmaxes split into chunks (sampling.wide_argmax): where its GPU tests failed, whole
+if grep -qE "^(FAILED|ERROR) .*split_argmax" "$dir"/pytest_gpu.log 2>/dev/null; then
+  export SPECCASCADE_SPLIT_ARGMAX=0
+fi
+echo "$(date -u +%FT%TZ) the vocabulary's argmaxes split into chunks: ${SPECCASCADE_SPLIT_ARGMAX:-1}" >> "$dir/stages.log"
 [ $pair_rc -ne 0 ] && { echo "the pair failed (rc=$pair_rc): no sweep" >> "$dir/stages.log"; exit $pair_rc; }
 
 pair=(--drafter "$dir/drafter" --verifier "$dir/verifier")
@@ -484,12 +491,12 @@ done
 # ARITHMETIC=1, after the sweeps and before the calibration (run 20's session ended before it): where a
 # block's time outside its priced model calls goes, on the trained pair's vocabulary (benchmarks/call_costs.py:
 # the block's arithmetic on stand-in models for sd, diff and opt_log at T = 0 and 1, with its kernels, and the
-# verifier's kernels at widths 1 and 6; ~1.5 minutes)
+# verifier's kernels at widths 1 and 6; with the vocabulary's argmaxes split and whole; ~2 minutes)
 if [ "${ARITHMETIC:-0}" = 1 ] && [ -d "$dir/drafter" ]; then
   (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage block_arithmetic python benchmarks/call_costs.py "${pair[@]}" --device "$DEVICE" --examples "$EXAMPLES" \
        $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --widths 1,6 --rounds 1 --profile \
-       --arithmetic-methods sd,diff,opt_log --out "$dir/block_arithmetic.json")
+       --arithmetic-methods sd,diff,opt_log --split-argmax both --out "$dir/block_arithmetic.json")
 fi
 # CALIBRATION=1, last (a cut loses only it): is the sweep's sampling the verifier's law on this pair?
 # (benchmarks/sampler_calibration.py: verifier_only and sd at T = 1 with the sweep's drafter, the mean over

@@ -537,6 +537,10 @@ def test_a_rerun_with_other_settings_is_refused(shipped, tmp_path):
     with pytest.raises(SweepFileError, match="computed with bonus_draft_beside=True, but this run has "
                                              "bonus_draft_beside=False"):
         check_settings_match(out, gpu_records, dict(gpu_sig, bonus_draft_beside=False))
+    # and whether the vocabulary's argmaxes were split into chunks (sampling.wide_argmax: its timing)
+    assert {r["signature"]["split_argmax"] for r in records} == {True}
+    with pytest.raises(SweepFileError, match="computed with split_argmax=True, but this run has split_argmax=False"):
+        check_settings_match(out, records, dict(records[0]["signature"], split_argmax=False))
     # the same settings: nothing recomputed
     assert run_sweep(*shipped, get_task(), cfg, out, progress=False) == first
 

@@ -90,6 +90,37 @@ def test_captured_block_law_on_gpu(name, alpha, compile):
     assert runner.graph_cache(pair[3]), "the block was not captured"
 
 
+@pytest.mark.parametrize("name,alpha", [("sd", None), ("diff", 0.05)])
+def test_captured_block_law_with_the_split_argmax_on_gpu(name, alpha, monkeypatch):
+    """The captured, compiled block with its argmaxes split into chunks (sampling.wide_argmax; V = 4 in
+    chunks of 2, as a 49,152-token row in chunks of 1,024) against Algorithm 4's law."""
+    from speccascade import loop, runner, sampling
+
+    monkeypatch.setattr(sampling, "ARGMAX_CHUNK", 2)
+    monkeypatch.setattr(loop, "_COMPILED", {})   # compiled afresh under the patched chunk
+    torch._dynamo.reset()
+    pair = fused_pair(compile=True)
+    check_loop_law(name, alpha, *pair)
+    assert runner.graph_cache(pair[3]), "the block was not captured"
+    torch._dynamo.reset()
+
+
+def test_split_argmax_compiled_on_gpu_is_argmax():
+    """On the GPU and compiled, as the block runs it: the split argmax of 49,152-token rows (random,
+    bf16 rounded to many ties, a maximum at a chunk's border) is torch.argmax's index."""
+    from speccascade.sampling import wide_argmax
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = [torch.randn(1, 49152, device="cuda", generator=g), torch.randn(6, 49152, device="cuda", generator=g),
+            torch.randn(2, 49152, device="cuda", generator=g).bfloat16().float().round(),
+            torch.full((1, 50000), -3.0, device="cuda")]
+    rows[3][0, [2047, 2048, 49999]] = 1.0
+    split = torch.compile(wide_argmax)
+    for x in rows:
+        assert torch.equal(split(x), x.argmax(-1))
+    assert split(rows[3]).item() == 2047
+
+
 @pytest.mark.parametrize("name,temperature", [("diff", 1.0), ("opt_log", 0.0), ("token_v3", 1.0)])
 def test_bonus_draft_beside_the_verifier_on_gpu(name, temperature, monkeypatch):
     """In a captured, compiled block a cascade's call at the bonus position runs on a second stream

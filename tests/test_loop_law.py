@@ -170,3 +170,35 @@ def test_bonus_draft_beside_only_where_the_block_makes_that_call():
     assert not loop.bonus_draft_beside(cuda, cuda, req("sd"), compiled=True)
     split = type("Split", (), {"device": torch.device("cuda"), "tp": 2})()
     assert not loop.bonus_draft_beside(cuda, split, req("diff"), compiled=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("name,temperature", [("sd", 1.0), ("diff", 1.0), ("opt_log", 0.7), ("token_v3", 1.0)])
+def test_loop_law_with_the_split_argmax(name, temperature, chunk, monkeypatch):
+    """The block's argmaxes (greedy tokens, exponential races) taken over chunks of the vocabulary, as a
+    49,152-token row is taken in chunks of 1,024 (sampling.wide_argmax): here V = 4 in chunks of 1 or 2.
+    (The padded last chunk, V not a multiple: test_rules.)"""
+    from speccascade import sampling
+
+    monkeypatch.setattr(sampling, "ARGMAX_CHUNK", chunk)
+    out = run(name, 2, temperature=temperature)
+    law = algorithm4_law(*reference_parts(name, ALPHA[name], temperature), gamma=2, prompt=PROMPT, n=N_TOKENS)
+    assert chi2_pvalue(empirical(out.tokens), law, N_ROWS) > LEVEL
+
+
+@pytest.mark.parametrize("name,temperature", [("sd", 1.0), ("diff", 0.0), ("opt_log", 1.0)])
+def test_the_split_argmax_draws_the_same_tokens(name, temperature, monkeypatch):
+    """Split or not, the argmax is the same index, so a seed gives the same tokens and counters."""
+    from speccascade import sampling
+
+    monkeypatch.setattr(sampling, "SPLIT_ARGMAX", False)
+    whole = run(name, 3, temperature=temperature, seed=7)
+    monkeypatch.setattr(sampling, "SPLIT_ARGMAX", True)
+    monkeypatch.setattr(sampling, "ARGMAX_CHUNK", 2)
+    calls = []
+    real = torch.Tensor.unflatten
+    monkeypatch.setattr(torch.Tensor, "unflatten", lambda self, *a: calls.append(a) or real(self, *a))
+    split = run(name, 3, temperature=temperature, seed=7)
+    assert calls, "no argmax was split"
+    assert split.tokens == whole.tokens
+    assert split.stats.accepted == whole.stats.accepted and split.stats.blocks == whole.stats.blocks

@@ -169,3 +169,32 @@ def test_greedy_noise_is_ones_and_draws_nothing():
     one_hot = torch.zeros(2, 7).index_fill_(1, torch.tensor([3]), 1.0)
     assert draw_with(one_hot, noise).tolist() == [3, 3]
     assert not torch.equal(exponential_noise(like.shape, like, g), torch.ones(2, 7))
+
+
+@pytest.mark.parametrize("V", [2047, 2048, 2049, 3000, 8000, 49152])
+def test_the_split_argmax_is_argmax_ties_and_infinities_included(V):
+    """A row's argmax taken over chunks of ARGMAX_CHUNK and then over the chunks (sampling.wide_argmax)
+    gives torch.argmax's index, the first maximum: on random rows, rows of many ties (integers 0-2: the
+    first 2 wins, whichever chunk it is in), a maximum in the padded last chunk, all -inf rows (0), and
+    a maximum repeated at a chunk's border."""
+    from speccascade import sampling
+
+    g = torch.Generator().manual_seed(V)
+    rows = [torch.randn(3, V, generator=g), torch.randint(0, 3, (2, 6, V), generator=g).float(),
+            torch.full((2, V), float("-inf")), torch.full((1, V), -5.0)]
+    rows[2][1, -1] = 0.0            # the last entry, in the padded chunk where V is not a multiple
+    rows[3][0, [1023, 1024]] = 7.0  # the same maximum either side of the first chunk's border
+    for x in rows:
+        assert torch.equal(sampling.wide_argmax(x), x.argmax(-1)), (V, x.shape)
+    assert sampling.wide_argmax(rows[3]).item() == 1023
+    # split only where the row is long (V >= 2 chunks); off with SPLIT_ARGMAX (SPECCASCADE_SPLIT_ARGMAX=0)
+    assert (V >= 2 * sampling.ARGMAX_CHUNK) == (V >= 2048)
+
+
+def test_the_split_argmax_runs_compiled():
+    """The form the block compiles: the same index under torch.compile."""
+    from speccascade.sampling import wide_argmax
+
+    x = torch.randn(2, 6, 5000, generator=torch.Generator().manual_seed(1))
+    x[1, 2, 4999] = 100.0
+    assert torch.equal(torch.compile(wide_argmax)(x), x.argmax(-1))

@@ -55,7 +55,7 @@ from .models.base import Backend, first_pending, prefill_calls
 from .registry import MethodSpec
 from .rules import Dists
 from .runner import StepSync, run_steps, step_flags
-from .sampling import SamplingConfig, confidence_probs, draw_with, exponential_noise, sampling_probs
+from .sampling import SamplingConfig, confidence_probs, draw_with, exponential_noise, sampling_probs, wide_argmax
 from .stats import Stats
 from .verify import verify_block
 
@@ -435,7 +435,7 @@ def draft_token(logits: torch.Tensor, noise: torch.Tensor | None, cfg: SamplingC
     probs = sampling_probs(logits, cfg)
     if not draw:
         return probs, None
-    return probs, (logits.float().argmax(-1) if cfg.greedy else draw_with(probs, noise))
+    return probs, (wide_argmax(logits.float()) if cfg.greedy else draw_with(probs, noise))
 
 
 def finish_block(drafter: Backend, verifier: Backend, state: DecodeState, req: DecodeRequest, alpha,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .registry import AlphaRange, register
+from .sampling import wide_argmax
 
 INF = math.inf
 LENIENCE = AlphaRange(0.0, 1.0, high_open=True, default=0.3,
@@ -180,7 +181,7 @@ def bild_discrepancy(d: Dists) -> torch.Tensor:
     """BiLD's D(q, p).  # [...]"""
     log_p = torch.log(d.target_conf)
     if d.greedy:
-        return -log_p.gather(-1, d.draft_conf.argmax(-1, keepdim=True)).squeeze(-1)
+        return -log_p.gather(-1, wide_argmax(d.draft_conf).unsqueeze(-1)).squeeze(-1)
     return -(d.draft_conf * log_p).nan_to_num(nan=0.0, neginf=-INF).sum(-1)
 
 

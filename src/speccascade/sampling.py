@@ -8,12 +8,18 @@ probabilities need not be normalised, and a Bernoulli draw is ``u < prob`` with 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from .checks import as_int, as_real
 from .errors import SpecCascadeError
+
+#: A row's argmax over the vocabulary (a greedy token, an exponential race) is taken in chunks of this
+#: many entries and then over the chunks (:func:`wide_argmax`); SPECCASCADE_SPLIT_ARGMAX=0 turns it off.
+ARGMAX_CHUNK = 1024
+SPLIT_ARGMAX = os.environ.get("SPECCASCADE_SPLIT_ARGMAX", "1") != "0"
 
 #: The smallest temperature that is sampled from; 0 < T < MIN_TEMPERATURE is refused (logits / T
 #: overflows float32 and the softmax turns into NaN, which used to emit pad tokens). T = 0 is greedy.
@@ -59,7 +65,7 @@ def sampling_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """The sampling distribution: tempered, top-k / top-p filtered, float32.  # [..., V]"""
     logits = logits.float()
     if cfg.greedy:  # one-hot on the argmax (a scatter: F.one_hot checks its input on the host)
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return torch.zeros_like(logits).scatter_(-1, wide_argmax(logits).unsqueeze(-1), 1.0)
     if cfg.temperature != 1.0:
         logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
@@ -107,7 +113,25 @@ def exponential_noise(shape, like: torch.Tensor, generator: torch.Generator | No
 
 def draw_with(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The exponential race with given Exp(1) ``noise`` (same shape as ``probs``).  # [...] long"""
-    return (probs / noise).argmax(-1)
+    return wide_argmax(probs / noise)
+
+
+def wide_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)``, the index of each row's first maximum, as two reductions where the row is
+    long: the maximum and its first index within each chunk of ``ARGMAX_CHUNK`` entries (the row
+    padded with -inf), then the first chunk holding the largest of them. The same index as
+    ``argmax``, ties and all-(-inf) rows included (tested). Why: torch.compile splits a long sum or
+    max over several GPU programs but never an argmax, so at batch 1 a 49,152-token row is read by one
+    program; a block takes γ + 1 such argmaxes or more.  # [..., V] -> [...] long"""
+    V = x.shape[-1]
+    if not SPLIT_ARGMAX or V < 2 * ARGMAX_CHUNK:
+        return x.argmax(-1)
+    chunks = -(-V // ARGMAX_CHUNK)
+    if chunks * ARGMAX_CHUNK > V:
+        x = torch.nn.functional.pad(x, (0, chunks * ARGMAX_CHUNK - V), value=float("-inf"))
+    best, where = x.unflatten(-1, (chunks, ARGMAX_CHUNK)).max(-1)            # [..., chunks]
+    chunk = best.argmax(-1, keepdim=True)                                   # [..., 1]
+    return (chunk * ARGMAX_CHUNK + where.gather(-1, chunk)).squeeze(-1)
 
 
 def uniform(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

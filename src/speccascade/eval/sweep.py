@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, loop, runner
+from .. import __version__, loop, runner, sampling
 from ..checks import as_int
 from ..errors import DeviceError, SpecCascadeError, SweepFileError
 from ..models import make_backend
@@ -168,7 +168,7 @@ class SweepConfig:
 #: The signature fields a sweep file's cells must share with a run that extends it: a cell computed
 #: under other settings would be reused as if computed under these (models are compared separately).
 SETTINGS = ("task", "examples", "examples_sha1", "max_new_tokens", "backend", "dtype", "device", "tp",
-            "bonus_draft_beside")
+            "bonus_draft_beside", "split_argmax")
 RECORD_TYPES = ("cell", "costs")
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -534,7 +534,9 @@ def run_sweep(drafter, verifier, tokenizer, task: Task, config: SweepConfig, out
                 "dtype": str(next(verifier.parameters()).dtype).removeprefix("torch."),
                 # where a captured block runs a cascade's bonus-position call (loop.bonus_draft_beside): timing
                 # (on a GPU; elsewhere the call always runs on the one stream)
-                "bonus_draft_beside": loop.BONUS_DRAFT_BESIDE and device.type == "cuda"}
+                "bonus_draft_beside": loop.BONUS_DRAFT_BESIDE and device.type == "cuda",
+                # the vocabulary's argmaxes split into chunks (sampling.wide_argmax): the same tokens, its own timing
+                "split_argmax": sampling.SPLIT_ARGMAX}
     check_context(drafter, verifier, tokenizer, task, examples, config)
     d_be, v_be = make_backend(drafter, "drafter", backend), make_backend(verifier, "verifier", backend)
     cells = config.cells() if cells is None else list(cells)
