@@ -241,8 +241,13 @@ def main() -> None:
     ap.add_argument("--split-argmax", default="on", choices=["on", "off", "both"],
                     help="the block's arithmetic with the vocabulary's argmaxes split into chunks (on: the "
                          "default, sampling.wide_argmax), whole (off), or both in turn")
+    ap.add_argument("--arithmetic-only", action="store_true",
+                    help="only the block's arithmetic (--arithmetic-methods; the models' calls are not timed: a "
+                         "sweep's costs record has them); the vocabulary is still the verifier's")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if args.arithmetic_only and not [m for m in args.arithmetic_methods.split(",") if m]:
+        ap.error("--arithmetic-only times the block's arithmetic: give --arithmetic-methods (e.g. sd,diff)")
     if (args.drafter is None) != (args.verifier is None):
         ap.error("give both --drafter and --verifier, or neither (random weights of --preset's shapes)")
     if args.device == "cpu":
@@ -250,11 +255,13 @@ def main() -> None:
     backend = args.backend or ("fused" if args.device.startswith("cuda") else "dynamic")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     widths = sorted({int(w) for w in args.widths.split(",")} | {1})
-    with tempfile.TemporaryDirectory() as tmp:
-        pair = (args.drafter, args.verifier) if args.drafter else save_random_pair(args.preset, Path(tmp))
-        result = measure(*pair, args.device, getattr(torch, args.dtype), backend, widths, args.rounds,
-                         args.repeats, args.max_new_tokens, args.examples,
-                         profile_widths=[1, args.gamma + 1] if args.profile else None)
+    result = {}
+    if not args.arithmetic_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            pair = (args.drafter, args.verifier) if args.drafter else save_random_pair(args.preset, Path(tmp))
+            result = measure(*pair, args.device, getattr(torch, args.dtype), backend, widths, args.rounds,
+                             args.repeats, args.max_new_tokens, args.examples,
+                             profile_widths=[1, args.gamma + 1] if args.profile else None)
     methods = [m for m in args.arithmetic_methods.split(",") if m]
     if methods:
         folder = args.verifier if args.verifier and any((args.verifier / f).is_file() for f in TOKENIZER_FILES) \
@@ -262,6 +269,7 @@ def main() -> None:
         tok = load_tokenizer(folder)
         result["block_arithmetic_gamma"] = args.gamma
         result["block_arithmetic_vocab"] = len(tok)
+        chosen = sampling.SPLIT_ARGMAX
         for split in {"on": [True], "off": [False], "both": [True, False]}[args.split_argmax]:
             sampling.SPLIT_ARGMAX = split
             loop._COMPILED.clear()   # the compiled arithmetic read the switch: compile it again
@@ -273,6 +281,7 @@ def main() -> None:
                 result[f"{key}_kernels"] = arithmetic["kernels"]
                 arithmetic = arithmetic["seconds"]
             result[f"{key}_s"] = arithmetic
+        sampling.SPLIT_ARGMAX = chosen
     record = {"benchmark": "call_costs", "card": device_name(torch.device(args.device)),
               "weights": "trained: " + str(args.verifier) if args.verifier else f"random ({args.preset} shapes)",
               "dtype": args.dtype, "backend": backend, "torch": torch.__version__,

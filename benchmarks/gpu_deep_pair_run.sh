@@ -34,7 +34,8 @@
 # only; the report pools them), EXTRA_GAMMAS (3,8: the block sizes swept after Table 2's gamma 5, in this order),
 # METHODS (all; none: no sweep of the token drafter), ALPHAS (the grid, below), SKIP_TESTS (0), GPU_TESTS (all: a
 # pytest -k expression choosing the GPU tests), BACKEND (fused: the sweep's), SWEEP_DTYPE (bfloat16), TEST_PAIRS (1000), WARM_PROCS (0),
-# ARITHMETIC (0; 1: the block's arithmetic and kernels on the trained pair's vocabulary, after the sweeps),
+# ARITHMETIC (0; 1: the block's arithmetic and kernels on the trained pair's vocabulary, after the sweeps;
+# ARITHMETIC_METHODS: sd,diff,opt_log; ARITHMETIC_ONLY=1: without the pair's call costs),
 # CALIBRATION (0; 1: benchmarks/sampler_calibration.py on the pair, last),
 # EXTRAS (1: after Table 2's methods, benchmarks/call_costs.py and benchmarks/end_wait.py on the trained pair;
 # first: before the sweep; end_wait: only benchmarks/end_wait.py, after the sweep; 0: not at all),
@@ -490,13 +491,15 @@ done
 [ ${#parts[@]} -gt 2 ] && sweep_part "${parts[2]}" "${parts[3]}"
 # ARITHMETIC=1, after the sweeps and before the calibration (run 20's session ended before it): where a
 # block's time outside its priced model calls goes, on the trained pair's vocabulary (benchmarks/call_costs.py:
-# the block's arithmetic on stand-in models for sd, diff and opt_log at T = 0 and 1, with its kernels, and the
-# verifier's kernels at widths 1 and 6; with the vocabulary's argmaxes split and whole; ~2 minutes)
+# the block's arithmetic on stand-in models for ARITHMETIC_METHODS (sd,diff,opt_log) at T = 0 and 1, with its
+# kernels, with the vocabulary's argmaxes split and whole, and, unless ARITHMETIC_ONLY=1, the pair's call costs
+# and the verifier's kernels at widths 1 and 6)
 if [ "${ARITHMETIC:-0}" = 1 ] && [ -d "$dir/drafter" ]; then
   (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
    stage block_arithmetic python benchmarks/call_costs.py "${pair[@]}" --device "$DEVICE" --examples "$EXAMPLES" \
        $([ "$DEVICE" = cuda ] && echo --dtype "$SWEEP_DTYPE") --widths 1,6 --rounds 1 --profile \
-       --arithmetic-methods sd,diff,opt_log --split-argmax both --out "$dir/block_arithmetic.json")
+       --arithmetic-methods "${ARITHMETIC_METHODS:-sd,diff,opt_log}" --split-argmax both \
+       $([ "${ARITHMETIC_ONLY:-0}" = 1 ] && echo --arithmetic-only) --out "$dir/block_arithmetic.json")
 fi
 # CALIBRATION=1, last (a cut loses only it): is the sweep's sampling the verifier's law on this pair?
 # (benchmarks/sampler_calibration.py: verifier_only and sd at T = 1 with the sweep's drafter, the mean over

@@ -733,3 +733,40 @@ def test_call_costs_times_the_block_arithmetic_on_stand_ins_that_run_algorithm_4
     assert any("argmax" in r["kernel"] for r in ops["top"])
     with pytest.raises(SystemExit, match="token_cascade.*does not run the speculative block"):
         cc.block_arithmetic(["token_cascade"], vocab, gamma, None, "cpu", rounds=1, repeats=2)
+
+
+def test_call_costs_times_the_arithmetic_on_the_verifiers_vocabulary_with_the_argmax_split_and_whole(tmp_path,
+                                                                                                      monkeypatch):
+    """``--arithmetic-only --split-argmax both``: no model is loaded or timed; the block's arithmetic runs on
+    the vocabulary of the verifier folder's tokenizer (not the shipped one's), once with the vocabulary's
+    argmaxes split into chunks and once whole, each under its own key; the switch is left as it was."""
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from speccascade import sampling
+    from speccascade.models.loading import TOKENIZER_DIR
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import call_costs as cc
+
+    folder = tmp_path / "verifier"   # a verifier's folder holding a tokenizer of 3 more tokens than the shipped one
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
+    tok.add_tokens(["<x1>", "<x2>", "<x3>"])
+    tok.save_pretrained(folder)
+    shutil.copytree(folder, tmp_path / "drafter")
+    out = tmp_path / "costs.json"
+    monkeypatch.setattr(sys, "argv", ["call_costs.py", "--drafter", str(tmp_path / "drafter"),
+                                      "--verifier", str(folder), "--device", "cpu", "--arithmetic-only",
+                                      "--arithmetic-methods", "sd", "--split-argmax", "both", "--rounds", "1",
+                                      "--repeats", "1", "--out", str(out)])
+    before = sampling.SPLIT_ARGMAX
+    cc.main()
+    record = json.loads(out.read_text())
+    assert record["block_arithmetic_vocab"] == len(tok) == len(AutoTokenizer.from_pretrained(TOKENIZER_DIR)) + 3
+    for key in ("block_arithmetic_s", "block_arithmetic_whole_argmax_s"):
+        assert set(record[key]) == {"T=0", "T=1"} and record[key]["T=1"]["sd"] > 0
+    assert "c" not in record and sampling.SPLIT_ARGMAX == before
