@@ -35,7 +35,6 @@ from speccascade.eval.tasks import get_task, run_task
 from speccascade.loop import StepSync
 from speccascade.models import make_backend
 from speccascade.models.base import reserve_request
-from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
 
 #: mode: (flags read one step late, wait near the end, the verifier pre-filled first)
 MODES = {"late_with_wait": (True, True, True), "late_without_wait": (True, False, True), "at_once": (False, True, True),
@@ -43,12 +42,12 @@ MODES = {"late_with_wait": (True, True, True), "late_without_wait": (True, False
 
 
 def main() -> None:
+    from speccascade.cli import _load_pair, _model_args, _pair_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--drafter", type=Path, default=None)
-    ap.add_argument("--verifier", type=Path, default=None)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
-    ap.add_argument("--backend", default=None, help="default: fused on a GPU, dynamic on a CPU")
+    _pair_args(ap)     # the pair and its tokenizer (the verifier's), loaded as `speccascade sweep` loads them
+    _model_args(ap)
+    ap.set_defaults(dtype=None, backend=None)   # default: bfloat16 and fused on a GPU, float32 and dynamic on a CPU
     ap.add_argument("--examples", type=int, default=100)
     ap.add_argument("--size-examples", type=int, default=None,
                     help="size the caches for the longest of this many test verses (a sweep's --examples: the "
@@ -60,14 +59,13 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     if not cuda:
         torch.set_num_threads(1)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    backend = args.backend or ("fused" if cuda else "dynamic")
-    d_dir, v_dir = (args.drafter, args.verifier) if args.verifier else embedded_pair_dirs("tiny")
-    tok = load_tokenizer(TOKENIZER_DIR)   # the project's pairs share the embedded tokenizer
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    backend = args.backend = args.backend or ("fused" if cuda else "dynamic")
+    dtype = getattr(torch, args.dtype)
+    d_model, v_model, tok, (d_dir, v_dir) = _load_pair(args)
     task = get_task()
     inputs = [ex.input for ex in task.examples(args.examples)]
-    d_be, v_be = (make_backend(load_causal_lm(p, device=args.device, dtype=dtype), role, backend)
-                  for role, p in (("drafter", d_dir), ("verifier", v_dir)))
+    d_be, v_be = make_backend(d_model, "drafter", backend), make_backend(v_model, "verifier", backend)
     longest = max(len(task.encode(tok, ex.input)) for ex in task.examples(args.size_examples or args.examples))
     for be in (d_be, v_be):
         reserve_request(be, 1, longest, 128, 5)

@@ -27,14 +27,15 @@ import torch
 import speccascade as sc
 from speccascade.eval.tasks import get_task
 from speccascade.loop import NEAR_END_EOS_PROB, StepSync
-from speccascade.models.loading import TOKENIZER_DIR, embedded_pair_dirs, load_causal_lm, load_tokenizer
+from speccascade.models import make_backend
 
 
 def main() -> None:
+    from speccascade.cli import _load_pair, _model_args, _pair_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--drafter", type=Path, default=None)
-    ap.add_argument("--verifier", type=Path, default=None)
-    ap.add_argument("--device", default="cpu")
+    _pair_args(ap)     # the pair and its tokenizer (the verifier's), loaded as `speccascade sweep` loads them
+    _model_args(ap)
     ap.add_argument("--examples", type=int, default=150)
     ap.add_argument("--gamma", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -42,11 +43,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)
-    d_dir, v_dir = (args.drafter, args.verifier) if args.verifier else embedded_pair_dirs("tiny")
-    tok = load_tokenizer(TOKENIZER_DIR)   # the project's pairs share the embedded tokenizer
+    d, v, tok, (d_dir, v_dir) = _load_pair(args)
+    d_be, v_be = make_backend(d, "drafter", args.backend), make_backend(v, "verifier", args.backend)
     task = get_task()
     eos = task.eos_token_id(tok)
-    d, v = (load_causal_lm(p, device=args.device) for p in (d_dir, v_dir))
     StepSync.lagged = True
     cells = {f"{m} T={t:g}": (m, t) for t in (0.0, 1.0) for m in ("sd", "verifier_only")}
     past, wait_count, blocks = {k: [] for k in cells}, dict.fromkeys(cells, 0), dict.fromkeys(cells, 0)
@@ -55,7 +55,7 @@ def main() -> None:
         for ex in task.examples(args.examples):
             ids = task.encode(tok, ex.input)
             for key, (method, temperature) in cells.items():
-                out = sc.generate(d, v, [ids], method=method, gamma=args.gamma, temperature=temperature,
+                out = sc.generate(d_be, v_be, [ids], method=method, gamma=args.gamma, temperature=temperature,
                                   max_new_tokens=args.max_new_tokens, eos_token_id=eos, seed=0)
                 past[key].append(out.stats.steps_past_end)
                 wait_count[key] += out.stats.end_waits
