@@ -187,8 +187,23 @@ def test_the_split_argmax_is_argmax_ties_and_infinities_included(V):
     for x in rows:
         assert torch.equal(sampling.wide_argmax(x), x.argmax(-1)), (V, x.shape)
     assert sampling.wide_argmax(rows[3]).item() == 1023
-    # split only where the row is long (V >= 2 chunks); off with SPLIT_ARGMAX (SPECCASCADE_SPLIT_ARGMAX=0)
-    assert (V >= 2 * sampling.ARGMAX_CHUNK) == (V >= 2048)
+
+
+def test_the_argmax_is_split_only_where_the_row_is_long_and_the_switch_is_on(monkeypatch):
+    """Two chunks of ARGMAX_CHUNK or more: split (the row viewed as chunks); shorter, or with
+    SPLIT_ARGMAX off (SPECCASCADE_SPLIT_ARGMAX=0), the plain argmax."""
+    from speccascade import sampling
+
+    views = []
+    real = torch.Tensor.unflatten
+    monkeypatch.setattr(torch.Tensor, "unflatten", lambda self, *a: views.append(a) or real(self, *a))
+    sampling.wide_argmax(torch.randn(1, 2047))
+    assert views == []
+    sampling.wide_argmax(torch.randn(1, 2048))
+    assert views == [(-1, (2, 1024))]
+    monkeypatch.setattr(sampling, "SPLIT_ARGMAX", False)
+    sampling.wide_argmax(torch.randn(1, 49152))
+    assert len(views) == 1
 
 
 def test_the_split_argmax_runs_compiled():
