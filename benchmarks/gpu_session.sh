@@ -16,7 +16,7 @@ set -uo pipefail
 verb="${1:?start|wait}"; name="${2:?NAME}"; secs="${3:?SECONDS}"; shift 3
 job="runs/${name}_job"
 case "$verb" in
-  start) scripts/detached.sh start "$job" "$@" ;;
+  start) scripts/detached.sh start "$job" "$@" || exit $? ;;   # 5: a job already runs under NAME
   wait) ;;
   *) echo "usage: $0 start|wait NAME SECONDS [CMD...]" >&2; exit 2 ;;
 esac

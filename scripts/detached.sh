@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run a long job detached from the calling shell, then wait for it in later calls.
 #   scripts/detached.sh start DIR CMD...   start CMD (in its own session) logging to DIR/log; DIR/rc when it ends
+#                                          (a previous job's log and rc are cleared first; exit 5 if one still runs)
 #   scripts/detached.sh wait DIR SECONDS [DEST]   wait up to SECONDS for it to end; then copy DIR's files
 #                                                 (not folders) to DEST if given; exit 0 if ended, 3 if still running,
 #                                                 4 at once if DIR is not here (no job was started on this machine)
@@ -8,9 +9,15 @@ set -uo pipefail
 cmd="${1:?start|wait}"; dir="${2:?DIR}"; shift 2
 case "$cmd" in
   start)
-    mkdir -p "$dir"
+    # one job per DIR: a second start while the first runs would interleave their logs and statuses
+    if [ -f "$dir/pid" ] && [ ! -f "$dir/rc" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+      echo "a job is already running in $dir (pid $(cat "$dir/pid")): wait for it, or use another NAME" >&2; exit 5
+    fi
+    # a new job's status is its own: a start after an ended (or failed) one must not report the old rc
+    mkdir -p "$dir"; rm -f "$dir/rc" "$dir/log" "$dir/pid"
     setsid nohup bash -c 'cd "$0" && "${@:2}" > "$1/log" 2>&1; echo $? > "$1/rc"' "$PWD" "$dir" "$@" \
       < /dev/null > /dev/null 2>&1 &
+    echo $! > "$dir/pid"
     echo "started: $*" ;;
   wait)
     secs="${1:?SECONDS}"; dest="${2:-}"

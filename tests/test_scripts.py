@@ -37,6 +37,36 @@ def test_wait_for_a_running_job_says_so_after_its_seconds(tmp_path):
     assert _detached(tmp_path, "wait", "runs/slow_job", "30").returncode == 0
 
 
+def test_a_new_start_does_not_report_the_previous_jobs_status(tmp_path):
+    # run 21's session: a start whose GGUF check failed left rc = 1; the start after it (the parts complete)
+    # ran, but every wait read the old rc, reported "ended: rc=1" at once, and the machine went idle and
+    # was given back with the job
+    _detached(tmp_path, "start", "runs/again_job", "bash", "-c", "echo first; exit 1")
+    assert "ended: rc=1" in _detached(tmp_path, "wait", "runs/again_job", "30").stdout
+    _detached(tmp_path, "start", "runs/again_job", "bash", "-c", "echo second; while [ ! -f stop ]; do sleep 0.2; done")
+    try:
+        waited = _detached(tmp_path, "wait", "runs/again_job", "1")
+        assert waited.returncode == 3 and "still running" in waited.stdout, waited.stdout
+        assert "first" not in waited.stdout
+    finally:
+        (tmp_path / "stop").touch()
+    waited = _detached(tmp_path, "wait", "runs/again_job", "30")
+    assert waited.returncode == 0 and "ended: rc=0" in waited.stdout and "second" in waited.stdout
+
+
+def test_a_second_start_while_the_job_runs_is_refused(tmp_path):
+    _detached(tmp_path, "start", "runs/busy_job", "bash", "-c", "while [ ! -f stop ]; do sleep 0.2; done")
+    try:
+        again = _detached(tmp_path, "start", "runs/busy_job", "bash", "-c", "touch second_ran")
+        assert again.returncode == 5 and "already running in runs/busy_job" in again.stderr
+        time.sleep(0.5)
+        assert not (tmp_path / "second_ran").exists()
+        assert _detached(tmp_path, "wait", "runs/busy_job", "1").returncode == 3
+    finally:
+        (tmp_path / "stop").touch()
+    assert _detached(tmp_path, "wait", "runs/busy_job", "30").returncode == 0
+
+
 def test_wait_on_a_machine_without_the_job_ends_at_once(tmp_path):
     # a device machine given back between calls comes back fresh, without the job's folder: a wait there
     # used to spend all its seconds (585 in one session) before saying "still running"
