@@ -258,12 +258,14 @@ def verifier_batches(verifier, data, batch: int, seed: int, device) -> list:
 
 
 def train(drafter, verifier, cached: list, epochs: float, lr: float, seed: int, objective: str = "hard",
-          regression: float = 0.0) -> dict:
+          regression: float = 0.0, unroll: int = 0) -> dict:
     """``epochs`` passes over ``cached`` (AdamW, one-cycle); the token loss (``objective``) plus, with
     ``regression`` > 0, that weight times the relative squared error of the drafter's last hidden
     state against the verifier's feature at the same position: the library's loss
     (:func:`speccascade.train.trainer.feature_loss`, ``train --features``'s), with the KL alone (``kl``)
-    or the cross-entropy against the verifier's greedy token alone (``hard``) as the token loss."""
+    or the cross-entropy against the verifier's greedy token alone (``hard``) as the token loss; with
+    ``unroll`` = K > 0 (a feature drafter), averaged over a block's depths 0..K as the loop drafts them
+    (``train --feature-unroll``)."""
     from speccascade.train.trainer import feature_loss
 
     opt = torch.optim.AdamW(drafter.parameters(), lr=lr, weight_decay=0.0)
@@ -279,7 +281,8 @@ def train(drafter, verifier, cached: list, epochs: float, lr: float, seed: int, 
             teacher = verifier.lm_head(feats).float()
         targets = torch.where(scored, teacher.argmax(-1), -100)   # (hard: the verifier's greedy token)
         loss, reg = feature_loss(drafter.lm, {"input_ids": ids}, targets, teacher, feats, ids.device,
-                                 distill_weight=1.0 if objective == "kl" else 0.0, regression=regression)
+                                 distill_weight=1.0 if objective == "kl" else 0.0, regression=regression,
+                                 unroll=unroll if drafter.features else 0)
         if regression > 0:
             regs.append(reg.item())
         opt.zero_grad()
@@ -314,6 +317,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--objective", choices=("hard", "kl"), default="hard")
     ap.add_argument("--regression", type=float, default=1.0, help="the feature regression's weight (its variant)")
+    ap.add_argument("--unroll", type=int, default=0,
+                    help="the feature variants also train a block's next K drafts, each reading the drafter's own "
+                         "state (EAGLE-3's training-time test, `train --feature-unroll`; default 0)")
     ap.add_argument("--gamma", type=int, default=5, help="the block's drafts (0: no block measurement)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (this measures acceptance, not speed)")
     ap.add_argument("--seed", type=int, default=0)
@@ -367,7 +373,7 @@ def main() -> None:
         drafter = Drafter(verifier, name != "tokens_only")
         start = measured(drafter, block=False)   # (all start equal: the teacher-forced figures show it)
         fit = train(drafter, verifier, cached, args.epochs, args.lr, args.seed, args.objective,
-                    args.regression if name == "features_and_regression" else 0.0)
+                    args.regression if name == "features_and_regression" else 0.0, args.unroll)
         record["results"][name] = {"parameters": sum(p.numel() for p in drafter.parameters()), "at_start": start,
                                    "training": fit, "trained": measured(drafter)}
         print(name, json.dumps(record["results"][name]), flush=True)

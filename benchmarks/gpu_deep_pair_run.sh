@@ -429,7 +429,8 @@ if [ "${FEATURES:-0}" = 1 ]; then
        "${fdata[@]}" --save "$dir/feature_drafters" --out "$dir/feature_drafter.json")
   # FEATURE_TRAIN_MINUTES > 0: also the production trainer's feature drafter (`train --features`, from the
   # verifier's embeddings and first layer, KL to it on the verifier's translations, that many minutes, at the
-  # benchmark's learning rate FEATURE_TRAIN_LR, 1e-3), measured offline as the benchmark's drafters are
+  # benchmark's learning rate FEATURE_TRAIN_LR, 1e-3; FEATURE_UNROLL, 0: the block's later drafts trained too,
+  # `train --feature-unroll`), measured offline as the benchmark's drafters are
   # (feature_drafter_trained.json); the feature sweep then sweeps it where it is accepted at least as often
   # at T = 1 as the benchmark's with regression, else the benchmark's (also where its training failed)
   fdrafter="$dir/feature_drafters/features_and_regression"
@@ -437,7 +438,8 @@ if [ "${FEATURES:-0}" = 1 ]; then
     (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
      stage train_feature_drafter sc train --preset "$PRESET" --role drafter --features --out "$dir/feature_drafter" \
          --device "$DEVICE" --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --init-from "$dir/verifier" \
-         --distill-weight 1 --lr "${FEATURE_TRAIN_LR:-1e-3}" --minutes "$FEATURE_TRAIN_MINUTES" "${dtok[@]}")
+         --distill-weight 1 --lr "${FEATURE_TRAIN_LR:-1e-3}" --minutes "$FEATURE_TRAIN_MINUTES" \
+         --feature-unroll "${FEATURE_UNROLL:-0}" "${dtok[@]}")
     # measured offline as the benchmark's are (its test verses: FEATURE_OPTS' --test-pairs), and swept where it is
     # accepted at least as often at T = 1 as the benchmark's with regression (or where that one is missing)
     if [ -f "$dir/train_feature_drafter.done" ]; then

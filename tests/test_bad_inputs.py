@@ -421,6 +421,10 @@ def cli_cases(bad_dirs, tmp):
          "give --features too"),
         (["train", "--features", "--feature-regression", "-1", "--role", "drafter", "--teacher", v,
           "--out", str(tmp / "t")], "--feature-regression must be a finite number >= 0, got -1.0"),
+        (["train", "--feature-unroll", "2", "--role", "drafter", "--teacher", v, "--out", str(tmp / "t")],
+         "--feature-unroll trains a feature drafter on its own states"),
+        (["train", "--features", "--feature-unroll", "-1", "--role", "drafter", "--teacher", v,
+          "--out", str(tmp / "t")], "--feature-unroll must be a whole number >= 0"),
     ]
 
 

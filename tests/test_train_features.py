@@ -27,9 +27,10 @@ from speccascade.train.trainer import (
     feature_loss,
     teacher_view,
     train,
+    unrolled_feature_forward,
 )
 
-from helpers import feature_pair
+from helpers import feature_definition, feature_pair
 
 CPU = torch.device("cpu")
 
@@ -71,6 +72,69 @@ def test_feature_loss_is_distillation_plus_regression_on_the_states_of_the_posit
     with torch.no_grad():
         torch.testing.assert_close(distill_loss(logits, teacher_logits, targets), torch.stack(kl).mean(),
                                    rtol=1e-5, atol=1e-6)
+
+
+def _unroll_batch():
+    """Two rows, the first right-padded, and their targets (-100 on the prompt and the padding)."""
+    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 0, 0], [3, 1, 4, 1, 5, 2, 0, 5]])
+    inputs = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8])}
+    targets = torch.tensor([[-100, 3, 4, 5, 1, -100, -100, -100], [-100, -100, 4, 1, 5, 2, 0, 5]])
+    return inputs, targets
+
+
+def test_the_unrolled_forward_is_the_loops_drafter_at_every_depth_of_a_block():
+    """Depth k at position j is the draft k positions into a block whose pending token is at j - k:
+    the logits equal q from its definition (positions up to j - k read the verifier's states, later
+    ones the drafter's own state at the position before, each computed as that draft; `helpers`, the
+    law tests' reference), for every position of both rows, at depths 0..3."""
+    fd, v = feature_pair(5, vocab=6)
+    inputs, _ = _unroll_batch()
+    q_logits, _ = feature_definition(fd, v)
+    with torch.no_grad():
+        _, states = teacher_view(v, inputs, CPU)
+        logits, hidden = unrolled_feature_forward(fd, inputs, states, CPU, depth=3)
+        real = inputs["attention_mask"].bool()   # (the padding after a row's end is not scored)
+        torch.testing.assert_close(logits[0][real], feature_forward(fd, inputs, states, CPU)[0][real],
+                                   rtol=1e-5, atol=1e-5)
+    checked = 0
+    for b in range(2):
+        n = int(inputs["attention_mask"][b].sum())
+        for k in range(4):
+            for j in range(k, n):
+                want = torch.tensor(q_logits(inputs["input_ids"][b, :j + 1].tolist(), k), dtype=torch.float32)
+                torch.testing.assert_close(logits[k][b, j], want, rtol=1e-4, atol=1e-4)
+                checked += 1
+    assert checked == 4 * 6 - 6 + 4 * 8 - 6   # (depth k has n - k positions a row)
+    # the drafter's own states differ from the verifier's: depth 1 is not depth 0 (else the test is void)
+    assert (logits[1][1, 3:] - logits[0][1, 3:]).abs().max() > 1e-2
+
+
+def test_the_unrolled_loss_averages_the_depths_where_a_block_can_start():
+    """``feature_loss(unroll=K)``: the mean over depths 0..K of the depth's loss (distillation and
+    regression), depth k scored at j where j and j - k are both scored; ``unroll=0`` is the loss as before."""
+    fd, v = feature_pair(3, vocab=6)
+    inputs, targets = _unroll_batch()
+    w, r = 0.4, 0.5
+    with torch.no_grad():
+        teacher_logits, states = teacher_view(v, inputs, CPU)
+        plain = feature_loss(fd, inputs, targets, teacher_logits, states, CPU, distill_weight=w, regression=r)
+        logits, hidden = unrolled_feature_forward(fd, inputs, states, CPU, depth=2)
+        loss, reg = feature_loss(fd, inputs, targets, teacher_logits, states, CPU, distill_weight=w,
+                                 regression=r, unroll=2)
+        want, want_reg = [], []
+        for k in range(3):
+            cells = [(b, j) for b in range(2) for j in range(k, 8)
+                     if targets[b, j] != -100 and targets[b, j - k] != -100]
+            ce = torch.stack([-torch.log_softmax(logits[k][b, j], -1)[targets[b, j]] for b, j in cells]).mean()
+            kl = torch.stack([(torch.softmax(teacher_logits[b, j], -1) * (torch.log_softmax(teacher_logits[b, j], -1)
+                              - torch.log_softmax(logits[k][b, j], -1))).sum() for b, j in cells]).mean()
+            rel = torch.stack([(hidden[k][b, j] - states[b, j]).pow(2).sum() / states[b, j].pow(2).sum()
+                               for b, j in cells]).mean()
+            want.append((1 - w) * ce + w * kl + r * rel)
+            want_reg.append(rel)
+    torch.testing.assert_close(loss, torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reg, torch.stack(want_reg).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain[0], want[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -140,7 +140,8 @@ def _train(args) -> int:
         raise SpecCascadeError("--teacher distils one model from a trained one: give --role drafter")
     for role in roles:
         preset = check_train_args(args.preset, role, args.epochs, args.minutes, args.arch)
-        check_feature_args(args.features, role, preset_arch(preset), args.teacher, args.feature_regression)
+        check_feature_args(args.features, role, preset_arch(preset), args.teacher, args.feature_regression,
+                           args.feature_unroll)
     check_device(args.device, "model to train")
     if args.tokenizer is not None and not (args.tokenizer.is_dir() or
                                            (args.tokenizer.suffix == ".gguf" and args.tokenizer.is_file())):
@@ -158,7 +159,7 @@ def _train(args) -> int:
                     lr=args.lr, init_from=args.init_from, ema_decay=args.ema_decay, compile=args.compile,
                     intermediate=args.intermediate, features=args.features,
                     feature_regression=args.feature_regression, dropout=args.dropout,
-                    label_smoothing=args.label_smoothing)
+                    label_smoothing=args.label_smoothing, feature_unroll=args.feature_unroll)
         print(json.dumps({k: log.get(k) for k in ("preset", "arch", "role", "params", "steps", "train_seconds",
                                                   "best")}))
     return 0
@@ -551,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--feature-regression", type=float, default=None, metavar="W",
                    help="with --features: the weight of the regression of the drafter's last hidden state onto "
                         "the verifier's at the same position (EAGLE's; default 1.0; 0: none)")
+    t.add_argument("--feature-unroll", type=int, default=0, metavar="K",
+                   help="with --features: also train the block's next K drafts as the loop makes them, each "
+                        "reading the drafter's own state of the position before (EAGLE-3's training-time test; "
+                        "default 0: the first draft only, on the verifier's states)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer, and the teacher's (Llama presets), after a compile "
                         "that counts against --minutes; on an H200 it did not pay for the deep pair (verifier "

@@ -515,6 +515,59 @@ def feature_forward(model, inputs: dict, states: torch.Tensor, device: torch.dev
         return model.lm_head(hidden), hidden
 
 
+def unrolled_feature_forward(model, inputs: dict, states: torch.Tensor, device: torch.device, depth: int):
+    """A feature drafter's logits and last hidden states at each depth 0..``depth`` of a block, over a
+    right-padded batch (:func:`collate`): the training-time test of EAGLE-3 (Li et al., 2025), which
+    trains the drafter on what it reads in the loop. In a block (:mod:`speccascade.models.features`),
+    the first draft reads the verifier's state; the draft k positions later reads the drafter's own
+    state of the position before, computed k - 1 positions into the block, and attends to the prefix
+    up to the block's start (fed with the verifier's states) and to its own k positions of the block.
+    So depth k's query at position j, for the block started at t = j - k, reads the token x_j beside
+    depth k - 1's state at j - 1, and attends to depth 0's keys at positions <= t and to depth m's key at
+    position t + m (m = 1..k). Depth 0 is :func:`feature_forward` (plain causal attention). The tokens
+    are the batch's (teacher-forced): a depth is reached only where every draft before it was accepted,
+    i.e. equals them. Returns ([logits # [B, L, V]], [hidden # [B, L, H]]), one per depth; depth k's
+    rows j < k (no block starts there) are computed but meaningless (:func:`feature_loss` masks them)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    ids = inputs["input_ids"]
+    B, L = ids.shape
+    core = model.model
+    positions = torch.arange(L, device=ids.device)
+    position_ids = positions.expand(B, L)
+    j, i = positions.view(L, 1), positions.view(1, L)
+    keys = [[] for _ in core.layers]     # per layer, per depth: (k, v)  # [B, Hkv, L, D]
+    logits, hiddens = [], []
+    features = previous_features(states)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for k in range(depth + 1):
+            h = model.feature_embeddings(ids, features)
+            cos, sin = core.rotary_emb(h, position_ids)
+            # keys seen by depth k's queries: depth 0 at i <= j - k, then depth m (1..k) at i = j - k + m
+            seen = [i <= j - k] + [i == j - k + m for m in range(1, k + 1)]
+            mask = torch.cat(seen, 1)                                              # [L, (k + 1) L]
+            for layer, cache in zip(core.layers, keys):
+                att = layer.self_attn
+                x = layer.input_layernorm(h)
+                q = att.q_proj(x).view(B, L, -1, att.head_dim).transpose(1, 2)
+                kk = att.k_proj(x).view(B, L, -1, att.head_dim).transpose(1, 2)
+                v = att.v_proj(x).view(B, L, -1, att.head_dim).transpose(1, 2)
+                q, kk = apply_rotary_pos_emb(q, kk, cos, sin)
+                cache.append((kk, v))
+                K = torch.cat([c[0] for c in cache], 2).repeat_interleave(att.num_key_value_groups, 1)
+                V = torch.cat([c[1] for c in cache], 2).repeat_interleave(att.num_key_value_groups, 1)
+                o = torch.nn.functional.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=mask,
+                                                   dropout_p=att.attention_dropout if model.training else 0.0,
+                                                   scale=att.scaling)
+                h = h + att.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            hidden = core.norm(h)
+            logits.append(model.lm_head(hidden))
+            hiddens.append(hidden)
+            features = previous_features(hidden)   # depth k + 1 reads this depth's state of the position before
+    return logits, hiddens
+
+
 def feature_regression(hidden: torch.Tensor, states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """EAGLE's feature regression (Li et al., 2024): the mean over the scored positions (``keep``, a
     bool mask) of ||h_i - f_i||^2 / ||f_i||^2, the drafter's last hidden state h_i (what its head reads)
@@ -527,31 +580,54 @@ def feature_regression(hidden: torch.Tensor, states: torch.Tensor, keep: torch.T
 
 def feature_loss(model, inputs: dict, targets: torch.Tensor, teacher_logits: torch.Tensor,
                  teacher_states: torch.Tensor, device: torch.device, label_smoothing: float = 0.0,
-                 distill_weight: float = 0.0, regression: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 distill_weight: float = 0.0, regression: float = 1.0,
+                 unroll: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A feature drafter's training loss on a batch, given the teacher's logits and last hidden states
     of it (:func:`teacher_view`): fed the states shifted by one position (:func:`feature_forward`),
     the token loss of :func:`step_loss` ((1 - ``distill_weight``) × the cross-entropy against
     ``targets`` + ``distill_weight`` × KL(p_teacher || q)) plus ``regression`` × :func:`feature_regression`
-    at the scored positions. Returns (the loss, the regression term alone, detached). The one
+    at the scored positions. With ``unroll`` = K > 0, the mean of that loss over a block's depths 0..K
+    (:func:`unrolled_feature_forward`), depth k scored where a block starting k positions before is
+    (both positions scored). Returns (the loss, the regression term alone, detached). The one
     definition, for ``train(features=True)`` and ``benchmarks/feature_drafter.py``."""
-    logits, hidden = feature_forward(model, inputs, teacher_states, device)
-    loss = cross_entropy(logits, targets, label_smoothing)
-    if distill_weight:
-        loss = (1 - distill_weight) * loss + distill_weight * distill_loss(logits, teacher_logits, targets)
-    reg = feature_regression(hidden, teacher_states, targets != -100)
-    return loss + regression * reg, reg.detach()
+    if unroll:
+        all_logits, all_hidden = unrolled_feature_forward(model, inputs, teacher_states, device, unroll)
+    else:
+        logits, hidden = feature_forward(model, inputs, teacher_states, device)
+        all_logits, all_hidden = [logits], [hidden]
+    scored = targets != -100
+    total, reg_total = 0.0, 0.0
+    for k, (logits, hidden) in enumerate(zip(all_logits, all_hidden)):
+        # depth k at j: a block started at j - k, which must be a scored position too
+        keep = scored & torch.nn.functional.pad(scored, (k, 0))[:, :scored.shape[1]] if k else scored
+        t = targets.masked_fill(~keep, -100) if k else targets
+        loss = cross_entropy(logits, t, label_smoothing)
+        if distill_weight:
+            loss = (1 - distill_weight) * loss + distill_weight * distill_loss(logits, teacher_logits, t)
+        reg = feature_regression(hidden, teacher_states, keep)
+        total, reg_total = total + loss + regression * reg, reg_total + reg.detach()
+    n = len(all_logits)
+    return total / n, reg_total / n
 
 
-def check_feature_args(features: bool, role: str, arch: str, teacher, regression: float | None = None) -> float:
+def check_feature_args(features: bool, role: str, arch: str, teacher, regression: float | None = None,
+                       unroll: int = 0) -> float:
     """``train --features``'s settings: a Llama drafter (``arch``, ``role``) with a ``teacher`` whose
-    states it reads; ``regression`` (None: 1.0) a weight >= 0, given only with ``features``. Returns
-    the regression's weight (0 without features)."""
+    states it reads; ``regression`` (None: 1.0) a weight >= 0, and ``unroll`` (the depths of a block
+    trained beyond the first, :func:`feature_loss`) a whole number >= 0, each given only with
+    ``features``. Returns the regression's weight (0 without features)."""
     from ..checks import as_real
     from ..errors import SpecCascadeError
 
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 0:
+        raise SpecCascadeError(f"--feature-unroll must be a whole number >= 0 (the depths of a block trained beyond "
+                               f"its first draft, e.g. 2), got {unroll!r}")
     if not features:
         if regression is not None:
             raise SpecCascadeError("--feature-regression weighs the feature regression of a feature drafter: "
+                                   "give --features too")
+        if unroll:
+            raise SpecCascadeError("--feature-unroll trains a feature drafter on its own states, as a block drafts: "
                                    "give --features too")
         return 0.0
     if role != "drafter":
@@ -707,7 +783,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
           batch_size: int | None = None, lr: float | None = None, init_from: Path | None = None,
           ema_decay: float | None = None, compile: bool = False, intermediate: int | None = None,
           features: bool = False, feature_regression: float | None = None, dropout: float | None = None,
-          label_smoothing: float | None = None) -> dict:
+          label_smoothing: float | None = None, feature_unroll: int = 0) -> dict:
     """Train ``preset``'s ``role`` model and save it to ``out`` (the best checkpoint by validation
     loss). However short the budget, one step runs and a usable checkpoint is saved: when no evaluation fell inside
     ``max_minutes``, the last weights are saved (``log["best"]["val_loss"]`` is None).
@@ -741,7 +817,9 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     teacher once for its logits and states; the loss is :func:`feature_loss` (the distillation loss
     plus ``feature_regression``, default 1.0, × EAGLE's feature regression); validation feeds the
     teacher's states too, and the validation BLEU is skipped (a feature drafter cannot decode alone).
-    Not data-parallel.
+    ``feature_unroll`` = K > 0: train on a block's depths 0..K as the loop drafts them, each later draft
+    reading the drafter's own state (EAGLE-3's training-time test, :func:`unrolled_feature_forward`),
+    the loss their mean; validation stays at depth 0. Not data-parallel.
 
     **Data-parallel** under ``torchrun --nproc-per-node N`` (PyTorch's DistributedDataParallel, NCCL
     on GPUs, gloo on a CPU): every rank draws the same batches and takes its 1/N share of each
@@ -757,7 +835,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
     preset = check_train_args(preset, role, epochs, max_minutes, arch)
     check_device(device, f"{role} to train")
     recipe = PRESETS[preset][role]
-    regression = check_feature_args(features, role, recipe.arch, teacher, feature_regression)
+    regression = check_feature_args(features, role, recipe.arch, teacher, feature_regression, feature_unroll)
     for name, value in (("--batch-size", batch_size), ("--lr", lr), ("--intermediate", intermediate)):
         if value is not None and not value > 0:
             from ..errors import SpecCascadeError
@@ -875,6 +953,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
            "teacher": None if teacher is None else str(teacher), "distill_weight": distill_weight,
            "init_from": None if init_from is None else str(init_from),
            "features": features, "feature_regression": regression if features else None,
+           "feature_unroll": feature_unroll if features else None,
            "planned_steps": total_steps, "planned_epochs": epochs, "ranks": n_ranks, "compiled": compile,
            "skipped_steps": 0}   # steps skipped for a non-finite gradient (optimizer_step); set at the end
     best, start, step = math.inf, time.perf_counter(), 0
@@ -901,7 +980,7 @@ def train(preset: str | None, role: str, out: Path, tokenizer_dir: Path, device:
                                          SHAPE_MULTIPLE if dev.type == "cuda" else 1)
         if features:
             loss, reg = feature_loss(net, inputs, targets, *teacher_view(teacher_model, inputs, dev), dev,
-                                     recipe.label_smoothing, distill_weight, regression)
+                                     recipe.label_smoothing, distill_weight, regression, feature_unroll)
         else:
             loss = step_loss(net, inputs, targets, dev, recipe.label_smoothing, teacher_model, distill_weight)
         scored = (targets != -100).sum()
