@@ -196,3 +196,22 @@ def test_a_feature_drafter_must_be_as_wide_as_its_teacher(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--role", "drafter", "--teacher", str(verifier_dir), "--features",
                  "--epochs", "0.001", "--out", str(tmp_path / "e")]) == 2
     assert "--init-from" in capsys.readouterr().err
+
+
+def test_train_with_feature_unroll_trains_and_records_it(tmp_path):
+    """``train(features=True, feature_unroll=2)`` (``train --feature-unroll 2``) runs the unrolled loss
+    through the trainer (a few steps) and records the depth in training.json; the drafter it saves runs
+    in the loop as any feature drafter."""
+    teacher_dir, _ = embedded_pair_dirs("tiny")
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(json.dumps(p) for p in load_split("train")[:16]))
+    train("tiny", "drafter", tmp_path / "fd", TOKENIZER_DIR, epochs=2, progress=False, bleu_pairs=0, train_file=f,
+          teacher=teacher_dir, distill_weight=1.0, features=True, feature_unroll=2, validation_pairs=4, batch_size=8)
+    saved = json.loads((tmp_path / "fd" / "training.json").read_text())
+    assert saved["features"] is True and saved["feature_unroll"] == 2 and saved["steps"] == 4
+    assert all(e["train_loss"] == e["train_loss"] for e in saved["evals"])   # finite, not NaN
+    drafter, teacher = load_causal_lm(tmp_path / "fd"), load_causal_lm(teacher_dir)
+    prompts = [ids[:start] for ids, start in encode_pairs(load_tokenizer(TOKENIZER_DIR), load_split("test")[:2])]
+    kw = dict(temperature=0.0, max_new_tokens=8)
+    assert sc.generate(drafter, teacher, prompts, method="sd", gamma=3, **kw).tokens == \
+        sc.generate(teacher, teacher, prompts, method="verifier_only", **kw).tokens
