@@ -111,7 +111,8 @@ def test_the_unrolled_forward_is_the_loops_drafter_at_every_depth_of_a_block():
 
 def test_the_unrolled_loss_averages_the_depths_where_a_block_can_start():
     """``feature_loss(unroll=K)``: the mean over depths 0..K of the depth's loss (distillation and
-    regression), depth k scored at j where j and j - k are both scored; ``unroll=0`` is the loss as before."""
+    regression), depth k scored at j where j and j - k are both scored; ``unroll=0`` is the loss as before;
+    with the distillation's weight 1, the KL alone (the cross-entropy is not computed)."""
     fd, v = feature_pair(3, vocab=6)
     inputs, targets = _unroll_batch()
     w, r = 0.4, 0.5
@@ -121,7 +122,9 @@ def test_the_unrolled_loss_averages_the_depths_where_a_block_can_start():
         logits, hidden = unrolled_feature_forward(fd, inputs, states, CPU, depth=2)
         loss, reg = feature_loss(fd, inputs, targets, teacher_logits, states, CPU, distill_weight=w,
                                  regression=r, unroll=2)
-        want, want_reg = [], []
+        pure = feature_loss(fd, inputs, targets, teacher_logits, states, CPU, distill_weight=1.0, regression=r,
+                            unroll=2)[0]
+        want, want_reg, want_pure = [], [], []
         for k in range(3):
             cells = [(b, j) for b in range(2) for j in range(k, 8)
                      if targets[b, j] != -100 and targets[b, j - k] != -100]
@@ -132,9 +135,11 @@ def test_the_unrolled_loss_averages_the_depths_where_a_block_can_start():
                                for b, j in cells]).mean()
             want.append((1 - w) * ce + w * kl + r * rel)
             want_reg.append(rel)
+            want_pure.append(kl + r * rel)
     torch.testing.assert_close(loss, torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(reg, torch.stack(want_reg).mean(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(plain[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pure, torch.stack(want_pure).mean(), rtol=1e-5, atol=1e-6)   # (no CE computed)
 
 
 @pytest.fixture(scope="module")

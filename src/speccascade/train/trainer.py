@@ -601,7 +601,8 @@ def feature_loss(model, inputs: dict, targets: torch.Tensor, teacher_logits: tor
         # depth k at j: a block started at j - k, which must be a scored position too
         keep = scored & torch.nn.functional.pad(scored, (k, 0))[:, :scored.shape[1]] if k else scored
         t = targets.masked_fill(~keep, -100) if k else targets
-        loss = cross_entropy(logits, t, label_smoothing)
+        # (pure distillation computes no cross-entropy: its weight, and its gradient, would be 0)
+        loss = cross_entropy(logits, t, label_smoothing) if distill_weight < 1 else 0.0
         if distill_weight:
             loss = (1 - distill_weight) * loss + distill_weight * distill_loss(logits, teacher_logits, t)
         reg = feature_regression(hidden, teacher_states, keep)
