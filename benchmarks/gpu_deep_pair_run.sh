@@ -355,6 +355,13 @@ if grep -qE "^(FAILED|ERROR) .*split_argmax" "$dir"/pytest_gpu.log 2>/dev/null; 
   export SPECCASCADE_SPLIT_ARGMAX=0
 fi
 echo "$(date -u +%FT%TZ) the vocabulary's argmaxes split into chunks: ${SPECCASCADE_SPLIT_ARGMAX:-1}" >> "$dir/stages.log"
+# the feature drafter's later drafts trained as the loop makes them (FEATURE_UNROLL, `train --feature-unroll`):
+# not where its GPU test (test_unrolled_feature_training_on_gpu) failed, or the GPU tests ended without a summary
+if [ "${FEATURE_UNROLL:-0}" != 0 ] && { grep -qE "^(FAILED|ERROR) .*unrolled" "$dir"/pytest_gpu.log 2>/dev/null ||
+   { [ -f "$dir/pytest_gpu.log" ] && ! tail -n 1 "$dir/pytest_gpu.log" | grep -qE "[0-9]+ (passed|failed)"; }; }; then
+  FEATURE_UNROLL=0
+fi
+[ "${FEATURES:-0}" = 1 ] && echo "$(date -u +%FT%TZ) the feature drafter's depths trained beyond the first: ${FEATURE_UNROLL:-0}" >> "$dir/stages.log"
 [ $pair_rc -ne 0 ] && { echo "the pair failed (rc=$pair_rc): no sweep" >> "$dir/stages.log"; exit $pair_rc; }
 
 pair=(--drafter "$dir/drafter" --verifier "$dir/verifier")
@@ -435,11 +442,18 @@ if [ "${FEATURES:-0}" = 1 ]; then
   # at T = 1 as the benchmark's with regression, else the benchmark's (also where its training failed)
   fdrafter="$dir/feature_drafters/features_and_regression"
   if [ "${FEATURE_TRAIN_MINUTES:-0}" != 0 ]; then
+    train_features() {  # train_features DEPTHS
+      stage train_feature_drafter sc train --preset "$PRESET" --role drafter --features --out "$dir/feature_drafter" \
+          --device "$DEVICE" --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --init-from "$dir/verifier" \
+          --distill-weight 1 --lr "${FEATURE_TRAIN_LR:-1e-3}" --minutes "$FEATURE_TRAIN_MINUTES" --feature-unroll "$1" \
+          "${dtok[@]}"
+    }
+    # (where the unrolled training fails, e.g. out of memory, the drafter is trained again on depth 0 alone)
     (export CUDA_VISIBLE_DEVICES=$(gpu_id 0); [ "$DEVICE" = cpu ] && unset CUDA_VISIBLE_DEVICES
-     stage train_feature_drafter sc train --preset "$PRESET" --role drafter --features --out "$dir/feature_drafter" \
-         --device "$DEVICE" --train-file "$dir/distill.jsonl.gz" --teacher "$dir/verifier" --init-from "$dir/verifier" \
-         --distill-weight 1 --lr "${FEATURE_TRAIN_LR:-1e-3}" --minutes "$FEATURE_TRAIN_MINUTES" \
-         --feature-unroll "${FEATURE_UNROLL:-0}" "${dtok[@]}")
+     train_features "${FEATURE_UNROLL:-0}" ||
+       { [ "${FEATURE_UNROLL:-0}" != 0 ] && mv "$dir/train_feature_drafter.log" "$dir/train_feature_drafter_unrolled.log" &&
+         echo "$(date -u +%FT%TZ) the unrolled feature drafter failed: again on depth 0" >> "$dir/stages.log" &&
+         train_features 0; })
     # measured offline as the benchmark's are (its test verses: FEATURE_OPTS' --test-pairs), and swept where it is
     # accepted at least as often at T = 1 as the benchmark's with regression (or where that one is missing)
     if [ -f "$dir/train_feature_drafter.done" ]; then

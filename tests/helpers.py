@@ -269,3 +269,36 @@ def check_feature_law(name, fd, v, bd, bv, gamma=3):
         assert max(abs(law[k] - seq.get(k, 0.0)) for k in law) < 1e-9
     else:   # the test has the power to see a drafter reading the verifier's state at every draft
         assert chi2_pvalue(counts, law_of(lambda pre, j: q_logits(pre, 0)), LAW_ROWS) < LAW_LEVEL
+
+
+def check_unrolled_training(device: str, depth: int = 2, tolerance: float = 0.0):
+    """``train --feature-unroll``'s forward and backward on ``device`` (bf16 autocast on CUDA, as the
+    trainer runs): each depth's logits at the real positions within ``tolerance`` (relative to the
+    largest) of the float32 CPU ones, which equal the loop's q (tests/test_train_features.py), and
+    every gradient of the unrolled loss finite, the feature map's not zero."""
+    from speccascade.train.trainer import feature_loss, teacher_view, unrolled_feature_forward
+
+    cpu, dev = torch.device("cpu"), torch.device(device)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 0, 0], [3, 1, 4, 1, 5, 2, 0, 5]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8])
+    targets = torch.tensor([[-100, 3, 4, 5, 1, -100, -100, -100], [-100, -100, 4, 1, 5, 2, 0, 5]])
+    fd_ref, v_ref = feature_pair(5, vocab=6)
+    with torch.no_grad():
+        ref = unrolled_feature_forward(fd_ref, {"input_ids": ids}, teacher_view(v_ref, {"input_ids": ids}, cpu)[1],
+                                       cpu, depth)[0]
+    fd, v = feature_pair(5, vocab=6, device=device)
+    inputs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+    teacher_logits, states = teacher_view(v, inputs, dev)
+    with torch.no_grad():
+        got = unrolled_feature_forward(fd, inputs, states, dev, depth)[0]
+    real = mask.bool()
+    for k in range(depth + 1):
+        want, have = ref[k][real], got[k].float().cpu()[real]
+        err = float((have - want).abs().max() / want.abs().max())
+        assert err <= tolerance + 1e-5, f"depth {k}: relative error {err:.3g}"
+    fd.train()
+    loss, _ = feature_loss(fd, inputs, targets.to(dev), teacher_logits, states, dev, distill_weight=1.0,
+                           regression=1.0, unroll=depth)
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in fd.parameters())
+    assert fd.feature_mix.weight.grad.abs().sum() > 0

@@ -21,6 +21,7 @@ from helpers import (
     check_feature_law,
     check_loop_law,
     check_static_matches_dynamic,
+    check_unrolled_training,
     chi2_pvalue,
     empirical,
     feature_pair,
@@ -228,3 +229,11 @@ def test_fused_t5_on_gpu(compile):
         kw = dict(method=method, alpha=alpha, gamma=3, temperature=1.0, max_new_tokens=16, seed=5, eos_token_id=[])
         assert sc.generate(fd, fv, srcs, **kw).tokens == sc.generate(d, v, srcs, **kw).tokens, method
     assert runner.graph_cache(fv), "the block was not captured"
+
+
+def test_unrolled_feature_training_on_gpu():
+    """``train --feature-unroll``'s unrolled forward and backward on CUDA under bf16 autocast (the
+    trainer's): each depth's logits within 5% (of the largest) of the float32 CPU ones, which the CPU
+    tests prove equal the loop's q; gradients finite. The GPU run trains the feature drafter unrolled
+    only where this passed (benchmarks/gpu_deep_pair_run.sh, FEATURE_UNROLL)."""
+    check_unrolled_training("cuda", tolerance=0.05)

@@ -30,7 +30,7 @@ from speccascade.train.trainer import (
     unrolled_feature_forward,
 )
 
-from helpers import feature_definition, feature_pair
+from helpers import check_unrolled_training, feature_definition, feature_pair
 
 CPU = torch.device("cpu")
 
@@ -107,6 +107,12 @@ def test_the_unrolled_forward_is_the_loops_drafter_at_every_depth_of_a_block():
     assert checked == 4 * 6 - 6 + 4 * 8 - 6   # (depth k has n - k positions a row)
     # the drafter's own states differ from the verifier's: depth 1 is not depth 0 (else the test is void)
     assert (logits[1][1, 3:] - logits[0][1, 3:]).abs().max() > 1e-2
+
+
+def test_the_unrolled_training_check_of_the_gpu_tests_holds_on_the_cpu():
+    """tests/test_gpu.py runs this check on CUDA (bf16), where the GPU run's stage trains with it; here,
+    in float32, the logits must be the reference's exactly."""
+    check_unrolled_training("cpu")
 
 
 def test_the_unrolled_loss_averages_the_depths_where_a_block_can_start():
