@@ -556,9 +556,9 @@ def unrolled_feature_forward(model, inputs: dict, states: torch.Tensor, device: 
                 cache.append((kk, v))
                 K = torch.cat([c[0] for c in cache], 2).repeat_interleave(att.num_key_value_groups, 1)
                 V = torch.cat([c[1] for c in cache], 2).repeat_interleave(att.num_key_value_groups, 1)
-                o = torch.nn.functional.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=mask,
-                                                   dropout_p=att.attention_dropout if model.training else 0.0,
-                                                   scale=att.scaling)
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    q, K.to(q.dtype), V.to(q.dtype), attn_mask=mask, scale=att.scaling,
+                    dropout_p=att.attention_dropout if model.training else 0.0)
                 h = h + att.o_proj(o.transpose(1, 2).reshape(B, L, -1))
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             hidden = core.norm(h)
