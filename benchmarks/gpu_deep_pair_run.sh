@@ -345,8 +345,11 @@ fi
 # (src/speccascade/loop.py, bonus_draft_beside): where the GPU tests found a captured law or that path
 # wrong, or ended without pytest's summary (a crash), the sweeps run it on one stream
 # (SPECCASCADE_BONUS_DRAFT_BESIDE=0), as before it existed
-if grep -qE "^(FAILED|ERROR) .*(beside|law_on_gpu)" "$dir"/pytest_gpu.log "$dir"/gpu_smoke.log 2>/dev/null ||
-   { [ -f "$dir/pytest_gpu.log" ] && ! tail -n 1 "$dir/pytest_gpu.log" | grep -qE "[0-9]+ (passed|failed)"; }; then
+gpu_tests_doubt() {  # gpu_tests_doubt PATTERN: a GPU test matching PATTERN failed, or the tests ended without a summary
+  grep -qE "^(FAILED|ERROR) .*($1)" "$dir"/pytest_gpu.log "$dir"/gpu_smoke.log 2>/dev/null ||
+    { [ -f "$dir/pytest_gpu.log" ] && ! tail -n 1 "$dir/pytest_gpu.log" | grep -qE "[0-9]+ (passed|failed)"; }
+}
+if gpu_tests_doubt "beside|law_on_gpu"; then
   export SPECCASCADE_BONUS_DRAFT_BESIDE=0
 fi
 echo "$(date -u +%FT%TZ) a cascade's bonus draft beside the verifier: ${SPECCASCADE_BONUS_DRAFT_BESIDE:-1}" >> "$dir/stages.log"
@@ -357,8 +360,7 @@ fi
 echo "$(date -u +%FT%TZ) the vocabulary's argmaxes split into chunks: ${SPECCASCADE_SPLIT_ARGMAX:-1}" >> "$dir/stages.log"
 # the feature drafter's later drafts trained as the loop makes them (FEATURE_UNROLL, `train --feature-unroll`):
 # not where its GPU test (test_unrolled_feature_training_on_gpu) failed, or the GPU tests ended without a summary
-if [ "${FEATURE_UNROLL:-0}" != 0 ] && { grep -qE "^(FAILED|ERROR) .*unrolled" "$dir"/pytest_gpu.log 2>/dev/null ||
-   { [ -f "$dir/pytest_gpu.log" ] && ! tail -n 1 "$dir/pytest_gpu.log" | grep -qE "[0-9]+ (passed|failed)"; }; }; then
+if [ "${FEATURE_UNROLL:-0}" != 0 ] && gpu_tests_doubt unrolled; then
   FEATURE_UNROLL=0
 fi
 [ "${FEATURES:-0}" = 1 ] && echo "$(date -u +%FT%TZ) the feature drafter's depths trained beyond the first: ${FEATURE_UNROLL:-0}" >> "$dir/stages.log"

@@ -233,8 +233,8 @@ def test_fused_t5_on_gpu(compile):
 
 def test_unrolled_feature_training_on_gpu():
     """``train --feature-unroll``'s unrolled forward and backward on CUDA under bf16 autocast (the
-    trainer's): each depth's logits within 5% (of the largest) of the float32 CPU ones, which the CPU
-    tests prove equal the loop's q; gradients finite. (On the CPU, the whole pair in bf16 is within 0.9%
+    trainer's): each depth's logits within 5% (of the largest) of the loop's q from its definition
+    (float32, on the CPU); gradients finite. (On the CPU, the whole pair in bf16 is within 0.9%
     of float32 at every depth, and one depth's logits differ from the next's by ~70%: 5% tells rounding
     from a wrong chain or mask.) The GPU run trains the feature drafter unrolled only where this passed
     (benchmarks/gpu_deep_pair_run.sh, FEATURE_UNROLL)."""

@@ -30,7 +30,7 @@ from speccascade.train.trainer import (
     unrolled_feature_forward,
 )
 
-from helpers import check_unrolled_training, feature_definition, feature_pair
+from helpers import check_unrolled_training, errors_from_definition, feature_pair, unroll_batch
 
 CPU = torch.device("cpu")
 
@@ -74,44 +74,27 @@ def test_feature_loss_is_distillation_plus_regression_on_the_states_of_the_posit
                                    rtol=1e-5, atol=1e-6)
 
 
-def _unroll_batch():
-    """Two rows, the first right-padded, and their targets (-100 on the prompt and the padding)."""
-    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 0, 0], [3, 1, 4, 1, 5, 2, 0, 5]])
-    inputs = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8])}
-    targets = torch.tensor([[-100, 3, 4, 5, 1, -100, -100, -100], [-100, -100, 4, 1, 5, 2, 0, 5]])
-    return inputs, targets
-
-
 def test_the_unrolled_forward_is_the_loops_drafter_at_every_depth_of_a_block():
     """Depth k at position j is the draft k positions into a block whose pending token is at j - k:
     the logits equal q from its definition (positions up to j - k read the verifier's states, later
     ones the drafter's own state at the position before, each computed as that draft; `helpers`, the
     law tests' reference), for every position of both rows, at depths 0..3."""
     fd, v = feature_pair(5, vocab=6)
-    inputs, _ = _unroll_batch()
-    q_logits, _ = feature_definition(fd, v)
+    inputs, _ = unroll_batch()
     with torch.no_grad():
         _, states = teacher_view(v, inputs, CPU)
         logits, hidden = unrolled_feature_forward(fd, inputs, states, CPU, depth=3)
         real = inputs["attention_mask"].bool()   # (the padding after a row's end is not scored)
         torch.testing.assert_close(logits[0][real], feature_forward(fd, inputs, states, CPU)[0][real],
                                    rtol=1e-5, atol=1e-5)
-    checked = 0
-    for b in range(2):
-        n = int(inputs["attention_mask"][b].sum())
-        for k in range(4):
-            for j in range(k, n):
-                want = torch.tensor(q_logits(inputs["input_ids"][b, :j + 1].tolist(), k), dtype=torch.float32)
-                torch.testing.assert_close(logits[k][b, j], want, rtol=1e-4, atol=1e-4)
-                checked += 1
-    assert checked == 4 * 6 - 6 + 4 * 8 - 6   # (depth k has n - k positions a row)
+    assert max(errors_from_definition(fd, v, logits, inputs)) < 1e-5
     # the drafter's own states differ from the verifier's: depth 1 is not depth 0 (else the test is void)
     assert (logits[1][1, 3:] - logits[0][1, 3:]).abs().max() > 1e-2
 
 
 def test_the_unrolled_training_check_of_the_gpu_tests_holds_on_the_cpu():
-    """tests/test_gpu.py runs this check on CUDA (bf16), where the GPU run's stage trains with it; here,
-    in float32, the logits must be the reference's exactly."""
+    """tests/test_gpu.py runs this check on CUDA (bf16, within 5%), where the GPU run's stage trains with
+    it; here, in float32, within 1e-5 of the loop's q, and the unrolled loss's gradients finite."""
     check_unrolled_training("cpu")
 
 
@@ -120,7 +103,7 @@ def test_the_unrolled_loss_averages_the_depths_where_a_block_can_start():
     regression), depth k scored at j where j and j - k are both scored; ``unroll=0`` is the loss as before;
     with the distillation's weight 1, the KL alone (the cross-entropy is not computed)."""
     fd, v = feature_pair(3, vocab=6)
-    inputs, targets = _unroll_batch()
+    inputs, targets = unroll_batch()
     w, r = 0.4, 0.5
     with torch.no_grad():
         teacher_logits, states = teacher_view(v, inputs, CPU)
